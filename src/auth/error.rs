@@ -1,0 +1,89 @@
+//! What a caller may learn when a call fails. Internal detail stays in the `source`
+//! and in the log; the gRPC layer maps each variant to one status.
+
+use std::time::Duration;
+
+/// One field that breaks a rule, for a `BadRequest` detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// The request field.
+    pub field: &'static str,
+    /// What rule it breaks, in words a caller can act on.
+    pub description: String,
+}
+
+impl FieldViolation {
+    /// A violation of `field`.
+    pub fn new(field: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            field,
+            description: description.into(),
+        }
+    }
+}
+
+/// Which store a call needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// MySQL: users.
+    Users,
+    /// Redis: sessions and the blacklist.
+    Sessions,
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Store::Users => "user store",
+            Store::Sessions => "session store",
+        })
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The request breaks a rule on one or more fields.
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    /// Register: the username is taken (case-insensitively).
+    #[error("username is already taken")]
+    UsernameTaken,
+    /// Login: unknown user, wrong password or empty password; deliberately one variant.
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    /// An authenticated call without a good bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+    /// ChangePassword: the current password is wrong.
+    #[error("current password is wrong")]
+    WrongCurrentPassword,
+    /// RevokeSession: no such session among the caller's.
+    #[error("session not found")]
+    SessionNotFound,
+    /// The password hashing queue is full.
+    #[error("too many password checks in progress; retry later")]
+    Overloaded {
+        /// When a retry makes sense.
+        retry_after: Duration,
+    },
+    /// A store the call needs cannot be reached.
+    #[error("{store} unavailable")]
+    Unavailable {
+        /// Which store.
+        store: Store,
+        /// What went wrong, for the log only.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// Anything else; its text is for the log only.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl AuthError {
+    /// An INVALID_ARGUMENT on a single field.
+    pub fn invalid(field: &'static str, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}

@@ -1,0 +1,583 @@
+//! The operations of authd, independent of any transport.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::hasher::{PasswordHasher, hash_cost};
+use super::password::{NewPassword, check_size};
+use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
+use super::username::{MAX_USERNAME_CHARS, Username};
+use super::{AuthError, FieldViolation, InvalidReason, error::Store};
+use crate::clock::Clock;
+use crate::config::{Config, RedisFailureMode};
+use crate::store::sessions::{NewSession, SessionRecord, SessionState};
+use crate::store::users::CreateUserError;
+use crate::store::{SessionStore, StoreError, UserStore};
+
+/// The longest session id accepted, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 64;
+/// The longest user agent recorded, in bytes; longer ones are cut (at a char boundary).
+pub const MAX_USER_AGENT_BYTES: usize = 512;
+/// ValidateToken records activity at most this often per session.
+pub const TOUCH_INTERVAL_SECONDS: i64 = 60;
+
+/// Who is calling, as the transport saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    /// The client's IP address (no port).
+    pub ip: String,
+    /// The client's user agent.
+    pub user_agent: String,
+}
+
+/// A user just registered.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// New user id.
+    pub user_id: String,
+    /// Canonical username.
+    pub username: String,
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    /// The bearer token.
+    pub access_token: String,
+    /// Its claims.
+    pub claims: Claims,
+}
+
+/// A valid token, with how thoroughly it was checked.
+#[derive(Debug, Clone)]
+pub struct ValidToken {
+    /// What it says.
+    pub claims: Claims,
+    /// False when the session store could not be asked (open mode).
+    pub revocation_checked: bool,
+}
+
+/// ValidateToken's answer.
+#[derive(Debug, Clone)]
+pub enum Validation {
+    /// Good.
+    Valid(ValidToken),
+    /// Not good, and why.
+    Invalid(InvalidReason),
+}
+
+/// A caller's sessions.
+#[derive(Debug, Clone)]
+pub struct SessionList {
+    /// Live sessions, oldest login first.
+    pub sessions: Vec<SessionRecord>,
+    /// The calling token's session.
+    pub current: String,
+}
+
+/// Settings the operations need.
+#[derive(Debug, Clone)]
+struct Rules {
+    idle_timeout: i64,
+    max_sessions: u32,
+    failure_mode: RedisFailureMode,
+}
+
+/// Register, Login, Logout, ChangePassword, ListSessions, RevokeSession, ValidateToken.
+pub struct AuthCore {
+    users: UserStore,
+    sessions: SessionStore,
+    hasher: PasswordHasher,
+    tokens: TokenKeys,
+    clock: Arc<dyn Clock>,
+    rules: Rules,
+    /// A hash of a random password at the configured cost: unknown users pay one verify
+    /// against it, so response time does not tell which usernames exist.
+    dummy_hash: String,
+}
+
+impl std::fmt::Debug for AuthCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthCore")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthCore {
+    /// Puts the parts together; hashes the dummy password on the pool.
+    pub async fn new(
+        config: &Config,
+        users: UserStore,
+        sessions: SessionStore,
+        hasher: PasswordHasher,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, AuthError> {
+        let dummy_hash = hasher.hash(&random_id()).await?;
+        Ok(Self {
+            users,
+            sessions,
+            hasher,
+            tokens: TokenKeys::new(&config.jwt),
+            clock,
+            rules: Rules {
+                idle_timeout: seconds(config.session_idle_timeout),
+                max_sessions: config.max_sessions_per_user,
+                failure_mode: config.redis.failure_mode,
+            },
+            dummy_hash,
+        })
+    }
+
+    /// The session store, for health checks.
+    pub fn session_store(&self) -> &SessionStore {
+        &self.sessions
+    }
+
+    /// Creates a user.
+    pub async fn register(&self, username: &str, password: &str) -> Result<Registered, AuthError> {
+        let mut violations = Vec::new();
+        let username = Username::parse(username)
+            .map_err(|v| violations.push(v))
+            .ok();
+        let password = NewPassword::parse("password", password)
+            .map_err(|v| violations.extend(v))
+            .ok();
+        let (Some(username), Some(password)) = (username, password) else {
+            return Err(AuthError::InvalidArgument(violations));
+        };
+        let hash = self.hasher.hash(password.expose()).await?;
+        let user_id = uuid::Uuid::new_v4().to_string();
+        match self.users.create(&user_id, username.as_str(), &hash).await {
+            Ok(()) => {}
+            Err(CreateUserError::UsernameTaken) => return Err(AuthError::UsernameTaken),
+            Err(CreateUserError::Store(e)) => return Err(users_error(e)),
+        }
+        tracing::info!(user_id = %user_id, "user registered");
+        Ok(Registered {
+            user_id,
+            username: username.as_str().to_owned(),
+        })
+    }
+
+    /// Checks a password and opens a session. Unknown user, wrong password and empty
+    /// password are one error, after the same bcrypt work.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        client: ClientInfo,
+    ) -> Result<LoggedIn, AuthError> {
+        if username.chars().count() > MAX_USERNAME_CHARS {
+            return Err(AuthError::invalid(
+                "username",
+                format!("must be at most {MAX_USERNAME_CHARS} characters"),
+            ));
+        }
+        check_size("password", password).map_err(|v| AuthError::InvalidArgument(vec![v]))?;
+
+        let user = match Username::parse(username.trim()) {
+            Ok(name) => self
+                .users
+                .find_by_username(name.as_str())
+                .await
+                .map_err(users_error)?,
+            Err(_) => None,
+        };
+        let hash = user
+            .as_ref()
+            .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+        let matches = self.hasher.verify(password, hash).await?;
+        let user = match user {
+            Some(user) if matches && !password.is_empty() => user,
+            _ => {
+                metrics::counter!("authd_logins_total", "outcome" => "failure").increment(1);
+                tracing::info!("login refused: invalid credentials");
+                return Err(AuthError::InvalidCredentials);
+            }
+        };
+
+        let now = self.clock.unix_seconds();
+        let session_id = random_id();
+        let issued = self
+            .tokens
+            .issue(&user.id, &user.username, &session_id, now)?;
+        let idle_expires_at = now.saturating_add(self.rules.idle_timeout);
+        let evicted = self
+            .sessions
+            .create(
+                &NewSession {
+                    user_id: &user.id,
+                    session_id: &session_id,
+                    jti: &issued.claims.jti,
+                    now,
+                    idle_expires_at,
+                    token_expires_at: issued.claims.exp,
+                    ip: &client.ip,
+                    user_agent: truncate(&client.user_agent, MAX_USER_AGENT_BYTES),
+                },
+                self.rules.max_sessions,
+                self.tokens.leeway_seconds(),
+            )
+            .await
+            .map_err(sessions_error)?;
+        if !evicted.is_empty() {
+            tracing::info!(user_id = %user.id, ended = evicted.len(), "oldest sessions ended: MAX_SESSIONS_PER_USER");
+        }
+        self.upgrade_hash_if_weak(&user.id, &user.password_hash, password)
+            .await;
+        metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
+        tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, "login");
+        Ok(LoggedIn {
+            access_token: issued.token,
+            claims: issued.claims,
+        })
+    }
+
+    /// Rehashes at the configured cost a password whose stored hash is cheaper. Failure
+    /// only delays the upgrade to the next login.
+    async fn upgrade_hash_if_weak(&self, user_id: &str, old_hash: &str, password: &str) {
+        if hash_cost(old_hash).is_none_or(|cost| cost >= self.hasher.cost()) {
+            return;
+        }
+        let upgraded = match self.hasher.hash(password).await {
+            Ok(new_hash) => self.users.upgrade_hash(user_id, old_hash, &new_hash).await,
+            Err(e) => {
+                tracing::debug!(user_id, error = %e, "password hash upgrade deferred");
+                return;
+            }
+        };
+        match upgraded {
+            Ok(true) => tracing::info!(user_id, "password hash upgraded to the configured cost"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(user_id, error = %e, "password hash upgrade failed"),
+        }
+    }
+
+    /// Revokes the bearer token and ends its session. A correctly signed token that was
+    /// already logged out is fine: Logout is idempotent.
+    pub async fn logout(&self, bearer: Option<&str>) -> Result<(), AuthError> {
+        let token = bearer_token(bearer)?;
+        let now = self.clock.unix_seconds();
+        let claims = self
+            .tokens
+            .verify(token, now)
+            .map_err(|_| AuthError::Unauthenticated)?;
+        let ttl = blacklist_ttl(&claims, now, self.tokens.leeway_seconds());
+        self.sessions
+            .logout(&claims.sub, &claims.sid, &claims.jti, ttl)
+            .await
+            .map_err(sessions_error)?;
+        tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
+        Ok(())
+    }
+
+    /// Replaces the password and ends every other session of the user.
+    pub async fn change_password(
+        &self,
+        bearer: Option<&str>,
+        current_password: &str,
+        new_password: &str,
+    ) -> Result<u32, AuthError> {
+        let claims = self.authenticate(bearer).await?;
+        let mut violations = Vec::new();
+        if let Err(v) = check_size("current_password", current_password) {
+            violations.push(v);
+        }
+        let new_password = NewPassword::parse("new_password", new_password)
+            .map_err(|v| violations.extend(v))
+            .ok();
+        let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
+            return Err(AuthError::InvalidArgument(violations));
+        };
+        let user = self
+            .users
+            .find_by_id(&claims.sub)
+            .await
+            .map_err(users_error)?
+            .ok_or(AuthError::Unauthenticated)?;
+        if !self
+            .hasher
+            .verify(current_password, &user.password_hash)
+            .await?
+            || current_password.is_empty()
+        {
+            tracing::info!(user_id = %user.id, "password change refused: wrong current password");
+            return Err(AuthError::WrongCurrentPassword);
+        }
+        let new_hash = self.hasher.hash(new_password.expose()).await?;
+        let leeway = self.tokens.leeway_seconds();
+
+        // Sessions first: if Redis cannot record the revocations, nothing has changed and
+        // the caller can retry with the same current password.
+        let now = self.clock.unix_seconds();
+        let mut revoked = self
+            .sessions
+            .revoke_others(&user.id, &claims.sid, now, leeway)
+            .await
+            .map_err(sessions_error)?;
+        let changed = self
+            .users
+            .change_password(&user.id, &user.password_hash, &new_hash, now)
+            .await
+            .map_err(users_error)?;
+        if !changed {
+            // Another change won the race; this one must not report success.
+            return Err(AuthError::WrongCurrentPassword);
+        }
+        // A login that raced with the change may have opened a session with the old
+        // password after the first sweep; end it too.
+        match self
+            .sessions
+            .revoke_others(&user.id, &claims.sid, now, leeway)
+            .await
+        {
+            Ok(n) => revoked += n,
+            Err(e) => {
+                tracing::warn!(user_id = %user.id, error = %e, "second session sweep after password change failed")
+            }
+        }
+        tracing::info!(user_id = %user.id, jti = %claims.jti, revoked_sessions = revoked, "password changed");
+        Ok(revoked)
+    }
+
+    /// The caller's live sessions.
+    pub async fn list_sessions(&self, bearer: Option<&str>) -> Result<SessionList, AuthError> {
+        let claims = self.authenticate(bearer).await?;
+        let sessions = self
+            .sessions
+            .list(&claims.sub, self.clock.unix_seconds())
+            .await
+            .map_err(sessions_error)?;
+        Ok(SessionList {
+            sessions,
+            current: claims.sid,
+        })
+    }
+
+    /// Ends one of the caller's own sessions. Someone else's and unknown ones are the
+    /// same NOT_FOUND.
+    pub async fn revoke_session(
+        &self,
+        bearer: Option<&str>,
+        session_id: &str,
+    ) -> Result<(), AuthError> {
+        if session_id.is_empty() {
+            return Err(AuthError::invalid("session_id", "must not be empty"));
+        }
+        if session_id.len() > MAX_SESSION_ID_BYTES {
+            return Err(AuthError::invalid(
+                "session_id",
+                format!("must be at most {MAX_SESSION_ID_BYTES} bytes"),
+            ));
+        }
+        let claims = self.authenticate(bearer).await?;
+        let found = self
+            .sessions
+            .revoke(
+                &claims.sub,
+                session_id,
+                self.clock.unix_seconds(),
+                self.tokens.leeway_seconds(),
+            )
+            .await
+            .map_err(sessions_error)?;
+        if !found {
+            return Err(AuthError::SessionNotFound);
+        }
+        tracing::info!(user_id = %claims.sub, session_id, "session revoked");
+        Ok(())
+    }
+
+    /// Says whether a token is good. A bad token is an answer, not an error; an error
+    /// means authd could not answer.
+    pub async fn validate(&self, token: &str) -> Result<Validation, AuthError> {
+        check_token_size("token", token)?;
+        let now = self.clock.unix_seconds();
+        let claims = match self.tokens.verify(token, now) {
+            Ok(claims) => claims,
+            Err(reason) => return Ok(Validation::Invalid(reason)),
+        };
+        match self.check_session(&claims, now).await {
+            Ok(None) => Ok(Validation::Valid(ValidToken {
+                claims,
+                revocation_checked: true,
+            })),
+            Ok(Some(reason)) => Ok(Validation::Invalid(reason)),
+            Err(StoreError::Unavailable(e))
+                if self.rules.failure_mode == RedisFailureMode::Open =>
+            {
+                self.validate_degraded(claims, &e).await
+            }
+            Err(e) => Err(sessions_error(e)),
+        }
+    }
+
+    /// Open mode: the session store cannot be asked, so the durable check stands in:
+    /// the token must be issued no earlier than the user's last password change.
+    async fn validate_degraded(
+        &self,
+        claims: Claims,
+        cause: &anyhow::Error,
+    ) -> Result<Validation, AuthError> {
+        metrics::counter!("authd_redis_fallbacks_total").increment(1);
+        tracing::warn!(jti = %claims.jti, error = %cause, "session store unavailable: validating without revocation check (REDIS_FAILURE_MODE=open)");
+        let user = self
+            .users
+            .find_by_id(&claims.sub)
+            .await
+            .map_err(users_error)?;
+        Ok(match user {
+            None => Validation::Invalid(InvalidReason::SessionNotFound),
+            Some(user) if claims.iat < user.sessions_valid_after => {
+                Validation::Invalid(InvalidReason::Revoked)
+            }
+            Some(_) => Validation::Valid(ValidToken {
+                claims,
+                revocation_checked: false,
+            }),
+        })
+    }
+
+    /// `None` when the session is live (extending it if a minute has passed), or why not.
+    async fn check_session(
+        &self,
+        claims: &Claims,
+        now: i64,
+    ) -> Result<Option<InvalidReason>, StoreError> {
+        match self
+            .sessions
+            .check(&claims.sub, &claims.sid, &claims.jti)
+            .await?
+        {
+            SessionState::Revoked => Ok(Some(InvalidReason::Revoked)),
+            SessionState::Missing => Ok(Some(InvalidReason::SessionNotFound)),
+            SessionState::Live {
+                idle_expires_at, ..
+            } if idle_expires_at <= now => Ok(Some(InvalidReason::SessionNotFound)),
+            SessionState::Live { last_seen, .. } => {
+                if now - last_seen >= TOUCH_INTERVAL_SECONDS {
+                    let idle_expires_at = now.saturating_add(self.rules.idle_timeout);
+                    let touched = self
+                        .sessions
+                        .touch(
+                            &claims.sub,
+                            &claims.sid,
+                            &claims.jti,
+                            now,
+                            idle_expires_at,
+                            claims.exp,
+                        )
+                        .await?;
+                    if !touched {
+                        // Revoked between the check and the touch.
+                        return Ok(Some(InvalidReason::SessionNotFound));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The claims of a bearer token that is fully valid, revocation included. Calls that
+    /// need this also need the session store, so there is no open-mode fallback here.
+    async fn authenticate(&self, bearer: Option<&str>) -> Result<Claims, AuthError> {
+        let token = bearer_token(bearer)?;
+        let now = self.clock.unix_seconds();
+        let claims = self
+            .tokens
+            .verify(token, now)
+            .map_err(|_| AuthError::Unauthenticated)?;
+        match self.check_session(&claims, now).await {
+            Ok(None) => Ok(claims),
+            Ok(Some(_)) => Err(AuthError::Unauthenticated),
+            Err(e) => Err(sessions_error(e)),
+        }
+    }
+}
+
+fn bearer_token(bearer: Option<&str>) -> Result<&str, AuthError> {
+    let token = bearer.ok_or(AuthError::Unauthenticated)?;
+    check_token_size("authorization", token)?;
+    Ok(token)
+}
+
+fn check_token_size(field: &'static str, token: &str) -> Result<(), AuthError> {
+    if token.is_empty() {
+        return Err(AuthError::InvalidArgument(vec![FieldViolation::new(
+            field,
+            "must not be empty",
+        )]));
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::InvalidArgument(vec![FieldViolation::new(
+            field,
+            format!("must be at most {MAX_TOKEN_BYTES} bytes"),
+        )]));
+    }
+    Ok(())
+}
+
+/// How long a revoked `jti` must stay blacklisted: as long as the token could verify.
+fn blacklist_ttl(claims: &Claims, now: i64, leeway: i64) -> i64 {
+    claims.exp.saturating_sub(now).saturating_add(leeway).max(1)
+}
+
+fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn users_error(e: StoreError) -> AuthError {
+    store_error(Store::Users, e)
+}
+
+fn sessions_error(e: StoreError) -> AuthError {
+    store_error(Store::Sessions, e)
+}
+
+fn store_error(store: Store, e: StoreError) -> AuthError {
+    match e {
+        StoreError::Unavailable(source) => AuthError::Unavailable { store, source },
+        StoreError::Internal(source) => AuthError::Internal(source.context(store.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blacklist_ttl_covers_the_leeway_and_is_never_zero() {
+        let c = Claims {
+            iss: String::new(),
+            aud: String::new(),
+            sub: String::new(),
+            username: String::new(),
+            sid: String::new(),
+            jti: String::new(),
+            iat: 0,
+            nbf: 0,
+            exp: 1000,
+        };
+        assert_eq!(blacklist_ttl(&c, 400, 30), 630);
+        assert_eq!(blacklist_ttl(&c, 1030, 30), 1);
+        assert_eq!(blacklist_ttl(&c, 5000, 30), 1);
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("hello", 10), "hello");
+    }
+}

@@ -1,0 +1,662 @@
+//! Configuration from the environment (and an optional `.env` file), validated once at
+//! start-up. Every problem is reported as one line that names the variable.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sqlx::mysql::MySqlConnectOptions;
+
+/// The smallest `JWT_SECRET` accepted, in bytes.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// A value that must never reach a log line or an error message.
+#[derive(Clone)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The secret value itself; call only where it is used.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// A configuration problem: the variable and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            variable,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// What ValidateToken does when Redis cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisFailureMode {
+    /// Answer from the signature, the claims and the user's `sessions_valid_after`,
+    /// with `revocation_checked = false`.
+    Open,
+    /// Answer UNAVAILABLE.
+    Closed,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Token settings.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// HS256 key.
+    pub secret: Secret<Vec<u8>>,
+    /// `iss` written and required.
+    pub issuer: String,
+    /// `aud` written and required.
+    pub audience: String,
+    /// Absolute lifetime of a token.
+    pub ttl: Duration,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+}
+
+/// Password hashing settings.
+#[derive(Debug, Clone)]
+pub struct BcryptConfig {
+    /// bcrypt cost for new hashes; lower-cost hashes are upgraded on login.
+    pub cost: u32,
+    /// Threads that hash; defaults to the number of cores.
+    pub workers: usize,
+    /// Hash jobs that may wait for a thread before Login answers RESOURCE_EXHAUSTED.
+    pub queue: usize,
+}
+
+/// Redis settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Where Redis is, with its credentials.
+    pub url: Secret<String>,
+    /// Prepended to every key authd writes.
+    pub key_prefix: String,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Time allowed to open a connection or take one from the pool.
+    pub connect_timeout: Duration,
+    /// Time allowed for one command or pipeline.
+    pub command_timeout: Duration,
+    /// After a failure, how long calls skip Redis before trying it again.
+    pub retry_interval: Duration,
+    /// What ValidateToken does when Redis cannot be asked.
+    pub failure_mode: RedisFailureMode,
+}
+
+/// MySQL settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Where the database is, with its credentials.
+    pub options: Secret<MySqlConnectOptions>,
+    /// Host and port, for messages.
+    pub display: String,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Time allowed to take a connection from the pool.
+    pub acquire_timeout: Duration,
+}
+
+/// Everything authd needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address; port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// Users.
+    pub database: DatabaseConfig,
+    /// Sessions and the logout blacklist.
+    pub redis: RedisConfig,
+    /// Tokens.
+    pub jwt: JwtConfig,
+    /// Passwords.
+    pub bcrypt: BcryptConfig,
+    /// A session ends after this long without activity.
+    pub session_idle_timeout: Duration,
+    /// 0 = unlimited; otherwise Login ends the oldest sessions past this many.
+    pub max_sessions_per_user: u32,
+    /// Serve gRPC server reflection (v1 and v1alpha).
+    pub grpc_reflection: bool,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// How long in-flight calls may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// The variables authd reads, exactly as named in the environment.
+#[derive(Debug, Default, Deserialize)]
+struct RawEnv {
+    jwt_secret: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_ttl: Option<String>,
+    jwt_leeway: Option<String>,
+    database_url: Option<String>,
+    db_host: Option<String>,
+    db_port: Option<String>,
+    db_user: Option<String>,
+    db_pass: Option<String>,
+    db_name: Option<String>,
+    db_pool_size: Option<String>,
+    db_acquire_timeout: Option<String>,
+    redis_url: Option<String>,
+    redis_addr: Option<String>,
+    redis_password: Option<String>,
+    redis_key_prefix: Option<String>,
+    redis_pool_size: Option<String>,
+    redis_connect_timeout: Option<String>,
+    redis_command_timeout: Option<String>,
+    redis_retry_interval: Option<String>,
+    redis_failure_mode: Option<String>,
+    grpc_addr: Option<String>,
+    grpc_reflection: Option<String>,
+    bcrypt_cost: Option<String>,
+    bcrypt_workers: Option<String>,
+    bcrypt_queue: Option<String>,
+    session_idle_timeout: Option<String>,
+    max_sessions_per_user: Option<String>,
+    log_format: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+impl Config {
+    /// Reads the process environment, after loading `.env` if one is present.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::new(".env", e.to_string())),
+        }
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Builds a configuration from `NAME=value` pairs; used by `from_env` and by tests.
+    pub fn from_vars<I>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        // Empty values count as unset, as in most shells' `VAR= cmd`.
+        let vars: HashMap<String, String> =
+            vars.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        let raw: RawEnv =
+            envy::from_iter(vars).map_err(|e| ConfigError::new("environment", e.to_string()))?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+        let secret = raw.jwt_secret.clone().ok_or_else(|| {
+            ConfigError::new(
+                "JWT_SECRET",
+                format!("is required (at least {MIN_JWT_SECRET_BYTES} bytes)"),
+            )
+        })?;
+        if secret.len() < MIN_JWT_SECRET_BYTES {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                format!(
+                    "must be at least {MIN_JWT_SECRET_BYTES} bytes, got {}",
+                    secret.len()
+                ),
+            ));
+        }
+        let jwt = JwtConfig {
+            secret: Secret::new(secret.into_bytes()),
+            issuer: raw.jwt_issuer.clone().unwrap_or_else(|| "authd".to_owned()),
+            audience: raw
+                .jwt_audience
+                .clone()
+                .unwrap_or_else(|| "authd".to_owned()),
+            ttl: duration(
+                "JWT_TTL",
+                raw.jwt_ttl.clone(),
+                Duration::from_secs(24 * 3600),
+            )?,
+            leeway: duration(
+                "JWT_LEEWAY",
+                raw.jwt_leeway.clone(),
+                Duration::from_secs(30),
+            )?,
+        };
+        if jwt.ttl < Duration::from_secs(1) {
+            return Err(ConfigError::new("JWT_TTL", "must be at least 1s"));
+        }
+        if jwt.leeway > Duration::from_secs(300) {
+            return Err(ConfigError::new("JWT_LEEWAY", "must be at most 5m"));
+        }
+
+        let database = database(&raw)?;
+        let redis = redis(&raw)?;
+
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cost = number("BCRYPT_COST", raw.bcrypt_cost, 12u32)?;
+        if !(4..=31).contains(&cost) {
+            return Err(ConfigError::new(
+                "BCRYPT_COST",
+                format!("must be between 4 and 31, got {cost}"),
+            ));
+        }
+        let workers = number("BCRYPT_WORKERS", raw.bcrypt_workers, cores)?;
+        if workers == 0 {
+            return Err(ConfigError::new("BCRYPT_WORKERS", "must be at least 1"));
+        }
+        let bcrypt = BcryptConfig {
+            cost,
+            workers,
+            queue: number("BCRYPT_QUEUE", raw.bcrypt_queue, workers * 4)?,
+        };
+
+        let session_idle_timeout = duration(
+            "SESSION_IDLE_TIMEOUT",
+            raw.session_idle_timeout,
+            Duration::from_secs(3600),
+        )?;
+        if session_idle_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "SESSION_IDLE_TIMEOUT",
+                "must be at least 1s",
+            ));
+        }
+
+        Ok(Self {
+            grpc_addr: parse(
+                "GRPC_ADDR",
+                raw.grpc_addr.as_deref().unwrap_or("0.0.0.0:50051"),
+                "an address like 0.0.0.0:50051",
+            )?,
+            database,
+            redis,
+            jwt,
+            bcrypt,
+            session_idle_timeout,
+            max_sessions_per_user: number("MAX_SESSIONS_PER_USER", raw.max_sessions_per_user, 0)?,
+            grpc_reflection: boolean("GRPC_REFLECTION", raw.grpc_reflection, true)?,
+            log_format: match raw
+                .log_format
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                None | Some("pretty") => LogFormat::Pretty,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "LOG_FORMAT",
+                        format!("must be json or pretty, got {other:?}"),
+                    ));
+                }
+            },
+            shutdown_grace: duration(
+                "SHUTDOWN_GRACE",
+                raw.shutdown_grace,
+                Duration::from_secs(10),
+            )?,
+        })
+    }
+}
+
+fn database(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
+    let (options, display) = match &raw.database_url {
+        Some(url) => {
+            let options = MySqlConnectOptions::from_str(url).map_err(|_| {
+                ConfigError::new(
+                    "DATABASE_URL",
+                    "is not a MySQL URL like mysql://user:password@host:3306/authd",
+                )
+            })?;
+            let display = format!("{}:{}", options.get_host(), options.get_port());
+            (options, display)
+        }
+        None => {
+            let host = raw
+                .db_host
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".to_owned());
+            let port = number("DB_PORT", raw.db_port.clone(), 3306u16)?;
+            let mut options = MySqlConnectOptions::new()
+                .host(&host)
+                .port(port)
+                .username(raw.db_user.as_deref().unwrap_or("root"))
+                .database(raw.db_name.as_deref().unwrap_or("authd"));
+            if let Some(pass) = &raw.db_pass {
+                options = options.password(pass);
+            }
+            (options, format!("{host}:{port}"))
+        }
+    };
+    let pool_size = number("DB_POOL_SIZE", raw.db_pool_size.clone(), 10u32)?;
+    if pool_size == 0 {
+        return Err(ConfigError::new("DB_POOL_SIZE", "must be at least 1"));
+    }
+    Ok(DatabaseConfig {
+        options: Secret::new(options),
+        display,
+        pool_size,
+        acquire_timeout: duration(
+            "DB_ACQUIRE_TIMEOUT",
+            raw.db_acquire_timeout.clone(),
+            Duration::from_secs(2),
+        )?,
+    })
+}
+
+fn redis(raw: &RawEnv) -> Result<RedisConfig, ConfigError> {
+    let url = match (&raw.redis_url, &raw.redis_addr) {
+        (Some(url), _) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+            url.clone()
+        }
+        (None, addr) => {
+            let addr = addr.as_deref().unwrap_or("127.0.0.1:6379");
+            if addr.contains('/') || addr.contains('@') || !addr.contains(':') {
+                return Err(ConfigError::new(
+                    "REDIS_ADDR",
+                    format!("must be host:port, got {addr:?}"),
+                ));
+            }
+            match &raw.redis_password {
+                Some(pass) => format!("redis://:{}@{addr}/", percent_encode(pass)),
+                None => format!("redis://{addr}/"),
+            }
+        }
+    };
+    let key_prefix = raw
+        .redis_key_prefix
+        .clone()
+        .unwrap_or_else(|| "authd:".to_owned());
+    if key_prefix.contains('{') || key_prefix.contains('}') {
+        // The first {...} in a key is its Redis Cluster hash tag; ours is {user:<id>}.
+        return Err(ConfigError::new(
+            "REDIS_KEY_PREFIX",
+            "must not contain { or }",
+        ));
+    }
+    let pool_size = number("REDIS_POOL_SIZE", raw.redis_pool_size.clone(), 8u32)?;
+    if pool_size == 0 {
+        return Err(ConfigError::new("REDIS_POOL_SIZE", "must be at least 1"));
+    }
+    let failure_mode = match raw
+        .redis_failure_mode
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("open") => RedisFailureMode::Open,
+        Some("closed") => RedisFailureMode::Closed,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "REDIS_FAILURE_MODE",
+                format!("must be open or closed, got {other:?}"),
+            ));
+        }
+    };
+    let nonzero = |name: &'static str, d: Duration| {
+        if d.is_zero() {
+            Err(ConfigError::new(name, "must be more than 0s"))
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(RedisConfig {
+        url: Secret::new(url),
+        key_prefix,
+        pool_size,
+        connect_timeout: nonzero(
+            "REDIS_CONNECT_TIMEOUT",
+            duration(
+                "REDIS_CONNECT_TIMEOUT",
+                raw.redis_connect_timeout.clone(),
+                Duration::from_millis(250),
+            )?,
+        )?,
+        command_timeout: nonzero(
+            "REDIS_COMMAND_TIMEOUT",
+            duration(
+                "REDIS_COMMAND_TIMEOUT",
+                raw.redis_command_timeout.clone(),
+                Duration::from_millis(250),
+            )?,
+        )?,
+        retry_interval: duration(
+            "REDIS_RETRY_INTERVAL",
+            raw.redis_retry_interval.clone(),
+            Duration::from_millis(500),
+        )?,
+        failure_mode,
+    })
+}
+
+fn duration(
+    variable: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v.trim()).map_err(|_| {
+            ConfigError::new(
+                variable,
+                format!("{v:?} is not a duration (write it like 24h, 90m, 30s or 250ms)"),
+            )
+        }),
+    }
+}
+
+fn number<T: FromStr>(
+    variable: &'static str,
+    value: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(variable, format!("{v:?} is not a valid number"))),
+    }
+}
+
+fn boolean(
+    variable: &'static str,
+    value: Option<String>,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::new(
+            variable,
+            format!("must be true or false, got {other:?}"),
+        )),
+    }
+}
+
+fn parse<T: FromStr>(
+    variable: &'static str,
+    value: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::new(variable, format!("{value:?} is not {expected}")))
+}
+
+/// Percent-encodes everything but unreserved characters, for a password inside a URL.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    const SECRET: (&str, &str) = ("JWT_SECRET", "0123456789abcdef0123456789abcdef");
+
+    #[test]
+    fn defaults_apply_when_only_the_secret_is_set() {
+        let c = Config::from_vars(vars(&[SECRET])).unwrap();
+        assert_eq!(c.jwt.ttl, Duration::from_secs(86_400));
+        assert_eq!(c.jwt.leeway, Duration::from_secs(30));
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.bcrypt.cost, 12);
+        assert_eq!(c.redis.failure_mode, RedisFailureMode::Open);
+        assert_eq!(c.grpc_addr.port(), 50051);
+        assert!(c.grpc_reflection);
+        assert_eq!(c.redis.url.expose(), "redis://127.0.0.1:6379/");
+        assert_eq!(c.database.display, "127.0.0.1:3306");
+    }
+
+    #[test]
+    fn a_short_secret_names_the_variable() {
+        let e = Config::from_vars(vars(&[("JWT_SECRET", "short")])).unwrap_err();
+        assert_eq!(e.variable, "JWT_SECRET");
+        assert!(e.problem.contains("at least 32 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable() {
+        let e = Config::from_vars(vars(&[])).unwrap_err();
+        assert_eq!(e.variable, "JWT_SECRET");
+    }
+
+    #[test]
+    fn an_unparsable_duration_names_the_variable() {
+        let e = Config::from_vars(vars(&[SECRET, ("JWT_TTL", "a day")])).unwrap_err();
+        assert_eq!(e.variable, "JWT_TTL");
+        let e = Config::from_vars(vars(&[SECRET, ("SESSION_IDLE_TIMEOUT", "5")])).unwrap_err();
+        assert_eq!(e.variable, "SESSION_IDLE_TIMEOUT");
+    }
+
+    #[test]
+    fn durations_use_humantime() {
+        let c =
+            Config::from_vars(vars(&[SECRET, ("JWT_TTL", "90m"), ("JWT_LEEWAY", "5s")])).unwrap();
+        assert_eq!(c.jwt.ttl, Duration::from_secs(5400));
+        assert_eq!(c.jwt.leeway, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn old_redis_names_keep_working_and_passwords_are_encoded() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("REDIS_ADDR", "cache:6380"),
+            ("REDIS_PASSWORD", "p@ss/word"),
+        ]))
+        .unwrap();
+        assert_eq!(c.redis.url.expose(), "redis://:p%40ss%2Fword@cache:6380/");
+    }
+
+    #[test]
+    fn old_db_names_keep_working() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("DB_HOST", "db.internal"),
+            ("DB_PORT", "3307"),
+            ("DB_USER", "authd"),
+            ("DB_PASS", "pw"),
+            ("DB_NAME", "users"),
+        ]))
+        .unwrap();
+        assert_eq!(c.database.display, "db.internal:3307");
+        let o = c.database.options.expose();
+        assert_eq!(o.get_host(), "db.internal");
+        assert_eq!(o.get_port(), 3307);
+        assert_eq!(o.get_username(), "authd");
+        assert_eq!(o.get_database(), Some("users"));
+    }
+
+    #[test]
+    fn whole_urls_win_over_parts() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("DATABASE_URL", "mysql://u:p@dbhost:3310/x"),
+            ("DB_HOST", "ignored"),
+            ("REDIS_URL", "redis://r:6390/2"),
+            ("REDIS_ADDR", "ignored:1"),
+        ]))
+        .unwrap();
+        assert_eq!(c.database.display, "dbhost:3310");
+        assert_eq!(c.redis.url.expose(), "redis://r:6390/2");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (name, value) in [
+            ("BCRYPT_COST", "3"),
+            ("BCRYPT_COST", "twelve"),
+            ("REDIS_FAILURE_MODE", "sometimes"),
+            ("GRPC_ADDR", "nowhere"),
+            ("GRPC_REFLECTION", "maybe"),
+            ("LOG_FORMAT", "xml"),
+            ("DATABASE_URL", "postgres://x"),
+            ("REDIS_URL", "http://x"),
+            ("REDIS_KEY_PREFIX", "a{b}"),
+            ("MAX_SESSIONS_PER_USER", "-1"),
+        ] {
+            let e = Config::from_vars(vars(&[SECRET, (name, value)])).unwrap_err();
+            assert_eq!(e.variable, name, "{name}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_vars(vars(&[SECRET, ("DB_PASS", "hunter2hunter2")])).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains(SECRET.1));
+        assert!(!printed.contains("hunter2hunter2"));
+    }
+}

@@ -1,0 +1,6 @@
+//! gRPC: proto ↔ domain conversion, metadata, and the one place errors become Status.
+
+pub mod service;
+pub mod status;
+
+pub use service::AuthGrpc;

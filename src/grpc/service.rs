@@ -1,0 +1,297 @@
+//! `auth.v1.AuthService` over tonic: reads requests and metadata, calls the core,
+//! and writes responses.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::auth::service::{SessionList, Validation};
+use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
+use crate::proto::auth::v1 as pb;
+use crate::proto::auth::v1::auth_service_server::AuthService;
+
+/// The gRPC face of [`AuthCore`].
+#[derive(Debug, Clone)]
+pub struct AuthGrpc {
+    core: Arc<AuthCore>,
+}
+
+impl AuthGrpc {
+    /// Serves `core`.
+    pub fn new(core: Arc<AuthCore>) -> Self {
+        Self { core }
+    }
+}
+
+/// Runs one RPC inside a span that names it, and logs its outcome once.
+async fn rpc<T, F>(method: &'static str, call: F) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, AuthError>>,
+{
+    let span = tracing::info_span!("rpc", method);
+    async move {
+        let started = Instant::now();
+        let result = call.await.map_err(Status::from);
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(code = ?code, micros, "rpc finished");
+        metrics::counter!("authd_rpc_total", "method" => method, "code" => format!("{code:?}"))
+            .increment(1);
+        result.map(Response::new)
+    }
+    .instrument(span)
+    .await
+}
+
+/// The bearer token from `authorization: Bearer <token>`, if there is one.
+fn bearer<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// The client's address and agent: the request's fields when a gateway filled them,
+/// else the peer address and the `user-agent` metadata.
+fn client_info<T>(
+    request: &Request<T>,
+    client_ip: &str,
+    user_agent: &str,
+) -> Result<ClientInfo, AuthError> {
+    let ip = if client_ip.is_empty() {
+        request
+            .remote_addr()
+            .map(|a| a.ip().to_canonical().to_string())
+            .unwrap_or_default()
+    } else {
+        parse_ip(client_ip)
+            .ok_or_else(|| {
+                AuthError::invalid(
+                    "client_ip",
+                    "must be an IP address, like 203.0.113.7 or 2001:db8::1",
+                )
+            })?
+            .to_string()
+    };
+    let user_agent = if user_agent.is_empty() {
+        request
+            .metadata()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    } else {
+        user_agent.to_owned()
+    };
+    Ok(ClientInfo { ip, user_agent })
+}
+
+/// An IP, with any port a gateway left on it removed.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let s = s.trim();
+    if s.len() > 64 {
+        return None;
+    }
+    s.parse::<IpAddr>()
+        .or_else(|_| s.parse::<SocketAddr>().map(|a| a.ip()))
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: unix_seconds,
+        nanos: 0,
+    }
+}
+
+fn reason(r: InvalidReason) -> pb::InvalidReason {
+    match r {
+        InvalidReason::Malformed => pb::InvalidReason::Malformed,
+        InvalidReason::BadSignature => pb::InvalidReason::BadSignature,
+        InvalidReason::Expired => pb::InvalidReason::Expired,
+        InvalidReason::NotYetValid => pb::InvalidReason::NotYetValid,
+        InvalidReason::WrongIssuerOrAudience => pb::InvalidReason::WrongIssuerOrAudience,
+        InvalidReason::Revoked => pb::InvalidReason::Revoked,
+        InvalidReason::SessionNotFound => pb::InvalidReason::SessionNotFound,
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthGrpc {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        rpc("Register", async {
+            let req = request.get_ref();
+            let user = self.core.register(&req.username, &req.password).await?;
+            Ok(pb::RegisterResponse {
+                user_id: user.user_id,
+                username: user.username,
+            })
+        })
+        .await
+    }
+
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        rpc("Login", async {
+            let req = request.get_ref();
+            let client = client_info(&request, &req.client_ip, &req.user_agent)?;
+            let done = self
+                .core
+                .login(&req.username, &req.password, client)
+                .await?;
+            Ok(pb::LoginResponse {
+                access_token: done.access_token,
+                token_type: "Bearer".to_owned(),
+                expires_at: Some(timestamp(done.claims.exp)),
+                expires_in: done.claims.exp - done.claims.iat,
+                session_id: done.claims.sid,
+            })
+        })
+        .await
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        rpc("Logout", async {
+            self.core.logout(bearer(&request).as_deref()).await?;
+            Ok(pb::LogoutResponse {})
+        })
+        .await
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        rpc("ChangePassword", async {
+            let req = request.get_ref();
+            let revoked = self
+                .core
+                .change_password(
+                    bearer(&request).as_deref(),
+                    &req.current_password,
+                    &req.new_password,
+                )
+                .await?;
+            Ok(pb::ChangePasswordResponse {
+                revoked_sessions: revoked,
+            })
+        })
+        .await
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        rpc("ListSessions", async {
+            let SessionList { sessions, current } =
+                self.core.list_sessions(bearer(&request).as_deref()).await?;
+            let sessions: Vec<pb::Session> = sessions
+                .into_iter()
+                .map(|s| pb::Session {
+                    current: s.session_id == current,
+                    login_time: Some(timestamp(s.login_time)),
+                    last_seen: Some(timestamp(s.last_seen)),
+                    expires_at: Some(timestamp(s.expires_at())),
+                    session_id: s.session_id,
+                    ip: s.ip,
+                    user_agent: s.user_agent,
+                })
+                .collect();
+            Ok(pb::ListSessionsResponse {
+                active_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
+                sessions,
+            })
+        })
+        .await
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        rpc("RevokeSession", async {
+            self.core
+                .revoke_session(bearer(&request).as_deref(), &request.get_ref().session_id)
+                .await?;
+            Ok(pb::RevokeSessionResponse {})
+        })
+        .await
+    }
+
+    async fn validate_token(
+        &self,
+        request: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        rpc("ValidateToken", async {
+            Ok(match self.core.validate(&request.get_ref().token).await? {
+                Validation::Valid(v) => pb::ValidateTokenResponse {
+                    valid: true,
+                    reason: pb::InvalidReason::Unspecified.into(),
+                    user_id: v.claims.sub,
+                    username: v.claims.username,
+                    session_id: v.claims.sid,
+                    issued_at: Some(timestamp(v.claims.iat)),
+                    expires_at: Some(timestamp(v.claims.exp)),
+                    revocation_checked: v.revocation_checked,
+                },
+                Validation::Invalid(r) => {
+                    tracing::debug!(reason = r.as_str(), "token invalid");
+                    pb::ValidateTokenResponse {
+                        valid: false,
+                        reason: reason(r).into(),
+                        ..Default::default()
+                    }
+                }
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_dropped_from_gateway_addresses() {
+        assert_eq!(
+            parse_ip("203.0.113.7:5555").unwrap().to_string(),
+            "203.0.113.7"
+        );
+        assert_eq!(
+            parse_ip("[2001:db8::1]:443").unwrap().to_string(),
+            "2001:db8::1"
+        );
+        assert_eq!(parse_ip("::ffff:10.0.0.1").unwrap().to_string(), "10.0.0.1");
+        assert!(parse_ip("not an ip").is_none());
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_required() {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("authorization", "bearer abc".parse().unwrap());
+        assert_eq!(bearer(&r).as_deref(), Some("abc"));
+        r.metadata_mut()
+            .insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&r), None);
+    }
+}

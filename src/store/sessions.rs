@@ -1,0 +1,609 @@
+//! Sessions and the logout blacklist in Redis, through a bb8 pool.
+//!
+//! Keys (all of one user's share the `{user:<id>}` hash tag, so Redis Cluster can come
+//! later without a key redesign):
+//! - `<prefix>{user:<id>}:session:<sid>`: hash `jti login seen idle exp ip ua`
+//!   (times in unix seconds), expiring with the session;
+//! - `<prefix>{user:<id>}:sessions`: sorted set of the user's session ids, by login order;
+//! - `<prefix>{user:<id>}:seq`: the login counter that orders that set;
+//! - `<prefix>{user:<id>}:revoked:<jti>`: blacklist entry, expiring `exp − now + leeway`
+//!   (at least 1 s) from the revocation.
+//!
+//! Every change that revokes is one Lua script, so it is recorded whole or not at all.
+//! Each call has a short timeout; after a connection failure, calls skip Redis for
+//! `retry_interval` (a small circuit breaker) so an outage costs callers microseconds,
+//! not a connect timeout each, and recovery needs no restart.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+
+use super::StoreError;
+use crate::config::RedisConfig;
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Session id.
+    pub session_id: String,
+    /// The `jti` of the session's token.
+    pub jti: String,
+    /// Login time (unix seconds).
+    pub login_time: i64,
+    /// Last activity seen by ValidateToken, at one-minute granularity.
+    pub last_seen: i64,
+    /// When the session ends unless extended.
+    pub idle_expires_at: i64,
+    /// The token's `exp`.
+    pub token_expires_at: i64,
+    /// Client IP, without port.
+    pub ip: String,
+    /// Client user agent.
+    pub user_agent: String,
+}
+
+impl SessionRecord {
+    /// The earlier of the idle expiry and the token's expiry.
+    pub fn expires_at(&self) -> i64 {
+        self.idle_expires_at.min(self.token_expires_at)
+    }
+}
+
+/// What one round trip learns about a token's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// The token's `jti` is blacklisted.
+    Revoked,
+    /// No session with this id holds this token.
+    Missing,
+    /// The session exists.
+    Live {
+        /// Last activity recorded.
+        last_seen: i64,
+        /// When it ends unless extended.
+        idle_expires_at: i64,
+    },
+}
+
+/// The Redis side of authd.
+pub struct SessionStore {
+    pool: bb8::Pool<Manager>,
+    prefix: String,
+    command_timeout: Duration,
+    breaker: Breaker,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    create: Script,
+    touch: Script,
+    logout: Script,
+    revoke: Script,
+    revoke_others: Script,
+}
+
+/// Shared by the scripts that revoke: blacklists the session's `jti` for as long as
+/// the token could still verify, deletes the session and drops it from the user's set.
+/// Returns 1 when the session was live, 0 when it was missing or already past its end.
+const REVOKE_FN: &str = r"
+local function revoke(tag, sid, now, leeway)
+  local skey = tag .. ':session:' .. sid
+  local f = redis.call('HMGET', skey, 'jti', 'exp', 'idle')
+  redis.call('ZREM', tag .. ':sessions', sid)
+  if not f[1] then return 0 end
+  local exp = tonumber(f[2])
+  local ttl = exp - now + leeway
+  if ttl < 1 then ttl = 1 end
+  redis.call('SET', tag .. ':revoked:' .. f[1], '1', 'EX', ttl)
+  redis.call('DEL', skey)
+  if math.min(exp, tonumber(f[3])) <= now then return 0 end
+  return 1
+end
+";
+
+/// KEYS: session, set, seq. ARGV: tag, sid, jti, now, idle_exp, exp, ip, ua,
+/// session_ttl_ms, set_ttl_ms, max_sessions, leeway. Returns the evicted session ids.
+const CREATE_BODY: &str = r"
+local tag, sid, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local leeway, max = tonumber(ARGV[12]), tonumber(ARGV[11])
+redis.call('HSET', KEYS[1], 'jti', ARGV[3], 'login', ARGV[4], 'seen', ARGV[4],
+  'idle', ARGV[5], 'exp', ARGV[6], 'ip', ARGV[7], 'ua', ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[10])
+redis.call('ZADD', KEYS[2], seq, sid)
+redis.call('PEXPIRE', KEYS[2], ARGV[10])
+-- Forget sessions that ended on their own.
+for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local f = redis.call('HMGET', tag .. ':session:' .. other, 'idle', 'exp')
+  if not f[1] or math.min(tonumber(f[1]), tonumber(f[2])) <= now then
+    revoke(tag, other, now, leeway)
+  end
+end
+local evicted = {}
+if max > 0 then
+  local n = redis.call('ZCARD', KEYS[2])
+  if n > max then
+    for _, old in ipairs(redis.call('ZRANGE', KEYS[2], 0, n - max - 1)) do
+      revoke(tag, old, now, leeway)
+      table.insert(evicted, old)
+    end
+  end
+end
+return evicted
+";
+
+/// KEYS: session. ARGV: jti, now, idle_exp, ttl_ms. Extends a session only if it still
+/// holds this token, so a touch never resurrects a revoked session.
+const TOUCH: &str = r"
+if redis.call('HGET', KEYS[1], 'jti') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[2], 'idle', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+return 0
+";
+
+/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s.
+const LOGOUT: &str = r"
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+if redis.call('HGET', KEYS[1], 'jti') == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// KEYS: session. ARGV: tag, sid, now, leeway.
+const REVOKE_BODY: &str = r"
+return revoke(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+";
+
+/// KEYS: set. ARGV: tag, keep_sid, now, leeway. Returns how many live sessions ended.
+const REVOKE_OTHERS_BODY: &str = r"
+local n = 0
+for _, sid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if sid ~= ARGV[2] then
+    n = n + revoke(ARGV[1], sid, tonumber(ARGV[3]), tonumber(ARGV[4]))
+  end
+end
+return n
+";
+
+/// A session to create.
+#[derive(Debug, Clone)]
+pub struct NewSession<'a> {
+    /// Owner.
+    pub user_id: &'a str,
+    /// Session id.
+    pub session_id: &'a str,
+    /// The token's `jti`.
+    pub jti: &'a str,
+    /// Login time (unix seconds).
+    pub now: i64,
+    /// Idle expiry.
+    pub idle_expires_at: i64,
+    /// The token's `exp`.
+    pub token_expires_at: i64,
+    /// Client IP.
+    pub ip: &'a str,
+    /// Client user agent.
+    pub user_agent: &'a str,
+}
+
+impl SessionStore {
+    /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
+    /// open mode) while Redis is down.
+    pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
+        let client = Client::open(config.url.expose().as_str())
+            .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
+        let manager = Manager {
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.command_timeout)),
+        };
+        // test_on_check_out is off: bb8's default sends a PING before every command,
+        // doubling the round trips. Broken connections are found by the command that
+        // fails on them instead (see `Conn::broken`).
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(None)
+            .test_on_check_out(false)
+            .connection_timeout(config.connect_timeout)
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Ok(Self {
+            pool,
+            prefix: config.key_prefix.clone(),
+            command_timeout: config.command_timeout,
+            breaker: Breaker::new(config.retry_interval),
+            scripts: Scripts {
+                create: Script::new(&format!("{REVOKE_FN}{CREATE_BODY}")),
+                touch: Script::new(TOUCH),
+                logout: Script::new(LOGOUT),
+                revoke: Script::new(&format!("{REVOKE_FN}{REVOKE_BODY}")),
+                revoke_others: Script::new(&format!("{REVOKE_FN}{REVOKE_OTHERS_BODY}")),
+            },
+        })
+    }
+
+    /// Answers PING; for start-up checks and health.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    fn tag(&self, user_id: &str) -> String {
+        format!("{}{{user:{user_id}}}", self.prefix)
+    }
+
+    /// Stores a new session; past `max_sessions` (0 = unlimited) the user's oldest
+    /// sessions are revoked. Returns the ids of the sessions so ended.
+    pub async fn create(
+        &self,
+        s: &NewSession<'_>,
+        max_sessions: u32,
+        leeway: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let tag = self.tag(s.user_id);
+        let session_ttl_ms = ttl_ms(s.idle_expires_at.min(s.token_expires_at) - s.now);
+        let set_ttl_ms = ttl_ms(s.token_expires_at + leeway - s.now);
+        let mut inv = self.scripts.create.prepare_invoke();
+        inv.key(format!("{tag}:session:{}", s.session_id))
+            .key(format!("{tag}:sessions"))
+            .key(format!("{tag}:seq"))
+            .arg(&tag)
+            .arg(s.session_id)
+            .arg(s.jti)
+            .arg(s.now)
+            .arg(s.idle_expires_at)
+            .arg(s.token_expires_at)
+            .arg(s.ip)
+            .arg(s.user_agent)
+            .arg(session_ttl_ms)
+            .arg(set_ttl_ms)
+            .arg(max_sessions)
+            .arg(leeway);
+        self.run(|mut c| async move { inv.invoke_async::<Vec<String>>(&mut c).await })
+            .await
+    }
+
+    /// One round trip: is the `jti` blacklisted, and does the session hold this token?
+    pub async fn check(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+    ) -> Result<SessionState, StoreError> {
+        let tag = self.tag(user_id);
+        let mut pipe = redis::pipe();
+        pipe.exists(format!("{tag}:revoked:{jti}")).hmget(
+            format!("{tag}:session:{session_id}"),
+            &["jti", "seen", "idle"],
+        );
+        type Reply = (bool, (Option<String>, Option<i64>, Option<i64>));
+        let (revoked, (stored_jti, seen, idle)) = self
+            .run(|mut c| async move { pipe.query_async::<Reply>(&mut c).await })
+            .await?;
+        Ok(match (revoked, stored_jti, seen, idle) {
+            (true, ..) => SessionState::Revoked,
+            (false, Some(stored), Some(last_seen), Some(idle_expires_at)) if stored == jti => {
+                SessionState::Live {
+                    last_seen,
+                    idle_expires_at,
+                }
+            }
+            _ => SessionState::Missing,
+        })
+    }
+
+    /// Records activity: moves `seen` to `now` and the idle expiry forward.
+    pub async fn touch(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        now: i64,
+        idle_expires_at: i64,
+        token_expires_at: i64,
+    ) -> Result<bool, StoreError> {
+        let tag = self.tag(user_id);
+        let mut inv = self.scripts.touch.prepare_invoke();
+        inv.key(format!("{tag}:session:{session_id}"))
+            .arg(jti)
+            .arg(now)
+            .arg(idle_expires_at)
+            .arg(ttl_ms(idle_expires_at.min(token_expires_at) - now));
+        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|n| n == 1)
+    }
+
+    /// Blacklists the token and ends its session (if the session still holds it).
+    pub async fn logout(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        blacklist_ttl_seconds: i64,
+    ) -> Result<(), StoreError> {
+        let tag = self.tag(user_id);
+        let mut inv = self.scripts.logout.prepare_invoke();
+        inv.key(format!("{tag}:session:{session_id}"))
+            .key(format!("{tag}:sessions"))
+            .key(format!("{tag}:revoked:{jti}"))
+            .arg(session_id)
+            .arg(jti)
+            .arg(blacklist_ttl_seconds.max(1));
+        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Ends one of the user's sessions. False when it did not exist (or had already ended).
+    pub async fn revoke(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        now: i64,
+        leeway: i64,
+    ) -> Result<bool, StoreError> {
+        let tag = self.tag(user_id);
+        let mut inv = self.scripts.revoke.prepare_invoke();
+        inv.key(format!("{tag}:session:{session_id}"))
+            .arg(&tag)
+            .arg(session_id)
+            .arg(now)
+            .arg(leeway);
+        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|n| n == 1)
+    }
+
+    /// Ends every session of the user but `keep`. Returns how many live ones ended.
+    pub async fn revoke_others(
+        &self,
+        user_id: &str,
+        keep: &str,
+        now: i64,
+        leeway: i64,
+    ) -> Result<u32, StoreError> {
+        let tag = self.tag(user_id);
+        let mut inv = self.scripts.revoke_others.prepare_invoke();
+        inv.key(format!("{tag}:sessions"))
+            .arg(&tag)
+            .arg(keep)
+            .arg(now)
+            .arg(leeway);
+        self.run(|mut c| async move { inv.invoke_async::<u32>(&mut c).await })
+            .await
+    }
+
+    /// The user's live sessions in login order; ended ones are dropped from the set.
+    pub async fn list(&self, user_id: &str, now: i64) -> Result<Vec<SessionRecord>, StoreError> {
+        let tag = self.tag(user_id);
+        let set = format!("{tag}:sessions");
+        let ids: Vec<String> = {
+            let set = set.clone();
+            self.run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&set)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hmget(
+                format!("{tag}:session:{id}"),
+                &["jti", "login", "seen", "idle", "exp", "ip", "ua"],
+            );
+        }
+        type Fields = (
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Fields> = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let mut live = Vec::with_capacity(ids.len());
+        let mut ended = Vec::new();
+        for (id, row) in ids.into_iter().zip(rows) {
+            match row {
+                (Some(jti), Some(login), Some(seen), Some(idle), Some(exp), ip, ua)
+                    if idle.min(exp) > now =>
+                {
+                    live.push(SessionRecord {
+                        session_id: id,
+                        jti,
+                        login_time: login,
+                        last_seen: seen,
+                        idle_expires_at: idle,
+                        token_expires_at: exp,
+                        ip: ip.unwrap_or_default(),
+                        user_agent: ua.unwrap_or_default(),
+                    });
+                }
+                _ => ended.push(id),
+            }
+        }
+        if !ended.is_empty() {
+            let mut pipe = redis::pipe();
+            for id in &ended {
+                pipe.zrem(&set, id).ignore();
+                pipe.del(format!("{tag}:session:{id}")).ignore();
+            }
+            // Pruning is housekeeping: the list is right either way.
+            if let Err(e) = self
+                .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+                .await
+            {
+                tracing::debug!(error = %e, "pruning ended sessions failed");
+            }
+        }
+        Ok(live)
+    }
+
+    /// Runs one operation on a pooled connection, within the command timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.breaker.check()?;
+        let mut conn = match self.pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.breaker.trip();
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "no Redis connection: {e}"
+                )));
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, op(conn.inner.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_internal(&e) => Err(StoreError::Internal(e.into())),
+            Ok(Err(e)) => {
+                conn.broken = true;
+                self.breaker.trip();
+                Err(StoreError::Unavailable(e.into()))
+            }
+            Err(_) => {
+                conn.broken = true;
+                self.breaker.trip();
+                Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "Redis did not answer within {:?}",
+                    self.command_timeout
+                )))
+            }
+        }
+    }
+}
+
+/// Errors that mean our request or our reading of the reply is wrong, not that Redis
+/// is unreachable.
+fn is_internal(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Client
+            | ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                    | ServerErrorKind::NoScript
+                    | ServerErrorKind::CrossSlot
+                    | ServerErrorKind::NoPerm
+                    | ServerErrorKind::ExecAbort
+            )
+    )
+}
+
+fn ttl_ms(seconds: i64) -> i64 {
+    seconds.max(1).saturating_mul(1000)
+}
+
+/// A pooled connection and whether a command failed on it.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    broken: bool,
+}
+
+struct Manager {
+    client: Client,
+    config: AsyncConnectionConfig,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let inner = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        Ok(Conn {
+            inner,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn.inner)
+            .await
+            .map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken
+    }
+}
+
+/// After a failure, fail fast until `interval` has passed, then try Redis again.
+struct Breaker {
+    start: Instant,
+    interval: Duration,
+    open_until_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+            open_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.elapsed_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(anyhow::anyhow!(
+                "Redis failed recently; next attempt within {:?}",
+                self.interval
+            )));
+        }
+        Ok(())
+    }
+
+    fn trip(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        self.open_until_ms.store(
+            self.elapsed_ms().saturating_add(interval),
+            Ordering::Relaxed,
+        );
+        metrics::counter!("authd_redis_failures_total").increment(1);
+    }
+}

@@ -1,0 +1,204 @@
+//! Users in MySQL (MariaDB-compatible), through sqlx.
+
+use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::{ConnectOptions, Executor};
+
+use super::StoreError;
+use crate::config::DatabaseConfig;
+
+/// A stored user.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct User {
+    /// UUID, the token's `sub`.
+    pub id: String,
+    /// Canonical (lower-case) username.
+    pub username: String,
+    /// bcrypt hash.
+    pub password_hash: String,
+    /// Tokens issued (whole seconds) before this are refused when sessions cannot be checked.
+    pub sessions_valid_after: i64,
+}
+
+/// Creating a user failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateUserError {
+    /// The username is taken.
+    #[error("username taken")]
+    UsernameTaken,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The users table.
+#[derive(Debug, Clone)]
+pub struct UserStore {
+    pool: MySqlPool,
+}
+
+/// MySQL's "Unknown database" error number.
+const ER_BAD_DB_ERROR: u16 = 1049;
+
+impl UserStore {
+    /// Connects, creates the database if it does not exist yet, and applies the
+    /// migrations in `migrations/`.
+    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
+        let options = config.options.expose().clone().disable_statement_logging();
+        // One direct connection first: its error says what is wrong ("connection
+        // refused", "access denied"), where the pool's would only say it timed out.
+        let first = tokio::time::timeout(config.acquire_timeout, options.connect()).await;
+        match first {
+            Err(_) => anyhow::bail!("no answer within {:?}", config.acquire_timeout),
+            Ok(Ok(conn)) => drop(conn),
+            Ok(Err(sqlx::Error::Database(e)))
+                if e.try_downcast_ref::<MySqlDatabaseError>()
+                    .is_some_and(|e| e.number() == ER_BAD_DB_ERROR) =>
+            {
+                create_database(&options).await?;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+        }
+        let pool = MySqlPoolOptions::new()
+            .max_connections(config.pool_size)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (migrations already applied).
+    pub fn from_pool(pool: MySqlPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for tests and tools.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// Inserts a user; a taken username (case-insensitively) is `UsernameTaken`.
+    pub async fn create(
+        &self,
+        id: &str,
+        username: &str,
+        password_hash: &str,
+    ) -> Result<(), CreateUserError> {
+        let result = sqlx::query(
+            "INSERT INTO users (id, username, password_hash, sessions_valid_after) VALUES (?, ?, ?, 0)",
+        )
+        .bind(id)
+        .bind(username)
+        .bind(password_hash)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(CreateUserError::UsernameTaken)
+            }
+            Err(e) => Err(classify(e).into()),
+        }
+    }
+
+    /// The user with this canonical username.
+    pub async fn find_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
+        sqlx::query_as::<_, User>(
+            "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE username = ?",
+        )
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
+    /// The user with this id.
+    pub async fn find_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
+        sqlx::query_as::<_, User>(
+            "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
+    /// Replaces a hash with a stronger one of the same password, unless it changed meanwhile.
+    pub async fn upgrade_hash(
+        &self,
+        id: &str,
+        old_hash: &str,
+        new_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?")
+                .bind(new_hash)
+                .bind(id)
+                .bind(old_hash)
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets a new hash and moves `sessions_valid_after` forward to `valid_after`, in one
+    /// transaction: no crash can leave the new password with the old tokens honoured.
+    /// The `expected_hash` guard makes two concurrent changes fail one of them.
+    pub async fn change_password(
+        &self,
+        id: &str,
+        expected_hash: &str,
+        new_hash: &str,
+        valid_after: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = ?, \
+             sessions_valid_after = GREATEST(sessions_valid_after, ?) \
+             WHERE id = ? AND password_hash = ?",
+        )
+        .bind(new_hash)
+        .bind(valid_after)
+        .bind(id)
+        .bind(expected_hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(false);
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(true)
+    }
+}
+
+async fn create_database(options: &sqlx::mysql::MySqlConnectOptions) -> anyhow::Result<()> {
+    let name = options
+        .get_database()
+        .ok_or_else(|| anyhow::anyhow!("no database name configured"))?
+        .to_owned();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        anyhow::bail!(
+            "database {name:?} does not exist, and its name is not one authd will create"
+        );
+    }
+    let mut conn = options.clone().database("").connect().await?;
+    let statement = format!("CREATE DATABASE IF NOT EXISTS `{name}`");
+    // The name is checked above to be [A-Za-z0-9_] only.
+    conn.execute(sqlx::AssertSqlSafe(statement)).await?;
+    tracing::info!(database = %name, "created the database");
+    Ok(())
+}
+
+/// Sorts sqlx errors into "try again later" and "something is wrong".
+pub(crate) fn classify(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.into()),
+        other => StoreError::Internal(other.into()),
+    }
+}
