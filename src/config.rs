@@ -330,6 +330,12 @@ impl Config {
 fn database(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
     let (options, display) = match &raw.database_url {
         Some(url) => {
+            if !(url.starts_with("mysql://") || url.starts_with("mariadb://")) {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "must start with mysql:// (like mysql://user:password@host:3306/authd)",
+                ));
+            }
             let options = MySqlConnectOptions::from_str(url).map_err(|_| {
                 ConfigError::new(
                     "DATABASE_URL",

@@ -53,7 +53,8 @@ impl NewPassword {
                 format!("must be at least {MIN_PASSWORD_CHARS} characters long, got {chars}"),
             ));
         }
-        let rules: [(fn(char) -> bool, &str); 4] = [
+        type Rule = (fn(char) -> bool, &'static str);
+        let rules: [Rule; 4] = [
             (char::is_uppercase, "must contain an upper-case letter"),
             (char::is_lowercase, "must contain a lower-case letter"),
             (|c| c.is_ascii_digit(), "must contain a digit"),

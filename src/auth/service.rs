@@ -113,7 +113,12 @@ impl AuthCore {
         hasher: PasswordHasher,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AuthError> {
-        let dummy_hash = hasher.hash(&random_id()).await?;
+        // Made once at start-up, outside the queue (which may be sized 0).
+        let cost = hasher.cost();
+        let dummy_hash = tokio::task::spawn_blocking(move || bcrypt::hash(random_id(), cost))
+            .await
+            .map_err(|e| AuthError::Internal(e.into()))?
+            .map_err(|e| AuthError::Internal(e.into()))?;
         Ok(Self {
             users,
             sessions,

@@ -15,7 +15,7 @@ impl Username {
     /// Checks `raw` against the rules and lower-cases it.
     pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
         let len = raw.chars().count();
-        if len < MIN_USERNAME_CHARS || len > MAX_USERNAME_CHARS {
+        if !(MIN_USERNAME_CHARS..=MAX_USERNAME_CHARS).contains(&len) {
             return Err(FieldViolation::new(
                 "username",
                 format!(

@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t authd .
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+
+# Dependencies first, in their own layer: rebuilt only when Cargo.toml/Cargo.lock change.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+COPY migrations ./migrations
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src target/release/.fingerprint/authd-* target/release/deps/authd-* target/release/deps/libauthd-*
+
+COPY src ./src
+RUN cargo build --release --locked --bin authd
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin authd
+COPY --from=build /src/target/release/authd /usr/local/bin/authd
+USER 10001
+ENV GRPC_ADDR=0.0.0.0:50051 LOG_FORMAT=json
+EXPOSE 50051
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/authd"]

@@ -1,0 +1,202 @@
+//! The built `authd` binary: start-up errors, SIGTERM, and what it writes to its log.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use authd::proto::auth::v1 as pb;
+use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+
+use crate::helpers::*;
+
+/// Runs the binary with exactly `env`, in an empty directory (no `.env` to pick up).
+fn run_with_env(env: &[(&str, &str)]) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!("authd-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+fn assert_one_clear_line(code: i32, stderr: &str, mentions: &str) {
+    assert_ne!(code, 0, "exited 0: {stderr}");
+    let lines: Vec<_> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr:?}");
+    assert!(
+        lines[0].contains(mentions),
+        "{mentions} not named: {stderr:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
+}
+
+#[test]
+fn a_missing_or_short_secret_stops_start_up_with_one_line() {
+    let (code, err) = run_with_env(&[]);
+    assert_one_clear_line(code, &err, "JWT_SECRET");
+    let (code, err) = run_with_env(&[("JWT_SECRET", "too-short")]);
+    assert_one_clear_line(code, &err, "JWT_SECRET");
+    assert!(!err.contains("too-short"), "the secret was printed: {err}");
+}
+
+#[test]
+fn an_unparsable_duration_stops_start_up_with_one_line() {
+    let (code, err) = run_with_env(&[("JWT_SECRET", SECRET), ("SESSION_IDLE_TIMEOUT", "an hour")]);
+    assert_one_clear_line(code, &err, "SESSION_IDLE_TIMEOUT");
+    let (code, err) = run_with_env(&[("JWT_SECRET", SECRET), ("JWT_TTL", "24")]);
+    assert_one_clear_line(code, &err, "JWT_TTL");
+}
+
+#[test]
+fn an_unreachable_database_stops_start_up_with_one_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port = port.to_string();
+    let (code, err) = run_with_env(&[
+        ("JWT_SECRET", SECRET),
+        ("DB_HOST", "127.0.0.1"),
+        ("DB_PORT", &port),
+        ("DB_PASS", "db-password-never-printed"),
+    ]);
+    assert_one_clear_line(code, &err, "database");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!err.contains("db-password-never-printed"), "{err}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() {
+    let (db_name, key_prefix) = fresh_names();
+    let db_url = format!("{}/{db_name}", mysql_base());
+    let mut env = test_env(&db_url, &redis_base(), &key_prefix);
+    env.retain(|(k, _)| k != "BCRYPT_COST");
+    env.push(("BCRYPT_COST".into(), "12".into()));
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    env.push(("RUST_LOG".into(), "debug".into()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The log says where it listens (GRPC_ADDR port 0).
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("authd started");
+        log.push(line.clone());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "authd serving gRPC" {
+            break v["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+
+    let mut client = AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    client
+        .register(pb::RegisterRequest {
+            username: "uma".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap();
+    let token = client
+        .login(pb::LoginRequest {
+            username: "uma".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    let _ = client
+        .login(pb::LoginRequest {
+            username: "uma".into(),
+            password: "Wrong-Horse-9".into(),
+            ..Default::default()
+        })
+        .await;
+    let _ = client
+        .validate_token(pb::ValidateTokenRequest {
+            token: token.clone(),
+        })
+        .await
+        .unwrap();
+
+    // A login in flight (bcrypt cost 12 ≈ 200 ms) when SIGTERM arrives.
+    let mut in_flight = client.clone();
+    let login = tokio::spawn(async move {
+        in_flight
+            .login(pb::LoginRequest {
+                username: "uma".into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let answered = login.await.unwrap();
+    assert!(answered.is_ok(), "in-flight login dropped: {answered:?}");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(2)) {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(
+        log.contains("\"method\":\"Login\""),
+        "RPC not named in the log"
+    );
+    for secret in [
+        SECRET,
+        PASSWORD,
+        "Wrong-Horse-9",
+        token.as_str(),
+        "$2b$",
+        "$2y$",
+    ] {
+        assert!(!log.contains(secret), "the log holds a secret: {secret}");
+    }
+
+    let pool = sqlx::MySqlPool::connect(&mysql_base()).await.unwrap();
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS `{db_name}`"
+    )))
+    .execute(&pool)
+    .await;
+}

@@ -1,0 +1,455 @@
+//! The test harness: authd served on 127.0.0.1:0 against the real MariaDB and Redis,
+//! with a fresh database and a fresh Redis key prefix per test, and a clock the test
+//! moves by hand.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use authd::Application;
+use authd::clock::ManualClock;
+use authd::config::Config;
+use authd::proto::auth::v1 as pb;
+use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// The JWT secret every test server uses.
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+/// A password that meets the policy.
+pub const PASSWORD: &str = "Correct-Horse-9";
+
+/// Where the shared MariaDB is; override with AUTHD_TEST_MYSQL.
+pub fn mysql_base() -> String {
+    std::env::var("AUTHD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// Where the shared Redis is; override with AUTHD_TEST_REDIS.
+pub fn redis_base() -> String {
+    std::env::var("AUTHD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// A running authd for one test.
+pub struct TestApp {
+    pub client: AuthServiceClient<Channel>,
+    pub channel: Channel,
+    pub clock: Arc<ManualClock>,
+    pub db_name: String,
+    pub db_url: String,
+    pub redis_url: String,
+    pub key_prefix: String,
+    stop: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The settings a test server gets unless the test overrides them.
+pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String, String)> {
+    [
+        ("JWT_SECRET", SECRET),
+        ("DATABASE_URL", db_url),
+        ("REDIS_URL", redis_url),
+        ("REDIS_KEY_PREFIX", key_prefix),
+        ("GRPC_ADDR", "127.0.0.1:0"),
+        ("BCRYPT_COST", "4"),
+        ("REDIS_RETRY_INTERVAL", "50ms"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// A fresh database name and key prefix.
+pub fn fresh_names() -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    (format!("authd_t_{}", &id[..16]), format!("t{}:", &id[..16]))
+}
+
+/// authd with the default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// authd with some settings overridden (`REDIS_URL` included).
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let (db_name, key_prefix) = fresh_names();
+    let db_url = format!("{}/{db_name}", mysql_base());
+    let mut vars = test_env(&db_url, &redis_base(), &key_prefix);
+    for (k, v) in overrides {
+        vars.retain(|(name, _)| name != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    let redis_url = vars
+        .iter()
+        .find(|(k, _)| k == "REDIS_URL")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let config = Config::from_vars(vars).expect("test config");
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let app = Application::build_with_clock(config, clock.clone())
+        .await
+        .expect("authd builds");
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to authd");
+    TestApp {
+        client: AuthServiceClient::new(channel.clone()),
+        channel,
+        clock,
+        db_name,
+        db_url,
+        redis_url,
+        key_prefix,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+/// `request` with `authorization: Bearer <token>`.
+pub fn bearer<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+impl TestApp {
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<pb::RegisterResponse, Status> {
+        self.client
+            .clone()
+            .register(pb::RegisterRequest {
+                username: username.into(),
+                password: password.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Result<pb::LoginResponse, Status> {
+        self.client
+            .clone()
+            .login(pb::LoginRequest {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Registers `username` with [`PASSWORD`] and logs in.
+    pub async fn user_with_session(
+        &self,
+        username: &str,
+    ) -> (pb::RegisterResponse, pb::LoginResponse) {
+        let user = self.register(username, PASSWORD).await.expect("register");
+        let login = self.login(username, PASSWORD).await.expect("login");
+        (user, login)
+    }
+
+    pub async fn validate(&self, token: &str) -> Result<pb::ValidateTokenResponse, Status> {
+        self.client
+            .clone()
+            .validate_token(pb::ValidateTokenRequest {
+                token: token.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// The reason ValidateToken gives; panics if it errs.
+    pub async fn reason(&self, token: &str) -> pb::InvalidReason {
+        let v = self.validate(token).await.expect("ValidateToken answers");
+        v.reason()
+    }
+
+    pub async fn logout(&self, token: &str) -> Result<(), Status> {
+        self.client
+            .clone()
+            .logout(bearer(token, pb::LogoutRequest {}))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn list_sessions(&self, token: &str) -> Result<pb::ListSessionsResponse, Status> {
+        self.client
+            .clone()
+            .list_sessions(bearer(token, pb::ListSessionsRequest {}))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn revoke_session(&self, token: &str, session_id: &str) -> Result<(), Status> {
+        self.client
+            .clone()
+            .revoke_session(bearer(
+                token,
+                pb::RevokeSessionRequest {
+                    session_id: session_id.into(),
+                },
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn change_password(
+        &self,
+        token: &str,
+        current: &str,
+        new: &str,
+    ) -> Result<pb::ChangePasswordResponse, Status> {
+        self.client
+            .clone()
+            .change_password(bearer(
+                token,
+                pb::ChangePasswordRequest {
+                    current_password: current.into(),
+                    new_password: new.into(),
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// A connection to this test's database.
+    pub async fn db(&self) -> sqlx::MySqlPool {
+        sqlx::MySqlPool::connect(&self.db_url).await.expect("db")
+    }
+
+    /// A connection to this test's Redis.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
+    /// The key authd uses for a user's session.
+    pub fn session_key(&self, user_id: &str, session_id: &str) -> String {
+        format!("{}{{user:{user_id}}}:session:{session_id}", self.key_prefix)
+    }
+
+    /// Stops serving (as on SIGTERM) and waits for the server to finish.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        let url = mysql_base();
+        let name = self.db_name.clone();
+        // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::MySqlPool::connect(&url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS `{name}`"
+                    )))
+                    .execute(&pool)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Claims for hand-made tokens; every field optional so a test can leave one out.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RawClaims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+}
+
+impl RawClaims {
+    /// Claims as authd would write them for `now`.
+    pub fn good(now: i64) -> Self {
+        Self {
+            iss: Some("authd".into()),
+            aud: Some("authd".into()),
+            sub: Some("u".into()),
+            username: Some("someone".into()),
+            sid: Some("s".into()),
+            jti: Some("j".into()),
+            iat: Some(now),
+            nbf: Some(now),
+            exp: Some(now + 3600),
+        }
+    }
+
+    /// Signed HS256 with `secret`.
+    pub fn sign(&self, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            self,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+}
+
+/// The current unix time of the test clock.
+pub fn unix(clock: &ManualClock) -> i64 {
+    use authd::clock::Clock;
+    clock.unix_seconds()
+}
+
+/// Asserts a status code, with the message in the failure.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "unexpected status: {s:?}");
+            s
+        }
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port, that the test may kill.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts (again) on the same port, empty, and waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// How many times a command has run, from INFO commandstats.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Moves the test clock.
+pub fn advance(app: &TestApp, by: Duration) {
+    app.clock.advance(by);
+}

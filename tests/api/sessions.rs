@@ -1,0 +1,223 @@
+use std::time::Duration;
+
+use authd::proto::auth::v1::InvalidReason;
+use redis::AsyncCommands;
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn list_sessions_shows_live_sessions_and_marks_the_current_one() {
+    let app = spawn_app().await;
+    let (_, first) = app.user_with_session("nina").await;
+    advance(&app, Duration::from_secs(5));
+    let second = app.login("nina", PASSWORD).await.unwrap();
+    let now = unix(&app.clock);
+
+    let list = app.list_sessions(&second.access_token).await.unwrap();
+    assert_eq!(list.active_count, 2);
+    let ids: Vec<_> = list
+        .sessions
+        .iter()
+        .map(|s| s.session_id.as_str())
+        .collect();
+    assert_eq!(ids, [first.session_id.as_str(), second.session_id.as_str()]);
+    assert!(!list.sessions[0].current);
+    assert!(list.sessions[1].current);
+    let s = &list.sessions[1];
+    assert_eq!(s.login_time.unwrap().seconds, now);
+    assert_eq!(s.last_seen.unwrap().seconds, now);
+    // The earlier of idle expiry (1 h) and the token's exp (24 h).
+    assert_eq!(s.expires_at.unwrap().seconds, now + 3600);
+
+    // Another user's sessions never show.
+    let (_, other) = app.user_with_session("oscar").await;
+    let list = app.list_sessions(&other.access_token).await.unwrap();
+    assert_eq!(list.active_count, 1);
+}
+
+#[tokio::test]
+async fn idle_sessions_are_pruned_from_the_list() {
+    let app = spawn_app().await;
+    let (user, old) = app.user_with_session("paul").await;
+    advance(&app, Duration::from_secs(50 * 60));
+    let fresh = app.login("paul", PASSWORD).await.unwrap();
+    advance(&app, Duration::from_secs(15 * 60)); // old: idle 65 min; fresh: 15 min
+    let list = app.list_sessions(&fresh.access_token).await.unwrap();
+    assert_eq!(list.active_count, 1);
+    assert_eq!(list.sessions[0].session_id, fresh.session_id);
+    let members: Vec<String> = app
+        .redis()
+        .await
+        .zrange(
+            format!("{}{{user:{}}}:sessions", app.key_prefix, user.user_id),
+            0,
+            -1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        members,
+        std::slice::from_ref(&fresh.session_id),
+        "ended session left in the set"
+    );
+    assert_eq!(
+        app.reason(&old.access_token).await,
+        InvalidReason::SessionNotFound
+    );
+}
+
+#[tokio::test]
+async fn an_idle_session_expires_and_activity_extends_it() {
+    let app = spawn_app().await; // idle timeout 1 h
+    let (_, login) = app.user_with_session("quinn").await;
+    advance(&app, Duration::from_secs(59 * 60));
+    assert!(app.validate(&login.access_token).await.unwrap().valid);
+    advance(&app, Duration::from_secs(59 * 60)); // 118 min after login, 59 after activity
+    assert!(app.validate(&login.access_token).await.unwrap().valid);
+    advance(&app, Duration::from_secs(60 * 60)); // 60 min idle
+    assert_eq!(
+        app.reason(&login.access_token).await,
+        InvalidReason::SessionNotFound
+    );
+}
+
+#[tokio::test]
+async fn activity_is_written_at_most_once_a_minute() {
+    let app = spawn_app().await;
+    let (user, login) = app.user_with_session("rita").await;
+    let key = app.session_key(&user.user_id, &login.session_id);
+    let mut r = app.redis().await;
+    let seen0: i64 = r.hget(&key, "seen").await.unwrap();
+
+    advance(&app, Duration::from_secs(59));
+    for _ in 0..5 {
+        assert!(app.validate(&login.access_token).await.unwrap().valid);
+    }
+    let seen: i64 = r.hget(&key, "seen").await.unwrap();
+    assert_eq!(seen, seen0, "written before a minute passed");
+
+    advance(&app, Duration::from_secs(1));
+    assert!(app.validate(&login.access_token).await.unwrap().valid);
+    let seen: i64 = r.hget(&key, "seen").await.unwrap();
+    let idle: i64 = r.hget(&key, "idle").await.unwrap();
+    assert_eq!(seen, seen0 + 60);
+    assert_eq!(idle, seen0 + 60 + 3600);
+}
+
+#[tokio::test]
+async fn revoke_session_ends_another_of_the_callers_sessions() {
+    let app = spawn_app().await;
+    let (_, phone) = app.user_with_session("sam").await;
+    let laptop = app.login("sam", PASSWORD).await.unwrap();
+    app.revoke_session(&laptop.access_token, &phone.session_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.reason(&phone.access_token).await,
+        InvalidReason::Revoked
+    );
+    assert!(app.validate(&laptop.access_token).await.unwrap().valid);
+    let list = app.list_sessions(&laptop.access_token).await.unwrap();
+    assert_eq!(list.active_count, 1);
+    // Revoking it again: it no longer exists.
+    assert_code(
+        app.revoke_session(&laptop.access_token, &phone.session_id)
+            .await,
+        Code::NotFound,
+    );
+}
+
+#[tokio::test]
+async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found() {
+    let app = spawn_app().await;
+    let (_, mine) = app.user_with_session("tara").await;
+    let (_, theirs) = app.user_with_session("umar").await;
+    let foreign = assert_code(
+        app.revoke_session(&mine.access_token, &theirs.session_id)
+            .await,
+        Code::NotFound,
+    );
+    let unknown = assert_code(
+        app.revoke_session(&mine.access_token, "00000000000000000000000000000000")
+            .await,
+        Code::NotFound,
+    );
+    assert_eq!(foreign.message(), unknown.message());
+    assert_eq!(foreign.details(), unknown.details());
+    // Theirs is untouched.
+    assert!(app.validate(&theirs.access_token).await.unwrap().valid);
+}
+
+#[tokio::test]
+async fn revoke_session_checks_its_input_and_the_bearer() {
+    let app = spawn_app().await;
+    let (_, login) = app.user_with_session("vera").await;
+    assert_code(
+        app.revoke_session(&login.access_token, "").await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        app.revoke_session(&login.access_token, &"x".repeat(65))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        app.revoke_session("garbage", &login.session_id).await,
+        Code::Unauthenticated,
+    );
+    assert_code(app.list_sessions("garbage").await, Code::Unauthenticated);
+    let no_bearer = app
+        .client
+        .clone()
+        .list_sessions(authd::proto::auth::v1::ListSessionsRequest {})
+        .await;
+    assert_code(no_bearer, Code::Unauthenticated);
+    // A logged-out token cannot list.
+    app.logout(&login.access_token).await.unwrap();
+    assert_code(
+        app.list_sessions(&login.access_token).await,
+        Code::Unauthenticated,
+    );
+}
+
+#[tokio::test]
+async fn past_max_sessions_the_oldest_session_ends() {
+    let app = spawn_app_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
+    let (_, first) = app.user_with_session("wade").await;
+    let second = app.login("wade", PASSWORD).await.unwrap();
+    let third = app.login("wade", PASSWORD).await.unwrap();
+    assert_eq!(
+        app.reason(&first.access_token).await,
+        InvalidReason::Revoked
+    );
+    assert!(app.validate(&second.access_token).await.unwrap().valid);
+    let list = app.list_sessions(&third.access_token).await.unwrap();
+    assert_eq!(list.active_count, 2);
+    let ids: Vec<_> = list.sessions.iter().map(|s| s.session_id.clone()).collect();
+    assert_eq!(ids, [second.session_id, third.session_id]);
+}
+
+#[tokio::test]
+async fn all_of_a_users_keys_share_one_hash_slot_and_expire() {
+    let app = spawn_app().await;
+    let (user, login) = app.user_with_session("xena").await;
+    let mut r = app.redis().await;
+    let keys: Vec<String> = r.keys(format!("{}*", app.key_prefix)).await.unwrap();
+    assert!(keys.len() >= 3, "{keys:?}");
+    let tag = format!("{{user:{}}}", user.user_id);
+    for key in &keys {
+        assert!(
+            key.starts_with(&format!("{}{tag}", app.key_prefix)),
+            "{key}"
+        );
+        let ttl: i64 = r.ttl(key).await.unwrap();
+        assert!(ttl > 0, "{key} has no expiry");
+    }
+    app.logout(&login.access_token).await.unwrap();
+    let keys: Vec<String> = r.keys(format!("{}*", app.key_prefix)).await.unwrap();
+    for key in &keys {
+        let ttl: i64 = r.ttl(key).await.unwrap();
+        assert!(ttl > 0, "{key} has no expiry");
+    }
+}
