@@ -18,8 +18,11 @@ FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin authd
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin authd \
+    && mkdir -p /var/lib/authd && chown 10001 /var/lib/authd
 COPY --from=build /src/target/release/authd /usr/local/bin/authd
+# With no database configured, authd keeps its SQLite file here.
+WORKDIR /var/lib/authd
 USER 10001
 ENV GRPC_ADDR=0.0.0.0:50051 LOG_FORMAT=json
 EXPOSE 50051

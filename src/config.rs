@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -86,6 +87,9 @@ pub struct JwtConfig {
     pub ttl: Duration,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+    /// True when no `JWT_SECRET` was set and the key was generated for this process
+    /// (embedded mode only): tokens will not survive a restart.
+    pub generated_secret: bool,
 }
 
 /// Password hashing settings.
@@ -118,6 +122,56 @@ pub struct RedisConfig {
     pub failure_mode: RedisFailureMode,
 }
 
+/// Where users live.
+#[derive(Debug, Clone)]
+pub enum UsersBackend {
+    /// A MySQL/MariaDB server: `DATABASE_URL=mysql://…` or any `DB_*` variable.
+    MySql(Box<DatabaseConfig>),
+    /// An SQLite file: `DATABASE_URL=sqlite:…`, or the default when no database is set.
+    Sqlite {
+        /// The file; created if missing.
+        path: PathBuf,
+    },
+}
+
+impl UsersBackend {
+    /// Where, for log lines and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            UsersBackend::MySql(db) => format!("MySQL at {}", db.display),
+            UsersBackend::Sqlite { path } => format!("SQLite file {}", path.display()),
+        }
+    }
+}
+
+/// Where sessions and the blacklist live.
+#[derive(Debug, Clone)]
+pub enum SessionsBackend {
+    /// Redis: `REDIS_URL` or `REDIS_ADDR`.
+    Redis(RedisConfig),
+    /// This process's memory, when no Redis is set: one instance only, gone on restart.
+    Memory,
+}
+
+impl SessionsBackend {
+    /// Where, for log lines and messages.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            SessionsBackend::Redis(_) => "Redis",
+            SessionsBackend::Memory => "in-process memory",
+        }
+    }
+
+    /// What ValidateToken does when the session store cannot be asked.
+    pub fn failure_mode(&self) -> RedisFailureMode {
+        match self {
+            SessionsBackend::Redis(r) => r.failure_mode,
+            // Memory always answers.
+            SessionsBackend::Memory => RedisFailureMode::Closed,
+        }
+    }
+}
+
 /// MySQL settings.
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
@@ -137,9 +191,9 @@ pub struct Config {
     /// gRPC listen address; port 0 picks a free port.
     pub grpc_addr: SocketAddr,
     /// Users.
-    pub database: DatabaseConfig,
+    pub users: UsersBackend,
     /// Sessions and the logout blacklist.
-    pub redis: RedisConfig,
+    pub sessions: SessionsBackend,
     /// Tokens.
     pub jwt: JwtConfig,
     /// Passwords.
@@ -181,6 +235,7 @@ struct RawEnv {
     redis_command_timeout: Option<String>,
     redis_retry_interval: Option<String>,
     redis_failure_mode: Option<String>,
+    sqlite_path: Option<String>,
     grpc_addr: Option<String>,
     grpc_reflection: Option<String>,
     bcrypt_cost: Option<String>,
@@ -217,12 +272,26 @@ impl Config {
     }
 
     fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
-        let secret = raw.jwt_secret.clone().ok_or_else(|| {
-            ConfigError::new(
-                "JWT_SECRET",
-                format!("is required (at least {MIN_JWT_SECRET_BYTES} bytes)"),
-            )
-        })?;
+        let users = users(&raw)?;
+        let sessions = match redis(&raw)? {
+            Some(redis) => SessionsBackend::Redis(redis),
+            None => SessionsBackend::Memory,
+        };
+        let embedded = matches!(users, UsersBackend::Sqlite { .. })
+            && matches!(sessions, SessionsBackend::Memory);
+        let (secret, generated_secret) = match raw.jwt_secret.clone() {
+            Some(secret) => (secret.into_bytes(), false),
+            // Only a single embedded instance may run without a configured key.
+            None if embedded => (rand::random::<[u8; 32]>().to_vec(), true),
+            None => {
+                return Err(ConfigError::new(
+                    "JWT_SECRET",
+                    format!(
+                        "is required with MySQL or Redis configured (at least {MIN_JWT_SECRET_BYTES} bytes)"
+                    ),
+                ));
+            }
+        };
         if secret.len() < MIN_JWT_SECRET_BYTES {
             return Err(ConfigError::new(
                 "JWT_SECRET",
@@ -233,7 +302,7 @@ impl Config {
             ));
         }
         let jwt = JwtConfig {
-            secret: Secret::new(secret.into_bytes()),
+            secret: Secret::new(secret),
             issuer: raw.jwt_issuer.clone().unwrap_or_else(|| "authd".to_owned()),
             audience: raw
                 .jwt_audience
@@ -249,6 +318,7 @@ impl Config {
                 raw.jwt_leeway.clone(),
                 Duration::from_secs(30),
             )?,
+            generated_secret,
         };
         if jwt.ttl < Duration::from_secs(1) {
             return Err(ConfigError::new("JWT_TTL", "must be at least 1s"));
@@ -256,9 +326,6 @@ impl Config {
         if jwt.leeway > Duration::from_secs(300) {
             return Err(ConfigError::new("JWT_LEEWAY", "must be at most 5m"));
         }
-
-        let database = database(&raw)?;
-        let redis = redis(&raw)?;
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cost = number("BCRYPT_COST", raw.bcrypt_cost, 12u32)?;
@@ -296,8 +363,8 @@ impl Config {
                 raw.grpc_addr.as_deref().unwrap_or("0.0.0.0:50051"),
                 "an address like 0.0.0.0:50051",
             )?,
-            database,
-            redis,
+            users,
+            sessions,
             jwt,
             bcrypt,
             session_idle_timeout,
@@ -327,13 +394,55 @@ impl Config {
     }
 }
 
-fn database(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
+/// The SQLite file used when no database is configured.
+pub const DEFAULT_SQLITE_PATH: &str = "authd.db";
+
+fn users(raw: &RawEnv) -> Result<UsersBackend, ConfigError> {
+    let any_db_part = [
+        &raw.db_host,
+        &raw.db_port,
+        &raw.db_user,
+        &raw.db_pass,
+        &raw.db_name,
+    ]
+    .iter()
+    .any(|v| v.is_some());
+    match &raw.database_url {
+        Some(url) if url.starts_with("sqlite:") => {
+            let path = url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .split('?')
+                .next()
+                .unwrap_or_default();
+            if path.is_empty() {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "names no file (write sqlite://path/to/authd.db)",
+                ));
+            }
+            Ok(UsersBackend::Sqlite {
+                path: PathBuf::from(path),
+            })
+        }
+        None if !any_db_part => Ok(UsersBackend::Sqlite {
+            path: PathBuf::from(
+                raw.sqlite_path
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_SQLITE_PATH.to_owned()),
+            ),
+        }),
+        _ => mysql(raw).map(|db| UsersBackend::MySql(Box::new(db))),
+    }
+}
+
+fn mysql(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
     let (options, display) = match &raw.database_url {
         Some(url) => {
             if !(url.starts_with("mysql://") || url.starts_with("mariadb://")) {
                 return Err(ConfigError::new(
                     "DATABASE_URL",
-                    "must start with mysql:// (like mysql://user:password@host:3306/authd)",
+                    "must start with mysql:// or sqlite: (like mysql://user:password@host:3306/authd)",
                 ));
             }
             let options = MySqlConnectOptions::from_str(url).map_err(|_| {
@@ -378,8 +487,19 @@ fn database(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
     })
 }
 
-fn redis(raw: &RawEnv) -> Result<RedisConfig, ConfigError> {
+fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
+    // Every Redis setting is checked even when Redis is not used, so a typo is never
+    // silently ignored.
     let url = match (&raw.redis_url, &raw.redis_addr) {
+        (None, None) => {
+            if raw.redis_password.is_some() {
+                return Err(ConfigError::new(
+                    "REDIS_PASSWORD",
+                    "is set but REDIS_ADDR is not; set REDIS_ADDR (host:port) too",
+                ));
+            }
+            None
+        }
         (Some(url), _) => {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::new(
@@ -387,20 +507,19 @@ fn redis(raw: &RawEnv) -> Result<RedisConfig, ConfigError> {
                     "must start with redis:// or rediss://",
                 ));
             }
-            url.clone()
+            Some(url.clone())
         }
-        (None, addr) => {
-            let addr = addr.as_deref().unwrap_or("127.0.0.1:6379");
+        (None, Some(addr)) => {
             if addr.contains('/') || addr.contains('@') || !addr.contains(':') {
                 return Err(ConfigError::new(
                     "REDIS_ADDR",
                     format!("must be host:port, got {addr:?}"),
                 ));
             }
-            match &raw.redis_password {
+            Some(match &raw.redis_password {
                 Some(pass) => format!("redis://:{}@{addr}/", percent_encode(pass)),
                 None => format!("redis://{addr}/"),
-            }
+            })
         }
     };
     let key_prefix = raw
@@ -440,7 +559,10 @@ fn redis(raw: &RawEnv) -> Result<RedisConfig, ConfigError> {
             Ok(d)
         }
     };
-    Ok(RedisConfig {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    Ok(Some(RedisConfig {
         url: Secret::new(url),
         key_prefix,
         pool_size,
@@ -466,7 +588,7 @@ fn redis(raw: &RawEnv) -> Result<RedisConfig, ConfigError> {
             Duration::from_millis(500),
         )?,
         failure_mode,
-    })
+    }))
 }
 
 fn duration(
@@ -542,6 +664,7 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -559,11 +682,60 @@ mod tests {
         assert_eq!(c.jwt.leeway, Duration::from_secs(30));
         assert_eq!(c.session_idle_timeout, Duration::from_secs(3600));
         assert_eq!(c.bcrypt.cost, 12);
-        assert_eq!(c.redis.failure_mode, RedisFailureMode::Open);
         assert_eq!(c.grpc_addr.port(), 50051);
         assert!(c.grpc_reflection);
-        assert_eq!(c.redis.url.expose(), "redis://127.0.0.1:6379/");
-        assert_eq!(c.database.display, "127.0.0.1:3306");
+        assert!(!c.jwt.generated_secret);
+    }
+
+    #[test]
+    fn nothing_configured_means_embedded_storage_and_a_generated_key() {
+        let c = Config::from_vars(vars(&[])).unwrap();
+        assert!(matches!(&c.users, UsersBackend::Sqlite { path } if path == Path::new("authd.db")));
+        assert!(matches!(c.sessions, SessionsBackend::Memory));
+        assert!(c.jwt.generated_secret);
+        assert_eq!(c.jwt.secret.expose().len(), 32);
+        let again = Config::from_vars(vars(&[])).unwrap();
+        assert_ne!(c.jwt.secret.expose(), again.jwt.secret.expose());
+    }
+
+    #[test]
+    fn sqlite_path_and_url_choose_the_file() {
+        let c = Config::from_vars(vars(&[("SQLITE_PATH", "data/users.db")])).unwrap();
+        assert!(
+            matches!(&c.users, UsersBackend::Sqlite { path } if path == Path::new("data/users.db"))
+        );
+        let c = Config::from_vars(vars(&[(
+            "DATABASE_URL",
+            "sqlite:///var/lib/authd/u.db?mode=rwc",
+        )]))
+        .unwrap();
+        assert!(
+            matches!(&c.users, UsersBackend::Sqlite { path } if path == Path::new("/var/lib/authd/u.db"))
+        );
+        let e = Config::from_vars(vars(&[("DATABASE_URL", "sqlite://")])).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_URL");
+    }
+
+    #[test]
+    fn mysql_or_redis_configured_require_the_secret() {
+        for set in [
+            ("DB_HOST", "db"),
+            ("DATABASE_URL", "mysql://db/authd"),
+            ("REDIS_ADDR", "r:6379"),
+        ] {
+            let e = Config::from_vars(vars(&[set])).unwrap_err();
+            assert_eq!(e.variable, "JWT_SECRET", "{set:?}");
+        }
+    }
+
+    #[test]
+    fn mixed_backends_are_allowed() {
+        let c = Config::from_vars(vars(&[SECRET, ("DB_HOST", "db")])).unwrap();
+        assert!(matches!(c.users, UsersBackend::MySql(_)));
+        assert!(matches!(c.sessions, SessionsBackend::Memory));
+        let c = Config::from_vars(vars(&[SECRET, ("REDIS_ADDR", "r:6379")])).unwrap();
+        assert!(matches!(c.users, UsersBackend::Sqlite { .. }));
+        assert!(matches!(c.sessions, SessionsBackend::Redis(_)));
     }
 
     #[test]
@@ -571,12 +743,6 @@ mod tests {
         let e = Config::from_vars(vars(&[("JWT_SECRET", "short")])).unwrap_err();
         assert_eq!(e.variable, "JWT_SECRET");
         assert!(e.problem.contains("at least 32 bytes"), "{e}");
-    }
-
-    #[test]
-    fn a_missing_secret_names_the_variable() {
-        let e = Config::from_vars(vars(&[])).unwrap_err();
-        assert_eq!(e.variable, "JWT_SECRET");
     }
 
     #[test]
@@ -603,7 +769,11 @@ mod tests {
             ("REDIS_PASSWORD", "p@ss/word"),
         ]))
         .unwrap();
-        assert_eq!(c.redis.url.expose(), "redis://:p%40ss%2Fword@cache:6380/");
+        let SessionsBackend::Redis(redis) = c.sessions else {
+            panic!("not redis")
+        };
+        assert_eq!(redis.url.expose(), "redis://:p%40ss%2Fword@cache:6380/");
+        assert_eq!(redis.failure_mode, RedisFailureMode::Open);
     }
 
     #[test]
@@ -617,8 +787,11 @@ mod tests {
             ("DB_NAME", "users"),
         ]))
         .unwrap();
-        assert_eq!(c.database.display, "db.internal:3307");
-        let o = c.database.options.expose();
+        let UsersBackend::MySql(db) = c.users else {
+            panic!("not mysql")
+        };
+        assert_eq!(db.display, "db.internal:3307");
+        let o = db.options.expose();
         assert_eq!(o.get_host(), "db.internal");
         assert_eq!(o.get_port(), 3307);
         assert_eq!(o.get_username(), "authd");
@@ -635,8 +808,11 @@ mod tests {
             ("REDIS_ADDR", "ignored:1"),
         ]))
         .unwrap();
-        assert_eq!(c.database.display, "dbhost:3310");
-        assert_eq!(c.redis.url.expose(), "redis://r:6390/2");
+        assert_eq!(c.users.describe(), "MySQL at dbhost:3310");
+        let SessionsBackend::Redis(redis) = c.sessions else {
+            panic!("not redis")
+        };
+        assert_eq!(redis.url.expose(), "redis://r:6390/2");
     }
 
     #[test]
@@ -645,6 +821,7 @@ mod tests {
             ("BCRYPT_COST", "3"),
             ("BCRYPT_COST", "twelve"),
             ("REDIS_FAILURE_MODE", "sometimes"),
+            ("REDIS_PASSWORD", "no-addr"),
             ("GRPC_ADDR", "nowhere"),
             ("GRPC_REFLECTION", "maybe"),
             ("LOG_FORMAT", "xml"),

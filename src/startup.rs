@@ -15,7 +15,7 @@ use tonic_health::server::HealthReporter;
 use crate::auth::AuthCore;
 use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, SessionsBackend};
 use crate::grpc::AuthGrpc;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
 use crate::store::{SessionStore, UserStore};
@@ -49,12 +49,28 @@ impl Application {
 
     /// As [`Application::build`], with the clock every expiry is judged by.
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let users = UserStore::connect(&config.database)
+        let users = UserStore::connect(&config.users)
             .await
-            .with_context(|| format!("cannot use the database at {}", config.database.display))?;
-        let sessions = SessionStore::new(&config.redis)?;
+            .with_context(|| format!("cannot use the {}", config.users.describe()))?;
+        let leeway = i64::try_from(config.jwt.leeway.as_secs()).unwrap_or(i64::MAX / 4);
+        let sessions = SessionStore::new(&config.sessions, leeway)?;
         if let Err(e) = sessions.ping().await {
             tracing::warn!(error = %e, "Redis is not reachable at start-up; serving without it until it is (REDIS_FAILURE_MODE decides ValidateToken)");
+        }
+        tracing::info!(
+            users = %config.users.describe(),
+            sessions = config.sessions.describe(),
+            "storage backends"
+        );
+        if matches!(config.sessions, SessionsBackend::Memory) {
+            tracing::warn!(
+                "sessions are kept in this process: run a single instance, and expect every session to end on restart (set REDIS_URL or REDIS_ADDR to share them)"
+            );
+        }
+        if config.jwt.generated_secret {
+            tracing::warn!(
+                "JWT_SECRET is not set: signing with a random key made for this process; tokens will not survive a restart"
+            );
         }
         let hasher =
             PasswordHasher::start(&config.bcrypt).context("cannot start bcrypt threads")?;

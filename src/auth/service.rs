@@ -10,7 +10,7 @@ use super::username::{MAX_USERNAME_CHARS, Username};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
 use crate::config::{Config, RedisFailureMode};
-use crate::store::sessions::{NewSession, SessionRecord, SessionState};
+use crate::store::sessions::{NewSession, SessionRecord, SessionState, Touch, blacklist_ttl};
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore};
 
@@ -128,7 +128,7 @@ impl AuthCore {
             rules: Rules {
                 idle_timeout: seconds(config.session_idle_timeout),
                 max_sessions: config.max_sessions_per_user,
-                failure_mode: config.redis.failure_mode,
+                failure_mode: config.sessions.failure_mode(),
             },
             dummy_hash,
         })
@@ -222,7 +222,6 @@ impl AuthCore {
                     user_agent: truncate(&client.user_agent, MAX_USER_AGENT_BYTES),
                 },
                 self.rules.max_sessions,
-                self.tokens.leeway_seconds(),
             )
             .await
             .map_err(sessions_error)?;
@@ -268,9 +267,9 @@ impl AuthCore {
             .tokens
             .verify(token, now)
             .map_err(|_| AuthError::Unauthenticated)?;
-        let ttl = blacklist_ttl(&claims, now, self.tokens.leeway_seconds());
+        let ttl = blacklist_ttl(claims.exp, now, self.tokens.leeway_seconds());
         self.sessions
-            .logout(&claims.sub, &claims.sid, &claims.jti, ttl)
+            .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
             .await
             .map_err(sessions_error)?;
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
@@ -311,14 +310,13 @@ impl AuthCore {
             return Err(AuthError::WrongCurrentPassword);
         }
         let new_hash = self.hasher.hash(new_password.expose()).await?;
-        let leeway = self.tokens.leeway_seconds();
 
         // Sessions first: if Redis cannot record the revocations, nothing has changed and
         // the caller can retry with the same current password.
         let now = self.clock.unix_seconds();
         let mut revoked = self
             .sessions
-            .revoke_others(&user.id, &claims.sid, now, leeway)
+            .revoke_others(&user.id, &claims.sid, now)
             .await
             .map_err(sessions_error)?;
         let changed = self
@@ -334,7 +332,7 @@ impl AuthCore {
         // password after the first sweep; end it too.
         match self
             .sessions
-            .revoke_others(&user.id, &claims.sid, now, leeway)
+            .revoke_others(&user.id, &claims.sid, now)
             .await
         {
             Ok(n) => revoked += n,
@@ -379,12 +377,7 @@ impl AuthCore {
         let claims = self.authenticate(bearer).await?;
         let found = self
             .sessions
-            .revoke(
-                &claims.sub,
-                session_id,
-                self.clock.unix_seconds(),
-                self.tokens.leeway_seconds(),
-            )
+            .revoke(&claims.sub, session_id, self.clock.unix_seconds())
             .await
             .map_err(sessions_error)?;
         if !found {
@@ -452,7 +445,7 @@ impl AuthCore {
     ) -> Result<Option<InvalidReason>, StoreError> {
         match self
             .sessions
-            .check(&claims.sub, &claims.sid, &claims.jti)
+            .check(&claims.sub, &claims.sid, &claims.jti, now)
             .await?
         {
             SessionState::Revoked => Ok(Some(InvalidReason::Revoked)),
@@ -462,17 +455,16 @@ impl AuthCore {
             } if idle_expires_at <= now => Ok(Some(InvalidReason::SessionNotFound)),
             SessionState::Live { last_seen, .. } => {
                 if now - last_seen >= TOUCH_INTERVAL_SECONDS {
-                    let idle_expires_at = now.saturating_add(self.rules.idle_timeout);
                     let touched = self
                         .sessions
-                        .touch(
-                            &claims.sub,
-                            &claims.sid,
-                            &claims.jti,
+                        .touch(&Touch {
+                            user_id: &claims.sub,
+                            session_id: &claims.sid,
+                            jti: &claims.jti,
                             now,
-                            idle_expires_at,
-                            claims.exp,
-                        )
+                            idle_expires_at: now.saturating_add(self.rules.idle_timeout),
+                            token_expires_at: claims.exp,
+                        })
                         .await?;
                     if !touched {
                         // Revoked between the check and the touch.
@@ -523,11 +515,6 @@ fn check_token_size(field: &'static str, token: &str) -> Result<(), AuthError> {
     Ok(())
 }
 
-/// How long a revoked `jti` must stay blacklisted: as long as the token could verify.
-fn blacklist_ttl(claims: &Claims, now: i64, leeway: i64) -> i64 {
-    claims.exp.saturating_sub(now).saturating_add(leeway).max(1)
-}
-
 fn seconds(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
 }
@@ -561,24 +548,6 @@ fn store_error(store: Store, e: StoreError) -> AuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn blacklist_ttl_covers_the_leeway_and_is_never_zero() {
-        let c = Claims {
-            iss: String::new(),
-            aud: String::new(),
-            sub: String::new(),
-            username: String::new(),
-            sid: String::new(),
-            jti: String::new(),
-            iat: 0,
-            nbf: 0,
-            exp: 1000,
-        };
-        assert_eq!(blacklist_ttl(&c, 400, 30), 630);
-        assert_eq!(blacklist_ttl(&c, 1030, 30), 1);
-        assert_eq!(blacklist_ttl(&c, 5000, 30), 1);
-    }
 
     #[test]
     fn truncation_respects_char_boundaries() {

@@ -206,6 +206,7 @@ mod tests {
             audience: "authd".into(),
             ttl: Duration::from_secs(3600),
             leeway: Duration::from_secs(30),
+            generated_secret: false,
         })
     }
 

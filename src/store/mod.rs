@@ -1,4 +1,5 @@
-//! Where authd keeps things: users in MySQL, sessions and the blacklist in Redis.
+//! Where authd keeps things: users in MySQL (or SQLite), sessions and the blacklist in
+//! Redis (or this process's memory).
 
 pub mod sessions;
 pub mod users;

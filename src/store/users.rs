@@ -1,10 +1,15 @@
-//! Users in MySQL (MariaDB-compatible), through sqlx.
+//! Users in MySQL (MariaDB-compatible) or, embedded, in an SQLite file, through sqlx.
+//! Both speak the same SQL here; each has its own migrations.
+
+use std::path::Path;
+use std::time::Duration;
 
 use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Executor};
 
 use super::StoreError;
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, UsersBackend};
 
 /// A stored user.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -33,16 +38,65 @@ pub enum CreateUserError {
 /// The users table.
 #[derive(Debug, Clone)]
 pub struct UserStore {
-    pool: MySqlPool,
+    pool: Pool,
+}
+
+/// The database behind the store.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    /// MySQL or MariaDB.
+    MySql(MySqlPool),
+    /// An SQLite file.
+    Sqlite(SqlitePool),
+}
+
+/// Runs the same sqlx expression against whichever pool the store has: the queries are
+/// written once, and each driver checks its own types.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::MySql($pool) => $body,
+            Pool::Sqlite($pool) => $body,
+        }
+    };
 }
 
 /// MySQL's "Unknown database" error number.
 const ER_BAD_DB_ERROR: u16 = 1049;
 
 impl UserStore {
-    /// Connects, creates the database if it does not exist yet, and applies the
-    /// migrations in `migrations/`.
-    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Self> {
+    /// Opens the configured backend and applies its migrations.
+    pub async fn connect(backend: &UsersBackend) -> anyhow::Result<Self> {
+        match backend {
+            UsersBackend::MySql(config) => Self::connect_mysql(config).await,
+            UsersBackend::Sqlite { path } => Self::open_sqlite(path).await,
+        }
+    }
+
+    /// Opens (creating if needed) an SQLite file and applies `migrations/sqlite`.
+    pub async fn open_sqlite(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5))
+            .disable_statement_logging();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+        })
+    }
+
+    /// Connects to MySQL, creates the database if it does not exist yet, and applies
+    /// `migrations/mysql`.
+    pub async fn connect_mysql(config: &DatabaseConfig) -> anyhow::Result<Self> {
         let options = config.options.expose().clone().disable_statement_logging();
         // One direct connection first: its error says what is wrong ("connection
         // refused", "access denied"), where the pool's would only say it timed out.
@@ -63,17 +117,14 @@ impl UserStore {
             .acquire_timeout(config.acquire_timeout)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    /// Wraps an existing pool (migrations already applied).
-    pub fn from_pool(pool: MySqlPool) -> Self {
-        Self { pool }
+        sqlx::migrate!("./migrations/mysql").run(&pool).await?;
+        Ok(Self {
+            pool: Pool::MySql(pool),
+        })
     }
 
     /// The pool, for tests and tools.
-    pub fn pool(&self) -> &MySqlPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -84,16 +135,19 @@ impl UserStore {
         username: &str,
         password_hash: &str,
     ) -> Result<(), CreateUserError> {
-        let result = sqlx::query(
+        let result = on_pool!(self, |pool| {
+            sqlx::query(
             "INSERT INTO users (id, username, password_hash, sessions_valid_after) VALUES (?, ?, ?, 0)",
         )
         .bind(id)
         .bind(username)
         .bind(password_hash)
-        .execute(&self.pool)
-        .await;
+        .execute(pool)
+        .await
+        .map(|_| ())
+        });
         match result {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(CreateUserError::UsernameTaken)
             }
@@ -103,23 +157,23 @@ impl UserStore {
 
     /// The user with this canonical username.
     pub async fn find_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
-        sqlx::query_as::<_, User>(
+        on_pool!(self, |pool| sqlx::query_as::<_, User>(
             "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE username = ?",
         )
         .bind(username)
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(pool)
+        .await)
         .map_err(classify)
     }
 
     /// The user with this id.
     pub async fn find_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
-        sqlx::query_as::<_, User>(
+        on_pool!(self, |pool| sqlx::query_as::<_, User>(
             "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE id = ?",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(pool)
+        .await)
         .map_err(classify)
     }
 
@@ -130,15 +184,17 @@ impl UserStore {
         old_hash: &str,
         new_hash: &str,
     ) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?")
-                .bind(new_hash)
-                .bind(id)
-                .bind(old_hash)
-                .execute(&self.pool)
-                .await
-                .map_err(classify)?;
-        Ok(done.rows_affected() == 1)
+        let affected = on_pool!(self, |pool| sqlx::query(
+            "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?"
+        )
+        .bind(new_hash)
+        .bind(id)
+        .bind(old_hash)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))
+        .map_err(classify)?;
+        Ok(affected == 1)
     }
 
     /// Sets a new hash and moves `sessions_valid_after` forward to `valid_after`, in one
@@ -151,25 +207,29 @@ impl UserStore {
         new_hash: &str,
         valid_after: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let done = sqlx::query(
-            "UPDATE users SET password_hash = ?, \
-             sessions_valid_after = GREATEST(sessions_valid_after, ?) \
-             WHERE id = ? AND password_hash = ?",
-        )
-        .bind(new_hash)
-        .bind(valid_after)
-        .bind(id)
-        .bind(expected_hash)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
-        if done.rows_affected() != 1 {
-            tx.rollback().await.map_err(classify)?;
-            return Ok(false);
-        }
-        tx.commit().await.map_err(classify)?;
-        Ok(true)
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(classify)?;
+            let done = sqlx::query(
+                "UPDATE users SET password_hash = ?, \
+                 sessions_valid_after = CASE WHEN sessions_valid_after > ? \
+                 THEN sessions_valid_after ELSE ? END \
+                 WHERE id = ? AND password_hash = ?",
+            )
+            .bind(new_hash)
+            .bind(valid_after)
+            .bind(valid_after)
+            .bind(id)
+            .bind(expected_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await.map_err(classify)?;
+                return Ok(false);
+            }
+            tx.commit().await.map_err(classify)?;
+            Ok(true)
+        })
     }
 }
 

@@ -9,7 +9,8 @@ use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 
 use crate::helpers::*;
 
-/// Runs the binary with exactly `env`, in an empty directory (no `.env` to pick up).
+/// Runs the binary with exactly `env`, in an empty directory (no `.env` to pick up),
+/// and waits for it to exit.
 fn run_with_env(env: &[(&str, &str)]) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("authd-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -42,8 +43,12 @@ fn assert_one_clear_line(code: i32, stderr: &str, mentions: &str) {
 
 #[test]
 fn a_missing_or_short_secret_stops_start_up_with_one_line() {
-    let (code, err) = run_with_env(&[]);
+    // With MySQL or Redis configured the secret is required…
+    let (code, err) = run_with_env(&[("DB_HOST", "127.0.0.1")]);
     assert_one_clear_line(code, &err, "JWT_SECRET");
+    let (code, err) = run_with_env(&[("REDIS_ADDR", "127.0.0.1:6379")]);
+    assert_one_clear_line(code, &err, "JWT_SECRET");
+    // …and a short one is refused in every mode.
     let (code, err) = run_with_env(&[("JWT_SECRET", "too-short")]);
     assert_one_clear_line(code, &err, "JWT_SECRET");
     assert!(!err.contains("too-short"), "the secret was printed: {err}");
@@ -95,13 +100,7 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
         .unwrap();
 
     // The log says where it listens (GRPC_ADDR port 0).
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let lines_rx = stderr_lines(&mut child);
     let mut log = Vec::new();
     let addr = loop {
         let line = lines_rx
@@ -199,4 +198,100 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
     )))
     .execute(&pool)
     .await;
+}
+
+/// Reads stderr lines of a child into a channel, so a test can wait for one.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    lines_rx
+}
+
+#[tokio::test]
+async fn with_an_empty_environment_in_an_empty_directory_it_serves_from_embedded_storage() {
+    let dir = std::env::temp_dir().join(format!("authd-empty-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = stderr_lines(&mut child);
+    let mut log = Vec::new();
+    let port = loop {
+        let line = match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("authd did not start ({e}): {log:#?}");
+            }
+        };
+        log.push(line.clone());
+        if line.contains("authd serving gRPC") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            break addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        }
+    };
+    let log_text = log.join("\n");
+    assert!(log_text.contains("SQLite file authd.db"), "{log_text}");
+    assert!(log_text.contains("in-process memory"), "{log_text}");
+    assert!(log_text.contains("JWT_SECRET is not set"), "{log_text}");
+
+    let mut client = AuthServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let user = client
+        .register(pb::RegisterRequest {
+            username: "newcomer".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let login = client
+        .login(pb::LoginRequest {
+            username: "newcomer".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let v = client
+        .validate_token(pb::ValidateTokenRequest {
+            token: login.access_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.valid && v.revocation_checked, "{v:?}");
+    assert_eq!(v.user_id, user.user_id);
+    assert!(
+        dir.join("authd.db").exists(),
+        "no SQLite file in the working directory"
+    );
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,9 +5,9 @@ use crate::helpers::*;
 
 const NEW: &str = "Brand-New-Pass-7";
 
-#[tokio::test]
-async fn change_password_ends_the_other_sessions_and_keeps_the_callers() {
-    let app = spawn_app().await;
+on_every_backend! {
+async fn change_password_ends_the_other_sessions_and_keeps_the_callers(backend: Backend) {
+    let app = backend.spawn().await;
     let (user, other) = app.user_with_session("yara").await;
     let third = app.login("yara", PASSWORD).await.unwrap();
     let caller = app.login("yara", PASSWORD).await.unwrap();
@@ -40,9 +40,9 @@ async fn change_password_ends_the_other_sessions_and_keeps_the_callers() {
     assert_eq!(valid_after, unix(&app.clock));
 }
 
-#[tokio::test]
-async fn a_wrong_current_password_is_permission_denied_and_changes_nothing() {
-    let app = spawn_app().await;
+
+async fn a_wrong_current_password_is_permission_denied_and_changes_nothing(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, other) = app.user_with_session("zack").await;
     let caller = app.login("zack", PASSWORD).await.unwrap();
     assert_code(
@@ -58,9 +58,9 @@ async fn a_wrong_current_password_is_permission_denied_and_changes_nothing() {
     assert!(app.login("zack", PASSWORD).await.is_ok());
 }
 
-#[tokio::test]
-async fn a_weak_new_password_or_a_missing_bearer_is_refused() {
-    let app = spawn_app().await;
+
+async fn a_weak_new_password_or_a_missing_bearer_is_refused(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, caller) = app.user_with_session("amy").await;
     let s = assert_code(
         app.change_password(&caller.access_token, PASSWORD, "short")
@@ -73,4 +73,5 @@ async fn a_weak_new_password_or_a_missing_bearer_is_refused() {
         Code::Unauthenticated,
     );
     assert!(app.login("amy", PASSWORD).await.is_ok());
+}
 }

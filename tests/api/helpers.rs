@@ -32,12 +32,38 @@ pub fn redis_base() -> String {
     std::env::var("AUTHD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
+/// The storage a test server runs on. Tests that hold for both are written once and
+/// run on each (see `on_every_backend!`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// MySQL (MariaDB) users, Redis sessions.
+    MySqlRedis,
+    /// SQLite users, in-process sessions.
+    Embedded,
+}
+
+impl Backend {
+    pub async fn spawn(self) -> TestApp {
+        self.spawn_with(&[]).await
+    }
+
+    pub async fn spawn_with(self, overrides: &[(&str, &str)]) -> TestApp {
+        match self {
+            Backend::MySqlRedis => spawn_app_with(overrides).await,
+            Backend::Embedded => spawn_embedded_with(overrides).await,
+        }
+    }
+}
+
 /// A running authd for one test.
 pub struct TestApp {
+    pub backend: Backend,
     pub client: AuthServiceClient<Channel>,
     pub channel: Channel,
     pub clock: Arc<ManualClock>,
+    /// The MySQL database name, or the SQLite file's folder.
     pub db_name: String,
+    /// A sqlx URL for the users database, whichever it is.
     pub db_url: String,
     pub redis_url: String,
     pub key_prefix: String,
@@ -72,20 +98,74 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
 
-/// authd with some settings overridden (`REDIS_URL` included).
+/// authd on MySQL and Redis with some settings overridden (`REDIS_URL` included).
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let (db_name, key_prefix) = fresh_names();
     let db_url = format!("{}/{db_name}", mysql_base());
-    let mut vars = test_env(&db_url, &redis_base(), &key_prefix);
-    for (k, v) in overrides {
-        vars.retain(|(name, _)| name != k);
-        vars.push(((*k).to_owned(), (*v).to_owned()));
-    }
+    let vars = with_overrides(test_env(&db_url, &redis_base(), &key_prefix), overrides);
     let redis_url = vars
         .iter()
         .find(|(k, _)| k == "REDIS_URL")
         .map(|(_, v)| v.clone())
         .unwrap();
+    start(
+        Backend::MySqlRedis,
+        vars,
+        db_name,
+        db_url,
+        redis_url,
+        key_prefix,
+    )
+    .await
+}
+
+/// authd on an SQLite file and in-process sessions, as with nothing configured.
+pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
+    let (db_name, _) = fresh_names();
+    let dir = std::env::temp_dir().join(&db_name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users.db");
+    let vars: Vec<(String, String)> = [
+        ("JWT_SECRET", SECRET),
+        ("SQLITE_PATH", path.to_str().unwrap()),
+        ("GRPC_ADDR", "127.0.0.1:0"),
+        ("BCRYPT_COST", "4"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let vars = with_overrides(vars, overrides);
+    let db_url = format!("sqlite://{}", path.display());
+    start(
+        Backend::Embedded,
+        vars,
+        dir.display().to_string(),
+        db_url,
+        String::new(),
+        String::new(),
+    )
+    .await
+}
+
+fn with_overrides(
+    mut vars: Vec<(String, String)>,
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    for (k, v) in overrides {
+        vars.retain(|(name, _)| name != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    vars
+}
+
+async fn start(
+    backend: Backend,
+    vars: Vec<(String, String)>,
+    db_name: String,
+    db_url: String,
+    redis_url: String,
+    key_prefix: String,
+) -> TestApp {
     let config = Config::from_vars(vars).expect("test config");
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let app = Application::build_with_clock(config, clock.clone())
@@ -102,6 +182,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         .await
         .expect("connect to authd");
     TestApp {
+        backend,
         client: AuthServiceClient::new(channel.clone()),
         channel,
         clock,
@@ -226,9 +307,11 @@ impl TestApp {
             .map(|r| r.into_inner())
     }
 
-    /// A connection to this test's database.
-    pub async fn db(&self) -> sqlx::MySqlPool {
-        sqlx::MySqlPool::connect(&self.db_url).await.expect("db")
+    /// A connection to this test's users database, MySQL or SQLite alike (queries
+    /// with `?` placeholders and plain types read the same on both).
+    pub async fn db(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(&self.db_url).await.expect("db")
     }
 
     /// A connection to this test's Redis.
@@ -238,11 +321,6 @@ impl TestApp {
             .get_multiplexed_async_connection()
             .await
             .expect("redis")
-    }
-
-    /// The key authd uses for a user's session.
-    pub fn session_key(&self, user_id: &str, session_id: &str) -> String {
-        format!("{}{{user:{user_id}}}:session:{session_id}", self.key_prefix)
     }
 
     /// Stops serving (as on SIGTERM) and waits for the server to finish.
@@ -261,6 +339,10 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        if self.backend == Backend::Embedded {
+            let _ = std::fs::remove_dir_all(&self.db_name);
+            return;
         }
         let url = mysql_base();
         let name = self.db_name.clone();

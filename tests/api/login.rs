@@ -6,9 +6,9 @@ use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn login_answers_a_bearer_token_for_a_new_session() {
-    let app = spawn_app().await;
+on_every_backend! {
+async fn login_answers_a_bearer_token_for_a_new_session(backend: Backend) {
+    let app = backend.spawn().await;
     let user = app.register("dave", PASSWORD).await.unwrap();
     let now = unix(&app.clock);
     let login = app.login("DAVE", PASSWORD).await.unwrap();
@@ -28,9 +28,9 @@ async fn login_answers_a_bearer_token_for_a_new_session() {
     assert_eq!(v.expires_at.unwrap().seconds, now + 24 * 3600);
 }
 
-#[tokio::test]
-async fn unknown_user_wrong_password_and_empty_password_look_the_same() {
-    let app = spawn_app().await;
+
+async fn unknown_user_wrong_password_and_empty_password_look_the_same(backend: Backend) {
+    let app = backend.spawn().await;
     app.register("erin", PASSWORD).await.unwrap();
     let unknown = assert_code(app.login("nobody", PASSWORD).await, Code::Unauthenticated);
     let wrong = assert_code(
@@ -49,9 +49,9 @@ async fn unknown_user_wrong_password_and_empty_password_look_the_same() {
     assert!(!unknown.message().contains("erin"));
 }
 
-#[tokio::test]
-async fn login_records_the_peer_address_and_user_agent_metadata() {
-    let app = spawn_app().await;
+
+async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend) {
+    let app = backend.spawn().await;
     app.register("frank", PASSWORD).await.unwrap();
     let mut request = Request::new(pb::LoginRequest {
         username: "frank".into(),
@@ -77,9 +77,9 @@ async fn login_records_the_peer_address_and_user_agent_metadata() {
     );
 }
 
-#[tokio::test]
-async fn login_records_a_gateways_client_ip_and_user_agent_without_port() {
-    let app = spawn_app().await;
+
+async fn login_records_a_gateways_client_ip_and_user_agent_without_port(backend: Backend) {
+    let app = backend.spawn().await;
     app.register("grace", PASSWORD).await.unwrap();
     let login = app
         .client
@@ -112,9 +112,9 @@ async fn login_records_a_gateways_client_ip_and_user_agent_without_port() {
     assert!(s.message().contains("client_ip"));
 }
 
-#[tokio::test]
-async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded() {
-    let app = spawn_app_with(&[("BCRYPT_COST", "5")]).await;
+
+async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded(backend: Backend) {
+    let app = backend.spawn_with(&[("BCRYPT_COST", "5")]).await;
     let db = app.db().await;
     // As PHP's password_hash writes it: $2y$, cost 4.
     let imported = bcrypt::hash("Imported-Pass-1", 4)
@@ -146,10 +146,10 @@ async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded() {
     );
 }
 
-#[tokio::test]
-async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info() {
+
+async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info(backend: Backend) {
     // One hashing thread, no queue, and a cost that keeps it busy for tens of ms.
-    let app = spawn_app_with(&[
+    let app = backend.spawn_with(&[
         ("BCRYPT_COST", "10"),
         ("BCRYPT_WORKERS", "1"),
         ("BCRYPT_QUEUE", "0"),
@@ -176,12 +176,13 @@ async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info() {
     );
 }
 
-#[tokio::test]
-async fn an_overlong_username_is_invalid_argument_on_login() {
-    let app = spawn_app().await;
+
+async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
+    let app = backend.spawn().await;
     let s = assert_code(
         app.login(&"a".repeat(33), PASSWORD).await,
         Code::InvalidArgument,
     );
     assert!(s.get_details_bad_request().is_some());
+}
 }

@@ -1,6 +1,28 @@
 //! authd end to end: real gRPC on 127.0.0.1:0, real MariaDB and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// Writes each test once and runs it on every storage backend, so they cannot drift:
+/// `mod mysql_redis` and `mod embedded` each get a `#[tokio::test]` per function.
+macro_rules! on_every_backend {
+    ($(async fn $name:ident($backend:ident: Backend) $body:block)*) => {
+        $(async fn $name($backend: crate::helpers::Backend) $body)*
+
+        mod mysql_redis {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::Backend::MySqlRedis).await
+            })*
+        }
+
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::helpers::Backend::Embedded).await
+            })*
+        }
+    };
+}
+
 mod helpers;
 
 mod binary;

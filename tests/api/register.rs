@@ -3,9 +3,9 @@ use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn register_returns_an_id_and_the_lower_cased_username() {
-    let app = spawn_app().await;
+on_every_backend! {
+async fn register_returns_an_id_and_the_lower_cased_username(backend: Backend) {
+    let app = backend.spawn().await;
     let user = app.register("Alice_1", PASSWORD).await.unwrap();
     assert_eq!(user.username, "alice_1");
     assert!(
@@ -21,17 +21,17 @@ async fn register_returns_an_id_and_the_lower_cased_username() {
     assert_eq!(stored, (user.user_id, "alice_1".to_owned()));
 }
 
-#[tokio::test]
-async fn a_taken_username_is_already_exists_whatever_its_case() {
-    let app = spawn_app().await;
+
+async fn a_taken_username_is_already_exists_whatever_its_case(backend: Backend) {
+    let app = backend.spawn().await;
     app.register("bob", PASSWORD).await.unwrap();
     let s = assert_code(app.register("BoB", PASSWORD).await, Code::AlreadyExists);
     assert!(!s.message().contains(PASSWORD));
 }
 
-#[tokio::test]
-async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request() {
-    let app = spawn_app().await;
+
+async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request(backend: Backend) {
+    let app = backend.spawn().await;
     let s = assert_code(app.register("a b", "weak").await, Code::InvalidArgument);
     let bad = s.get_details_bad_request().expect("BadRequest detail");
     let fields: Vec<_> = bad
@@ -57,9 +57,9 @@ async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request() {
     assert_eq!(n, 0);
 }
 
-#[tokio::test]
-async fn common_and_overlong_passwords_are_refused_not_truncated() {
-    let app = spawn_app().await;
+
+async fn common_and_overlong_passwords_are_refused_not_truncated(backend: Backend) {
+    let app = backend.spawn().await;
     let s = assert_code(
         app.register("carol", "P@ssw0rd123!").await,
         Code::InvalidArgument,
@@ -81,9 +81,9 @@ async fn common_and_overlong_passwords_are_refused_not_truncated() {
     assert!(s.message().contains("72 bytes"));
 }
 
-#[tokio::test]
-async fn username_length_limits_hold_on_register() {
-    let app = spawn_app().await;
+
+async fn username_length_limits_hold_on_register(backend: Backend) {
+    let app = backend.spawn().await;
     assert_code(app.register("ab", PASSWORD).await, Code::InvalidArgument);
     assert_code(
         app.register(&"a".repeat(33), PASSWORD).await,
@@ -91,4 +91,5 @@ async fn username_length_limits_hold_on_register() {
     );
     app.register(&"a".repeat(32), PASSWORD).await.unwrap();
     app.register("abc", PASSWORD).await.unwrap();
+}
 }

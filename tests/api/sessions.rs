@@ -6,9 +6,9 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn list_sessions_shows_live_sessions_and_marks_the_current_one() {
-    let app = spawn_app().await;
+on_every_backend! {
+async fn list_sessions_shows_live_sessions_and_marks_the_current_one(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, first) = app.user_with_session("nina").await;
     advance(&app, Duration::from_secs(5));
     let second = app.login("nina", PASSWORD).await.unwrap();
@@ -36,40 +36,25 @@ async fn list_sessions_shows_live_sessions_and_marks_the_current_one() {
     assert_eq!(list.active_count, 1);
 }
 
-#[tokio::test]
-async fn idle_sessions_are_pruned_from_the_list() {
-    let app = spawn_app().await;
-    let (user, old) = app.user_with_session("paul").await;
+
+async fn idle_sessions_are_pruned_from_the_list(backend: Backend) {
+    let app = backend.spawn().await;
+    let (_, old) = app.user_with_session("paul").await;
     advance(&app, Duration::from_secs(50 * 60));
     let fresh = app.login("paul", PASSWORD).await.unwrap();
     advance(&app, Duration::from_secs(15 * 60)); // old: idle 65 min; fresh: 15 min
     let list = app.list_sessions(&fresh.access_token).await.unwrap();
     assert_eq!(list.active_count, 1);
     assert_eq!(list.sessions[0].session_id, fresh.session_id);
-    let members: Vec<String> = app
-        .redis()
-        .await
-        .zrange(
-            format!("{}{{user:{}}}:sessions", app.key_prefix, user.user_id),
-            0,
-            -1,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        members,
-        std::slice::from_ref(&fresh.session_id),
-        "ended session left in the set"
-    );
     assert_eq!(
         app.reason(&old.access_token).await,
         InvalidReason::SessionNotFound
     );
 }
 
-#[tokio::test]
-async fn an_idle_session_expires_and_activity_extends_it() {
-    let app = spawn_app().await; // idle timeout 1 h
+
+async fn an_idle_session_expires_and_activity_extends_it(backend: Backend) {
+    let app = backend.spawn().await; // idle timeout 1 h
     let (_, login) = app.user_with_session("quinn").await;
     advance(&app, Duration::from_secs(59 * 60));
     assert!(app.validate(&login.access_token).await.unwrap().valid);
@@ -82,32 +67,9 @@ async fn an_idle_session_expires_and_activity_extends_it() {
     );
 }
 
-#[tokio::test]
-async fn activity_is_written_at_most_once_a_minute() {
-    let app = spawn_app().await;
-    let (user, login) = app.user_with_session("rita").await;
-    let key = app.session_key(&user.user_id, &login.session_id);
-    let mut r = app.redis().await;
-    let seen0: i64 = r.hget(&key, "seen").await.unwrap();
 
-    advance(&app, Duration::from_secs(59));
-    for _ in 0..5 {
-        assert!(app.validate(&login.access_token).await.unwrap().valid);
-    }
-    let seen: i64 = r.hget(&key, "seen").await.unwrap();
-    assert_eq!(seen, seen0, "written before a minute passed");
-
-    advance(&app, Duration::from_secs(1));
-    assert!(app.validate(&login.access_token).await.unwrap().valid);
-    let seen: i64 = r.hget(&key, "seen").await.unwrap();
-    let idle: i64 = r.hget(&key, "idle").await.unwrap();
-    assert_eq!(seen, seen0 + 60);
-    assert_eq!(idle, seen0 + 60 + 3600);
-}
-
-#[tokio::test]
-async fn revoke_session_ends_another_of_the_callers_sessions() {
-    let app = spawn_app().await;
+async fn revoke_session_ends_another_of_the_callers_sessions(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, phone) = app.user_with_session("sam").await;
     let laptop = app.login("sam", PASSWORD).await.unwrap();
     app.revoke_session(&laptop.access_token, &phone.session_id)
@@ -128,9 +90,9 @@ async fn revoke_session_ends_another_of_the_callers_sessions() {
     );
 }
 
-#[tokio::test]
-async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found() {
-    let app = spawn_app().await;
+
+async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, mine) = app.user_with_session("tara").await;
     let (_, theirs) = app.user_with_session("umar").await;
     let foreign = assert_code(
@@ -149,9 +111,9 @@ async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found() {
     assert!(app.validate(&theirs.access_token).await.unwrap().valid);
 }
 
-#[tokio::test]
-async fn revoke_session_checks_its_input_and_the_bearer() {
-    let app = spawn_app().await;
+
+async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, login) = app.user_with_session("vera").await;
     assert_code(
         app.revoke_session(&login.access_token, "").await,
@@ -181,9 +143,9 @@ async fn revoke_session_checks_its_input_and_the_bearer() {
     );
 }
 
-#[tokio::test]
-async fn past_max_sessions_the_oldest_session_ends() {
-    let app = spawn_app_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
+
+async fn past_max_sessions_the_oldest_session_ends(backend: Backend) {
+    let app = backend.spawn_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
     let (_, first) = app.user_with_session("wade").await;
     let second = app.login("wade", PASSWORD).await.unwrap();
     let third = app.login("wade", PASSWORD).await.unwrap();
@@ -196,6 +158,32 @@ async fn past_max_sessions_the_oldest_session_ends() {
     assert_eq!(list.active_count, 2);
     let ids: Vec<_> = list.sessions.iter().map(|s| s.session_id.clone()).collect();
     assert_eq!(ids, [second.session_id, third.session_id]);
+}
+
+async fn activity_is_recorded_at_most_once_a_minute(backend: Backend) {
+    let app = backend.spawn().await;
+    let (_, login) = app.user_with_session("rita").await;
+    // A second session lists the first without touching it.
+    let observer = app.login("rita", PASSWORD).await.unwrap();
+    let t0 = unix(&app.clock);
+    let first = |list: authd::proto::auth::v1::ListSessionsResponse| {
+        let s = list.sessions.into_iter().find(|s| !s.current).unwrap();
+        (s.last_seen.unwrap().seconds, s.expires_at.unwrap().seconds)
+    };
+
+    advance(&app, Duration::from_secs(59));
+    for _ in 0..5 {
+        assert!(app.validate(&login.access_token).await.unwrap().valid);
+    }
+    let seen = first(app.list_sessions(&observer.access_token).await.unwrap());
+    assert_eq!(seen, (t0, t0 + 3600), "written before a minute passed");
+
+    advance(&app, Duration::from_secs(1));
+    assert!(app.validate(&login.access_token).await.unwrap().valid);
+    let seen = first(app.list_sessions(&observer.access_token).await.unwrap());
+    assert_eq!(seen, (t0 + 60, t0 + 60 + 3600));
+}
+
 }
 
 #[tokio::test]
@@ -215,6 +203,14 @@ async fn all_of_a_users_keys_share_one_hash_slot_and_expire() {
         assert!(ttl > 0, "{key} has no expiry");
     }
     app.logout(&login.access_token).await.unwrap();
+    let members: Vec<String> = r
+        .zrange(format!("{}{tag}:sessions", app.key_prefix), 0, -1)
+        .await
+        .unwrap();
+    assert!(
+        members.is_empty(),
+        "logged-out session left in the set: {members:?}"
+    );
     let keys: Vec<String> = r.keys(format!("{}*", app.key_prefix)).await.unwrap();
     for key in &keys {
         let ttl: i64 = r.ttl(key).await.unwrap();

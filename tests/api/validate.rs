@@ -7,13 +7,9 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-fn b64(s: &str) -> String {
-    URL_SAFE_NO_PAD.encode(s)
-}
-
-#[tokio::test]
-async fn hand_made_bad_tokens_get_their_reason() {
-    let app = spawn_app().await;
+on_every_backend! {
+async fn hand_made_bad_tokens_get_their_reason(backend: Backend) {
+    let app = backend.spawn().await;
     let (_, login) = app.user_with_session("ivan").await;
     let now = unix(&app.clock);
     let good = RawClaims::good(now);
@@ -133,9 +129,9 @@ async fn hand_made_bad_tokens_get_their_reason() {
     assert!(app.validate(&login.access_token).await.unwrap().valid);
 }
 
-#[tokio::test]
-async fn an_empty_or_oversized_token_is_invalid_argument() {
-    let app = spawn_app().await;
+
+async fn an_empty_or_oversized_token_is_invalid_argument(backend: Backend) {
+    let app = backend.spawn().await;
     assert_code(app.validate("").await, Code::InvalidArgument);
     let s = assert_code(
         app.validate(&"a".repeat(8 * 1024 + 1)).await,
@@ -149,9 +145,9 @@ async fn an_empty_or_oversized_token_is_invalid_argument() {
     );
 }
 
-#[tokio::test]
-async fn a_token_expires_with_its_ttl_judged_by_the_clock() {
-    let app = spawn_app_with(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")]).await;
+
+async fn a_token_expires_with_its_ttl_judged_by_the_clock(backend: Backend) {
+    let app = backend.spawn_with(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")]).await;
     let (_, login) = app.user_with_session("judy").await;
     assert_eq!(login.expires_in, 7200);
     // Keep the session active so only the absolute lifetime can end it.
@@ -169,4 +165,9 @@ async fn a_token_expires_with_its_ttl_judged_by_the_clock() {
         app.reason(&login.access_token).await,
         InvalidReason::Expired
     );
+}
+}
+
+fn b64(s: &str) -> String {
+    URL_SAFE_NO_PAD.encode(s)
 }

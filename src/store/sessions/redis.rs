@@ -21,65 +21,23 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::StoreError;
+use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
-
-/// A session as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionRecord {
-    /// Session id.
-    pub session_id: String,
-    /// The `jti` of the session's token.
-    pub jti: String,
-    /// Login time (unix seconds).
-    pub login_time: i64,
-    /// Last activity seen by ValidateToken, at one-minute granularity.
-    pub last_seen: i64,
-    /// When the session ends unless extended.
-    pub idle_expires_at: i64,
-    /// The token's `exp`.
-    pub token_expires_at: i64,
-    /// Client IP, without port.
-    pub ip: String,
-    /// Client user agent.
-    pub user_agent: String,
-}
-
-impl SessionRecord {
-    /// The earlier of the idle expiry and the token's expiry.
-    pub fn expires_at(&self) -> i64 {
-        self.idle_expires_at.min(self.token_expires_at)
-    }
-}
-
-/// What one round trip learns about a token's session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionState {
-    /// The token's `jti` is blacklisted.
-    Revoked,
-    /// No session with this id holds this token.
-    Missing,
-    /// The session exists.
-    Live {
-        /// Last activity recorded.
-        last_seen: i64,
-        /// When it ends unless extended.
-        idle_expires_at: i64,
-    },
-}
+use crate::store::StoreError;
 
 /// The Redis side of authd.
-pub struct SessionStore {
+pub struct RedisSessions {
     pool: bb8::Pool<Manager>,
+    leeway: i64,
     prefix: String,
     command_timeout: Duration,
     breaker: Breaker,
     scripts: Scripts,
 }
 
-impl std::fmt::Debug for SessionStore {
+impl std::fmt::Debug for RedisSessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionStore")
+        f.debug_struct("RedisSessions")
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
@@ -107,7 +65,7 @@ local function revoke(tag, sid, now, leeway)
   if ttl < 1 then ttl = 1 end
   redis.call('SET', tag .. ':revoked:' .. f[1], '1', 'EX', ttl)
   redis.call('DEL', skey)
-  if math.min(exp, tonumber(f[3])) <= now then return 0 end
+  if math.min(exp + leeway, tonumber(f[3])) <= now then return 0 end
   return 1
 end
 ";
@@ -127,7 +85,7 @@ redis.call('PEXPIRE', KEYS[2], ARGV[10])
 -- Forget sessions that ended on their own.
 for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local f = redis.call('HMGET', tag .. ':session:' .. other, 'idle', 'exp')
-  if not f[1] or math.min(tonumber(f[1]), tonumber(f[2])) <= now then
+  if not f[1] or math.min(tonumber(f[1]), tonumber(f[2]) + leeway) <= now then
     revoke(tag, other, now, leeway)
   end
 end
@@ -182,31 +140,10 @@ end
 return n
 ";
 
-/// A session to create.
-#[derive(Debug, Clone)]
-pub struct NewSession<'a> {
-    /// Owner.
-    pub user_id: &'a str,
-    /// Session id.
-    pub session_id: &'a str,
-    /// The token's `jti`.
-    pub jti: &'a str,
-    /// Login time (unix seconds).
-    pub now: i64,
-    /// Idle expiry.
-    pub idle_expires_at: i64,
-    /// The token's `exp`.
-    pub token_expires_at: i64,
-    /// Client IP.
-    pub ip: &'a str,
-    /// Client user agent.
-    pub user_agent: &'a str,
-}
-
-impl SessionStore {
+impl RedisSessions {
     /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
     /// open mode) while Redis is down.
-    pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
+    pub fn new(config: &RedisConfig, leeway: i64) -> anyhow::Result<Self> {
         let client = Client::open(config.url.expose().as_str())
             .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let manager = Manager {
@@ -227,6 +164,7 @@ impl SessionStore {
             .build_unchecked(manager);
         Ok(Self {
             pool,
+            leeway,
             prefix: config.key_prefix.clone(),
             command_timeout: config.command_timeout,
             breaker: Breaker::new(config.retry_interval),
@@ -257,10 +195,11 @@ impl SessionStore {
         &self,
         s: &NewSession<'_>,
         max_sessions: u32,
-        leeway: i64,
     ) -> Result<Vec<String>, StoreError> {
+        let leeway = self.leeway;
         let tag = self.tag(s.user_id);
-        let session_ttl_ms = ttl_ms(s.idle_expires_at.min(s.token_expires_at) - s.now);
+        let session_ttl_ms =
+            ttl_ms(session_end(s.idle_expires_at, s.token_expires_at, leeway) - s.now);
         let set_ttl_ms = ttl_ms(s.token_expires_at + leeway - s.now);
         let mut inv = self.scripts.create.prepare_invoke();
         inv.key(format!("{tag}:session:{}", s.session_id))
@@ -312,22 +251,16 @@ impl SessionStore {
     }
 
     /// Records activity: moves `seen` to `now` and the idle expiry forward.
-    pub async fn touch(
-        &self,
-        user_id: &str,
-        session_id: &str,
-        jti: &str,
-        now: i64,
-        idle_expires_at: i64,
-        token_expires_at: i64,
-    ) -> Result<bool, StoreError> {
-        let tag = self.tag(user_id);
+    pub async fn touch(&self, t: &Touch<'_>) -> Result<bool, StoreError> {
+        let tag = self.tag(t.user_id);
         let mut inv = self.scripts.touch.prepare_invoke();
-        inv.key(format!("{tag}:session:{session_id}"))
-            .arg(jti)
-            .arg(now)
-            .arg(idle_expires_at)
-            .arg(ttl_ms(idle_expires_at.min(token_expires_at) - now));
+        inv.key(format!("{tag}:session:{}", t.session_id))
+            .arg(t.jti)
+            .arg(t.now)
+            .arg(t.idle_expires_at)
+            .arg(ttl_ms(
+                session_end(t.idle_expires_at, t.token_expires_at, self.leeway) - t.now,
+            ));
         self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|n| n == 1)
@@ -360,7 +293,6 @@ impl SessionStore {
         user_id: &str,
         session_id: &str,
         now: i64,
-        leeway: i64,
     ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
         let mut inv = self.scripts.revoke.prepare_invoke();
@@ -368,7 +300,7 @@ impl SessionStore {
             .arg(&tag)
             .arg(session_id)
             .arg(now)
-            .arg(leeway);
+            .arg(self.leeway);
         self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|n| n == 1)
@@ -380,7 +312,6 @@ impl SessionStore {
         user_id: &str,
         keep: &str,
         now: i64,
-        leeway: i64,
     ) -> Result<u32, StoreError> {
         let tag = self.tag(user_id);
         let mut inv = self.scripts.revoke_others.prepare_invoke();
@@ -388,7 +319,7 @@ impl SessionStore {
             .arg(&tag)
             .arg(keep)
             .arg(now)
-            .arg(leeway);
+            .arg(self.leeway);
         self.run(|mut c| async move { inv.invoke_async::<u32>(&mut c).await })
             .await
     }
@@ -436,7 +367,7 @@ impl SessionStore {
         for (id, row) in ids.into_iter().zip(rows) {
             match row {
                 (Some(jti), Some(login), Some(seen), Some(idle), Some(exp), ip, ua)
-                    if idle.min(exp) > now =>
+                    if session_end(idle, exp, self.leeway) > now =>
                 {
                     live.push(SessionRecord {
                         session_id: id,

@@ -1,0 +1,246 @@
+//! Sessions and the logout blacklist: in Redis, or (embedded mode) in this process.
+//! Both keep the same semantics; every time passed in is the caller's clock.
+
+pub mod memory;
+pub mod redis;
+
+use crate::config::SessionsBackend;
+use crate::store::StoreError;
+
+pub use memory::MemorySessions;
+pub use redis::RedisSessions;
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Session id.
+    pub session_id: String,
+    /// The `jti` of the session's token.
+    pub jti: String,
+    /// Login time (unix seconds).
+    pub login_time: i64,
+    /// Last activity seen by ValidateToken, at one-minute granularity.
+    pub last_seen: i64,
+    /// When the session ends unless extended.
+    pub idle_expires_at: i64,
+    /// The token's `exp`.
+    pub token_expires_at: i64,
+    /// Client IP, without port.
+    pub ip: String,
+    /// Client user agent.
+    pub user_agent: String,
+}
+
+impl SessionRecord {
+    /// The earlier of the idle expiry and the token's expiry: what ListSessions shows.
+    pub fn expires_at(&self) -> i64 {
+        self.idle_expires_at.min(self.token_expires_at)
+    }
+
+    /// When the store lets the session go: at its idle expiry, or once its token can no
+    /// longer verify (`exp` + leeway), whichever comes first.
+    pub fn ends_at(&self, leeway: i64) -> i64 {
+        session_end(self.idle_expires_at, self.token_expires_at, leeway)
+    }
+}
+
+/// What one round trip learns about a token's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// The token's `jti` is blacklisted.
+    Revoked,
+    /// No session with this id holds this token.
+    Missing,
+    /// The session exists.
+    Live {
+        /// Last activity recorded.
+        last_seen: i64,
+        /// When it ends unless extended.
+        idle_expires_at: i64,
+    },
+}
+
+/// A session to create.
+#[derive(Debug, Clone)]
+pub struct NewSession<'a> {
+    /// Owner.
+    pub user_id: &'a str,
+    /// Session id.
+    pub session_id: &'a str,
+    /// The token's `jti`.
+    pub jti: &'a str,
+    /// Login time (unix seconds).
+    pub now: i64,
+    /// Idle expiry.
+    pub idle_expires_at: i64,
+    /// The token's `exp`.
+    pub token_expires_at: i64,
+    /// Client IP.
+    pub ip: &'a str,
+    /// Client user agent.
+    pub user_agent: &'a str,
+}
+
+/// Where sessions live.
+#[derive(Debug)]
+pub enum SessionStore {
+    /// Redis, shared by every instance.
+    Redis(Box<RedisSessions>),
+    /// This process only.
+    Memory(MemorySessions),
+}
+
+impl SessionStore {
+    /// Opens the configured backend (Redis connections are made lazily). `leeway` is the
+    /// token leeway in seconds: a session outlives its token's `exp` by that much.
+    pub fn new(backend: &SessionsBackend, leeway: i64) -> anyhow::Result<Self> {
+        Ok(match backend {
+            SessionsBackend::Redis(config) => {
+                Self::Redis(Box::new(RedisSessions::new(config, leeway)?))
+            }
+            SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway)),
+        })
+    }
+
+    /// Answers when the store is reachable.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(s) => s.ping().await,
+            Self::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Stores a new session; past `max_sessions` (0 = unlimited) the user's oldest
+    /// sessions are revoked. Returns the ids of the sessions so ended.
+    pub async fn create(
+        &self,
+        s: &NewSession<'_>,
+        max_sessions: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        match self {
+            Self::Redis(r) => r.create(s, max_sessions).await,
+            Self::Memory(m) => Ok(m.create(s, max_sessions)),
+        }
+    }
+
+    /// Is the `jti` blacklisted, and does the session hold this token?
+    pub async fn check(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        now: i64,
+    ) -> Result<SessionState, StoreError> {
+        match self {
+            Self::Redis(r) => r.check(user_id, session_id, jti).await,
+            Self::Memory(m) => Ok(m.check(user_id, session_id, jti, now)),
+        }
+    }
+
+    /// Records activity: moves `seen` to `now` and the idle expiry forward. False when
+    /// the session no longer holds this token.
+    pub async fn touch(&self, t: &Touch<'_>) -> Result<bool, StoreError> {
+        match self {
+            Self::Redis(r) => r.touch(t).await,
+            Self::Memory(m) => Ok(m.touch(t)),
+        }
+    }
+
+    /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
+    /// session still holds it).
+    pub async fn logout(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        now: i64,
+        blacklist_ttl_seconds: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => {
+                r.logout(user_id, session_id, jti, blacklist_ttl_seconds)
+                    .await
+            }
+            Self::Memory(m) => {
+                m.logout(user_id, session_id, jti, now, blacklist_ttl_seconds);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends one of the user's sessions. False when it did not exist (or had already ended).
+    pub async fn revoke(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Self::Redis(r) => r.revoke(user_id, session_id, now).await,
+            Self::Memory(m) => Ok(m.revoke(user_id, session_id, now)),
+        }
+    }
+
+    /// Ends every session of the user but `keep`. Returns how many live ones ended.
+    pub async fn revoke_others(
+        &self,
+        user_id: &str,
+        keep: &str,
+        now: i64,
+    ) -> Result<u32, StoreError> {
+        match self {
+            Self::Redis(r) => r.revoke_others(user_id, keep, now).await,
+            Self::Memory(m) => Ok(m.revoke_others(user_id, keep, now)),
+        }
+    }
+
+    /// The user's live sessions in login order.
+    pub async fn list(&self, user_id: &str, now: i64) -> Result<Vec<SessionRecord>, StoreError> {
+        match self {
+            Self::Redis(r) => r.list(user_id, now).await,
+            Self::Memory(m) => Ok(m.list(user_id, now)),
+        }
+    }
+}
+
+/// A session's activity to record.
+#[derive(Debug, Clone)]
+pub struct Touch<'a> {
+    /// Owner.
+    pub user_id: &'a str,
+    /// Session id.
+    pub session_id: &'a str,
+    /// The token's `jti`: only a session still holding it is extended.
+    pub jti: &'a str,
+    /// Now (unix seconds).
+    pub now: i64,
+    /// The new idle expiry.
+    pub idle_expires_at: i64,
+    /// The token's `exp`, which no extension passes.
+    pub token_expires_at: i64,
+}
+
+/// When a session ends: the earlier of its idle expiry and `exp + leeway`.
+pub fn session_end(idle_expires_at: i64, token_expires_at: i64, leeway: i64) -> i64 {
+    idle_expires_at.min(token_expires_at.saturating_add(leeway))
+}
+
+/// How long a revoked `jti` must stay blacklisted: as long as the token could verify.
+pub fn blacklist_ttl(token_expires_at: i64, now: i64, leeway: i64) -> i64 {
+    token_expires_at
+        .saturating_sub(now)
+        .saturating_add(leeway)
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blacklist_ttl_covers_the_leeway_and_is_never_zero() {
+        assert_eq!(blacklist_ttl(1000, 400, 30), 630);
+        assert_eq!(blacklist_ttl(1000, 1030, 30), 1);
+        assert_eq!(blacklist_ttl(1000, 5000, 30), 1);
+    }
+}
