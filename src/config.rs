@@ -208,6 +208,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long in-flight calls may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Revocations kept for watchers that resume (Redis stream / memory ring length).
+    pub revocation_log_max_len: usize,
+    /// How often WatchRevocations sends a heartbeat when nothing happens.
+    pub watch_heartbeat: Duration,
 }
 
 /// The variables authd reads, exactly as named in the environment.
@@ -245,6 +249,8 @@ struct RawEnv {
     max_sessions_per_user: Option<String>,
     log_format: Option<String>,
     shutdown_grace: Option<String>,
+    revocation_log_max_len: Option<String>,
+    watch_heartbeat: Option<String>,
 }
 
 impl Config {
@@ -387,9 +393,32 @@ impl Config {
             },
             shutdown_grace: duration(
                 "SHUTDOWN_GRACE",
-                raw.shutdown_grace,
+                raw.shutdown_grace.clone(),
                 Duration::from_secs(10),
             )?,
+            revocation_log_max_len: match number(
+                "REVOCATION_LOG_MAX_LEN",
+                raw.revocation_log_max_len.clone(),
+                100_000usize,
+            )? {
+                0 => {
+                    return Err(ConfigError::new(
+                        "REVOCATION_LOG_MAX_LEN",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
+            },
+            watch_heartbeat: match duration(
+                "WATCH_HEARTBEAT",
+                raw.watch_heartbeat.clone(),
+                Duration::from_secs(5),
+            )? {
+                d if d < Duration::from_millis(10) => {
+                    return Err(ConfigError::new("WATCH_HEARTBEAT", "must be at least 10ms"));
+                }
+                d => d,
+            },
         })
     }
 }

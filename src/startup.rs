@@ -31,6 +31,7 @@ pub struct Application {
     health: HealthReporter,
     reflection: bool,
     grace: std::time::Duration,
+    watch_heartbeat: std::time::Duration,
 }
 
 impl std::fmt::Debug for Application {
@@ -53,7 +54,12 @@ impl Application {
             .await
             .with_context(|| format!("cannot use the {}", config.users.describe()))?;
         let leeway = i64::try_from(config.jwt.leeway.as_secs()).unwrap_or(i64::MAX / 4);
-        let sessions = SessionStore::new(&config.sessions, leeway)?;
+        let sessions = SessionStore::new(
+            &config.sessions,
+            leeway,
+            config.revocation_log_max_len,
+            config.jwt.ttl,
+        )?;
         if let Err(e) = sessions.ping().await {
             tracing::warn!(error = %e, "Redis is not reachable at start-up; serving without it until it is (REDIS_FAILURE_MODE decides ValidateToken)");
         }
@@ -90,6 +96,7 @@ impl Application {
             health,
             reflection: config.grpc_reflection,
             grace: config.shutdown_grace,
+            watch_heartbeat: config.watch_heartbeat,
         })
     }
 
@@ -116,6 +123,7 @@ impl Application {
             health,
             reflection,
             grace,
+            watch_heartbeat,
         } = self;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -142,10 +150,15 @@ impl Application {
         };
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let server = Server::builder()
             .tcp_nodelay(true)
             .add_service(health_service)
-            .add_service(AuthServiceServer::new(AuthGrpc::new(core)))
+            .add_service(AuthServiceServer::new(AuthGrpc::new(
+                core,
+                watch_heartbeat,
+                stopping,
+            )))
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
@@ -165,6 +178,8 @@ impl Application {
         health
             .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
             .await;
+        // Long-lived WatchRevocations streams end now; their watchers resume elsewhere.
+        let _ = stopping_tx.send(true);
         let _ = stop_tx.send(());
         match tokio::time::timeout(grace, server).await {
             Ok(result) => result.context("gRPC server failed")?,

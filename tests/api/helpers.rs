@@ -58,6 +58,7 @@ impl Backend {
 /// A running authd for one test.
 pub struct TestApp {
     pub backend: Backend,
+    pub addr: std::net::SocketAddr,
     pub client: AuthServiceClient<Channel>,
     pub channel: Channel,
     pub clock: Arc<ManualClock>,
@@ -183,6 +184,7 @@ async fn start(
         .expect("connect to authd");
     TestApp {
         backend,
+        addr,
         client: AuthServiceClient::new(channel.clone()),
         channel,
         clock,

@@ -27,6 +27,7 @@ mod helpers;
 
 mod binary;
 mod change_password;
+mod client_layer;
 mod health;
 mod login;
 mod logout;
@@ -34,3 +35,4 @@ mod redis_outage;
 mod register;
 mod sessions;
 mod validate;
+mod watch;
