@@ -402,3 +402,60 @@ async fn the_interceptor_admits_valid_tokens_and_rejects_bad_ones() {
     assert_reason(svc.hello(Some("nope")).await, "INVALID_REASON_MALFORMED");
     assert_code(svc.hello(None).await, Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn a_logout_on_another_authd_instance_reaches_the_layer_too() {
+    let a = spawn_app().await;
+    // A second instance on the same database and Redis keys.
+    let b = spawn_app_with(&[
+        ("DATABASE_URL", &a.db_url),
+        ("REDIS_KEY_PREFIX", &a.key_prefix),
+    ])
+    .await;
+    let (_, login) = a.user_with_session("jona").await;
+    let svc = protected(&a, long_cache()).await;
+    svc.wait_watching().await;
+    svc.hello(Some(&login.access_token)).await.unwrap();
+    b.logout(&login.access_token).await.unwrap();
+    rejected_within_100ms(&svc, &login.access_token).await;
+}
+
+#[tokio::test]
+async fn while_the_stream_is_down_old_cached_answers_are_not_trusted() {
+    let app = spawn_app().await;
+    let (_, login) = app.user_with_session("kurt").await;
+    let proxy = Proxy::start(app.addr).await;
+    let svc = protected_at(
+        proxy.addr,
+        AuthConfig {
+            cache_ttl: Duration::from_secs(60),
+            stale_after: Duration::from_millis(300),
+            ..AuthConfig::default()
+        },
+    )
+    .await;
+    svc.wait_watching().await;
+    svc.hello(Some(&login.access_token)).await.unwrap();
+    proxy.cut().await;
+    let v = svc.validator.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let v = v.clone();
+            async move { !v.watching() }
+        })
+        .await
+    );
+    // Past the bound, the answer is checked again, and authd cannot be reached.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_code(
+        svc.hello(Some(&login.access_token)).await,
+        Code::Unavailable,
+    );
+    // Back up: checked again, admitted, cached.
+    proxy.restore();
+    let ok = eventually(Duration::from_secs(10), || async {
+        svc.hello(Some(&login.access_token)).await.is_ok()
+    })
+    .await;
+    assert!(ok);
+}
