@@ -17,8 +17,10 @@ use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, SessionsBackend};
 use crate::grpc::AuthGrpc;
+use crate::grpc::ext_authz::ExtAuthz;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
 use crate::store::{SessionStore, UserStore};
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The name health checks use for the auth service.
 pub const AUTH_SERVICE_NAME: &str = "auth.v1.AuthService";
@@ -32,6 +34,7 @@ pub struct Application {
     reflection: bool,
     grace: std::time::Duration,
     watch_heartbeat: std::time::Duration,
+    strip_authorization: bool,
 }
 
 impl std::fmt::Debug for Application {
@@ -97,6 +100,7 @@ impl Application {
             reflection: config.grpc_reflection,
             grace: config.shutdown_grace,
             watch_heartbeat: config.watch_heartbeat,
+            strip_authorization: config.ext_authz_strip_authorization,
         })
     }
 
@@ -124,6 +128,7 @@ impl Application {
             reflection,
             grace,
             watch_heartbeat,
+            strip_authorization,
         } = self;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -138,17 +143,20 @@ impl Application {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_file_descriptor_set(envoy_ext_authz_descriptor())
                 .build_v1()?;
             let v1alpha = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_file_descriptor_set(envoy_ext_authz_descriptor())
                 .build_v1alpha()?;
             (Some(v1), Some(v1alpha))
         } else {
             (None, None)
         };
 
+        let core_for_ext_authz = Arc::clone(&core);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let server = Server::builder()
@@ -158,6 +166,10 @@ impl Application {
                 core,
                 watch_heartbeat,
                 stopping,
+            )))
+            .add_service(AuthorizationServer::new(ExtAuthz::new(
+                core_for_ext_authz,
+                strip_authorization,
             )))
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
@@ -187,6 +199,31 @@ impl Application {
         }
         tracing::info!("authd stopped");
         Ok(())
+    }
+}
+
+/// The Envoy Check service for reflection: envoy-types ships the generated code but no
+/// descriptors, so this names the service and its method (enough for `grpcurl list`);
+/// Envoy itself needs no reflection.
+fn envoy_ext_authz_descriptor() -> prost_types::FileDescriptorSet {
+    use prost_types::{FileDescriptorProto, MethodDescriptorProto, ServiceDescriptorProto};
+    prost_types::FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("envoy/service/auth/v3/external_auth.proto".into()),
+            package: Some("envoy.service.auth.v3".into()),
+            service: vec![ServiceDescriptorProto {
+                name: Some("Authorization".into()),
+                method: vec![MethodDescriptorProto {
+                    name: Some("Check".into()),
+                    input_type: Some(".envoy.service.auth.v3.CheckRequest".into()),
+                    output_type: Some(".envoy.service.auth.v3.CheckResponse".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        }],
     }
 }
 

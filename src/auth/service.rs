@@ -125,7 +125,7 @@ impl AuthCore {
             users,
             sessions,
             hasher,
-            tokens: TokenKeys::new(&config.jwt),
+            tokens: TokenKeys::new(&config.jwt).map_err(|e| AuthError::Internal(e.into()))?,
             clock,
             rules: Rules {
                 idle_timeout: seconds(config.session_idle_timeout),

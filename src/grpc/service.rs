@@ -128,7 +128,7 @@ async fn pump(
 }
 
 /// Runs one RPC inside a span that names it, and logs its outcome once.
-async fn rpc<T, F>(method: &'static str, call: F) -> Result<Response<T>, Status>
+pub(crate) async fn rpc<T, F>(method: &'static str, call: F) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, AuthError>>,
 {
