@@ -28,7 +28,6 @@ fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
             }),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
