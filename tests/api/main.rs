@@ -25,12 +25,16 @@ macro_rules! on_every_backend {
 
 mod helpers;
 
+mod audit;
 mod binary;
 mod change_password;
 mod health;
 mod login;
 mod logout;
+mod password_policy;
 mod redis_outage;
 mod register;
 mod sessions;
+mod throttle;
+mod timing;
 mod validate;

@@ -6,6 +6,8 @@ pub mod redis;
 
 use crate::config::SessionsBackend;
 use crate::store::StoreError;
+use crate::store::redis_conn::RedisConn;
+use crate::store::throttle::{MemoryThrottle, RedisThrottle, ThrottleStore};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
@@ -95,11 +97,24 @@ impl SessionStore {
     /// token leeway in seconds: a session outlives its token's `exp` by that much.
     pub fn new(backend: &SessionsBackend, leeway: i64) -> anyhow::Result<Self> {
         Ok(match backend {
-            SessionsBackend::Redis(config) => {
-                Self::Redis(Box::new(RedisSessions::new(config, leeway)?))
-            }
+            SessionsBackend::Redis(config) => Self::Redis(Box::new(RedisSessions::new(
+                RedisConn::new(config)?,
+                config,
+                leeway,
+            ))),
             SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway)),
         })
+    }
+
+    /// A store for throttle counters beside the sessions: the same Redis (so every
+    /// instance shares them), or this process.
+    pub fn throttle_store(&self) -> ThrottleStore {
+        match self {
+            Self::Redis(r) => {
+                ThrottleStore::Redis(RedisThrottle::new(r.conn().clone(), r.prefix()))
+            }
+            Self::Memory(_) => ThrottleStore::Memory(MemoryThrottle::new()),
+        }
     }
 
     /// Answers when the store is reachable.
