@@ -12,6 +12,11 @@ pub trait Clock: Send + Sync + 'static {
     fn unix_seconds(&self) -> i64 {
         unix_seconds(self.now())
     }
+
+    /// The current time in milliseconds since the Unix epoch.
+    fn unix_millis(&self) -> i64 {
+        unix_millis(self.now())
+    }
 }
 
 /// Whole seconds since the Unix epoch (negative before it).
@@ -19,6 +24,14 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Milliseconds since the Unix epoch (negative before it).
+pub fn unix_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
     }
 }
 

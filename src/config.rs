@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -230,6 +230,141 @@ pub struct DatabaseConfig {
     pub acquire_timeout: Duration,
 }
 
+/// An IP network: an address and how many leading bits of it must match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNetwork {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNetwork {
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_matches(&net.octets(), &ip.octets(), self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_matches(&net.octets(), &ip.octets(), self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNetwork {
+    type Err = ();
+
+    /// `203.0.113.7`, `10.0.0.0/8`, `2001:db8::/32`, `::1`.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, bits)) => (addr, Some(bits)),
+            None => (s, None),
+        };
+        let addr = addr
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|_| ())?
+            .to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(bits) => bits.trim().parse::<u8>().map_err(|_| ())?,
+        };
+        if prefix > max {
+            return Err(());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+fn prefix_matches(net: &[u8], ip: &[u8], prefix: u8) -> bool {
+    let mut bits = usize::from(prefix);
+    for (n, i) in net.iter().zip(ip) {
+        if bits == 0 {
+            return true;
+        }
+        let take = bits.min(8);
+        let mask = u8::MAX << (8 - take);
+        if n & mask != i & mask {
+            return false;
+        }
+        bits -= take;
+    }
+    true
+}
+
+/// The callers allowed to tell authd the end user's address (Login's `client_ip`):
+/// gateways. Everyone else is judged by the address they connect from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNetwork>);
+
+impl TrustedProxies {
+    /// Whether a caller connecting from `peer` may set `client_ip`.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(peer))
+    }
+
+    /// True when no caller is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One throttle: how many failures within a window before callers must wait, and the
+/// longest wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleLimit {
+    /// Failures after which every further attempt waits out a backoff.
+    pub threshold: u32,
+    /// The count is forgotten once this long passes without a failure (after any wait).
+    pub window: Duration,
+    /// The longest wait the backoff reaches.
+    pub max_delay: Duration,
+}
+
+/// Login throttling: per canonical account and per client address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleConfig {
+    /// Failed logins (and wrong current passwords) of one account.
+    pub account: ThrottleLimit,
+    /// Failed logins from one client address (IPv6: its /64).
+    pub address: ThrottleLimit,
+    /// The first wait past a threshold; each further failure doubles it, up to the cap.
+    pub base_delay: Duration,
+}
+
+/// Which rules new passwords follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordPolicyMode {
+    /// Upper, lower, digit and special character; at least `min_length` characters.
+    Classic,
+    /// NIST SP 800-63B: length and strength only, no composition rules.
+    Nist,
+}
+
+/// The password policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordPolicy {
+    /// Which rules.
+    pub mode: PasswordPolicyMode,
+    /// Shortest password, in characters (Unicode code points).
+    pub min_length: usize,
+    /// Lowest zxcvbn score (0–4) accepted in `nist` mode.
+    pub min_strength: u8,
+}
+
+/// The audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Rows older than this are deleted.
+    pub retention: Duration,
+    /// How often old rows are deleted.
+    pub purge_interval: Duration,
+    /// Events that may wait to be written; beyond, they reach only the log.
+    pub queue: usize,
+}
+
 /// Everything authd needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -259,6 +394,14 @@ pub struct Config {
     pub watch_heartbeat: Duration,
     /// Envoy Check: remove the `authorization` header from allowed requests.
     pub ext_authz_strip_authorization: bool,
+    /// Callers allowed to set Login's `client_ip`.
+    pub trusted_proxies: TrustedProxies,
+    /// Login throttling.
+    pub throttle: ThrottleConfig,
+    /// Rules for new passwords.
+    pub password_policy: PasswordPolicy,
+    /// The audit trail.
+    pub audit: AuditConfig,
 }
 
 /// The variables authd reads, exactly as named in the environment.
@@ -303,6 +446,20 @@ struct RawEnv {
     revocation_log_max_len: Option<String>,
     watch_heartbeat: Option<String>,
     ext_authz_strip_authorization: Option<String>,
+    trusted_proxies: Option<String>,
+    throttle_account_threshold: Option<String>,
+    throttle_account_window: Option<String>,
+    throttle_account_max_delay: Option<String>,
+    throttle_address_threshold: Option<String>,
+    throttle_address_window: Option<String>,
+    throttle_address_max_delay: Option<String>,
+    throttle_base_delay: Option<String>,
+    password_policy: Option<String>,
+    password_min_length: Option<String>,
+    password_min_strength: Option<String>,
+    audit_retention: Option<String>,
+    audit_purge_interval: Option<String>,
+    audit_queue: Option<String>,
 }
 
 impl Config {
@@ -443,6 +600,11 @@ impl Config {
             return Err(ConfigError::new(variable, e.0));
         }
 
+        let trusted_proxies = trusted_proxies(raw.trusted_proxies.clone())?;
+        let throttle = throttle(&raw)?;
+        let password_policy = password_policy(&raw)?;
+        let audit = audit(&raw)?;
+
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cost = number("BCRYPT_COST", raw.bcrypt_cost, 12u32)?;
         if !(4..=31).contains(&cost) {
@@ -486,21 +648,11 @@ impl Config {
             session_idle_timeout,
             max_sessions_per_user: number("MAX_SESSIONS_PER_USER", raw.max_sessions_per_user, 0)?,
             grpc_reflection: boolean("GRPC_REFLECTION", raw.grpc_reflection, true)?,
-            log_format: match raw
-                .log_format
-                .as_deref()
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                None | Some("pretty") => LogFormat::Pretty,
-                Some("json") => LogFormat::Json,
-                Some(other) => {
-                    return Err(ConfigError::new(
-                        "LOG_FORMAT",
-                        format!("must be json or pretty, got {other:?}"),
-                    ));
-                }
-            },
+            log_format: choice(
+                "LOG_FORMAT",
+                raw.log_format.as_deref(),
+                &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+            )?,
             shutdown_grace: duration(
                 "SHUTDOWN_GRACE",
                 raw.shutdown_grace.clone(),
@@ -534,6 +686,10 @@ impl Config {
                 }
                 d => d,
             },
+            trusted_proxies,
+            throttle,
+            password_policy,
+            audit,
         })
     }
 }
@@ -570,6 +726,172 @@ fn retired_keys(value: Option<&str>) -> Result<Vec<RetiredKey>, ConfigError> {
             })
         })
         .collect()
+}
+
+fn trusted_proxies(value: Option<String>) -> Result<TrustedProxies, ConfigError> {
+    let Some(value) = value else {
+        return Ok(TrustedProxies::default());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNetwork>().map_err(|()| {
+                ConfigError::new(
+                    "TRUSTED_PROXIES",
+                    format!(
+                        "{s:?} is not an address or network like 10.0.0.5, 10.0.0.0/8 or fd00::/8"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(TrustedProxies)
+}
+
+fn throttle(raw: &RawEnv) -> Result<ThrottleConfig, ConfigError> {
+    let base_delay = duration(
+        "THROTTLE_BASE_DELAY",
+        raw.throttle_base_delay.clone(),
+        Duration::from_secs(1),
+    )?;
+    if base_delay < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            "THROTTLE_BASE_DELAY",
+            "must be at least 1ms",
+        ));
+    }
+    let limit = |names: [&'static str; 3],
+                 values: [Option<String>; 3],
+                 defaults: (u32, Duration, Duration)|
+     -> Result<ThrottleLimit, ConfigError> {
+        let [threshold, window, max_delay] = values;
+        let limit = ThrottleLimit {
+            threshold: number(names[0], threshold, defaults.0)?,
+            window: duration(names[1], window, defaults.1)?,
+            max_delay: duration(names[2], max_delay, defaults.2)?,
+        };
+        if limit.threshold == 0 {
+            return Err(ConfigError::new(names[0], "must be at least 1"));
+        }
+        if limit.window < Duration::from_secs(1) {
+            return Err(ConfigError::new(names[1], "must be at least 1s"));
+        }
+        if limit.max_delay < base_delay {
+            return Err(ConfigError::new(
+                names[2],
+                format!("must be at least THROTTLE_BASE_DELAY ({base_delay:?})"),
+            ));
+        }
+        Ok(limit)
+    };
+    Ok(ThrottleConfig {
+        account: limit(
+            [
+                "THROTTLE_ACCOUNT_THRESHOLD",
+                "THROTTLE_ACCOUNT_WINDOW",
+                "THROTTLE_ACCOUNT_MAX_DELAY",
+            ],
+            [
+                raw.throttle_account_threshold.clone(),
+                raw.throttle_account_window.clone(),
+                raw.throttle_account_max_delay.clone(),
+            ],
+            (
+                10,
+                Duration::from_secs(15 * 60),
+                Duration::from_secs(5 * 60),
+            ),
+        )?,
+        address: limit(
+            [
+                "THROTTLE_ADDRESS_THRESHOLD",
+                "THROTTLE_ADDRESS_WINDOW",
+                "THROTTLE_ADDRESS_MAX_DELAY",
+            ],
+            [
+                raw.throttle_address_threshold.clone(),
+                raw.throttle_address_window.clone(),
+                raw.throttle_address_max_delay.clone(),
+            ],
+            (5, Duration::from_secs(15 * 60), Duration::from_secs(3600)),
+        )?,
+        base_delay,
+    })
+}
+
+fn password_policy(raw: &RawEnv) -> Result<PasswordPolicy, ConfigError> {
+    let mode = choice(
+        "PASSWORD_POLICY",
+        raw.password_policy.as_deref(),
+        &[
+            ("classic", PasswordPolicyMode::Classic),
+            ("nist", PasswordPolicyMode::Nist),
+        ],
+    )?;
+    let default_length = match mode {
+        PasswordPolicyMode::Classic => 8,
+        PasswordPolicyMode::Nist => 15,
+    };
+    let min_length = number(
+        "PASSWORD_MIN_LENGTH",
+        raw.password_min_length.clone(),
+        default_length,
+    )?;
+    if !(8..=64).contains(&min_length) {
+        return Err(ConfigError::new(
+            "PASSWORD_MIN_LENGTH",
+            format!("must be between 8 and 64, got {min_length}"),
+        ));
+    }
+    let min_strength = number(
+        "PASSWORD_MIN_STRENGTH",
+        raw.password_min_strength.clone(),
+        3u8,
+    )?;
+    if min_strength > 4 {
+        return Err(ConfigError::new(
+            "PASSWORD_MIN_STRENGTH",
+            format!("must be a zxcvbn score from 0 to 4, got {min_strength}"),
+        ));
+    }
+    Ok(PasswordPolicy {
+        mode,
+        min_length,
+        min_strength,
+    })
+}
+
+fn audit(raw: &RawEnv) -> Result<AuditConfig, ConfigError> {
+    let retention = duration(
+        "AUDIT_RETENTION",
+        raw.audit_retention.clone(),
+        Duration::from_secs(90 * 24 * 3600),
+    )?;
+    if retention < Duration::from_secs(60) {
+        return Err(ConfigError::new("AUDIT_RETENTION", "must be at least 1m"));
+    }
+    let purge_interval = duration(
+        "AUDIT_PURGE_INTERVAL",
+        raw.audit_purge_interval.clone(),
+        Duration::from_secs(3600),
+    )?;
+    if purge_interval < Duration::from_millis(10) {
+        return Err(ConfigError::new(
+            "AUDIT_PURGE_INTERVAL",
+            "must be at least 10ms",
+        ));
+    }
+    let queue = number("AUDIT_QUEUE", raw.audit_queue.clone(), 10_000usize)?;
+    if queue == 0 {
+        return Err(ConfigError::new("AUDIT_QUEUE", "must be at least 1"));
+    }
+    Ok(AuditConfig {
+        retention,
+        purge_interval,
+        queue,
+    })
 }
 
 /// The SQLite file used when no database is configured.
@@ -715,21 +1037,14 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
     if pool_size == 0 {
         return Err(ConfigError::new("REDIS_POOL_SIZE", "must be at least 1"));
     }
-    let failure_mode = match raw
-        .redis_failure_mode
-        .as_deref()
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("open") => RedisFailureMode::Open,
-        Some("closed") => RedisFailureMode::Closed,
-        Some(other) => {
-            return Err(ConfigError::new(
-                "REDIS_FAILURE_MODE",
-                format!("must be open or closed, got {other:?}"),
-            ));
-        }
-    };
+    let failure_mode = choice(
+        "REDIS_FAILURE_MODE",
+        raw.redis_failure_mode.as_deref(),
+        &[
+            ("open", RedisFailureMode::Open),
+            ("closed", RedisFailureMode::Closed),
+        ],
+    )?;
     let nonzero = |name: &'static str, d: Duration| {
         if d.is_zero() {
             Err(ConfigError::new(name, "must be more than 0s"))
@@ -767,6 +1082,32 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
         )?,
         failure_mode,
     }))
+}
+
+/// One of `choices` (case-insensitive); the first when unset.
+fn choice<T: Copy>(
+    variable: &'static str,
+    value: Option<&str>,
+    choices: &[(&str, T)],
+) -> Result<T, ConfigError> {
+    let Some(value) = value else {
+        return choices
+            .first()
+            .map(|(_, v)| *v)
+            .ok_or_else(|| ConfigError::new(variable, "has no possible value"));
+    };
+    let lower = value.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == lower)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            ConfigError::new(
+                variable,
+                format!("must be {}, got {lower:?}", names.join(" or ")),
+            )
+        })
 }
 
 fn duration(
@@ -1007,6 +1348,18 @@ mod tests {
             ("REDIS_URL", "http://x"),
             ("REDIS_KEY_PREFIX", "a{b}"),
             ("MAX_SESSIONS_PER_USER", "-1"),
+            ("TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("TRUSTED_PROXIES", "gateway.internal"),
+            ("THROTTLE_ACCOUNT_THRESHOLD", "0"),
+            ("THROTTLE_ADDRESS_WINDOW", "soon"),
+            ("THROTTLE_ADDRESS_MAX_DELAY", "1ms"),
+            ("THROTTLE_BASE_DELAY", "0s"),
+            ("PASSWORD_POLICY", "strict"),
+            ("PASSWORD_MIN_LENGTH", "7"),
+            ("PASSWORD_MIN_STRENGTH", "5"),
+            ("AUDIT_RETENTION", "10s"),
+            ("AUDIT_PURGE_INTERVAL", "1ms"),
+            ("AUDIT_QUEUE", "0"),
         ] {
             let e = Config::from_vars(vars(&[SECRET, (name, value)])).unwrap_err();
             assert_eq!(e.variable, name, "{name}={value}: {e}");
@@ -1067,6 +1420,45 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.variable, "JWT_RETIRED_KEYS", "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn abuse_settings_have_defaults() {
+        let c = Config::from_vars(vars(&[SECRET])).unwrap();
+        assert!(c.trusted_proxies.is_empty());
+        assert_eq!(c.throttle.account.threshold, 10);
+        assert_eq!(c.throttle.account.window, Duration::from_secs(900));
+        assert_eq!(c.throttle.account.max_delay, Duration::from_secs(300));
+        assert_eq!(c.throttle.address.threshold, 5);
+        assert_eq!(c.throttle.address.max_delay, Duration::from_secs(3600));
+        assert_eq!(c.throttle.base_delay, Duration::from_secs(1));
+        assert_eq!(c.password_policy.mode, PasswordPolicyMode::Classic);
+        assert_eq!(c.password_policy.min_length, 8);
+        assert_eq!(c.audit.retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(c.audit.purge_interval, Duration::from_secs(3600));
+        let nist = Config::from_vars(vars(&[SECRET, ("PASSWORD_POLICY", "NIST")])).unwrap();
+        assert_eq!(nist.password_policy.mode, PasswordPolicyMode::Nist);
+        assert_eq!(nist.password_policy.min_length, 15);
+        assert_eq!(nist.password_policy.min_strength, 3);
+    }
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_networks() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("TRUSTED_PROXIES", "10.1.0.0/16, 192.0.2.7 ,fd00::/8"),
+        ]))
+        .unwrap();
+        let t = &c.trusted_proxies;
+        assert!(t.trusts("10.1.200.3".parse().unwrap()));
+        assert!(t.trusts("::ffff:10.1.0.1".parse().unwrap()));
+        assert!(!t.trusts("10.2.0.1".parse().unwrap()));
+        assert!(t.trusts("192.0.2.7".parse().unwrap()));
+        assert!(!t.trusts("192.0.2.8".parse().unwrap()));
+        assert!(t.trusts("fd12::1".parse().unwrap()));
+        assert!(!t.trusts("fe80::1".parse().unwrap()));
+        let all: IpNetwork = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
     }
 
     #[test]

@@ -10,6 +10,9 @@ pub struct FieldViolation {
     pub field: &'static str,
     /// What rule it breaks, in words a caller can act on.
     pub description: String,
+    /// The rule, as a stable SCREAMING_SNAKE_CASE id (`google.rpc` `reason`); empty
+    /// when the description says all there is.
+    pub reason: &'static str,
 }
 
 impl FieldViolation {
@@ -18,6 +21,16 @@ impl FieldViolation {
         Self {
             field,
             description: description.into(),
+            reason: "",
+        }
+    }
+
+    /// A violation of `field` that breaks the rule named `reason`.
+    pub fn rule(field: &'static str, reason: &'static str, description: impl Into<String>) -> Self {
+        Self {
+            field,
+            description: description.into(),
+            reason,
         }
     }
 }
@@ -65,6 +78,13 @@ pub enum AuthError {
     #[error("too many password checks in progress; retry later")]
     Overloaded {
         /// When a retry makes sense.
+        retry_after: Duration,
+    },
+    /// Too many failed attempts for this account or from this address: wait and retry.
+    /// The same for accounts that exist and accounts that do not.
+    #[error("too many failed attempts; retry later")]
+    Throttled {
+        /// How long until the next attempt is allowed.
         retry_after: Duration,
     },
     /// A store the call needs cannot be reached.

@@ -5,12 +5,10 @@ use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use super::FieldViolation;
-use crate::config::Secret;
+use crate::config::{PasswordPolicy, PasswordPolicyMode, Secret};
 
 /// bcrypt reads at most 72 bytes; longer passwords are refused, never truncated.
 pub const MAX_PASSWORD_BYTES: usize = 72;
-/// The shortest password the policy accepts, in characters.
-pub const MIN_PASSWORD_CHARS: usize = 8;
 
 static COMMON_STEMS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
     include_str!("common_passwords.txt")
@@ -24,10 +22,12 @@ static COMMON_STEMS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
 /// could never have been stored, and would be silently truncated by bcrypt.
 pub fn check_size(field: &'static str, password: &str) -> Result<(), FieldViolation> {
     if password.len() > MAX_PASSWORD_BYTES {
-        return Err(FieldViolation::new(
+        return Err(FieldViolation::rule(
             field,
+            "PASSWORD_TOO_LONG",
             format!(
-                "must be at most {MAX_PASSWORD_BYTES} bytes (bcrypt's limit), got {}",
+                "must be at most {MAX_PASSWORD_BYTES} bytes (bcrypt's limit; a character \
+                 outside ASCII takes 2 to 4 bytes), got {}",
                 password.len()
             ),
         ));
@@ -40,37 +40,45 @@ pub fn check_size(field: &'static str, password: &str) -> Result<(), FieldViolat
 pub struct NewPassword(Secret<String>);
 
 impl NewPassword {
-    /// Checks `raw` against the policy: at least 8 characters with an upper-case letter,
-    /// a lower-case letter, a digit and a special character; at most 72 bytes; not a
-    /// common password. Every rule broken is reported.
-    pub fn parse(field: &'static str, raw: &str) -> Result<Self, Vec<FieldViolation>> {
+    /// Checks `raw` against `policy`; `user_inputs` (the username) make a password
+    /// that contains them weaker in `nist` mode. Every rule broken is reported, each
+    /// as a violation whose `reason` names the rule.
+    ///
+    /// - both modes: at most 72 bytes; at least `min_length` characters; not a
+    ///   common password;
+    /// - `classic`: an upper-case letter, a lower-case letter, a digit and a special
+    ///   character;
+    /// - `nist` (SP 800-63B): no composition rules, spaces and any Unicode allowed, and
+    ///   a zxcvbn score of at least `min_strength`.
+    pub fn parse(
+        field: &'static str,
+        raw: &str,
+        policy: &PasswordPolicy,
+        user_inputs: &[&str],
+    ) -> Result<Self, Vec<FieldViolation>> {
         check_size(field, raw).map_err(|v| vec![v])?;
         let mut violations = Vec::new();
         let chars = raw.chars().count();
-        if chars < MIN_PASSWORD_CHARS {
-            violations.push(FieldViolation::new(
+        if chars < policy.min_length {
+            violations.push(FieldViolation::rule(
                 field,
-                format!("must be at least {MIN_PASSWORD_CHARS} characters long, got {chars}"),
+                "PASSWORD_TOO_SHORT",
+                format!(
+                    "must be at least {} characters long, got {chars}",
+                    policy.min_length
+                ),
             ));
         }
-        type Rule = (fn(char) -> bool, &'static str);
-        let rules: [Rule; 4] = [
-            (char::is_uppercase, "must contain an upper-case letter"),
-            (char::is_lowercase, "must contain a lower-case letter"),
-            (|c| c.is_ascii_digit(), "must contain a digit"),
-            (
-                |c| !c.is_alphanumeric() && !c.is_whitespace(),
-                "must contain a special character such as !@#$%",
-            ),
-        ];
-        for (holds, rule) in rules {
-            if !raw.chars().any(holds) {
-                violations.push(FieldViolation::new(field, rule));
+        match policy.mode {
+            PasswordPolicyMode::Classic => violations.extend(composition(field, raw)),
+            PasswordPolicyMode::Nist => {
+                violations.extend(strength(field, raw, policy.min_strength, user_inputs));
             }
         }
         if is_common(raw) {
-            violations.push(FieldViolation::new(
+            violations.push(FieldViolation::rule(
                 field,
+                "PASSWORD_TOO_COMMON",
                 "is too common; choose a password that is not a well-known one",
             ));
         }
@@ -85,6 +93,68 @@ impl NewPassword {
     pub fn expose(&self) -> &str {
         self.0.expose()
     }
+}
+
+/// The classic composition rules, one violation per missing class.
+fn composition(field: &'static str, raw: &str) -> Vec<FieldViolation> {
+    type Rule = (fn(char) -> bool, &'static str, &'static str);
+    let rules: [Rule; 4] = [
+        (
+            char::is_uppercase,
+            "PASSWORD_NEEDS_UPPERCASE",
+            "must contain an upper-case letter",
+        ),
+        (
+            char::is_lowercase,
+            "PASSWORD_NEEDS_LOWERCASE",
+            "must contain a lower-case letter",
+        ),
+        (
+            |c| c.is_ascii_digit(),
+            "PASSWORD_NEEDS_DIGIT",
+            "must contain a digit",
+        ),
+        (
+            |c| !c.is_alphanumeric() && !c.is_whitespace(),
+            "PASSWORD_NEEDS_SPECIAL",
+            "must contain a special character such as !@#$%",
+        ),
+    ];
+    rules
+        .into_iter()
+        .filter(|(holds, _, _)| !raw.chars().any(holds))
+        .map(|(_, reason, rule)| FieldViolation::rule(field, reason, rule))
+        .collect()
+}
+
+/// The zxcvbn estimate, refused below `min_strength` with zxcvbn's own advice (which
+/// describes the pattern found, never the password).
+fn strength(
+    field: &'static str,
+    raw: &str,
+    min_strength: u8,
+    user_inputs: &[&str],
+) -> Option<FieldViolation> {
+    let estimate = zxcvbn::zxcvbn(raw, user_inputs);
+    let score = u8::from(estimate.score());
+    if score >= min_strength {
+        return None;
+    }
+    let mut description =
+        format!("is too easy to guess (strength {score} of 4, at least {min_strength} needed)");
+    if let Some(feedback) = estimate.feedback() {
+        if let Some(warning) = feedback.warning() {
+            description.push_str(&format!(": {warning}"));
+        }
+        if let Some(suggestion) = feedback.suggestions().first() {
+            description.push_str(&format!("; {suggestion}"));
+        }
+    }
+    Some(FieldViolation::rule(
+        field,
+        "PASSWORD_TOO_WEAK",
+        description,
+    ))
 }
 
 /// Whether `password` is a well-known one once its usual disguises are removed:
@@ -131,39 +201,74 @@ fn is_repeat(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    const CLASSIC: PasswordPolicy = PasswordPolicy {
+        mode: PasswordPolicyMode::Classic,
+        min_length: 8,
+        min_strength: 3,
+    };
+    const NIST: PasswordPolicy = PasswordPolicy {
+        mode: PasswordPolicyMode::Nist,
+        min_length: 15,
+        min_strength: 3,
+    };
+
+    fn classic(raw: &str) -> Result<NewPassword, Vec<FieldViolation>> {
+        NewPassword::parse("p", raw, &CLASSIC, &[])
+    }
+
+    fn nist(raw: &str) -> Result<NewPassword, Vec<FieldViolation>> {
+        NewPassword::parse("p", raw, &NIST, &["alice"])
+    }
+
+    fn reasons(v: &[FieldViolation]) -> Vec<&'static str> {
+        v.iter().map(|v| v.reason).collect()
+    }
+
     #[test]
     fn a_strong_password_passes() {
-        assert!(NewPassword::parse("password", "Correct-Horse-9").is_ok());
+        assert!(classic("Correct-Horse-9").is_ok());
     }
 
     #[test]
     fn each_missing_class_is_named() {
-        let v = NewPassword::parse("password", "alllowercase").unwrap_err();
+        let v = classic("alllowercase").unwrap_err();
         let text: Vec<_> = v.iter().map(|v| v.description.as_str()).collect();
         assert!(text.iter().any(|t| t.contains("upper-case")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("digit")), "{text:?}");
         assert!(text.iter().any(|t| t.contains("special")), "{text:?}");
         assert!(!text.iter().any(|t| t.contains("lower-case")), "{text:?}");
+        assert_eq!(
+            reasons(&v),
+            [
+                "PASSWORD_NEEDS_UPPERCASE",
+                "PASSWORD_NEEDS_DIGIT",
+                "PASSWORD_NEEDS_SPECIAL"
+            ]
+        );
     }
 
     #[test]
     fn seven_characters_is_too_short_and_eight_is_enough() {
-        assert!(NewPassword::parse("p", "Ab1!xyz").is_err());
-        assert!(NewPassword::parse("p", "Ab1!xyzw").is_ok());
+        assert_eq!(
+            reasons(&classic("Ab1!xyz").unwrap_err()),
+            ["PASSWORD_TOO_SHORT"]
+        );
+        assert!(classic("Ab1!xyzw").is_ok());
     }
 
     #[test]
     fn over_72_bytes_is_refused_not_truncated() {
         let p = format!("Aa1!{}", "x".repeat(69));
         assert_eq!(p.len(), 73);
-        let v = NewPassword::parse("p", &p).unwrap_err();
+        let v = classic(&p).unwrap_err();
         assert!(v[0].description.contains("72 bytes"));
+        assert_eq!(reasons(&v), ["PASSWORD_TOO_LONG"]);
         let ok = format!("Aa1!{}", "x".repeat(68));
-        assert!(NewPassword::parse("p", &ok).is_ok());
+        assert!(classic(&ok).is_ok());
         // Multi-byte characters count by bytes: 25 × 3 bytes = 75.
         let wide = format!("Aa1!{}", "€".repeat(23));
         assert!(wide.len() > 72);
-        assert!(NewPassword::parse("p", &wide).is_err());
+        assert!(classic(&wide).is_err());
     }
 
     #[test]
@@ -175,11 +280,52 @@ mod tests {
             "Welcome1!",
             "L3tme1n!!",
         ] {
-            let v = NewPassword::parse("p", p).unwrap_err();
-            assert!(
-                v.iter().any(|v| v.description.contains("too common")),
-                "{p}: {v:?}"
-            );
+            let v = classic(p).unwrap_err();
+            assert!(reasons(&v).contains(&"PASSWORD_TOO_COMMON"), "{p}: {v:?}");
         }
+    }
+
+    #[test]
+    fn nist_has_no_composition_rules_and_allows_spaces_and_unicode() {
+        assert!(nist("correct horse battery staple").is_ok());
+        assert!(nist("ľadová káva pod jabloňou").is_ok());
+        assert!(nist("пароль для входа в систему").is_ok());
+    }
+
+    #[test]
+    fn nist_length_boundary_counts_characters() {
+        // 14 and 15 characters, unguessable enough either way.
+        let v = nist("zq8 vlk3 mtr9x").unwrap_err();
+        assert_eq!(reasons(&v), ["PASSWORD_TOO_SHORT"]);
+        assert!(v[0].description.contains("at least 15 characters"), "{v:?}");
+        assert!(nist("zq8 vlk3 mtr9xw").is_ok());
+        // 15 characters of 2 bytes each: 30 bytes, long enough.
+        assert!(nist("ťžščřďňľáéíóúýä").is_ok());
+    }
+
+    #[test]
+    fn nist_refuses_over_72_bytes_with_a_clear_message() {
+        // 37 two-byte characters: 37 characters, 74 bytes.
+        let v = nist(&"ž".repeat(37)).unwrap_err();
+        assert_eq!(reasons(&v), ["PASSWORD_TOO_LONG"]);
+        assert!(v[0].description.contains("at most 72 bytes"), "{v:?}");
+        assert!(v[0].description.contains("got 74"), "{v:?}");
+    }
+
+    #[test]
+    fn nist_refuses_weak_and_common_passwords() {
+        let v = nist("aaaaaaaaaaaaaaaa").unwrap_err();
+        assert!(reasons(&v).contains(&"PASSWORD_TOO_COMMON"), "{v:?}");
+        let v = nist("passwordpassword").unwrap_err();
+        assert!(reasons(&v).contains(&"PASSWORD_TOO_WEAK"), "{v:?}");
+        // The username makes a password that is built on it weak.
+        let built_on_name = "zorbulaxzorbulax77";
+        assert!(NewPassword::parse("p", built_on_name, &NIST, &["someone"]).is_ok());
+        let v = NewPassword::parse("p", built_on_name, &NIST, &["Zorbulax"]).unwrap_err();
+        assert_eq!(reasons(&v), ["PASSWORD_TOO_WEAK"]);
+        assert!(
+            !v.iter().any(|v| v.description.contains("zorbulax")),
+            "{v:?}"
+        );
     }
 }

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
 use super::password::{NewPassword, check_size};
+use super::throttle::{Lockout, Subject, Throttle};
 use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
-use crate::config::{Config, RedisFailureMode};
+use crate::config::{Config, PasswordPolicy, RedisFailureMode, TrustedProxies};
+use crate::store::audit::AuditStore;
 use crate::store::sessions::{
     Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
 };
@@ -83,6 +86,8 @@ struct Rules {
     idle_timeout: i64,
     max_sessions: u32,
     failure_mode: RedisFailureMode,
+    password_policy: PasswordPolicy,
+    trusted_proxies: TrustedProxies,
 }
 
 /// Register, Login, Logout, ChangePassword, ListSessions, RevokeSession, ValidateToken.
@@ -96,6 +101,9 @@ pub struct AuthCore {
     /// A hash of a random password at the configured cost: unknown users pay one verify
     /// against it, so response time does not tell which usernames exist.
     dummy_hash: String,
+    throttle: Throttle,
+    audit: AuditLog,
+    names: NameHasher,
 }
 
 impl std::fmt::Debug for AuthCore {
@@ -121,6 +129,12 @@ impl AuthCore {
             .await
             .map_err(|e| AuthError::Internal(e.into()))?
             .map_err(|e| AuthError::Internal(e.into()))?;
+        let throttle = Throttle::new(&config.throttle, sessions.throttle_store());
+        let audit = AuditLog::start(
+            AuditStore::new(users.pool().clone()),
+            &config.audit,
+            Arc::clone(&clock),
+        );
         Ok(Self {
             users,
             sessions,
@@ -131,9 +145,19 @@ impl AuthCore {
                 idle_timeout: seconds(config.session_idle_timeout),
                 max_sessions: config.max_sessions_per_user,
                 failure_mode: config.sessions.failure_mode(),
+                password_policy: config.password_policy,
+                trusted_proxies: config.trusted_proxies.clone(),
             },
             dummy_hash,
+            throttle,
+            audit,
+            names: NameHasher::new(config.jwt.secret.expose()),
         })
+    }
+
+    /// The callers allowed to set Login's `client_ip`.
+    pub fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.rules.trusted_proxies
     }
 
     /// The session store, for health checks.
@@ -144,12 +168,18 @@ impl AuthCore {
     /// Creates a user.
     pub async fn register(&self, username: &str, password: &str) -> Result<Registered, AuthError> {
         let mut violations = Vec::new();
+        let raw_username = username;
         let username = Username::parse(username)
             .map_err(|v| violations.push(v))
             .ok();
-        let password = NewPassword::parse("password", password)
-            .map_err(|v| violations.extend(v))
-            .ok();
+        let password = NewPassword::parse(
+            "password",
+            password,
+            &self.rules.password_policy,
+            &[raw_username.trim()],
+        )
+        .map_err(|v| violations.extend(v))
+        .ok();
         let (Some(username), Some(password)) = (username, password) else {
             return Err(AuthError::InvalidArgument(violations));
         };
@@ -168,7 +198,8 @@ impl AuthCore {
     }
 
     /// Checks a password and opens a session. Unknown user, wrong password and empty
-    /// password are one error, after the same bcrypt work.
+    /// password are one error, after the same bcrypt work. An account or address that
+    /// must wait is refused before any lookup or bcrypt, alike whether it exists.
     pub async fn login(
         &self,
         username: &str,
@@ -183,7 +214,16 @@ impl AuthCore {
         }
         check_size("password", password).map_err(|v| AuthError::InvalidArgument(vec![v]))?;
 
-        let user = match Username::parse(username.trim()) {
+        // Case and padding variants of a name are one account, also to the throttle.
+        let canonical = username.trim().to_ascii_lowercase();
+        let name_hash = self.names.hash(&canonical);
+        let who = Subject::new(&name_hash, &client.ip);
+        self.refuse_if_throttled(&who, "login", || {
+            AuditEvent::new(AuditKind::Throttled, &client).username_hash(&name_hash)
+        })
+        .await?;
+
+        let user = match Username::parse(&canonical) {
             Ok(name) => self
                 .users
                 .find_by_username(name.as_str())
@@ -197,9 +237,23 @@ impl AuthCore {
         let matches = self.hasher.verify(password, hash).await?;
         let user = match user {
             Some(user) if matches && !password.is_empty() => user,
-            _ => {
+            user => {
                 metrics::counter!("authd_logins_total", "outcome" => "failure").increment(1);
-                tracing::info!("login refused: invalid credentials");
+                let event = |kind| {
+                    let e = AuditEvent::new(kind, &client).username_hash(&name_hash);
+                    match &user {
+                        Some(u) => e.user(&u.id),
+                        None => e,
+                    }
+                };
+                self.audit
+                    .record(event(AuditKind::LoginFailed).detail(if user.is_some() {
+                        "wrong password"
+                    } else {
+                        "unknown user"
+                    }));
+                self.count_failure(&who, |lockout| event(AuditKind::Lockout).detail(lockout))
+                    .await;
                 return Err(AuthError::InvalidCredentials);
             }
         };
@@ -230,24 +284,85 @@ impl AuthCore {
         if !evicted.is_empty() {
             tracing::info!(user_id = %user.id, ended = evicted.len(), "oldest sessions ended: MAX_SESSIONS_PER_USER");
         }
-        for session_id in evicted {
+        for ended in evicted {
+            self.audit.record(
+                AuditEvent::new(AuditKind::SessionRevoked, &client)
+                    .user(&user.id)
+                    .session(&ended)
+                    .detail("MAX_SESSIONS_PER_USER"),
+            );
             self.announce(
                 Revocation::Session {
                     user_id: user.id.clone(),
-                    session_id,
+                    session_id: ended,
                 },
                 now,
             )
             .await;
         }
+        self.forgive(&who, &user.id).await;
         self.upgrade_hash_if_weak(&user.id, &user.password_hash, password)
             .await;
         metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
         tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, "login");
+        self.audit.record(
+            AuditEvent::new(AuditKind::LoginSucceeded, &client)
+                .user(&user.id)
+                .username_hash(&name_hash)
+                .session(&session_id)
+                .jti(&issued.claims.jti),
+        );
         Ok(LoggedIn {
             access_token: issued.token,
             claims: issued.claims,
         })
+    }
+
+    /// `Throttled` (recorded as such) while `who` must wait.
+    async fn refuse_if_throttled(
+        &self,
+        who: &Subject,
+        call: &str,
+        throttled: impl FnOnce() -> AuditEvent,
+    ) -> Result<(), AuthError> {
+        let refused = self.throttle.check(who, self.clock.unix_millis()).await;
+        if let Err(AuthError::Throttled { retry_after }) = &refused {
+            tracing::info!(retry_after = ?retry_after, "refused unchecked: too many failed attempts");
+            self.audit.record(
+                throttled().detail(format!("{call}; retry after {}ms", retry_after.as_millis())),
+            );
+        }
+        refused
+    }
+
+    /// Counts a failure against `who`, recording each lockout it causes. A counter
+    /// that cannot be written is logged: the answer (a refusal) stands either way.
+    async fn count_failure(&self, who: &Subject, lockout: impl Fn(String) -> AuditEvent) {
+        match self.throttle.failed(who, self.clock.unix_millis()).await {
+            Ok(lockouts) => {
+                for Lockout {
+                    scope,
+                    failures,
+                    wait,
+                } in lockouts
+                {
+                    tracing::info!(scope = scope.as_str(), failures, wait = ?wait, "lockout: attempts must wait");
+                    self.audit.record(lockout(format!(
+                        "{} after {failures} failures; wait {}ms",
+                        scope.as_str(),
+                        wait.as_millis()
+                    )));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed attempt not counted"),
+        }
+    }
+
+    /// After a success: the account's failure count starts again.
+    async fn forgive(&self, who: &Subject, user_id: &str) {
+        if let Err(e) = self.throttle.succeeded(who).await {
+            tracing::warn!(user_id, error = %e, "failed-attempt count not reset");
+        }
     }
 
     /// Rehashes at the configured cost a password whose stored hash is cheaper. Failure
@@ -272,7 +387,7 @@ impl AuthCore {
 
     /// Revokes the bearer token and ends its session. A correctly signed token that was
     /// already logged out is fine: Logout is idempotent.
-    pub async fn logout(&self, bearer: Option<&str>) -> Result<(), AuthError> {
+    pub async fn logout(&self, bearer: Option<&str>, client: ClientInfo) -> Result<(), AuthError> {
         let token = bearer_token(bearer)?;
         let now = self.clock.unix_seconds();
         let claims = self
@@ -294,6 +409,12 @@ impl AuthCore {
         )
         .await;
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
+        self.audit.record(
+            AuditEvent::new(AuditKind::Logout, &client)
+                .user(&claims.sub)
+                .session(&claims.sid)
+                .jti(&claims.jti),
+        );
         Ok(())
     }
 
@@ -303,18 +424,36 @@ impl AuthCore {
         bearer: Option<&str>,
         current_password: &str,
         new_password: &str,
+        client: ClientInfo,
     ) -> Result<u32, AuthError> {
         let claims = self.authenticate(bearer).await?;
         let mut violations = Vec::new();
         if let Err(v) = check_size("current_password", current_password) {
             violations.push(v);
         }
-        let new_password = NewPassword::parse("new_password", new_password)
-            .map_err(|v| violations.extend(v))
-            .ok();
+        let new_password = NewPassword::parse(
+            "new_password",
+            new_password,
+            &self.rules.password_policy,
+            &[&claims.username],
+        )
+        .map_err(|v| violations.extend(v))
+        .ok();
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
+        // Wrong current passwords count against the same account as failed logins.
+        let name_hash = self.names.hash(&claims.username);
+        let who = Subject::new(&name_hash, &client.ip);
+        let event = |kind| {
+            AuditEvent::new(kind, &client)
+                .user(&claims.sub)
+                .username_hash(&name_hash)
+                .session(&claims.sid)
+                .jti(&claims.jti)
+        };
+        self.refuse_if_throttled(&who, "change_password", || event(AuditKind::Throttled))
+            .await?;
         let user = self
             .users
             .find_by_id(&claims.sub)
@@ -328,8 +467,13 @@ impl AuthCore {
             || current_password.is_empty()
         {
             tracing::info!(user_id = %user.id, "password change refused: wrong current password");
+            self.audit
+                .record(event(AuditKind::PasswordChangeFailed).detail("wrong current password"));
+            self.count_failure(&who, |lockout| event(AuditKind::Lockout).detail(lockout))
+                .await;
             return Err(AuthError::WrongCurrentPassword);
         }
+        self.forgive(&who, &user.id).await;
         let new_hash = self.hasher.hash(new_password.expose()).await?;
 
         // Sessions first: if Redis cannot record the revocations, nothing has changed and
@@ -370,6 +514,9 @@ impl AuthCore {
         )
         .await;
         tracing::info!(user_id = %user.id, jti = %claims.jti, revoked_sessions = revoked, "password changed");
+        self.audit.record(
+            event(AuditKind::PasswordChanged).detail(format!("{revoked} other sessions ended")),
+        );
         Ok(revoked)
     }
 
@@ -393,6 +540,7 @@ impl AuthCore {
         &self,
         bearer: Option<&str>,
         session_id: &str,
+        client: ClientInfo,
     ) -> Result<(), AuthError> {
         if session_id.is_empty() {
             return Err(AuthError::invalid("session_id", "must not be empty"));
@@ -422,6 +570,13 @@ impl AuthCore {
         )
         .await;
         tracing::info!(user_id = %claims.sub, session_id, "session revoked");
+        self.audit.record(
+            AuditEvent::new(AuditKind::SessionRevoked, &client)
+                .user(&claims.sub)
+                .session(session_id)
+                .jti(&claims.jti)
+                .detail("RevokeSession"),
+        );
         Ok(())
     }
 

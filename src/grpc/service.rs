@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use tracing::Instrument;
 
 use crate::auth::service::{SessionList, Validation};
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
+use crate::config::TrustedProxies;
 use crate::proto::auth::v1 as pb;
 use crate::proto::auth::v1::auth_service_server::AuthService;
 use crate::store::sessions::{Event, Feed, Revocation};
@@ -38,6 +40,11 @@ impl AuthGrpc {
             heartbeat,
             stopping,
         }
+    }
+
+    /// The caller of a request without `client_ip`/`user_agent` fields.
+    fn caller<T>(&self, request: &Request<T>) -> Result<ClientInfo, AuthError> {
+        client_info(request, self.core.trusted_proxies(), "", "")
     }
 }
 
@@ -159,27 +166,35 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
-/// The client's address and agent: the request's fields when a gateway filled them,
-/// else the peer address and the `user-agent` metadata.
+/// The client's address and agent. `client_ip` (a gateway's word for the end user's
+/// address) counts only when the caller connects from a `TRUSTED_PROXIES` address;
+/// from anyone else it is ignored, or a client could pick the address it is throttled
+/// and audited by. Without it: the peer address. The agent is the request's field when
+/// filled, else the `user-agent` metadata.
 fn client_info<T>(
     request: &Request<T>,
+    trusted: &TrustedProxies,
     client_ip: &str,
     user_agent: &str,
 ) -> Result<ClientInfo, AuthError> {
-    let ip = if client_ip.is_empty() {
-        request
-            .remote_addr()
-            .map(|a| a.ip().to_canonical().to_string())
-            .unwrap_or_default()
+    let peer = request.remote_addr().map(|a| a.ip().to_canonical());
+    let claimed = if client_ip.is_empty() {
+        None
     } else {
-        parse_ip(client_ip)
-            .ok_or_else(|| {
-                AuthError::invalid(
-                    "client_ip",
-                    "must be an IP address, like 203.0.113.7 or 2001:db8::1",
-                )
-            })?
-            .to_string()
+        Some(parse_ip(client_ip).ok_or_else(|| {
+            AuthError::invalid(
+                "client_ip",
+                "must be an IP address, like 203.0.113.7 or 2001:db8::1",
+            )
+        })?)
+    };
+    let ip = match (claimed, peer) {
+        (Some(claimed), Some(peer)) if trusted.trusts(peer) => Some(claimed),
+        (Some(_), peer) => {
+            warn_untrusted_client_ip(peer);
+            peer
+        }
+        (None, peer) => peer,
     };
     let user_agent = if user_agent.is_empty() {
         request
@@ -191,7 +206,25 @@ fn client_info<T>(
     } else {
         user_agent.to_owned()
     };
-    Ok(ClientInfo { ip, user_agent })
+    Ok(ClientInfo {
+        ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        user_agent,
+    })
+}
+
+/// Says, at most once a minute, that a caller sent `client_ip` without being trusted:
+/// a gateway missing from `TRUSTED_PROXIES` makes all its users one address.
+fn warn_untrusted_client_ip(peer: Option<IpAddr>) {
+    static LAST_MINUTE: AtomicU64 = AtomicU64::new(u64::MAX);
+    let minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60);
+    if LAST_MINUTE.swap(minute, Ordering::Relaxed) != minute {
+        tracing::warn!(
+            peer = peer.map(|p| p.to_string()).unwrap_or_default(),
+            "client_ip ignored: the caller is not in TRUSTED_PROXIES, so its own address is used"
+        );
+    }
 }
 
 /// An IP, with any port a gateway left on it removed.
@@ -248,7 +281,12 @@ impl AuthService for AuthGrpc {
     ) -> Result<Response<pb::LoginResponse>, Status> {
         rpc("Login", async {
             let req = request.get_ref();
-            let client = client_info(&request, &req.client_ip, &req.user_agent)?;
+            let client = client_info(
+                &request,
+                self.core.trusted_proxies(),
+                &req.client_ip,
+                &req.user_agent,
+            )?;
             let done = self
                 .core
                 .login(&req.username, &req.password, client)
@@ -269,7 +307,10 @@ impl AuthService for AuthGrpc {
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         rpc("Logout", async {
-            self.core.logout(bearer(&request).as_deref()).await?;
+            let client = self.caller(&request)?;
+            self.core
+                .logout(bearer(&request).as_deref(), client)
+                .await?;
             Ok(pb::LogoutResponse {})
         })
         .await
@@ -287,6 +328,7 @@ impl AuthService for AuthGrpc {
                     bearer(&request).as_deref(),
                     &req.current_password,
                     &req.new_password,
+                    self.caller(&request)?,
                 )
                 .await?;
             Ok(pb::ChangePasswordResponse {
@@ -329,7 +371,11 @@ impl AuthService for AuthGrpc {
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         rpc("RevokeSession", async {
             self.core
-                .revoke_session(bearer(&request).as_deref(), &request.get_ref().session_id)
+                .revoke_session(
+                    bearer(&request).as_deref(),
+                    &request.get_ref().session_id,
+                    self.caller(&request)?,
+                )
                 .await?;
             Ok(pb::RevokeSessionResponse {})
         })

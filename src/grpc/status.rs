@@ -21,7 +21,10 @@ impl From<AuthError> for Status {
                 let details = ErrorDetails::with_bad_request(
                     violations
                         .into_iter()
-                        .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                        .map(|v| tonic_types::FieldViolation {
+                            reason: v.reason.to_owned(),
+                            ..tonic_types::FieldViolation::new(v.field, v.description)
+                        })
                         .collect::<Vec<_>>(),
                 );
                 Status::with_error_details(Code::InvalidArgument, message, details)
@@ -40,6 +43,11 @@ impl From<AuthError> for Status {
             AuthError::Overloaded { retry_after } => Status::with_error_details(
                 Code::ResourceExhausted,
                 "too many password checks in progress; retry later",
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            AuthError::Throttled { retry_after } => Status::with_error_details(
+                Code::ResourceExhausted,
+                "too many failed attempts; retry later",
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
             AuthError::Unavailable { store, source } => {

@@ -1,7 +1,21 @@
 //! Where authd keeps things: users in MySQL (or SQLite), sessions and the blacklist in
 //! Redis (or this process's memory).
 
+/// Runs the same sqlx expression against whichever pool a store has: the queries are
+/// written once, and each driver checks its own types.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            $crate::store::users::Pool::MySql($pool) => $body,
+            $crate::store::users::Pool::Sqlite($pool) => $body,
+        }
+    };
+}
+
+pub mod audit;
+pub mod redis_conn;
 pub mod sessions;
+pub mod throttle;
 pub mod users;
 
 pub use sessions::SessionStore;

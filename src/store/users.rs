@@ -50,17 +50,6 @@ pub enum Pool {
     Sqlite(SqlitePool),
 }
 
-/// Runs the same sqlx expression against whichever pool the store has: the queries are
-/// written once, and each driver checks its own types.
-macro_rules! on_pool {
-    ($store:expr, |$pool:ident| $body:expr) => {
-        match &$store.pool {
-            Pool::MySql($pool) => $body,
-            Pool::Sqlite($pool) => $body,
-        }
-    };
-}
-
 /// MySQL's "Unknown database" error number.
 const ER_BAD_DB_ERROR: u16 = 1049;
 

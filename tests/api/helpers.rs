@@ -2,8 +2,9 @@
 //! with a fresh database and a fresh Redis key prefix per test, and a clock the test
 //! moves by hand.
 
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
 use authd::Application;
@@ -70,6 +71,10 @@ pub struct TestApp {
     pub key_prefix: String,
     stop: Option<oneshot::Sender<()>>,
     pub server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The settings it was started with.
+    vars: Vec<(String, String)>,
+    /// False for a sibling, which shares another app's database and must not drop it.
+    owns_db: bool,
 }
 
 /// The settings a test server gets unless the test overrides them.
@@ -116,6 +121,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         db_url,
         redis_url,
         key_prefix,
+        fresh_clock(),
     )
     .await
 }
@@ -144,8 +150,14 @@ pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
         db_url,
         String::new(),
         String::new(),
+        fresh_clock(),
     )
     .await
+}
+
+/// A test clock standing at the current time.
+fn fresh_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::now()))
 }
 
 fn with_overrides(
@@ -166,9 +178,10 @@ async fn start(
     db_url: String,
     redis_url: String,
     key_prefix: String,
+    clock: Arc<ManualClock>,
 ) -> TestApp {
-    let config = Config::from_vars(vars).expect("test config");
-    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    capture_logs();
+    let config = Config::from_vars(vars.clone()).expect("test config");
     let app = Application::build_with_clock(config, clock.clone())
         .await
         .expect("authd builds");
@@ -194,7 +207,45 @@ async fn start(
         key_prefix,
         stop: Some(stop),
         server: Some(server),
+        vars,
+        owns_db: true,
     }
+}
+
+/// Everything every test server logged (at `authd=debug`), from the start of the run.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the log of every server in this test binary to one buffer (a process has one
+/// global subscriber), so tests can look for what must never be logged.
+fn capture_logs() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("authd=debug"))
+            .with_writer(|| LogWriter)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+/// The logs captured so far, from every test in the binary.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
 }
 
 /// `request` with `authorization: Bearer <token>`.
@@ -208,6 +259,42 @@ pub fn bearer<T>(token: &str, message: T) -> Request<T> {
 }
 
 impl TestApp {
+    /// A second authd on the same database, Redis, key prefix and clock: another
+    /// instance of the same deployment.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        let mut sibling = start(
+            self.backend,
+            self.vars.clone(),
+            self.db_name.clone(),
+            self.db_url.clone(),
+            self.redis_url.clone(),
+            self.key_prefix.clone(),
+            self.clock.clone(),
+        )
+        .await;
+        sibling.owns_db = false;
+        sibling
+    }
+
+    /// Login as a gateway would call it, passing the end user's address.
+    pub async fn login_from(
+        &self,
+        username: &str,
+        password: &str,
+        client_ip: &str,
+    ) -> Result<pb::LoginResponse, Status> {
+        self.client
+            .clone()
+            .login(pb::LoginRequest {
+                username: username.into(),
+                password: password.into(),
+                client_ip: client_ip.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     pub async fn register(
         &self,
         username: &str,
@@ -224,15 +311,7 @@ impl TestApp {
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<pb::LoginResponse, Status> {
-        self.client
-            .clone()
-            .login(pb::LoginRequest {
-                username: username.into(),
-                password: password.into(),
-                ..Default::default()
-            })
-            .await
-            .map(|r| r.into_inner())
+        self.login_from(username, password, "").await
     }
 
     /// Registers `username` with [`PASSWORD`] and logs in.
@@ -341,6 +420,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        if !self.owns_db {
+            return;
         }
         if self.backend == Backend::Embedded {
             let _ = std::fs::remove_dir_all(&self.db_name);

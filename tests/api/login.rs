@@ -78,8 +78,8 @@ async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend
 }
 
 
-async fn login_records_a_gateways_client_ip_and_user_agent_without_port(backend: Backend) {
-    let app = backend.spawn().await;
+async fn login_records_a_trusted_gateways_client_ip_and_user_agent_without_port(backend: Backend) {
+    let app = backend.spawn_with(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")]).await;
     app.register("grace", PASSWORD).await.unwrap();
     let login = app
         .client

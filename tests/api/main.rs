@@ -25,6 +25,7 @@ macro_rules! on_every_backend {
 
 mod helpers;
 
+mod audit;
 mod binary;
 mod change_password;
 mod client_layer;
@@ -33,8 +34,11 @@ mod health;
 mod keys;
 mod login;
 mod logout;
+mod password_policy;
 mod redis_outage;
 mod register;
 mod sessions;
+mod throttle;
+mod timing;
 mod validate;
 mod watch;

@@ -7,6 +7,8 @@ pub mod revocations;
 
 use crate::config::SessionsBackend;
 use crate::store::StoreError;
+use crate::store::redis_conn::RedisConn;
+use crate::store::throttle::{MemoryThrottle, RedisThrottle, ThrottleStore};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
@@ -105,6 +107,7 @@ impl SessionStore {
             token_ttl + std::time::Duration::from_secs(u64::try_from(leeway).unwrap_or(0));
         Ok(match backend {
             SessionsBackend::Redis(config) => Self::Redis(Box::new(RedisSessions::new(
+                RedisConn::new(config)?,
                 config,
                 leeway,
                 log_max_len,
@@ -130,6 +133,17 @@ impl SessionStore {
         match self {
             Self::Redis(r) => r.subscribe(after).await,
             Self::Memory(m) => Ok(m.log().subscribe(after)),
+        }
+    }
+
+    /// A store for throttle counters beside the sessions: the same Redis (so every
+    /// instance shares them), or this process.
+    pub fn throttle_store(&self) -> ThrottleStore {
+        match self {
+            Self::Redis(r) => {
+                ThrottleStore::Redis(RedisThrottle::new(r.conn().clone(), r.prefix()))
+            }
+            Self::Memory(_) => ThrottleStore::Memory(MemoryThrottle::new()),
         }
     }
 

@@ -10,32 +10,25 @@
 //!   (at least 1 s) from the revocation.
 //!
 //! Every change that revokes is one Lua script, so it is recorded whole or not at all.
-//! Each call has a short timeout; after a connection failure, calls skip Redis for
-//! `retry_interval` (a small circuit breaker) so an outage costs callers microseconds,
-//! not a connect timeout each, and recovery needs no restart.
+//! Calls go through [`RedisConn`]: a short timeout each, and a circuit breaker.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::Script;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::revocations::{Feed, RedisLog, Revocation};
 use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
 use crate::store::StoreError;
+use crate::store::redis_conn::RedisConn;
 
 /// The Redis side of authd.
 pub struct RedisSessions {
-    pool: bb8::Pool<Manager>,
+    conn: RedisConn,
     leeway: i64,
     log: Arc<RedisLog>,
     prefix: String,
-    command_timeout: Duration,
-    breaker: Breaker,
     scripts: Scripts,
 }
 
@@ -145,45 +138,29 @@ return n
 ";
 
 impl RedisSessions {
-    /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
-    /// open mode) while Redis is down.
+    /// Sessions on `conn`, under the configured key prefix, with the revocation log
+    /// beside them.
     pub fn new(
+        conn: RedisConn,
         config: &RedisConfig,
         leeway: i64,
         log_max_len: usize,
         log_retention: Duration,
     ) -> anyhow::Result<Self> {
-        let client = Client::open(config.url.expose().as_str())
+        // The log's tail holds a blocking read, so it has a connection of its own.
+        let client = redis::Client::open(config.url.expose().as_str())
             .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let log = RedisLog::new(
-            client.clone(),
+            client,
             format!("{}revocations", config.key_prefix),
             log_max_len,
             log_retention,
         );
-        let manager = Manager {
-            client,
-            config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.command_timeout)),
-        };
-        // test_on_check_out is off: bb8's default sends a PING before every command,
-        // doubling the round trips. Broken connections are found by the command that
-        // fails on them instead (see `Conn::broken`).
-        let pool = bb8::Pool::builder()
-            .max_size(config.pool_size)
-            .min_idle(None)
-            .test_on_check_out(false)
-            .connection_timeout(config.connect_timeout)
-            .retry_connection(false)
-            .build_unchecked(manager);
         Ok(Self {
-            pool,
+            conn,
             leeway,
             log,
             prefix: config.key_prefix.clone(),
-            command_timeout: config.command_timeout,
-            breaker: Breaker::new(config.retry_interval),
             scripts: Scripts {
                 create: Script::new(&format!("{REVOKE_FN}{CREATE_BODY}")),
                 touch: Script::new(TOUCH),
@@ -194,24 +171,32 @@ impl RedisSessions {
         })
     }
 
+    /// The connection pool, for other stores that live in the same Redis.
+    pub fn conn(&self) -> &RedisConn {
+        &self.conn
+    }
+
+    /// The prefix of every key.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Answers PING; for start-up checks and health.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(|_| ())
+        self.conn.ping().await
     }
 
     /// Appends a revocation to the log watchers follow.
     pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
         let pipe = self.log.append_command(revocation, at);
-        self.run(|mut c| async move { pipe.query_async::<(String,)>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<(String,)>(&mut c).await })
             .await
             .map(|_| ())
     }
 
     /// Missed revocations after `after`, then live ones.
     pub async fn subscribe(&self, after: Option<&str>) -> Result<Feed, StoreError> {
-        self.breaker.check()?;
         self.log.subscribe(after).await
     }
 
@@ -247,7 +232,8 @@ impl RedisSessions {
             .arg(set_ttl_ms)
             .arg(max_sessions)
             .arg(leeway);
-        self.run(|mut c| async move { inv.invoke_async::<Vec<String>>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<Vec<String>>(&mut c).await })
             .await
     }
 
@@ -266,6 +252,7 @@ impl RedisSessions {
         );
         type Reply = (bool, (Option<String>, Option<i64>, Option<i64>));
         let (revoked, (stored_jti, seen, idle)) = self
+            .conn
             .run(|mut c| async move { pipe.query_async::<Reply>(&mut c).await })
             .await?;
         Ok(match (revoked, stored_jti, seen, idle) {
@@ -291,7 +278,8 @@ impl RedisSessions {
             .arg(ttl_ms(
                 session_end(t.idle_expires_at, t.token_expires_at, self.leeway) - t.now,
             ));
-        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|n| n == 1)
     }
@@ -312,7 +300,8 @@ impl RedisSessions {
             .arg(session_id)
             .arg(jti)
             .arg(blacklist_ttl_seconds.max(1));
-        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|_| ())
     }
@@ -331,7 +320,8 @@ impl RedisSessions {
             .arg(session_id)
             .arg(now)
             .arg(self.leeway);
-        self.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
             .map(|n| n == 1)
     }
@@ -350,7 +340,8 @@ impl RedisSessions {
             .arg(keep)
             .arg(now)
             .arg(self.leeway);
-        self.run(|mut c| async move { inv.invoke_async::<u32>(&mut c).await })
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<u32>(&mut c).await })
             .await
     }
 
@@ -360,15 +351,16 @@ impl RedisSessions {
         let set = format!("{tag}:sessions");
         let ids: Vec<String> = {
             let set = set.clone();
-            self.run(|mut c| async move {
-                redis::cmd("ZRANGE")
-                    .arg(&set)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?
+            self.conn
+                .run(|mut c| async move {
+                    redis::cmd("ZRANGE")
+                        .arg(&set)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?
         };
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -390,6 +382,7 @@ impl RedisSessions {
             Option<String>,
         );
         let rows: Vec<Fields> = self
+            .conn
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         let mut live = Vec::with_capacity(ids.len());
@@ -421,6 +414,7 @@ impl RedisSessions {
             }
             // Pruning is housekeeping: the list is right either way.
             if let Err(e) = self
+                .conn
                 .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
                 .await
             {
@@ -429,142 +423,8 @@ impl RedisSessions {
         }
         Ok(live)
     }
-
-    /// Runs one operation on a pooled connection, within the command timeout.
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(MultiplexedConnection) -> Fut,
-        Fut: Future<Output = Result<T, RedisError>>,
-    {
-        self.breaker.check()?;
-        let mut conn = match self.pool.get().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.breaker.trip();
-                return Err(StoreError::Unavailable(anyhow::anyhow!(
-                    "no Redis connection: {e}"
-                )));
-            }
-        };
-        match tokio::time::timeout(self.command_timeout, op(conn.inner.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if is_internal(&e) => Err(StoreError::Internal(e.into())),
-            Ok(Err(e)) => {
-                conn.broken = true;
-                self.breaker.trip();
-                Err(StoreError::Unavailable(e.into()))
-            }
-            Err(_) => {
-                conn.broken = true;
-                self.breaker.trip();
-                Err(StoreError::Unavailable(anyhow::anyhow!(
-                    "Redis did not answer within {:?}",
-                    self.command_timeout
-                )))
-            }
-        }
-    }
-}
-
-/// Errors that mean our request or our reading of the reply is wrong, not that Redis
-/// is unreachable.
-fn is_internal(e: &RedisError) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::Parse
-            | ErrorKind::UnexpectedReturnType
-            | ErrorKind::Client
-            | ErrorKind::Server(
-                ServerErrorKind::ResponseError
-                    | ServerErrorKind::NoScript
-                    | ServerErrorKind::CrossSlot
-                    | ServerErrorKind::NoPerm
-                    | ServerErrorKind::ExecAbort
-            )
-    )
 }
 
 fn ttl_ms(seconds: i64) -> i64 {
     seconds.max(1).saturating_mul(1000)
-}
-
-/// A pooled connection and whether a command failed on it.
-pub struct Conn {
-    inner: MultiplexedConnection,
-    broken: bool,
-}
-
-struct Manager {
-    client: Client,
-    config: AsyncConnectionConfig,
-}
-
-impl bb8::ManageConnection for Manager {
-    type Connection = Conn;
-    type Error = RedisError;
-
-    async fn connect(&self) -> Result<Conn, RedisError> {
-        let inner = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
-        Ok(Conn {
-            inner,
-            broken: false,
-        })
-    }
-
-    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn.inner)
-            .await
-            .map(|_| ())
-    }
-
-    fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken
-    }
-}
-
-/// After a failure, fail fast until `interval` has passed, then try Redis again.
-struct Breaker {
-    start: Instant,
-    interval: Duration,
-    open_until_ms: AtomicU64,
-}
-
-impl Breaker {
-    fn new(interval: Duration) -> Self {
-        Self {
-            start: Instant::now(),
-            interval,
-            open_until_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.elapsed_ms() < self.open_until_ms.load(Ordering::Relaxed) {
-            return Err(StoreError::Unavailable(anyhow::anyhow!(
-                "Redis failed recently; next attempt within {:?}",
-                self.interval
-            )));
-        }
-        Ok(())
-    }
-
-    fn trip(&self) {
-        if self.interval.is_zero() {
-            return;
-        }
-        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
-        self.open_until_ms.store(
-            self.elapsed_ms().saturating_add(interval),
-            Ordering::Relaxed,
-        );
-        metrics::counter!("authd_redis_failures_total").increment(1);
-    }
 }

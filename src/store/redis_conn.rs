@@ -1,0 +1,200 @@
+//! One Redis connection pool with a short timeout per command and a small circuit
+//! breaker, shared by everything authd keeps in Redis (sessions, throttling).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
+
+use crate::config::RedisConfig;
+use crate::store::StoreError;
+
+/// A pooled Redis; cheap to clone, clones share the pool and the breaker.
+#[derive(Clone)]
+pub struct RedisConn {
+    pool: bb8::Pool<Manager>,
+    command_timeout: Duration,
+    breaker: Arc<Breaker>,
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConn")
+            .field("command_timeout", &self.command_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConn {
+    /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
+    /// open mode) while Redis is down.
+    pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
+        let client = Client::open(config.url.expose().as_str())
+            .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
+        let manager = Manager {
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.command_timeout)),
+        };
+        // test_on_check_out is off: bb8's default sends a PING before every command,
+        // doubling the round trips. Broken connections are found by the command that
+        // fails on them instead (see `Conn::broken`).
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(None)
+            .test_on_check_out(false)
+            .connection_timeout(config.connect_timeout)
+            .retry_connection(false)
+            .build_unchecked(manager);
+        Ok(Self {
+            pool,
+            command_timeout: config.command_timeout,
+            breaker: Arc::new(Breaker::new(config.retry_interval)),
+        })
+    }
+
+    /// Answers PING; for start-up checks and health.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs one operation on a pooled connection, within the command timeout.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.breaker.check()?;
+        let mut conn = match self.pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.breaker.trip();
+                return Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "no Redis connection: {e}"
+                )));
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, op(conn.inner.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_internal(&e) => Err(StoreError::Internal(e.into())),
+            Ok(Err(e)) => {
+                conn.broken = true;
+                self.breaker.trip();
+                Err(StoreError::Unavailable(e.into()))
+            }
+            Err(_) => {
+                conn.broken = true;
+                self.breaker.trip();
+                Err(StoreError::Unavailable(anyhow::anyhow!(
+                    "Redis did not answer within {:?}",
+                    self.command_timeout
+                )))
+            }
+        }
+    }
+}
+
+/// Errors that mean our request or our reading of the reply is wrong, not that Redis
+/// is unreachable.
+fn is_internal(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Client
+            | ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                    | ServerErrorKind::NoScript
+                    | ServerErrorKind::CrossSlot
+                    | ServerErrorKind::NoPerm
+                    | ServerErrorKind::ExecAbort
+            )
+    )
+}
+
+/// A pooled connection and whether a command failed on it.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    broken: bool,
+}
+
+struct Manager {
+    client: Client,
+    config: AsyncConnectionConfig,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let inner = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        Ok(Conn {
+            inner,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn.inner)
+            .await
+            .map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken
+    }
+}
+
+/// After a failure, fail fast until `interval` has passed, then try Redis again.
+struct Breaker {
+    start: Instant,
+    interval: Duration,
+    open_until_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn new(interval: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            interval,
+            open_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.elapsed_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(anyhow::anyhow!(
+                "Redis failed recently; next attempt within {:?}",
+                self.interval
+            )));
+        }
+        Ok(())
+    }
+
+    fn trip(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
+        self.open_until_ms.store(
+            self.elapsed_ms().saturating_add(interval),
+            Ordering::Relaxed,
+        );
+        metrics::counter!("authd_redis_failures_total").increment(1);
+    }
+}

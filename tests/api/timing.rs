@@ -1,0 +1,191 @@
+//! Login's response time must not tell an unknown user from a wrong or empty password
+//! (each pays one bcrypt verify), nor a throttled account that exists from one that
+//! does not (neither pays any). Measured over a few hundred interleaved calls per class
+//! and compared with robust statistics and generous bounds (P(slower) within 0.25–0.75,
+//! medians within 50%), so a busy machine does not make it flaky, while a missing or
+//! extra bcrypt (a 10× difference in time, P near 0 or 1) would still show.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use crate::helpers::*;
+
+const ROUNDS: usize = 200;
+const ACCOUNTS: usize = 20;
+/// Locks an account: more failures than any account sees during the measurement
+/// (2 × ROUNDS / ACCOUNTS).
+const THRESHOLD: usize = 25;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    UnknownUser,
+    WrongPassword,
+    EmptyPassword,
+    OverlongPassword,
+    ThrottledKnown,
+    ThrottledUnknown,
+}
+
+const CLASSES: [Class; 6] = [
+    Class::UnknownUser,
+    Class::WrongPassword,
+    Class::EmptyPassword,
+    Class::OverlongPassword,
+    Class::ThrottledKnown,
+    Class::ThrottledUnknown,
+];
+
+impl Class {
+    fn expected(self) -> Code {
+        match self {
+            Class::UnknownUser | Class::WrongPassword | Class::EmptyPassword => {
+                Code::Unauthenticated
+            }
+            Class::OverlongPassword => Code::InvalidArgument,
+            Class::ThrottledKnown | Class::ThrottledUnknown => Code::ResourceExhausted,
+        }
+    }
+
+    fn call(self, round: usize) -> (String, String) {
+        let account = format!("timer{}", round % ACCOUNTS);
+        match self {
+            Class::UnknownUser => (format!("ghost{}", round % ACCOUNTS), PASSWORD.into()),
+            Class::WrongPassword => (account, "Wrong-Horse-9".into()),
+            Class::EmptyPassword => (account, String::new()),
+            Class::OverlongPassword => (account, "x".repeat(73)),
+            Class::ThrottledKnown => ("lockedknown".into(), PASSWORD.into()),
+            Class::ThrottledUnknown => ("lockedghost".into(), PASSWORD.into()),
+        }
+    }
+}
+
+fn median(xs: &[Duration]) -> Duration {
+    let mut v = xs.to_vec();
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// The probability that a call of `a` takes longer than one of `b` (ties count half):
+/// the Mann–Whitney U statistic over all pairs, scaled to 0..1; 0.5 when the two
+/// classes cannot be told apart.
+fn superiority(a: &[Duration], b: &[Duration]) -> f64 {
+    let mut wins = 0.0;
+    for x in a {
+        for y in b {
+            wins += match x.cmp(y) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            };
+        }
+    }
+    wins / (a.len() * b.len()) as f64
+}
+
+async fn measure(backend: Backend) {
+    // bcrypt cost 5 (about 1.6 ms on an idle core): visible against a no-work call
+    // (a few hundred µs), cheap enough for 600 verifies in a few seconds.
+    let threshold = THRESHOLD.to_string();
+    let app = backend
+        .spawn_with(&[
+            ("BCRYPT_COST", "5"),
+            ("THROTTLE_ACCOUNT_THRESHOLD", &threshold),
+            ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
+        ])
+        .await;
+    for i in 0..ACCOUNTS {
+        app.register(&format!("timer{i}"), PASSWORD).await.unwrap();
+    }
+    app.register("lockedknown", PASSWORD).await.unwrap();
+    for name in ["lockedknown", "lockedghost"] {
+        for _ in 0..THRESHOLD {
+            assert_code(
+                app.login(name, "Wrong-Horse-9").await,
+                Code::Unauthenticated,
+            );
+        }
+    }
+
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(ROUNDS); CLASSES.len()];
+    for round in 0..ROUNDS {
+        // Interleaved, in an order that rotates every round.
+        for k in 0..CLASSES.len() {
+            let index = (k + round) % CLASSES.len();
+            let class = CLASSES[index];
+            let (username, password) = class.call(round);
+            let started = Instant::now();
+            let result = app.login(&username, &password).await;
+            times[index].push(started.elapsed());
+            assert_code(result, class.expected());
+        }
+    }
+
+    let medians: Vec<Duration> = times.iter().map(|t| median(t)).collect();
+    eprintln!("{backend:?} login medians over {ROUNDS} calls each:");
+    for (class, m) in CLASSES.iter().zip(&medians) {
+        eprintln!("  {class:?}: {m:?}");
+    }
+    let bcrypt_classes = [0, 1, 2];
+    let no_work_classes = [3, 4, 5];
+    let compare = |a: usize, b: usize| {
+        let p = superiority(&times[a], &times[b]);
+        let (ma, mb) = (medians[a].as_secs_f64(), medians[b].as_secs_f64());
+        let gap = (ma - mb).abs() / ma.max(mb);
+        eprintln!(
+            "  {:?} vs {:?}: P(slower) = {p:.3}, medians differ by {:.1}%",
+            CLASSES[a],
+            CLASSES[b],
+            gap * 100.0
+        );
+        (p, gap)
+    };
+    for (i, &a) in bcrypt_classes.iter().enumerate() {
+        for &b in &bcrypt_classes[i + 1..] {
+            let (p, gap) = compare(a, b);
+            assert!(
+                (0.25..=0.75).contains(&p),
+                "{:?} vs {:?}: P = {p}",
+                CLASSES[a],
+                CLASSES[b]
+            );
+            assert!(
+                gap < 0.5,
+                "{:?} vs {:?}: medians {gap:.2} apart",
+                CLASSES[a],
+                CLASSES[b]
+            );
+        }
+    }
+    // A throttled account that exists and one that does not: the same no work.
+    let (p, gap) = compare(4, 5);
+    assert!(
+        (0.25..=0.75).contains(&p),
+        "throttled known vs unknown: P = {p}"
+    );
+    assert!(
+        gap < 0.5,
+        "throttled known vs unknown: medians {gap:.2} apart"
+    );
+    let _ = compare(3, 4);
+    // No bcrypt at all: every no-work class is well under any bcrypt class.
+    let fastest_bcrypt = bcrypt_classes.iter().map(|&i| medians[i]).min().unwrap();
+    for &i in &no_work_classes {
+        assert!(
+            medians[i] * 2 < fastest_bcrypt,
+            "{:?} ({:?}) is not clearly cheaper than a bcrypt verify ({fastest_bcrypt:?})",
+            CLASSES[i],
+            medians[i]
+        );
+    }
+}
+
+#[tokio::test]
+async fn login_timing_does_not_tell_failure_classes_apart_on_mysql_and_redis() {
+    measure(Backend::MySqlRedis).await;
+}
+
+#[tokio::test]
+async fn login_timing_does_not_tell_failure_classes_apart_embedded() {
+    measure(Backend::Embedded).await;
+}
