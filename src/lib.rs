@@ -7,9 +7,12 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod grpc;
+pub mod healthcheck;
+pub mod http;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 
 /// Code generated from `proto/`.
 pub mod proto {

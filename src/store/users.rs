@@ -8,7 +8,7 @@ use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Executor};
 
-use super::StoreError;
+use super::{PoolStats, StoreError};
 use crate::config::{DatabaseConfig, UsersBackend};
 
 /// A stored user.
@@ -126,6 +126,15 @@ impl UserStore {
     /// The pool, for tests and tools.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// How many connections the pool holds.
+    pub fn pool_stats(&self) -> PoolStats {
+        on_pool!(self, |pool| PoolStats {
+            open: pool.size(),
+            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+            max: pool.options().get_max_connections(),
+        })
     }
 
     /// Inserts a user; a taken username (case-insensitively) is `UsernameTaken`.
@@ -251,14 +260,15 @@ async fn create_database(options: &sqlx::mysql::MySqlConnectOptions) -> anyhow::
     Ok(())
 }
 
-/// Sorts sqlx errors into "try again later" and "something is wrong".
+/// Sorts sqlx errors into "try again later" and "something is wrong", and counts them.
 pub(crate) fn classify(e: sqlx::Error) -> StoreError {
-    match e {
+    let error = match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.into()),
         other => StoreError::Internal(other.into()),
-    }
+    };
+    error.counted("users")
 }

@@ -25,12 +25,15 @@ macro_rules! on_every_backend {
 
 mod helpers;
 
-mod binary;
+pub mod binary;
 mod change_password;
 mod health;
 mod login;
 mod logout;
+mod ops;
+mod otlp;
 mod redis_outage;
 mod register;
 mod sessions;
+pub mod tls;
 mod validate;

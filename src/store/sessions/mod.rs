@@ -5,7 +5,7 @@ pub mod memory;
 pub mod redis;
 
 use crate::config::SessionsBackend;
-use crate::store::StoreError;
+use crate::store::{PoolStats, StoreError};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
@@ -100,6 +100,14 @@ impl SessionStore {
             }
             SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway)),
         })
+    }
+
+    /// How many Redis connections the pool holds; `None` in memory.
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        match self {
+            Self::Redis(s) => Some(s.pool_stats()),
+            Self::Memory(_) => None,
+        }
     }
 
     /// Answers when the store is reachable.

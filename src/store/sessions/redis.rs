@@ -23,11 +23,12 @@ use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, Server
 
 use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
-use crate::store::StoreError;
+use crate::store::{PoolStats, StoreError};
 
 /// The Redis side of authd.
 pub struct RedisSessions {
     pool: bb8::Pool<Manager>,
+    pool_size: u32,
     leeway: i64,
     prefix: String,
     command_timeout: Duration,
@@ -164,6 +165,7 @@ impl RedisSessions {
             .build_unchecked(manager);
         Ok(Self {
             pool,
+            pool_size: config.pool_size,
             leeway,
             prefix: config.key_prefix.clone(),
             command_timeout: config.command_timeout,
@@ -400,8 +402,29 @@ impl RedisSessions {
         Ok(live)
     }
 
-    /// Runs one operation on a pooled connection, within the command timeout.
+    /// How many connections the pool holds.
+    pub fn pool_stats(&self) -> PoolStats {
+        let state = self.pool.state();
+        PoolStats {
+            open: state.connections,
+            idle: state.idle_connections,
+            max: self.pool_size,
+        }
+    }
+
+    /// Runs one operation on a pooled connection, within the command timeout; failures
+    /// are counted in `authd_store_errors_total`.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_uncounted(op)
+            .await
+            .map_err(|e| e.counted("sessions"))
+    }
+
+    async fn run_uncounted<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
