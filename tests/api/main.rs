@@ -27,6 +27,7 @@ mod helpers;
 
 pub mod binary;
 mod change_password;
+mod deploy;
 mod health;
 mod login;
 mod logout;
