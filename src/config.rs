@@ -183,6 +183,8 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// Time allowed to take a connection from the pool.
     pub acquire_timeout: Duration,
+    /// Time allowed for one query (or one transaction).
+    pub query_timeout: Duration,
 }
 
 /// TLS on the gRPC listener; read again on change and on SIGHUP.
@@ -275,6 +277,7 @@ struct RawEnv {
     db_name: Option<String>,
     db_pool_size: Option<String>,
     db_acquire_timeout: Option<String>,
+    db_query_timeout: Option<String>,
     redis_url: Option<String>,
     redis_addr: Option<String>,
     redis_password: Option<String>,
@@ -327,6 +330,7 @@ pub const SETTINGS: &[&str] = &[
     "DB_NAME",
     "DB_POOL_SIZE",
     "DB_ACQUIRE_TIMEOUT",
+    "DB_QUERY_TIMEOUT",
     "REDIS_URL",
     "REDIS_ADDR",
     "REDIS_PASSWORD",
@@ -585,17 +589,11 @@ fn limits(raw: &RawEnv) -> Result<GrpcLimits, ConfigError> {
             16 * 1024,
         )?,
     )?;
-    let request_timeout = duration(
+    let request_timeout = positive_duration(
         "GRPC_REQUEST_TIMEOUT",
         raw.grpc_request_timeout.clone(),
         Duration::from_secs(10),
     )?;
-    if request_timeout.is_zero() {
-        return Err(ConfigError::new(
-            "GRPC_REQUEST_TIMEOUT",
-            "must be more than 0s",
-        ));
-    }
     Ok(GrpcLimits {
         max_message_bytes,
         max_header_list_bytes: u32::try_from(max_header_list_bytes)
@@ -740,6 +738,11 @@ fn mysql(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
             raw.db_acquire_timeout.clone(),
             Duration::from_secs(2),
         )?,
+        query_timeout: positive_duration(
+            "DB_QUERY_TIMEOUT",
+            raw.db_query_timeout.clone(),
+            Duration::from_secs(2),
+        )?,
     })
 }
 
@@ -808,13 +811,6 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
             ));
         }
     };
-    let nonzero = |name: &'static str, d: Duration| {
-        if d.is_zero() {
-            Err(ConfigError::new(name, "must be more than 0s"))
-        } else {
-            Ok(d)
-        }
-    };
     let Some(url) = url else {
         return Ok(None);
     };
@@ -822,21 +818,15 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
         url: Secret::new(url),
         key_prefix,
         pool_size,
-        connect_timeout: nonzero(
+        connect_timeout: positive_duration(
             "REDIS_CONNECT_TIMEOUT",
-            duration(
-                "REDIS_CONNECT_TIMEOUT",
-                raw.redis_connect_timeout.clone(),
-                Duration::from_millis(250),
-            )?,
+            raw.redis_connect_timeout.clone(),
+            Duration::from_millis(250),
         )?,
-        command_timeout: nonzero(
+        command_timeout: positive_duration(
             "REDIS_COMMAND_TIMEOUT",
-            duration(
-                "REDIS_COMMAND_TIMEOUT",
-                raw.redis_command_timeout.clone(),
-                Duration::from_millis(250),
-            )?,
+            raw.redis_command_timeout.clone(),
+            Duration::from_millis(250),
         )?,
         retry_interval: duration(
             "REDIS_RETRY_INTERVAL",
@@ -861,6 +851,19 @@ fn duration(
             )
         }),
     }
+}
+
+/// A duration that must be more than zero.
+fn positive_duration(
+    variable: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration(variable, value, default)?;
+    if d.is_zero() {
+        return Err(ConfigError::new(variable, "must be more than 0s"));
+    }
+    Ok(d)
 }
 
 /// A size in bytes: a plain number, or one with a `KiB` or `MiB` suffix.
@@ -1082,6 +1085,16 @@ mod tests {
         assert_eq!(o.get_port(), 3307);
         assert_eq!(o.get_username(), "authd");
         assert_eq!(o.get_database(), Some("users"));
+        assert_eq!(db.query_timeout, Duration::from_secs(2));
+        for bad in ["0s", "soon"] {
+            let e = Config::from_vars(vars(&[
+                SECRET,
+                ("DB_HOST", "db"),
+                ("DB_QUERY_TIMEOUT", bad),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.variable, "DB_QUERY_TIMEOUT");
+        }
     }
 
     #[test]

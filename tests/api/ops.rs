@@ -294,3 +294,30 @@ async fn healthz_says_not_serving_while_in_flight_calls_finish() {
         .expect("the server did not stop once the call ended")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_stuck_users_database_answers_unavailable_within_the_query_timeout() {
+    let app = spawn_app_with(&[("DB_QUERY_TIMEOUT", "200ms")]).await;
+    app.register("stuck", PASSWORD).await.unwrap();
+
+    // Another session holds the table: every query on it waits.
+    let pool = sqlx::MySqlPool::connect(&app.db_url).await.unwrap();
+    let mut locker = pool.acquire().await.unwrap();
+    sqlx::query("LOCK TABLES users WRITE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = assert_code(app.login("stuck", PASSWORD).await, Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(5), "{status:?}");
+    assert!(
+        !status.message().contains("DB_QUERY_TIMEOUT"),
+        "detail leaked: {status:?}"
+    );
+
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    app.login("stuck", PASSWORD).await.unwrap();
+}
