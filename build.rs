@@ -4,16 +4,24 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/auth/v1/auth.proto"];
-    for proto in protos {
-        println!("cargo:rerun-if-changed={proto}");
-    }
-    let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("authd_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+    // authd's own contract; its descriptors are what reflection serves.
+    compile(
+        "proto/auth/v1/auth.proto",
+        Some(out_dir.join("authd_descriptor.bin")),
     )?;
+    // The example service the client layer protects in examples/ and tests; kept out of
+    // authd's reflection.
+    compile("proto/example/v1/greeter.proto", None)?;
+    Ok(())
+}
+
+fn compile(proto: &str, descriptor_out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    if let Some(path) = descriptor_out {
+        std::fs::write(path, prost::Message::encode_to_vec(&fds))?;
+    }
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -74,10 +74,55 @@ pub enum LogFormat {
     Json,
 }
 
+/// How tokens are signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlgorithm {
+    /// HMAC-SHA256 with `JWT_SECRET` (default): every verifier can also sign.
+    Hs256,
+    /// Ed25519.
+    EdDsa,
+    /// ECDSA P-256 with SHA-256.
+    Es256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    Rs256,
+}
+
+impl SigningAlgorithm {
+    /// The jsonwebtoken algorithm.
+    pub fn jwt(self) -> jsonwebtoken::Algorithm {
+        match self {
+            SigningAlgorithm::Hs256 => jsonwebtoken::Algorithm::HS256,
+            SigningAlgorithm::EdDsa => jsonwebtoken::Algorithm::EdDSA,
+            SigningAlgorithm::Es256 => jsonwebtoken::Algorithm::ES256,
+            SigningAlgorithm::Rs256 => jsonwebtoken::Algorithm::RS256,
+        }
+    }
+}
+
+/// A key that no longer signs but still verifies what it signed.
+#[derive(Debug, Clone)]
+pub struct RetiredKey {
+    /// Where it was read from, for messages.
+    pub path: PathBuf,
+    /// Its PEM (public or private).
+    pub pem: Vec<u8>,
+    /// When it stopped signing (unix seconds): it verifies until `JWT_TTL + JWT_LEEWAY`
+    /// after that.
+    pub retired_at: i64,
+}
+
 /// Token settings.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
-    /// HS256 key.
+    /// `JWT_ALGORITHM`.
+    pub algorithm: SigningAlgorithm,
+    /// The signing key for EdDSA/ES256/RS256 (PEM), from `JWT_PRIVATE_KEY_FILE`.
+    pub private_key: Option<Secret<Vec<u8>>>,
+    /// `JWT_KEY_ID`; by default the key's RFC 7638 thumbprint.
+    pub key_id: Option<String>,
+    /// `JWT_RETIRED_KEYS`.
+    pub retired_keys: Vec<RetiredKey>,
+    /// HS256 key (empty with an asymmetric algorithm).
     pub secret: Secret<Vec<u8>>,
     /// `iss` written and required.
     pub issuer: String,
@@ -259,12 +304,22 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long in-flight calls may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Revocations kept for watchers that resume (Redis stream / memory ring length).
+    pub revocation_log_max_len: usize,
+    /// How often WatchRevocations sends a heartbeat when nothing happens.
+    pub watch_heartbeat: Duration,
+    /// Envoy Check: remove the `authorization` header from allowed requests.
+    pub ext_authz_strip_authorization: bool,
 }
 
 /// The variables authd reads, exactly as named in the environment.
 #[derive(Debug, Default, Deserialize)]
 struct RawEnv {
     jwt_secret: Option<String>,
+    jwt_algorithm: Option<String>,
+    jwt_private_key_file: Option<String>,
+    jwt_key_id: Option<String>,
+    jwt_retired_keys: Option<String>,
     jwt_issuer: Option<String>,
     jwt_audience: Option<String>,
     jwt_ttl: Option<String>,
@@ -311,6 +366,9 @@ struct RawEnv {
     grpc_keepalive_timeout: Option<String>,
     otel_exporter_otlp_endpoint: Option<String>,
     otel_service_name: Option<String>,
+    revocation_log_max_len: Option<String>,
+    watch_heartbeat: Option<String>,
+    ext_authz_strip_authorization: Option<String>,
 }
 
 /// Every environment variable authd reads: the fields of `RawEnv` (kept in step by a
@@ -364,6 +422,13 @@ pub const SETTINGS: &[&str] = &[
     "GRPC_KEEPALIVE_TIMEOUT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_SERVICE_NAME",
+    "JWT_ALGORITHM",
+    "JWT_PRIVATE_KEY_FILE",
+    "JWT_KEY_ID",
+    "JWT_RETIRED_KEYS",
+    "REVOCATION_LOG_MAX_LEN",
+    "WATCH_HEARTBEAT",
+    "EXT_AUTHZ_STRIP_AUTHORIZATION",
     "RUST_LOG",
 ];
 
@@ -417,11 +482,48 @@ impl Config {
         };
         let embedded = matches!(users, UsersBackend::Sqlite { .. })
             && matches!(sessions, SessionsBackend::Memory);
-        let (secret, generated_secret) = match raw.jwt_secret.clone() {
-            Some(secret) => (secret.into_bytes(), false),
-            // Only a single embedded instance may run without a configured key.
-            None if embedded => (rand::random::<[u8; 32]>().to_vec(), true),
-            None => {
+        let algorithm = match raw
+            .jwt_algorithm
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            None | Some("HS256") => SigningAlgorithm::Hs256,
+            Some("EDDSA") => SigningAlgorithm::EdDsa,
+            Some("ES256") => SigningAlgorithm::Es256,
+            Some("RS256") => SigningAlgorithm::Rs256,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "JWT_ALGORITHM",
+                    format!("must be HS256, EdDSA, ES256 or RS256, got {other:?}"),
+                ));
+            }
+        };
+        let private_key = match (&raw.jwt_private_key_file, algorithm) {
+            (None, SigningAlgorithm::Hs256) => None,
+            (Some(_), SigningAlgorithm::Hs256) => {
+                return Err(ConfigError::new(
+                    "JWT_PRIVATE_KEY_FILE",
+                    "is for JWT_ALGORITHM=EdDSA, ES256 or RS256; HS256 signs with JWT_SECRET",
+                ));
+            }
+            (None, _) => {
+                return Err(ConfigError::new(
+                    "JWT_PRIVATE_KEY_FILE",
+                    "is required with an asymmetric JWT_ALGORITHM (a PEM private key)",
+                ));
+            }
+            (Some(path), _) => Some(Secret::new(std::fs::read(path).map_err(|e| {
+                ConfigError::new("JWT_PRIVATE_KEY_FILE", format!("cannot read {path:?}: {e}"))
+            })?)),
+        };
+        let (secret, generated_secret) = match (raw.jwt_secret.clone(), algorithm) {
+            (Some(secret), _) => (secret.into_bytes(), false),
+            (None, SigningAlgorithm::Hs256) if embedded => {
+                // Only a single embedded instance may run without a configured key.
+                (rand::random::<[u8; 32]>().to_vec(), true)
+            }
+            (None, SigningAlgorithm::Hs256) => {
                 return Err(ConfigError::new(
                     "JWT_SECRET",
                     format!(
@@ -429,8 +531,10 @@ impl Config {
                     ),
                 ));
             }
+            // Asymmetric: the secret is not used.
+            (None, _) => (Vec::new(), false),
         };
-        if secret.len() < MIN_JWT_SECRET_BYTES {
+        if algorithm == SigningAlgorithm::Hs256 && secret.len() < MIN_JWT_SECRET_BYTES {
             return Err(ConfigError::new(
                 "JWT_SECRET",
                 format!(
@@ -439,7 +543,12 @@ impl Config {
                 ),
             ));
         }
+        let retired_keys = retired_keys(raw.jwt_retired_keys.as_deref())?;
         let jwt = JwtConfig {
+            algorithm,
+            private_key,
+            key_id: raw.jwt_key_id.clone(),
+            retired_keys,
             secret: Secret::new(secret),
             issuer: raw.jwt_issuer.clone().unwrap_or_else(|| "authd".to_owned()),
             audience: raw
@@ -463,6 +572,20 @@ impl Config {
         }
         if jwt.leeway > Duration::from_secs(300) {
             return Err(ConfigError::new("JWT_LEEWAY", "must be at most 5m"));
+        }
+        // Every key is read and checked now, so a bad one stops start-up here.
+        if let Err(e) = crate::auth::token::TokenKeys::new(&jwt) {
+            // Errors about a retired key start with its path.
+            let retired = jwt
+                .retired_keys
+                .iter()
+                .any(|k| e.0.starts_with(&k.path.display().to_string()));
+            let variable = if retired {
+                "JWT_RETIRED_KEYS"
+            } else {
+                "JWT_PRIVATE_KEY_FILE"
+            };
+            return Err(ConfigError::new(variable, e.0));
         }
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -529,9 +652,37 @@ impl Config {
             },
             shutdown_grace: duration(
                 "SHUTDOWN_GRACE",
-                raw.shutdown_grace,
+                raw.shutdown_grace.clone(),
                 Duration::from_secs(10),
             )?,
+            revocation_log_max_len: match number(
+                "REVOCATION_LOG_MAX_LEN",
+                raw.revocation_log_max_len.clone(),
+                100_000usize,
+            )? {
+                0 => {
+                    return Err(ConfigError::new(
+                        "REVOCATION_LOG_MAX_LEN",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
+            },
+            ext_authz_strip_authorization: boolean(
+                "EXT_AUTHZ_STRIP_AUTHORIZATION",
+                raw.ext_authz_strip_authorization.clone(),
+                false,
+            )?,
+            watch_heartbeat: match duration(
+                "WATCH_HEARTBEAT",
+                raw.watch_heartbeat.clone(),
+                Duration::from_secs(5),
+            )? {
+                d if d < Duration::from_millis(10) => {
+                    return Err(ConfigError::new("WATCH_HEARTBEAT", "must be at least 10ms"));
+                }
+                d => d,
+            },
         })
     }
 }
@@ -646,6 +797,40 @@ fn otlp(raw: &RawEnv) -> Result<Option<OtlpConfig>, ConfigError> {
         endpoint,
         service_name,
     }))
+}
+
+/// `path@RFC3339-time,…`: keys that stopped signing at that time.
+fn retired_keys(value: Option<&str>) -> Result<Vec<RetiredKey>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (path, at) = item.rsplit_once('@').ok_or_else(|| {
+                ConfigError::new(
+                    "JWT_RETIRED_KEYS",
+                    format!("{item:?} is not path@time (like old.pem@2026-11-28T08:00:00Z)"),
+                )
+            })?;
+            let retired_at = humantime::parse_rfc3339_weak(at).map_err(|_| {
+                ConfigError::new(
+                    "JWT_RETIRED_KEYS",
+                    format!("{at:?} is not a time like 2026-11-28T08:00:00Z"),
+                )
+            })?;
+            let pem = std::fs::read(path).map_err(|e| {
+                ConfigError::new("JWT_RETIRED_KEYS", format!("cannot read {path:?}: {e}"))
+            })?;
+            Ok(RetiredKey {
+                path: PathBuf::from(path),
+                pem,
+                retired_at: crate::clock::unix_seconds(retired_at),
+            })
+        })
+        .collect()
 }
 
 /// The SQLite file used when no database is configured.
@@ -1142,6 +1327,62 @@ mod tests {
         ] {
             let e = Config::from_vars(vars(&[SECRET, (name, value)])).unwrap_err();
             assert_eq!(e.variable, name, "{name}={value}: {e}");
+        }
+    }
+
+    fn key(name: &str) -> String {
+        format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn asymmetric_keys_are_read_and_checked_at_start_up() {
+        let c = Config::from_vars(vars(&[
+            ("JWT_ALGORITHM", "es256"),
+            ("JWT_PRIVATE_KEY_FILE", &key("p256.pem")),
+        ]))
+        .unwrap();
+        assert_eq!(c.jwt.algorithm, SigningAlgorithm::Es256);
+        assert!(
+            !c.jwt.generated_secret,
+            "no secret is made for an asymmetric key"
+        );
+
+        let e = Config::from_vars(vars(&[("JWT_ALGORITHM", "ES256")])).unwrap_err();
+        assert_eq!(e.variable, "JWT_PRIVATE_KEY_FILE");
+        let e = Config::from_vars(vars(&[
+            ("JWT_ALGORITHM", "ES256"),
+            ("JWT_PRIVATE_KEY_FILE", &key("rsa.pem")),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.variable, "JWT_PRIVATE_KEY_FILE");
+        let e = Config::from_vars(vars(&[
+            ("JWT_ALGORITHM", "EdDSA"),
+            ("JWT_PRIVATE_KEY_FILE", "/nonexistent/key.pem"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.variable, "JWT_PRIVATE_KEY_FILE");
+        let e = Config::from_vars(vars(&[("JWT_ALGORITHM", "HS512")])).unwrap_err();
+        assert_eq!(e.variable, "JWT_ALGORITHM");
+    }
+
+    #[test]
+    fn retired_keys_need_a_readable_key_and_a_time() {
+        let active = [
+            ("JWT_ALGORITHM", "EdDSA"),
+            ("JWT_PRIVATE_KEY_FILE", key("ed25519.pem").leak() as &str),
+        ];
+        let ok = format!("{}@2026-11-28T08:00:00Z", key("ed25519-old-public.pem"));
+        let c =
+            Config::from_vars(vars(&[active[0], active[1], ("JWT_RETIRED_KEYS", &ok)])).unwrap();
+        assert_eq!(c.jwt.retired_keys.len(), 1);
+        for bad in [
+            key("ed25519-old-public.pem"),
+            format!("{}@yesterday", key("ed25519-old-public.pem")),
+            format!("{}@2026-11-28T08:00:00Z", key("README.md")),
+        ] {
+            let e = Config::from_vars(vars(&[active[0], active[1], ("JWT_RETIRED_KEYS", &bad)]))
+                .unwrap_err();
+            assert_eq!(e.variable, "JWT_RETIRED_KEYS", "{bad}: {e}");
         }
     }
 

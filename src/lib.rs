@@ -1,17 +1,31 @@
-//! authd: a gRPC authentication service. Users in MySQL, sessions and the logout
-//! blacklist in Redis, bcrypt passwords, HS256 JWTs.
+//! authd: a gRPC authentication service. Users in MySQL (or SQLite), sessions and the
+//! logout blacklist in Redis (or in the process), bcrypt passwords, HS256 JWTs.
 //!
-//! [`startup::Application`] builds and serves it; [`auth::AuthCore`] holds the rules.
+//! With the `server` feature (default), [`startup::Application`] builds and serves it and
+//! `auth::AuthCore` holds the rules. With the `client` feature, [`client`] is what other
+//! services add to accept authd's tokens: a tower layer (or an interceptor) with a
+//! revocation-aware cache.
 
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod clock;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod grpc;
+#[cfg(feature = "server")]
 pub mod healthcheck;
+#[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
 pub mod startup;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
 pub mod transport;
 
 /// Code generated from `proto/`.
@@ -25,10 +39,21 @@ pub mod proto {
         }
     }
 
+    /// `example.v1`: a tiny service used by `examples/` and the tests of the client layer.
+    #[doc(hidden)]
+    pub mod example {
+        #[allow(missing_docs, clippy::all, clippy::pedantic)]
+        pub mod v1 {
+            tonic::include_proto!("example.v1");
+        }
+    }
+
     /// Encoded descriptors of our protos, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/authd_descriptor.bin"));
 }
 
+#[cfg(feature = "server")]
 pub use config::Config;
+#[cfg(feature = "server")]
 pub use startup::Application;

@@ -19,11 +19,13 @@ use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GrpcLimits, SessionsBackend};
 use crate::grpc::AuthGrpc;
+use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::layer::RpcLayer;
 use crate::http::HttpState;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
 use crate::store::{PoolStats, SessionStore, UserStore};
 use crate::transport::TlsReloader;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The name health checks use for the auth service.
 pub const AUTH_SERVICE_NAME: &str = "auth.v1.AuthService";
@@ -47,6 +49,8 @@ pub struct Application {
     limits: GrpcLimits,
     traces: bool,
     grace: Duration,
+    watch_heartbeat: Duration,
+    strip_authorization: bool,
 }
 
 impl std::fmt::Debug for Application {
@@ -79,7 +83,12 @@ impl Application {
             .await
             .with_context(|| format!("cannot use the {}", config.users.describe()))?;
         let leeway = i64::try_from(config.jwt.leeway.as_secs()).unwrap_or(i64::MAX / 4);
-        let sessions = SessionStore::new(&config.sessions, leeway)?;
+        let sessions = SessionStore::new(
+            &config.sessions,
+            leeway,
+            config.revocation_log_max_len,
+            config.jwt.ttl,
+        )?;
         if let Err(e) = sessions.ping().await {
             tracing::warn!(error = %e, "Redis is not reachable at start-up; serving without it until it is (REDIS_FAILURE_MODE decides ValidateToken)");
         }
@@ -132,6 +141,8 @@ impl Application {
             limits: config.limits,
             traces: config.otlp.is_some(),
             grace: config.shutdown_grace,
+            watch_heartbeat: config.watch_heartbeat,
+            strip_authorization: config.ext_authz_strip_authorization,
         })
     }
 
@@ -170,6 +181,8 @@ impl Application {
             limits,
             traces,
             grace,
+            watch_heartbeat,
+            strip_authorization,
         } = self;
         let max_message = limits.max_message_bytes;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -187,12 +200,14 @@ impl Application {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_file_descriptor_set(envoy_ext_authz_descriptor())
                 .build_v1()?
                 .max_decoding_message_size(max_message);
             let v1alpha = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+                .register_file_descriptor_set(envoy_ext_authz_descriptor())
                 .build_v1alpha()?
                 .max_decoding_message_size(max_message);
             (Some(v1), Some(v1alpha))
@@ -239,7 +254,9 @@ impl Application {
         let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
         let incoming =
             crate::transport::incoming(listener, tls.clone(), limits.connection_concurrency);
+        let core_for_ext_authz = Arc::clone(&core);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let server = Server::builder()
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -256,7 +273,12 @@ impl Application {
             ))
             .add_service(health_service)
             .add_service(
-                AuthServiceServer::new(AuthGrpc::new(core))
+                AuthServiceServer::new(AuthGrpc::new(core, watch_heartbeat, stopping))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                AuthorizationServer::new(ExtAuthz::new(core_for_ext_authz, strip_authorization))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -279,6 +301,9 @@ impl Application {
                 health
                     .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
                     .await;
+                // Long-lived WatchRevocations streams end now; their watchers resume
+                // elsewhere.
+                let _ = stopping_tx.send(true);
                 let _ = stop_tx.send(());
                 match tokio::time::timeout(grace, server).await {
                     Ok(result) => result.context("gRPC server failed"),
@@ -322,6 +347,31 @@ fn pool_gauges(users: UserStore, core: Arc<AuthCore>) -> Arc<dyn Fn() + Send + S
             metrics::gauge!("authd_pool_max_connections", "pool" => pool).set(f64::from(max));
         }
     })
+}
+
+/// The Envoy Check service for reflection: envoy-types ships the generated code but no
+/// descriptors, so this names the service and its method (enough for `grpcurl list`);
+/// Envoy itself needs no reflection.
+fn envoy_ext_authz_descriptor() -> prost_types::FileDescriptorSet {
+    use prost_types::{FileDescriptorProto, MethodDescriptorProto, ServiceDescriptorProto};
+    prost_types::FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("envoy/service/auth/v3/external_auth.proto".into()),
+            package: Some("envoy.service.auth.v3".into()),
+            service: vec![ServiceDescriptorProto {
+                name: Some("Authorization".into()),
+                method: vec![MethodDescriptorProto {
+                    name: Some("Check".into()),
+                    input_type: Some(".envoy.service.auth.v3.CheckRequest".into()),
+                    output_type: Some(".envoy.service.auth.v3.CheckResponse".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        }],
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

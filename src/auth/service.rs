@@ -10,7 +10,9 @@ use super::username::{MAX_USERNAME_CHARS, Username};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
 use crate::config::{Config, RedisFailureMode};
-use crate::store::sessions::{NewSession, SessionRecord, SessionState, Touch, blacklist_ttl};
+use crate::store::sessions::{
+    Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
+};
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore};
 
@@ -123,7 +125,7 @@ impl AuthCore {
             users,
             sessions,
             hasher,
-            tokens: TokenKeys::new(&config.jwt),
+            tokens: TokenKeys::new(&config.jwt).map_err(|e| AuthError::Internal(e.into()))?,
             clock,
             rules: Rules {
                 idle_timeout: seconds(config.session_idle_timeout),
@@ -228,6 +230,16 @@ impl AuthCore {
         if !evicted.is_empty() {
             tracing::info!(user_id = %user.id, ended = evicted.len(), "oldest sessions ended: MAX_SESSIONS_PER_USER");
         }
+        for session_id in evicted {
+            self.announce(
+                Revocation::Session {
+                    user_id: user.id.clone(),
+                    session_id,
+                },
+                now,
+            )
+            .await;
+        }
         self.upgrade_hash_if_weak(&user.id, &user.password_hash, password)
             .await;
         metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
@@ -273,6 +285,15 @@ impl AuthCore {
             .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
             .await
             .map_err(sessions_error)?;
+        self.announce(
+            Revocation::Token {
+                user_id: claims.sub.clone(),
+                session_id: claims.sid.clone(),
+                jti: claims.jti.clone(),
+            },
+            now,
+        )
+        .await;
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
         Ok(())
     }
@@ -341,6 +362,14 @@ impl AuthCore {
                 tracing::warn!(user_id = %user.id, error = %e, "second session sweep after password change failed")
             }
         }
+        self.announce(
+            Revocation::User {
+                user_id: user.id.clone(),
+                except_session_id: claims.sid.clone(),
+            },
+            now,
+        )
+        .await;
         tracing::info!(user_id = %user.id, jti = %claims.jti, revoked_sessions = revoked, "password changed");
         Ok(revoked)
     }
@@ -376,16 +405,47 @@ impl AuthCore {
             ));
         }
         let claims = self.authenticate(bearer).await?;
+        let now = self.clock.unix_seconds();
         let found = self
             .sessions
-            .revoke(&claims.sub, session_id, self.clock.unix_seconds())
+            .revoke(&claims.sub, session_id, now)
             .await
             .map_err(sessions_error)?;
         if !found {
             return Err(AuthError::SessionNotFound);
         }
+        self.announce(
+            Revocation::Session {
+                user_id: claims.sub.clone(),
+                session_id: session_id.to_owned(),
+            },
+            now,
+        )
+        .await;
         tracing::info!(user_id = %claims.sub, session_id, "session revoked");
         Ok(())
+    }
+
+    /// Tells watchers (caches in other services) about a revocation that is already
+    /// recorded. A failure here does not undo or fail the revocation: caches then hold
+    /// the old answer for at most their TTL, which is logged and counted.
+    async fn announce(&self, revocation: Revocation, now: i64) {
+        if let Err(e) = self.sessions.publish(&revocation, now).await {
+            metrics::counter!("authd_revocation_publish_failures_total").increment(1);
+            tracing::warn!(error = %e, revocation = ?revocation, "revocation recorded but not announced to watchers");
+        }
+    }
+
+    /// Revocations after `after` (a cursor from an earlier event; `None`: from now), then
+    /// live ones.
+    pub async fn watch_revocations(&self, after: Option<&str>) -> Result<Feed, AuthError> {
+        if after.is_some_and(|a| a.len() > MAX_SESSION_ID_BYTES) {
+            return Err(AuthError::invalid(
+                "after",
+                format!("must be at most {MAX_SESSION_ID_BYTES} bytes"),
+            ));
+        }
+        self.sessions.subscribe(after).await.map_err(sessions_error)
     }
 
     /// Says whether a token is good. A bad token is an answer, not an error; an error

@@ -4,9 +4,13 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::AuthError;
 use crate::config::JwtConfig;
@@ -71,11 +75,24 @@ pub struct Claims {
     pub exp: i64,
 }
 
+/// A key that verifies tokens: the active one, or a retired one until the tokens it
+/// signed have expired.
+struct VerifyingKey {
+    decoding: DecodingKey,
+    /// The algorithm is pinned per key: a token must name exactly this one.
+    validation: Validation,
+    /// Public JWK for the JWKS document; `None` for HS256 (a secret is never published).
+    public: Option<Jwk>,
+    /// Last moment (unix seconds) the key verifies anything; `None` for the active key.
+    valid_until: Option<i64>,
+}
+
 /// Signs and verifies tokens.
 pub struct TokenKeys {
+    kid: String,
+    algorithm: Algorithm,
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    verifying: HashMap<String, VerifyingKey>,
     issuer: String,
     audience: String,
     ttl: Duration,
@@ -85,6 +102,9 @@ pub struct TokenKeys {
 impl std::fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenKeys")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("verifying", &self.verifying.keys().collect::<Vec<_>>())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("ttl", &self.ttl)
@@ -101,32 +121,105 @@ pub struct IssuedToken {
     pub claims: Claims,
 }
 
+/// A key file that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(pub String);
+
 impl TokenKeys {
-    /// Keys and rules from the configuration.
-    pub fn new(config: &JwtConfig) -> Self {
-        let secret = config.secret.expose();
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.set_issuer(&[&config.issuer]);
-        validation.set_audience(&[&config.audience]);
-        // exp and nbf are judged below, against the injected clock.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.leeway = 0;
-        Self {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
+    /// Keys and rules from the configuration: reads and checks every key.
+    pub fn new(config: &JwtConfig) -> Result<Self, KeyError> {
+        let algorithm = config.algorithm.jwt();
+        let (encoding, public) = match &config.private_key {
+            None => (EncodingKey::from_secret(config.secret.expose()), None),
+            Some(pem) => {
+                let encoding = encoding_from_pem(algorithm, pem.expose())?;
+                let jwk = Jwk::from_encoding_key(&encoding, algorithm)
+                    .map_err(|e| KeyError(format!("cannot derive the public key: {e}")))?;
+                (encoding, Some(jwk))
+            }
+        };
+        let decoding = match &public {
+            None => DecodingKey::from_secret(config.secret.expose()),
+            Some(jwk) => DecodingKey::from_jwk(jwk)
+                .map_err(|e| KeyError(format!("cannot use the public key: {e}")))?,
+        };
+        let kid = match (&config.key_id, &public) {
+            (Some(kid), _) => kid.clone(),
+            (None, Some(jwk)) => thumbprint(jwk)?,
+            // A stable name for the secret that reveals nothing useful about it.
+            (None, None) => {
+                let digest = Sha256::digest(config.secret.expose());
+                format!("hs256-{}", hex(&digest[..8]))
+            }
+        };
+        let mut verifying = HashMap::new();
+        let ttl_and_leeway =
+            i64::try_from((config.ttl + config.leeway).as_secs()).unwrap_or(i64::MAX / 2);
+        for retired in &config.retired_keys {
+            let (alg, decoding) = decoding_from_pem(&retired.pem)
+                .map_err(|e| KeyError(format!("{}: {}", retired.path.display(), e.0)))?;
+            let mut jwk = Jwk::from_decoding_key(&decoding, Some(alg))
+                .map_err(|e| KeyError(format!("{}: {e}", retired.path.display())))?;
+            let kid = thumbprint(&jwk)?;
+            jwk.common.key_id = Some(kid.clone());
+            jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            verifying.insert(
+                kid,
+                VerifyingKey {
+                    decoding,
+                    validation: validation(alg, config),
+                    public: Some(jwk),
+                    valid_until: Some(retired.retired_at.saturating_add(ttl_and_leeway)),
+                },
+            );
+        }
+        let public = public.map(|mut jwk| {
+            jwk.common.key_id = Some(kid.clone());
+            jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+            jwk
+        });
+        verifying.insert(
+            kid.clone(),
+            VerifyingKey {
+                decoding,
+                validation: validation(algorithm, config),
+                public,
+                valid_until: None,
+            },
+        );
+        Ok(Self {
+            kid,
+            algorithm,
+            encoding,
+            verifying,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             ttl: config.ttl,
             leeway: i64::try_from(config.leeway.as_secs()).unwrap_or(i64::MAX),
-        }
+        })
     }
 
     /// The leeway on `exp` and `nbf`, in seconds.
     pub fn leeway_seconds(&self) -> i64 {
         self.leeway
+    }
+
+    /// The `kid` new tokens carry.
+    pub fn active_kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public keys that verify tokens at `now` (none for HS256), for a JWKS document.
+    pub fn jwks(&self, now: i64) -> JwkSet {
+        let mut keys: Vec<Jwk> = self
+            .verifying
+            .values()
+            .filter(|k| k.valid_until.is_none_or(|until| now <= until))
+            .filter_map(|k| k.public.clone())
+            .collect();
+        keys.sort_by(|a, b| a.common.key_id.cmp(&b.common.key_id));
+        JwkSet { keys }
     }
 
     /// Signs a token for a new session.
@@ -149,15 +242,26 @@ impl TokenKeys {
             nbf: now,
             exp: now.saturating_add(ttl),
         };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-                .map_err(|e| AuthError::Internal(anyhow::anyhow!("signing a token failed: {e}")))?;
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| AuthError::Internal(anyhow::anyhow!("signing a token failed: {e}")))?;
         Ok(IssuedToken { token, claims })
     }
 
-    /// Checks the signature and every claim. Says nothing about revocation.
+    /// Checks the signature and every claim. Says nothing about revocation. The key is
+    /// chosen by the token's `kid` among the keys configured here — never fetched from
+    /// anywhere the token points at; an unknown `kid` is a bad signature. A token with no
+    /// `kid` (issued before keys had ids) is tried with the active key.
     pub fn verify(&self, token: &str, now: i64) -> Result<Claims, InvalidReason> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|_| InvalidReason::Malformed)?;
+        let kid = header.kid.as_deref().unwrap_or(&self.kid);
+        let key = self
+            .verifying
+            .get(kid)
+            .filter(|k| k.valid_until.is_none_or(|until| now <= until))
+            .ok_or(InvalidReason::BadSignature)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation)
             .map_err(|e| reason_for(e.kind()))?
             .claims;
         if now >= claims.exp.saturating_add(self.leeway) {
@@ -168,6 +272,67 @@ impl TokenKeys {
         }
         Ok(claims)
     }
+}
+
+fn validation(algorithm: Algorithm, config: &JwtConfig) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    // exp and nbf are judged in `verify`, against the injected clock.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.leeway = 0;
+    validation
+}
+
+fn encoding_from_pem(algorithm: Algorithm, pem: &[u8]) -> Result<EncodingKey, KeyError> {
+    let key = match algorithm {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(pem),
+        other => return Err(KeyError(format!("{other:?} keys are not read from files"))),
+    };
+    key.map_err(|e| KeyError(format!("not a {algorithm:?} private key in PEM: {e}")))
+}
+
+/// A retired key's algorithm and verifying key, from its PEM (public or private).
+fn decoding_from_pem(pem: &[u8]) -> Result<(Algorithm, DecodingKey), KeyError> {
+    let text = String::from_utf8_lossy(pem);
+    if text.contains("PRIVATE KEY") {
+        for alg in [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256] {
+            if let Ok(encoding) = encoding_from_pem(alg, pem) {
+                let jwk = Jwk::from_encoding_key(&encoding, alg)
+                    .map_err(|e| KeyError(format!("cannot derive the public key: {e}")))?;
+                let decoding = DecodingKey::from_jwk(&jwk)
+                    .map_err(|e| KeyError(format!("cannot use the public key: {e}")))?;
+                return Ok((alg, decoding));
+            }
+        }
+    } else {
+        if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+            return Ok((Algorithm::EdDSA, key));
+        }
+        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            return Ok((Algorithm::ES256, key));
+        }
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            return Ok((Algorithm::RS256, key));
+        }
+    }
+    Err(KeyError(
+        "not an Ed25519, P-256 or RSA key in PEM".to_owned(),
+    ))
+}
+
+/// RFC 7638 thumbprint: the `kid` a key gets unless one is configured.
+fn thumbprint(jwk: &Jwk) -> Result<String, KeyError> {
+    jwk.thumbprint(ThumbprintHash::SHA256)
+        .map_err(|e| KeyError(format!("cannot compute the key's thumbprint: {e}")))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn reason_for(kind: &ErrorKind) -> InvalidReason {
@@ -201,6 +366,10 @@ mod tests {
 
     fn keys() -> TokenKeys {
         TokenKeys::new(&JwtConfig {
+            algorithm: crate::config::SigningAlgorithm::Hs256,
+            private_key: None,
+            key_id: None,
+            retired_keys: Vec::new(),
             secret: Secret::new(b"0123456789abcdef0123456789abcdef".to_vec()),
             issuer: "authd".into(),
             audience: "authd".into(),
@@ -208,6 +377,7 @@ mod tests {
             leeway: Duration::from_secs(30),
             generated_secret: false,
         })
+        .unwrap()
     }
 
     #[test]

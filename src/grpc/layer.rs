@@ -26,6 +26,7 @@ use crate::transport::Peer;
 /// client cannot grow the label set.
 const KNOWN_SERVICES: &[&str] = &[
     "auth.v1.AuthService",
+    "envoy.service.auth.v3.Authorization",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

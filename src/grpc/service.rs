@@ -5,12 +5,19 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::service::{SessionList, Validation};
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::proto::auth::v1 as pb;
 use crate::proto::auth::v1::auth_service_server::AuthService;
+use crate::store::sessions::{Event, Feed, Revocation};
 use crate::telemetry::record_user_id;
 use crate::transport::Peer;
 
@@ -18,18 +25,111 @@ use crate::transport::Peer;
 #[derive(Debug, Clone)]
 pub struct AuthGrpc {
     core: Arc<AuthCore>,
+    heartbeat: Duration,
+    stopping: watch::Receiver<bool>,
 }
 
 impl AuthGrpc {
-    /// Serves `core`.
-    pub fn new(core: Arc<AuthCore>) -> Self {
-        Self { core }
+    /// Serves `core`. WatchRevocations streams send a heartbeat every `heartbeat`, and end
+    /// when `stopping` turns true (watchers then resume on another instance).
+    pub fn new(core: Arc<AuthCore>, heartbeat: Duration, stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            core,
+            heartbeat,
+            stopping,
+        }
+    }
+}
+
+/// A revocation event as the proto has it.
+fn event_message(event: Event) -> pb::RevocationEvent {
+    match event {
+        Event::Reset { cursor } => pb::RevocationEvent {
+            cursor,
+            kind: pb::RevocationKind::Reset.into(),
+            ..Default::default()
+        },
+        Event::Revoked {
+            cursor,
+            revocation,
+            at,
+        } => {
+            let mut m = pb::RevocationEvent {
+                cursor,
+                revoked_at: Some(timestamp(at)),
+                ..Default::default()
+            };
+            match revocation {
+                Revocation::Token {
+                    user_id,
+                    session_id,
+                    jti,
+                } => {
+                    m.kind = pb::RevocationKind::Token.into();
+                    m.user_id = user_id;
+                    m.session_id = session_id;
+                    m.jti = jti;
+                }
+                Revocation::Session {
+                    user_id,
+                    session_id,
+                } => {
+                    m.kind = pb::RevocationKind::Session.into();
+                    m.user_id = user_id;
+                    m.session_id = session_id;
+                }
+                Revocation::User {
+                    user_id,
+                    except_session_id,
+                } => {
+                    m.kind = pb::RevocationKind::User.into();
+                    m.user_id = user_id;
+                    m.except_session_id = except_session_id;
+                }
+            }
+            m
+        }
+    }
+}
+
+/// Forwards a feed to one watcher: replay, then live events and heartbeats, until the
+/// watcher goes away or the server stops.
+async fn pump(
+    mut feed: Feed,
+    out: mpsc::Sender<Result<pb::RevocationEvent, Status>>,
+    heartbeat: Duration,
+    mut stopping: watch::Receiver<bool>,
+) {
+    for event in std::mem::take(&mut feed.replay) {
+        if out.send(Ok(event_message(event))).await.is_err() {
+            return;
+        }
+    }
+    let mut ticks = tokio::time::interval(heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let message = tokio::select! {
+            event = feed.next() => match event {
+                Some(event) => event_message(event),
+                None => return,
+            },
+            _ = ticks.tick() => pb::RevocationEvent {
+                cursor: feed.cursor(),
+                kind: pb::RevocationKind::Heartbeat.into(),
+                ..Default::default()
+            },
+            _ = stopping.wait_for(|stop| *stop) => return,
+            () = out.closed() => return,
+        };
+        if out.send(Ok(message)).await.is_err() {
+            return;
+        }
     }
 }
 
 /// Runs one RPC's work and turns its error into a `Status`. The span, the metrics and
 /// the log line of the call come from [`super::layer::RpcLayer`].
-async fn rpc<T, F>(call: F) -> Result<Response<T>, Status>
+pub(crate) async fn rpc<T, F>(call: F) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, AuthError>>,
 {
@@ -225,6 +325,26 @@ impl AuthService for AuthGrpc {
             Ok(pb::RevokeSessionResponse {})
         })
         .await
+    }
+
+    type WatchRevocationsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::RevocationEvent, Status>> + Send + 'static>>;
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let after = request.into_inner().after;
+        let feed = rpc(async {
+            self.core
+                .watch_revocations(Some(after.as_str()).filter(|a| !a.is_empty()))
+                .await
+        })
+        .await?
+        .into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(pump(feed, tx, self.heartbeat, self.stopping.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn validate_token(

@@ -59,10 +59,10 @@ impl Backend {
 /// A running authd for one test.
 pub struct TestApp {
     pub backend: Backend,
-    pub client: AuthServiceClient<Channel>,
-    pub channel: Channel,
     /// The gRPC address.
     pub addr: SocketAddr,
+    pub client: AuthServiceClient<Channel>,
+    pub channel: Channel,
     /// The HTTP listener (`/metrics`, `/healthz`), unless the test turned it off.
     pub http_addr: Option<SocketAddr>,
     pub clock: Arc<ManualClock>,
@@ -190,9 +190,9 @@ async fn start(
         .connect_lazy();
     TestApp {
         backend,
+        addr,
         client: AuthServiceClient::new(channel.clone()),
         channel,
-        addr,
         http_addr,
         clock,
         db_name,

@@ -27,8 +27,11 @@ mod helpers;
 
 pub mod binary;
 mod change_password;
+mod client_layer;
 mod deploy;
+mod ext_authz;
 mod health;
+mod keys;
 mod login;
 mod logout;
 mod ops;
@@ -38,3 +41,4 @@ mod register;
 mod sessions;
 pub mod tls;
 mod validate;
+mod watch;

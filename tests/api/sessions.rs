@@ -211,9 +211,19 @@ async fn all_of_a_users_keys_share_one_hash_slot_and_expire() {
         members.is_empty(),
         "logged-out session left in the set: {members:?}"
     );
+    // Every key still expires on its own, the revocation log too: it is the one key
+    // outside a user's hash slot, a stream capped by REVOCATION_LOG_MAX_LEN.
+    let log = format!("{}revocations", app.key_prefix);
     let keys: Vec<String> = r.keys(format!("{}*", app.key_prefix)).await.unwrap();
+    assert!(keys.contains(&log), "{keys:?}");
     for key in &keys {
         let ttl: i64 = r.ttl(key).await.unwrap();
         assert!(ttl > 0, "{key} has no expiry");
     }
+    let kind: String = redis::cmd("TYPE")
+        .arg(&log)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(kind, "stream");
 }

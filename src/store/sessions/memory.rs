@@ -10,16 +10,18 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use super::revocations::MemoryLog;
 use super::{NewSession, SessionRecord, SessionState, Touch, blacklist_ttl};
 
 /// Writes between two sweeps of every user.
 pub const SWEEP_EVERY: u64 = 1024;
 
 /// In-process session store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemorySessions {
     state: Mutex<State>,
     leeway: i64,
+    log: MemoryLog,
 }
 
 #[derive(Debug, Default)]
@@ -67,12 +69,19 @@ impl UserSessions {
 }
 
 impl MemorySessions {
-    /// An empty store; sessions outlive their token's `exp` by `leeway` seconds.
-    pub fn new(leeway: i64) -> Self {
+    /// An empty store; sessions outlive their token's `exp` by `leeway` seconds. The
+    /// revocation log keeps the last `log_max_len` events.
+    pub fn new(leeway: i64, log_max_len: usize) -> Self {
         Self {
             state: Mutex::default(),
             leeway,
+            log: MemoryLog::new(log_max_len),
         }
+    }
+
+    /// The revocation log watchers follow.
+    pub fn log(&self) -> &MemoryLog {
+        &self.log
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -251,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_blacklist_entry_lasts_until_exp_plus_leeway() {
-        let m = MemorySessions::new(30);
+        let m = MemorySessions::new(30, 16);
         m.create(&new_session("s", "j", 1000), 0);
         assert!(m.revoke("u", "s", 1000));
         // exp 87_400 + 30 leeway: revoked through 87_429, gone at 87_430.
@@ -261,7 +270,7 @@ mod tests {
 
     #[test]
     fn ended_sessions_and_lapsed_entries_are_dropped() {
-        let m = MemorySessions::new(30);
+        let m = MemorySessions::new(30, 16);
         for i in 0..(SWEEP_EVERY + 10) {
             let user = format!("user{i}");
             let s = NewSession {
@@ -281,7 +290,7 @@ mod tests {
 
     #[test]
     fn touch_needs_the_sessions_own_token() {
-        let m = MemorySessions::new(30);
+        let m = MemorySessions::new(30, 16);
         m.create(&new_session("s", "j", 1000), 0);
         let t = Touch {
             user_id: "u",

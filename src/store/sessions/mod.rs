@@ -3,12 +3,14 @@
 
 pub mod memory;
 pub mod redis;
+pub mod revocations;
 
 use crate::config::SessionsBackend;
 use crate::store::{PoolStats, StoreError};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
+pub use revocations::{Event, Feed, Revocation};
 
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,12 +95,22 @@ pub enum SessionStore {
 impl SessionStore {
     /// Opens the configured backend (Redis connections are made lazily). `leeway` is the
     /// token leeway in seconds: a session outlives its token's `exp` by that much.
-    pub fn new(backend: &SessionsBackend, leeway: i64) -> anyhow::Result<Self> {
+    pub fn new(
+        backend: &SessionsBackend,
+        leeway: i64,
+        log_max_len: usize,
+        token_ttl: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        let retention =
+            token_ttl + std::time::Duration::from_secs(u64::try_from(leeway).unwrap_or(0));
         Ok(match backend {
-            SessionsBackend::Redis(config) => {
-                Self::Redis(Box::new(RedisSessions::new(config, leeway)?))
-            }
-            SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway)),
+            SessionsBackend::Redis(config) => Self::Redis(Box::new(RedisSessions::new(
+                config,
+                leeway,
+                log_max_len,
+                retention,
+            )?)),
+            SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway, log_max_len)),
         })
     }
 
@@ -107,6 +119,25 @@ impl SessionStore {
         match self {
             Self::Redis(s) => Some(s.pool_stats()),
             Self::Memory(_) => None,
+        }
+    }
+
+    /// Appends a revocation to the log that caching callers watch.
+    pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.publish(revocation, at).await,
+            Self::Memory(m) => {
+                m.log().publish(revocation.clone(), at);
+                Ok(())
+            }
+        }
+    }
+
+    /// Revocations missed after `after` (or none: from now), then live ones.
+    pub async fn subscribe(&self, after: Option<&str>) -> Result<Feed, StoreError> {
+        match self {
+            Self::Redis(r) => r.subscribe(after).await,
+            Self::Memory(m) => Ok(m.log().subscribe(after)),
         }
     }
 

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
 
+use std::sync::Arc;
+
+use super::revocations::{Feed, RedisLog, Revocation};
 use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
 use crate::store::{PoolStats, StoreError};
@@ -30,6 +33,7 @@ pub struct RedisSessions {
     pool: bb8::Pool<Manager>,
     pool_size: u32,
     leeway: i64,
+    log: Arc<RedisLog>,
     prefix: String,
     command_timeout: Duration,
     breaker: Breaker,
@@ -144,9 +148,20 @@ return n
 impl RedisSessions {
     /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
     /// open mode) while Redis is down.
-    pub fn new(config: &RedisConfig, leeway: i64) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &RedisConfig,
+        leeway: i64,
+        log_max_len: usize,
+        log_retention: Duration,
+    ) -> anyhow::Result<Self> {
         let client = Client::open(config.url.expose().as_str())
             .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
+        let log = RedisLog::new(
+            client.clone(),
+            format!("{}revocations", config.key_prefix),
+            log_max_len,
+            log_retention,
+        );
         let manager = Manager {
             client,
             config: AsyncConnectionConfig::new()
@@ -167,6 +182,7 @@ impl RedisSessions {
             pool,
             pool_size: config.pool_size,
             leeway,
+            log,
             prefix: config.key_prefix.clone(),
             command_timeout: config.command_timeout,
             breaker: Breaker::new(config.retry_interval),
@@ -185,6 +201,20 @@ impl RedisSessions {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
             .map(|_| ())
+    }
+
+    /// Appends a revocation to the log watchers follow.
+    pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
+        let pipe = self.log.append_command(revocation, at);
+        self.run(|mut c| async move { pipe.query_async::<(String,)>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Missed revocations after `after`, then live ones.
+    pub async fn subscribe(&self, after: Option<&str>) -> Result<Feed, StoreError> {
+        self.breaker.check()?;
+        self.log.subscribe(after).await
     }
 
     fn tag(&self, user_id: &str) -> String {

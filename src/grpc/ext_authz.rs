@@ -1,0 +1,125 @@
+//! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`), on the
+//! same port and from the same validation core as ValidateToken.
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
+};
+use envoy_types::ext_authz::v3::{
+    CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+};
+use tonic::{Request, Response, Status};
+
+use super::service::rpc;
+use crate::auth::service::Validation;
+use crate::auth::{AuthCore, AuthError, InvalidReason};
+
+/// Headers authd sets on an allowed request for the upstream.
+pub const USER_ID_HEADER: &str = "x-auth-user-id";
+/// The username.
+pub const USERNAME_HEADER: &str = "x-auth-username";
+/// The session id.
+pub const SESSION_ID_HEADER: &str = "x-auth-session-id";
+/// Present (value `revocation-unchecked`) when the session store could not be asked.
+pub const DEGRADED_HEADER: &str = "x-auth-degraded";
+
+/// The Check service.
+#[derive(Debug, Clone)]
+pub struct ExtAuthz {
+    core: Arc<AuthCore>,
+    strip_authorization: bool,
+}
+
+impl ExtAuthz {
+    /// Checks with `core`; `strip_authorization` removes the bearer from allowed requests.
+    pub fn new(core: Arc<AuthCore>, strip_authorization: bool) -> Self {
+        Self {
+            core,
+            strip_authorization,
+        }
+    }
+
+    async fn decide(&self, request: &CheckRequest) -> Result<CheckResponse, AuthError> {
+        let token = request
+            .get_client_headers()
+            .and_then(|h| h.get("authorization"))
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| token.trim().to_owned())
+            })
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
+            return Ok(denied(None));
+        };
+        let verdict = match self.core.validate(&token).await {
+            Ok(verdict) => verdict,
+            Err(AuthError::InvalidArgument(_)) => Validation::Invalid(InvalidReason::Malformed),
+            Err(e) => return Err(e),
+        };
+        let valid = match verdict {
+            Validation::Valid(valid) => valid,
+            Validation::Invalid(reason) => return Ok(denied(Some(reason))),
+        };
+        crate::telemetry::record_user_id(&valid.claims.sub);
+        let mut ok = OkHttpResponseBuilder::new();
+        // Overwrite whatever the client sent under these names.
+        let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+        ok.add_header(USER_ID_HEADER, &valid.claims.sub, overwrite, false)
+            .add_header(USERNAME_HEADER, &valid.claims.username, overwrite, false)
+            .add_header(SESSION_ID_HEADER, &valid.claims.sid, overwrite, false);
+        if valid.revocation_checked {
+            ok.remove_header(DEGRADED_HEADER);
+        } else {
+            ok.add_header(DEGRADED_HEADER, "revocation-unchecked", overwrite, false);
+        }
+        if self.strip_authorization {
+            ok.remove_header("authorization");
+        }
+        let mut response = CheckResponse::with_status(Status::ok("allowed"));
+        response.set_http_response(ok);
+        Ok(response)
+    }
+}
+
+/// 401 with a `WWW-Authenticate` challenge (RFC 6750): no error code when no token was
+/// presented, `invalid_token` and the reason otherwise.
+fn denied(reason: Option<InvalidReason>) -> CheckResponse {
+    let (challenge, body) = match reason {
+        None => (
+            r#"Bearer realm="authd""#.to_owned(),
+            "missing bearer token".to_owned(),
+        ),
+        Some(reason) => (
+            format!(
+                r#"Bearer realm="authd", error="invalid_token", error_description="{}""#,
+                reason.as_str()
+            ),
+            format!("invalid token: {}", reason.as_str()),
+        ),
+    };
+    let mut deny = DeniedHttpResponseBuilder::new();
+    deny.set_http_status(HttpStatusCode::Unauthorized)
+        .add_header(
+            "www-authenticate",
+            challenge,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        )
+        .set_body(body.clone());
+    let mut response = CheckResponse::with_status(Status::unauthenticated(body));
+    response.set_http_response(deny);
+    response
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        rpc(self.decide(request.get_ref())).await
+    }
+}

@@ -1,0 +1,136 @@
+//! Envoy's Check, over real gRPC.
+
+use std::collections::HashMap;
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as AttrRequest,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+
+use crate::helpers::*;
+
+fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn check(app: &TestApp, headers: &[(&str, &str)]) -> CheckResponse {
+    AuthorizationClient::new(app.channel.clone())
+        .check(check_request(headers))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The headers an allowed answer sets, and those it removes.
+fn allowed(r: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
+    assert_eq!(r.status.as_ref().unwrap().code, 0, "{r:?}");
+    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
+        panic!("not allowed: {r:?}")
+    };
+    let set = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    (set, ok.headers_to_remove.clone())
+}
+
+/// HTTP status, `www-authenticate` and body of a denied answer.
+fn denied(r: &CheckResponse) -> (i32, String, String) {
+    assert_eq!(r.status.as_ref().unwrap().code, 16, "{r:?}");
+    let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
+        panic!("not denied: {r:?}")
+    };
+    let challenge = d
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == "www-authenticate")
+        .map(|h| h.value.clone())
+        .unwrap_or_default();
+    (d.status.as_ref().unwrap().code, challenge, d.body.clone())
+}
+
+on_every_backend! {
+async fn check_allows_a_valid_token_with_headers_for_the_upstream(backend: Backend) {
+    let app = backend.spawn().await;
+    let (user, login) = app.user_with_session("lena").await;
+    let bearer = format!("Bearer {}", login.access_token);
+    let r = check(&app, &[("authorization", &bearer), ("x-auth-user-id", "spoofed")]).await;
+    let (set, removed) = allowed(&r);
+    assert_eq!(set["x-auth-user-id"], user.user_id);
+    assert_eq!(set["x-auth-username"], "lena");
+    assert_eq!(set["x-auth-session-id"], login.session_id);
+    assert!(!set.contains_key("x-auth-degraded"));
+    assert!(removed.contains(&"x-auth-degraded".to_owned()), "{removed:?}");
+    // Kept by default.
+    assert!(!removed.contains(&"authorization".to_owned()));
+    // Overwrites a client's own x-auth-* header rather than appending to it.
+    let ok = match &r.http_response { Some(HttpResponse::OkResponse(ok)) => ok, _ => unreachable!() };
+    assert!(ok.headers.iter().all(|h| h.append_action == 2), "{:?}", ok.headers);
+}
+
+async fn check_denies_missing_malformed_expired_and_revoked_tokens_with_401(backend: Backend) {
+    let app = backend.spawn().await;
+    let (_, login) = app.user_with_session("mona").await;
+
+    let (status, challenge, body) = denied(&check(&app, &[]).await);
+    assert_eq!(status, 401);
+    assert_eq!(challenge, r#"Bearer realm="authd""#);
+    assert!(body.contains("missing"));
+
+    let (status, challenge, _) = denied(&check(&app, &[("authorization", "Bearer garbage")]).await);
+    assert_eq!(status, 401);
+    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+    assert!(challenge.contains("malformed"), "{challenge}");
+
+    let now = unix(&app.clock);
+    let expired = RawClaims { exp: Some(now - 120), iat: Some(now - 600), nbf: Some(now - 600), ..RawClaims::good(now) }.sign(SECRET);
+    let (_, challenge, _) = denied(&check(&app, &[("authorization", &format!("Bearer {expired}"))]).await);
+    assert!(challenge.contains("expired"), "{challenge}");
+
+    app.logout(&login.access_token).await.unwrap();
+    let (status, challenge, body) = denied(&check(&app, &[("authorization", &format!("Bearer {}", login.access_token))]).await);
+    assert_eq!(status, 401);
+    assert!(challenge.contains("revoked"), "{challenge}");
+    assert!(body.contains("revoked"));
+}
+}
+
+#[tokio::test]
+async fn check_can_strip_the_bearer_and_says_when_revocation_was_not_checked() {
+    let mut redis = OwnRedis::start().await;
+    let url = redis.url();
+    let app = spawn_app_with(&[
+        ("REDIS_URL", &url),
+        ("EXT_AUTHZ_STRIP_AUTHORIZATION", "true"),
+    ])
+    .await;
+    let (_, login) = app.user_with_session("nils").await;
+    let bearer = format!("Bearer {}", login.access_token);
+    let (_, removed) = allowed(&check(&app, &[("authorization", &bearer)]).await);
+    assert!(removed.contains(&"authorization".to_owned()));
+
+    redis.kill();
+    let (set, _) = allowed(&check(&app, &[("authorization", &bearer)]).await);
+    assert_eq!(set["x-auth-degraded"], "revocation-unchecked");
+}
