@@ -24,7 +24,12 @@ COPY --from=build /src/target/release/authd /usr/local/bin/authd
 # With no database configured, authd keeps its SQLite file here.
 WORKDIR /var/lib/authd
 USER 10001
-ENV GRPC_ADDR=0.0.0.0:50051 LOG_FORMAT=json
-EXPOSE 50051
+ENV GRPC_ADDR=0.0.0.0:50051 HTTP_ADDR=0.0.0.0:8080 LOG_FORMAT=json
+# 50051: gRPC; 8080: /metrics and /healthz.
+EXPOSE 50051 8080
+# `authd healthcheck` asks the local server (gRPC health, or /healthz under TLS) and
+# exits 0 only when it answers SERVING.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/authd", "healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/authd"]

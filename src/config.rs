@@ -228,6 +228,49 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// Time allowed to take a connection from the pool.
     pub acquire_timeout: Duration,
+    /// Time allowed for one query (or one transaction).
+    pub query_timeout: Duration,
+}
+
+/// TLS on the gRPC listener; read again on change and on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate they signed.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes; zero checks only on SIGHUP.
+    pub reload_interval: Duration,
+}
+
+/// What one client, and all of them together, may cost the gRPC server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcLimits {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest HTTP/2 header list (metadata) a request may carry, in bytes.
+    pub max_header_list_bytes: u32,
+    /// Calls in flight on the whole server; more are answered RESOURCE_EXHAUSTED.
+    pub concurrency: usize,
+    /// Calls in flight on one connection; more are answered RESOURCE_EXHAUSTED.
+    pub connection_concurrency: usize,
+    /// Longest a call may run; a shorter client `grpc-timeout` wins.
+    pub request_timeout: Duration,
+    /// HTTP/2 PING interval on idle connections; zero sends none.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+/// OpenTelemetry trace export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// OTLP/gRPC collector, like `http://otel-collector:4317`.
+    pub endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
 }
 
 /// An IP network: an address and how many leading bits of it must match.
@@ -370,6 +413,14 @@ pub struct AuditConfig {
 pub struct Config {
     /// gRPC listen address; port 0 picks a free port.
     pub grpc_addr: SocketAddr,
+    /// HTTP listener for `/metrics` and `/healthz`; `None` when `HTTP_ADDR` is empty.
+    pub http_addr: Option<SocketAddr>,
+    /// TLS for the gRPC listener; `None` serves plaintext (e.g. behind a mesh).
+    pub tls: Option<TlsConfig>,
+    /// Limits on what callers may cost.
+    pub limits: GrpcLimits,
+    /// Trace export; `None` when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset.
+    pub otlp: Option<OtlpConfig>,
     /// Users.
     pub users: UsersBackend,
     /// Sessions and the logout blacklist.
@@ -424,6 +475,7 @@ struct RawEnv {
     db_name: Option<String>,
     db_pool_size: Option<String>,
     db_acquire_timeout: Option<String>,
+    db_query_timeout: Option<String>,
     redis_url: Option<String>,
     redis_addr: Option<String>,
     redis_password: Option<String>,
@@ -443,6 +495,20 @@ struct RawEnv {
     max_sessions_per_user: Option<String>,
     log_format: Option<String>,
     shutdown_grace: Option<String>,
+    http_addr: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
+    tls_reload_interval: Option<String>,
+    grpc_max_message_size: Option<String>,
+    grpc_max_header_list_size: Option<String>,
+    grpc_concurrency_limit: Option<String>,
+    grpc_connection_concurrency_limit: Option<String>,
+    grpc_request_timeout: Option<String>,
+    grpc_keepalive_interval: Option<String>,
+    grpc_keepalive_timeout: Option<String>,
+    otel_exporter_otlp_endpoint: Option<String>,
+    otel_service_name: Option<String>,
     revocation_log_max_len: Option<String>,
     watch_heartbeat: Option<String>,
     ext_authz_strip_authorization: Option<String>,
@@ -462,6 +528,84 @@ struct RawEnv {
     audit_queue: Option<String>,
 }
 
+/// Every environment variable authd reads: the fields of `RawEnv` (kept in step by a
+/// unit test) and `RUST_LOG`, read by the log filter. Deployment files are checked
+/// against this list, so a misspelt setting there fails a test instead of being ignored.
+pub const SETTINGS: &[&str] = &[
+    "JWT_SECRET",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "JWT_TTL",
+    "JWT_LEEWAY",
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASS",
+    "DB_NAME",
+    "DB_POOL_SIZE",
+    "DB_ACQUIRE_TIMEOUT",
+    "DB_QUERY_TIMEOUT",
+    "REDIS_URL",
+    "REDIS_ADDR",
+    "REDIS_PASSWORD",
+    "REDIS_KEY_PREFIX",
+    "REDIS_POOL_SIZE",
+    "REDIS_CONNECT_TIMEOUT",
+    "REDIS_COMMAND_TIMEOUT",
+    "REDIS_RETRY_INTERVAL",
+    "REDIS_FAILURE_MODE",
+    "SQLITE_PATH",
+    "GRPC_ADDR",
+    "GRPC_REFLECTION",
+    "BCRYPT_COST",
+    "BCRYPT_WORKERS",
+    "BCRYPT_QUEUE",
+    "SESSION_IDLE_TIMEOUT",
+    "MAX_SESSIONS_PER_USER",
+    "LOG_FORMAT",
+    "SHUTDOWN_GRACE",
+    "HTTP_ADDR",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "TLS_CLIENT_CA_FILE",
+    "TLS_RELOAD_INTERVAL",
+    "GRPC_MAX_MESSAGE_SIZE",
+    "GRPC_MAX_HEADER_LIST_SIZE",
+    "GRPC_CONCURRENCY_LIMIT",
+    "GRPC_CONNECTION_CONCURRENCY_LIMIT",
+    "GRPC_REQUEST_TIMEOUT",
+    "GRPC_KEEPALIVE_INTERVAL",
+    "GRPC_KEEPALIVE_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+    "JWT_ALGORITHM",
+    "JWT_PRIVATE_KEY_FILE",
+    "JWT_KEY_ID",
+    "JWT_RETIRED_KEYS",
+    "REVOCATION_LOG_MAX_LEN",
+    "WATCH_HEARTBEAT",
+    "EXT_AUTHZ_STRIP_AUTHORIZATION",
+    "RUST_LOG",
+    "TRUSTED_PROXIES",
+    "THROTTLE_ACCOUNT_THRESHOLD",
+    "THROTTLE_ACCOUNT_WINDOW",
+    "THROTTLE_ACCOUNT_MAX_DELAY",
+    "THROTTLE_ADDRESS_THRESHOLD",
+    "THROTTLE_ADDRESS_WINDOW",
+    "THROTTLE_ADDRESS_MAX_DELAY",
+    "THROTTLE_BASE_DELAY",
+    "PASSWORD_POLICY",
+    "PASSWORD_MIN_LENGTH",
+    "PASSWORD_MIN_STRENGTH",
+    "AUDIT_RETENTION",
+    "AUDIT_PURGE_INTERVAL",
+    "AUDIT_QUEUE",
+];
+
+/// The HTTP listener's address when `HTTP_ADDR` is not set.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+
 impl Config {
     /// Reads the process environment, after loading `.env` if one is present.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -478,15 +622,30 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        // `HTTP_ADDR=` (set, empty) turns the HTTP listener off; unset keeps the default.
+        let http_disabled = vars.get("HTTP_ADDR").is_some_and(|v| v.trim().is_empty());
         // Empty values count as unset, as in most shells' `VAR= cmd`.
         let vars: HashMap<String, String> =
             vars.into_iter().filter(|(_, v)| !v.is_empty()).collect();
         let raw: RawEnv =
             envy::from_iter(vars).map_err(|e| ConfigError::new("environment", e.to_string()))?;
-        Self::from_raw(raw)
+        Self::from_raw(raw, http_disabled)
     }
 
-    fn from_raw(raw: RawEnv) -> Result<Self, ConfigError> {
+    fn from_raw(raw: RawEnv, http_disabled: bool) -> Result<Self, ConfigError> {
+        let http_addr = if http_disabled {
+            None
+        } else {
+            Some(parse(
+                "HTTP_ADDR",
+                raw.http_addr.as_deref().unwrap_or(DEFAULT_HTTP_ADDR),
+                "an address like 0.0.0.0:8080 (or empty, to turn it off)",
+            )?)
+        };
+        let tls = tls(&raw)?;
+        let limits = limits(&raw)?;
+        let otlp = otlp(&raw)?;
         let users = users(&raw)?;
         let sessions = match redis(&raw)? {
             Some(redis) => SessionsBackend::Redis(redis),
@@ -641,6 +800,10 @@ impl Config {
                 raw.grpc_addr.as_deref().unwrap_or("0.0.0.0:50051"),
                 "an address like 0.0.0.0:50051",
             )?,
+            http_addr,
+            tls,
+            limits,
+            otlp,
             users,
             sessions,
             jwt,
@@ -692,6 +855,118 @@ impl Config {
             audit,
         })
     }
+}
+
+fn tls(raw: &RawEnv) -> Result<Option<TlsConfig>, ConfigError> {
+    let reload_interval = duration(
+        "TLS_RELOAD_INTERVAL",
+        raw.tls_reload_interval.clone(),
+        Duration::from_secs(30),
+    )?;
+    match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert_file: PathBuf::from(cert),
+            key_file: PathBuf::from(key),
+            client_ca_file: raw.tls_client_ca_file.as_ref().map(PathBuf::from),
+            reload_interval,
+        })),
+        (Some(_), None) => Err(ConfigError::new(
+            "TLS_KEY_FILE",
+            "is required when TLS_CERT_FILE is set",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            "TLS_CERT_FILE",
+            "is required when TLS_KEY_FILE is set",
+        )),
+        (None, None) if raw.tls_client_ca_file.is_some() => Err(ConfigError::new(
+            "TLS_CLIENT_CA_FILE",
+            "needs TLS_CERT_FILE and TLS_KEY_FILE: client certificates are checked only over TLS",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+fn limits(raw: &RawEnv) -> Result<GrpcLimits, ConfigError> {
+    let at_least_one = |name: &'static str, n: usize| {
+        if n == 0 {
+            Err(ConfigError::new(name, "must be at least 1"))
+        } else {
+            Ok(n)
+        }
+    };
+    let max_message_bytes = at_least_one(
+        "GRPC_MAX_MESSAGE_SIZE",
+        bytes(
+            "GRPC_MAX_MESSAGE_SIZE",
+            raw.grpc_max_message_size.clone(),
+            64 * 1024,
+        )?,
+    )?;
+    let max_header_list_bytes = at_least_one(
+        "GRPC_MAX_HEADER_LIST_SIZE",
+        bytes(
+            "GRPC_MAX_HEADER_LIST_SIZE",
+            raw.grpc_max_header_list_size.clone(),
+            16 * 1024,
+        )?,
+    )?;
+    let request_timeout = positive_duration(
+        "GRPC_REQUEST_TIMEOUT",
+        raw.grpc_request_timeout.clone(),
+        Duration::from_secs(10),
+    )?;
+    Ok(GrpcLimits {
+        max_message_bytes,
+        max_header_list_bytes: u32::try_from(max_header_list_bytes)
+            .map_err(|_| ConfigError::new("GRPC_MAX_HEADER_LIST_SIZE", "must be less than 4GiB"))?,
+        concurrency: at_least_one(
+            "GRPC_CONCURRENCY_LIMIT",
+            number(
+                "GRPC_CONCURRENCY_LIMIT",
+                raw.grpc_concurrency_limit.clone(),
+                1024,
+            )?,
+        )?,
+        connection_concurrency: at_least_one(
+            "GRPC_CONNECTION_CONCURRENCY_LIMIT",
+            number(
+                "GRPC_CONNECTION_CONCURRENCY_LIMIT",
+                raw.grpc_connection_concurrency_limit.clone(),
+                128,
+            )?,
+        )?,
+        request_timeout,
+        keepalive_interval: duration(
+            "GRPC_KEEPALIVE_INTERVAL",
+            raw.grpc_keepalive_interval.clone(),
+            Duration::from_secs(30),
+        )?,
+        keepalive_timeout: duration(
+            "GRPC_KEEPALIVE_TIMEOUT",
+            raw.grpc_keepalive_timeout.clone(),
+            Duration::from_secs(10),
+        )?,
+    })
+}
+
+fn otlp(raw: &RawEnv) -> Result<Option<OtlpConfig>, ConfigError> {
+    let service_name = raw
+        .otel_service_name
+        .clone()
+        .unwrap_or_else(|| "authd".to_owned());
+    let Some(endpoint) = raw.otel_exporter_otlp_endpoint.clone() else {
+        return Ok(None);
+    };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(ConfigError::new(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "must start with http:// or https:// (OTLP over gRPC, like http://otel-collector:4317)",
+        ));
+    }
+    Ok(Some(OtlpConfig {
+        endpoint,
+        service_name,
+    }))
 }
 
 /// `path@RFC3339-time,…`: keys that stopped signing at that time.
@@ -984,6 +1259,11 @@ fn mysql(raw: &RawEnv) -> Result<DatabaseConfig, ConfigError> {
             raw.db_acquire_timeout.clone(),
             Duration::from_secs(2),
         )?,
+        query_timeout: positive_duration(
+            "DB_QUERY_TIMEOUT",
+            raw.db_query_timeout.clone(),
+            Duration::from_secs(2),
+        )?,
     })
 }
 
@@ -1037,19 +1317,19 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
     if pool_size == 0 {
         return Err(ConfigError::new("REDIS_POOL_SIZE", "must be at least 1"));
     }
-    let failure_mode = choice(
-        "REDIS_FAILURE_MODE",
-        raw.redis_failure_mode.as_deref(),
-        &[
-            ("open", RedisFailureMode::Open),
-            ("closed", RedisFailureMode::Closed),
-        ],
-    )?;
-    let nonzero = |name: &'static str, d: Duration| {
-        if d.is_zero() {
-            Err(ConfigError::new(name, "must be more than 0s"))
-        } else {
-            Ok(d)
+    let failure_mode = match raw
+        .redis_failure_mode
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("open") => RedisFailureMode::Open,
+        Some("closed") => RedisFailureMode::Closed,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "REDIS_FAILURE_MODE",
+                format!("must be open or closed, got {other:?}"),
+            ));
         }
     };
     let Some(url) = url else {
@@ -1059,21 +1339,15 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
         url: Secret::new(url),
         key_prefix,
         pool_size,
-        connect_timeout: nonzero(
+        connect_timeout: positive_duration(
             "REDIS_CONNECT_TIMEOUT",
-            duration(
-                "REDIS_CONNECT_TIMEOUT",
-                raw.redis_connect_timeout.clone(),
-                Duration::from_millis(250),
-            )?,
+            raw.redis_connect_timeout.clone(),
+            Duration::from_millis(250),
         )?,
-        command_timeout: nonzero(
+        command_timeout: positive_duration(
             "REDIS_COMMAND_TIMEOUT",
-            duration(
-                "REDIS_COMMAND_TIMEOUT",
-                raw.redis_command_timeout.clone(),
-                Duration::from_millis(250),
-            )?,
+            raw.redis_command_timeout.clone(),
+            Duration::from_millis(250),
         )?,
         retry_interval: duration(
             "REDIS_RETRY_INTERVAL",
@@ -1124,6 +1398,49 @@ fn duration(
             )
         }),
     }
+}
+
+/// A duration that must be more than zero.
+fn positive_duration(
+    variable: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration(variable, value, default)?;
+    if d.is_zero() {
+        return Err(ConfigError::new(variable, "must be more than 0s"));
+    }
+    Ok(d)
+}
+
+/// A size in bytes: a plain number, or one with a `KiB` or `MiB` suffix.
+fn bytes(
+    variable: &'static str,
+    value: Option<String>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let text = v.trim().to_ascii_lowercase();
+    let (digits, unit) = if let Some(n) = text.strip_suffix("kib") {
+        (n, 1024)
+    } else if let Some(n) = text.strip_suffix("mib") {
+        (n, 1024 * 1024)
+    } else {
+        (text.strip_suffix('b').unwrap_or(&text), 1)
+    };
+    digits
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            ConfigError::new(
+                variable,
+                format!("{v:?} is not a size (write it like 65536, 64KiB or 1MiB)"),
+            )
+        })
 }
 
 fn number<T: FromStr>(
@@ -1315,6 +1632,16 @@ mod tests {
         assert_eq!(o.get_port(), 3307);
         assert_eq!(o.get_username(), "authd");
         assert_eq!(o.get_database(), Some("users"));
+        assert_eq!(db.query_timeout, Duration::from_secs(2));
+        for bad in ["0s", "soon"] {
+            let e = Config::from_vars(vars(&[
+                SECRET,
+                ("DB_HOST", "db"),
+                ("DB_QUERY_TIMEOUT", bad),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.variable, "DB_QUERY_TIMEOUT");
+        }
     }
 
     #[test]
@@ -1360,6 +1687,17 @@ mod tests {
             ("AUDIT_RETENTION", "10s"),
             ("AUDIT_PURGE_INTERVAL", "1ms"),
             ("AUDIT_QUEUE", "0"),
+            ("HTTP_ADDR", "port 8080"),
+            ("TLS_RELOAD_INTERVAL", "often"),
+            ("GRPC_MAX_MESSAGE_SIZE", "64 kilobytes"),
+            ("GRPC_MAX_MESSAGE_SIZE", "0"),
+            ("GRPC_MAX_HEADER_LIST_SIZE", "8GiB-ish"),
+            ("GRPC_CONCURRENCY_LIMIT", "0"),
+            ("GRPC_CONNECTION_CONCURRENCY_LIMIT", "many"),
+            ("GRPC_REQUEST_TIMEOUT", "0s"),
+            ("GRPC_KEEPALIVE_INTERVAL", "30"),
+            ("GRPC_KEEPALIVE_TIMEOUT", "soon"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
         ] {
             let e = Config::from_vars(vars(&[SECRET, (name, value)])).unwrap_err();
             assert_eq!(e.variable, name, "{name}={value}: {e}");
@@ -1459,6 +1797,122 @@ mod tests {
         assert!(!t.trusts("fe80::1".parse().unwrap()));
         let all: IpNetwork = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("203.0.113.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn operations_settings_have_their_defaults() {
+        let c = Config::from_vars(vars(&[SECRET])).unwrap();
+        assert_eq!(c.http_addr, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(c.tls, None);
+        assert_eq!(c.otlp, None);
+        assert_eq!(
+            c.limits,
+            GrpcLimits {
+                max_message_bytes: 65_536,
+                max_header_list_bytes: 16_384,
+                concurrency: 1024,
+                connection_concurrency: 128,
+                request_timeout: Duration::from_secs(10),
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(10),
+            }
+        );
+    }
+
+    #[test]
+    fn an_empty_http_addr_turns_the_http_listener_off() {
+        let c = Config::from_vars(vars(&[SECRET, ("HTTP_ADDR", "")])).unwrap();
+        assert_eq!(c.http_addr, None);
+        let c = Config::from_vars(vars(&[SECRET, ("HTTP_ADDR", "127.0.0.1:0")])).unwrap();
+        assert_eq!(c.http_addr, Some("127.0.0.1:0".parse().unwrap()));
+    }
+
+    #[test]
+    fn sizes_take_kib_and_mib() {
+        for (text, expected) in [
+            ("65536", 65_536),
+            ("64KiB", 65_536),
+            ("64kib", 65_536),
+            ("1MiB", 1_048_576),
+            ("512B", 512),
+        ] {
+            let c = Config::from_vars(vars(&[SECRET, ("GRPC_MAX_MESSAGE_SIZE", text)])).unwrap();
+            assert_eq!(c.limits.max_message_bytes, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_mtls_needs_tls() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("TLS_CERT_FILE", "cert.pem"),
+            ("TLS_KEY_FILE", "key.pem"),
+            ("TLS_CLIENT_CA_FILE", "ca.pem"),
+        ]))
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.client_ca_file.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(tls.reload_interval, Duration::from_secs(30));
+        let e = Config::from_vars(vars(&[SECRET, ("TLS_CLIENT_CA_FILE", "ca.pem")])).unwrap_err();
+        assert_eq!(e.variable, "TLS_CLIENT_CA_FILE");
+        let e = Config::from_vars(vars(&[SECRET, ("TLS_CERT_FILE", "cert.pem")])).unwrap_err();
+        assert_eq!(e.variable, "TLS_KEY_FILE");
+        let e = Config::from_vars(vars(&[SECRET, ("TLS_KEY_FILE", "key.pem")])).unwrap_err();
+        assert_eq!(e.variable, "TLS_CERT_FILE");
+    }
+
+    #[test]
+    fn otlp_export_follows_the_standard_variables() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+        ]))
+        .unwrap();
+        let otlp = c.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://collector:4317");
+        assert_eq!(otlp.service_name, "authd");
+    }
+
+    /// A deserializer that only records which fields a struct asks for.
+    struct FieldNames(Vec<&'static str>);
+
+    impl<'de> serde::Deserializer<'de> for &mut FieldNames {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("only structs"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.extend_from_slice(fields);
+            Err(serde::de::Error::custom("fields recorded"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    #[test]
+    fn settings_lists_exactly_what_authd_reads() {
+        let mut fields = FieldNames(Vec::new());
+        let _ = RawEnv::deserialize(&mut fields);
+        let mut read: Vec<String> = fields.0.iter().map(|f| f.to_ascii_uppercase()).collect();
+        read.push("RUST_LOG".to_owned());
+        read.sort();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| (*s).to_owned()).collect();
+        listed.sort();
+        assert_eq!(read, listed);
     }
 
     #[test]

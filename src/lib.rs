@@ -16,11 +16,17 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod grpc;
 #[cfg(feature = "server")]
+pub mod healthcheck;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
 pub mod startup;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod transport;
 
 /// Code generated from `proto/`.
 pub mod proto {

@@ -1,10 +1,26 @@
-//! The `authd` binary: configuration, logging, serve until SIGTERM or SIGINT.
+//! The `authd` binary: configuration, telemetry, serve until SIGTERM or SIGINT; or, as
+//! `authd healthcheck`, ask the local server whether it is SERVING.
 
 use std::process::ExitCode;
 
-use authd::{Application, Config, startup, telemetry};
+use authd::{Application, Config, healthcheck, startup, telemetry};
+
+const USAGE: &str = "usage: authd [healthcheck]";
 
 fn main() -> ExitCode {
+    let command = std::env::args().nth(1);
+    let healthcheck = match command.as_deref() {
+        None => false,
+        Some("healthcheck") => true,
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("authd: unknown command {other:?} ({USAGE})");
+            return ExitCode::from(2);
+        }
+    };
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -12,7 +28,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -23,10 +38,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if healthcheck {
+        return match runtime.block_on(healthcheck::check(&config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("authd: not healthy: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // The OTLP exporter's channel is made on this runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        match telemetry::init(config.log_format, config.otlp.as_ref()) {
+            Ok(telemetry) => telemetry,
+            Err(e) => {
+                eprintln!("authd: {}", one_line(&e));
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let result = runtime.block_on(async {
         let app = Application::build(config).await?;
         app.run_until(startup::shutdown_signal()).await
     });
+    // Flushed while the runtime that drives the exporter still runs.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

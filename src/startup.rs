@@ -1,13 +1,15 @@
-//! Builds the stores, the core and the tonic router, binds the listener (port 0 works,
-//! for tests) and serves until told to stop.
+//! Builds the stores, the core and the tonic router, binds the gRPC and HTTP listeners
+//! (port 0 works, for tests) and serves until told to stop.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -15,25 +17,39 @@ use tonic_health::server::HealthReporter;
 use crate::auth::AuthCore;
 use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, SessionsBackend};
+use crate::config::{Config, GrpcLimits, SessionsBackend};
 use crate::grpc::AuthGrpc;
 use crate::grpc::ext_authz::ExtAuthz;
+use crate::grpc::layer::RpcLayer;
+use crate::http::HttpState;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
-use crate::store::{SessionStore, UserStore};
+use crate::store::{PoolStats, SessionStore, UserStore};
+use crate::transport::TlsReloader;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The name health checks use for the auth service.
 pub const AUTH_SERVICE_NAME: &str = "auth.v1.AuthService";
 
+/// How often histogram samples are folded into the registry when nobody scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// How long the HTTP listener gets to finish its requests after the gRPC server stopped.
+const HTTP_GRACE: Duration = Duration::from_secs(1);
+
 /// A built, bound, not yet serving authd.
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    http: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Arc<TlsReloader>>,
     core: Arc<AuthCore>,
+    users: UserStore,
+    metrics: PrometheusHandle,
     health: HealthReporter,
     reflection: bool,
-    grace: std::time::Duration,
-    watch_heartbeat: std::time::Duration,
+    limits: GrpcLimits,
+    traces: bool,
+    grace: Duration,
+    watch_heartbeat: Duration,
     strip_authorization: bool,
 }
 
@@ -41,18 +57,28 @@ impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
             .field("addr", &self.addr)
+            .field("http_addr", &self.http_addr())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Application {
-    /// Connects the stores (applying migrations) and binds `config.grpc_addr`.
+    /// Connects the stores (applying migrations), reads the TLS files, and binds
+    /// `config.grpc_addr` and `config.http_addr`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         Self::build_with_clock(config, Arc::new(SystemClock)).await
     }
 
     /// As [`Application::build`], with the clock every expiry is judged by.
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let metrics = crate::telemetry::meters::prometheus();
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsReloader::load)
+            .transpose()?
+            .map(Arc::new);
         let users = UserStore::connect(&config.users)
             .await
             .with_context(|| format!("cannot use the {}", config.users.describe()))?;
@@ -83,7 +109,7 @@ impl Application {
         }
         let hasher =
             PasswordHasher::start(&config.bcrypt).context("cannot start bcrypt threads")?;
-        let core = AuthCore::new(&config, users, sessions, hasher, clock)
+        let core = AuthCore::new(&config, users.clone(), sessions, hasher, clock)
             .await
             .context("cannot prepare the password hasher")?;
 
@@ -91,27 +117,49 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on GRPC_ADDR {}", config.grpc_addr))?;
         let addr = listener.local_addr()?;
+        let http = match config.http_addr {
+            Some(http_addr) => {
+                let listener = TcpListener::bind(http_addr)
+                    .await
+                    .with_context(|| format!("cannot listen on HTTP_ADDR {http_addr}"))?;
+                let bound = listener.local_addr()?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         let (health, _) = tonic_health::server::health_reporter();
         Ok(Self {
             listener,
             addr,
+            http,
+            tls,
             core: Arc::new(core),
+            users,
+            metrics,
             health,
             reflection: config.grpc_reflection,
+            limits: config.limits,
+            traces: config.otlp.is_some(),
             grace: config.shutdown_grace,
             watch_heartbeat: config.watch_heartbeat,
             strip_authorization: config.ext_authz_strip_authorization,
         })
     }
 
-    /// The address actually bound.
+    /// The gRPC address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The port actually bound.
+    /// The gRPC port actually bound.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The HTTP (`/metrics`, `/healthz`) address actually bound, unless `HTTP_ADDR` is
+    /// empty.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, and
@@ -123,20 +171,29 @@ impl Application {
         let Self {
             listener,
             addr,
+            http,
+            tls,
             core,
+            users,
+            metrics,
             health,
             reflection,
+            limits,
+            traces,
             grace,
             watch_heartbeat,
             strip_authorization,
         } = self;
+        let max_message = limits.max_message_bytes;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
+        )
+        .max_decoding_message_size(max_message);
         health.set_service_status("", ServingStatus::Serving).await;
         health
             .set_service_status(AUTH_SERVICE_NAME, ServingStatus::Serving)
             .await;
+        let (serving_tx, serving) = watch::channel(true);
 
         let (reflection_v1, reflection_v1alpha) = if reflection {
             let v1 = tonic_reflection::server::Builder::configure()
@@ -144,62 +201,152 @@ impl Application {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
                 .register_file_descriptor_set(envoy_ext_authz_descriptor())
-                .build_v1()?;
+                .build_v1()?
+                .max_decoding_message_size(max_message);
             let v1alpha = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
                 .register_file_descriptor_set(envoy_ext_authz_descriptor())
-                .build_v1alpha()?;
+                .build_v1alpha()?
+                .max_decoding_message_size(max_message);
             (Some(v1), Some(v1alpha))
         } else {
             (None, None)
         };
 
+        // Background work that ends with the server: the HTTP listener, the TLS file
+        // watcher, histogram upkeep.
+        let (background_stop, background_stopped) = watch::channel(false);
+        let http_task = http.map(|(listener, http_addr)| {
+            let state = HttpState {
+                metrics: metrics.clone(),
+                gauges: pool_gauges(users, Arc::clone(&core)),
+                serving: serving.clone(),
+            };
+            let mut stopped = background_stopped.clone();
+            tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz)");
+            tokio::spawn(crate::http::serve(
+                listener,
+                crate::http::router(state),
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            ))
+        });
+        if let Some(tls) = &tls {
+            tokio::spawn(Arc::clone(tls).watch(background_stopped.clone()));
+        }
+        let upkeep = {
+            let metrics = metrics.clone();
+            let mut stopped = background_stopped.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(METRICS_UPKEEP);
+                loop {
+                    tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => return,
+                        _ = tick.tick() => metrics.run_upkeep(),
+                    }
+                }
+            })
+        };
+
+        let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
+        let incoming =
+            crate::transport::incoming(listener, tls.clone(), limits.connection_concurrency);
         let core_for_ext_authz = Arc::clone(&core);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let server = Server::builder()
-            .tcp_nodelay(true)
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .http2_max_header_list_size(limits.max_header_list_bytes)
+            // The protocol's own bound, above the limit that sheds, so that callers over
+            // the limit hear RESOURCE_EXHAUSTED instead of queueing unseen.
+            .max_concurrent_streams(
+                u32::try_from(limits.connection_concurrency.saturating_mul(2)).unwrap_or(u32::MAX),
+            )
+            .layer(RpcLayer::new(
+                limits.concurrency,
+                limits.request_timeout,
+                traces,
+            ))
             .add_service(health_service)
-            .add_service(AuthServiceServer::new(AuthGrpc::new(
-                core,
-                watch_heartbeat,
-                stopping,
-            )))
-            .add_service(AuthorizationServer::new(ExtAuthz::new(
-                core_for_ext_authz,
-                strip_authorization,
-            )))
+            .add_service(
+                AuthServiceServer::new(AuthGrpc::new(core, watch_heartbeat, stopping))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                AuthorizationServer::new(ExtAuthz::new(core_for_ext_authz, strip_authorization))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             });
-        tracing::info!(%addr, reflection, "authd serving gRPC");
+        tracing::info!(%addr, reflection, tls = tls.is_some(), "authd serving gRPC");
 
         tokio::pin!(server);
-        tokio::select! {
-            result = &mut server => return result.context("gRPC server failed"),
-            () = shutdown => {}
+        let result = tokio::select! {
+            result = &mut server => result.context("gRPC server failed"),
+            () = shutdown => {
+                tracing::info!(grace = ?grace, "shutting down: NOT_SERVING, finishing in-flight calls");
+                let _ = serving_tx.send(false);
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+                // Long-lived WatchRevocations streams end now; their watchers resume
+                // elsewhere.
+                let _ = stopping_tx.send(true);
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(grace, server).await {
+                    Ok(result) => result.context("gRPC server failed"),
+                    Err(_) => {
+                        tracing::warn!("grace period over; exiting with calls still in flight");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let _ = background_stop.send(true);
+        if let Some(http_task) = http_task {
+            match tokio::time::timeout(HTTP_GRACE, http_task).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP listener failed"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!("HTTP listener still busy; leaving it"),
+            }
         }
-        tracing::info!(grace = ?grace, "shutting down: NOT_SERVING, finishing in-flight calls");
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
-            .await;
-        // Long-lived WatchRevocations streams end now; their watchers resume elsewhere.
-        let _ = stopping_tx.send(true);
-        let _ = stop_tx.send(());
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result.context("gRPC server failed")?,
-            Err(_) => tracing::warn!("grace period over; exiting with calls still in flight"),
-        }
+        upkeep.abort();
+        result?;
         tracing::info!("authd stopped");
         Ok(())
     }
+}
+
+/// Samples the store pools into `authd_pool_connections` and `authd_pool_max_connections`.
+fn pool_gauges(users: UserStore, core: Arc<AuthCore>) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        let pools = [
+            ("users", Some(users.pool_stats())),
+            ("sessions", core.session_store().pool_stats()),
+        ];
+        for (pool, stats) in pools {
+            let Some(PoolStats { open, idle, max }) = stats else {
+                continue;
+            };
+            metrics::gauge!("authd_pool_connections", "pool" => pool, "state" => "idle")
+                .set(f64::from(idle));
+            metrics::gauge!("authd_pool_connections", "pool" => pool, "state" => "in_use")
+                .set(f64::from(open.saturating_sub(idle)));
+            metrics::gauge!("authd_pool_max_connections", "pool" => pool).set(f64::from(max));
+        }
+    })
 }
 
 /// The Envoy Check service for reflection: envoy-types ships the generated code but no

@@ -4,7 +4,7 @@
 use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -30,6 +30,7 @@ enum Work {
 struct Job {
     work: Work,
     span: tracing::Span,
+    queued_at: Instant,
 }
 
 /// A fixed set of hashing threads with a bounded queue in front.
@@ -108,8 +109,16 @@ impl PasswordHasher {
         let job = Job {
             work,
             span: tracing::Span::current(),
+            queued_at: Instant::now(),
         };
-        match self.queue.try_send(job) {
+        // Counted before it is queued, so a worker's decrement never comes first.
+        let depth = metrics::gauge!("authd_bcrypt_queue_depth");
+        depth.increment(1.0);
+        let sent = self.queue.try_send(job);
+        if sent.is_err() {
+            depth.decrement(1.0);
+        }
+        match sent {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 metrics::counter!("authd_bcrypt_rejected_total").increment(1);
@@ -130,9 +139,16 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             let jobs = jobs.lock().unwrap_or_else(|e| e.into_inner());
             jobs.recv()
         };
-        let Ok(Job { work, span }) = job else {
+        let Ok(Job {
+            work,
+            span,
+            queued_at,
+        }) = job
+        else {
             return; // every sender is gone
         };
+        metrics::gauge!("authd_bcrypt_queue_depth").decrement(1.0);
+        metrics::histogram!("authd_bcrypt_wait_seconds").record(queued_at.elapsed().as_secs_f64());
         let _entered = span.enter();
         match work {
             Work::Hash {

@@ -394,6 +394,7 @@ impl AuthCore {
             .tokens
             .verify(token, now)
             .map_err(|_| AuthError::Unauthenticated)?;
+        crate::telemetry::record_user_id(&claims.sub);
         let ttl = blacklist_ttl(claims.exp, now, self.tokens.leeway_seconds());
         self.sessions
             .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
@@ -700,6 +701,7 @@ impl AuthCore {
             .tokens
             .verify(token, now)
             .map_err(|_| AuthError::Unauthenticated)?;
+        crate::telemetry::record_user_id(&claims.sub);
         match self.check_session(&claims, now).await {
             Ok(None) => Ok(claims),
             Ok(Some(_)) => Err(AuthError::Unauthenticated),

@@ -63,6 +63,7 @@ impl ExtAuthz {
             Validation::Valid(valid) => valid,
             Validation::Invalid(reason) => return Ok(denied(Some(reason))),
         };
+        crate::telemetry::record_user_id(&valid.claims.sub);
         let mut ok = OkHttpResponseBuilder::new();
         // Overwrite whatever the client sent under these names.
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
@@ -119,6 +120,6 @@ impl Authorization for ExtAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        rpc("Check", self.decide(request.get_ref())).await
+        rpc(self.decide(request.get_ref())).await
     }
 }

@@ -1,6 +1,7 @@
 //! gRPC: proto ↔ domain conversion, metadata, and the one place errors become Status.
 
 pub mod ext_authz;
+pub mod layer;
 pub mod service;
 pub mod status;
 

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,7 +13,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::auth::service::{SessionList, Validation};
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
@@ -22,6 +20,8 @@ use crate::config::TrustedProxies;
 use crate::proto::auth::v1 as pb;
 use crate::proto::auth::v1::auth_service_server::AuthService;
 use crate::store::sessions::{Event, Feed, Revocation};
+use crate::telemetry::record_user_id;
+use crate::transport::Peer;
 
 /// The gRPC face of [`AuthCore`].
 #[derive(Debug, Clone)]
@@ -134,27 +134,13 @@ async fn pump(
     }
 }
 
-/// Runs one RPC inside a span that names it, and logs its outcome once.
-pub(crate) async fn rpc<T, F>(method: &'static str, call: F) -> Result<Response<T>, Status>
+/// Runs one RPC's work and turns its error into a `Status`. The span, the metrics and
+/// the log line of the call come from [`super::layer::RpcLayer`].
+pub(crate) async fn rpc<T, F>(call: F) -> Result<Response<T>, Status>
 where
     F: Future<Output = Result<T, AuthError>>,
 {
-    let span = tracing::info_span!("rpc", method);
-    async move {
-        let started = Instant::now();
-        let result = call.await.map_err(Status::from);
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(status) => status.code(),
-        };
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        tracing::info!(code = ?code, micros, "rpc finished");
-        metrics::counter!("authd_rpc_total", "method" => method, "code" => format!("{code:?}"))
-            .increment(1);
-        result.map(Response::new)
-    }
-    .instrument(span)
-    .await
+    call.await.map(Response::new).map_err(Status::from)
 }
 
 /// The bearer token from `authorization: Bearer <token>`, if there is one.
@@ -177,7 +163,12 @@ fn client_info<T>(
     client_ip: &str,
     user_agent: &str,
 ) -> Result<ClientInfo, AuthError> {
-    let peer = request.remote_addr().map(|a| a.ip().to_canonical());
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .and_then(Peer::remote_addr)
+        .or_else(|| request.remote_addr())
+        .map(|a| a.ip().to_canonical());
     let claimed = if client_ip.is_empty() {
         None
     } else {
@@ -264,9 +255,10 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        rpc("Register", async {
+        rpc(async {
             let req = request.get_ref();
             let user = self.core.register(&req.username, &req.password).await?;
+            record_user_id(&user.user_id);
             Ok(pb::RegisterResponse {
                 user_id: user.user_id,
                 username: user.username,
@@ -279,7 +271,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
-        rpc("Login", async {
+        rpc(async {
             let req = request.get_ref();
             let client = client_info(
                 &request,
@@ -291,6 +283,7 @@ impl AuthService for AuthGrpc {
                 .core
                 .login(&req.username, &req.password, client)
                 .await?;
+            record_user_id(&done.claims.sub);
             Ok(pb::LoginResponse {
                 access_token: done.access_token,
                 token_type: "Bearer".to_owned(),
@@ -306,7 +299,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
-        rpc("Logout", async {
+        rpc(async {
             let client = self.caller(&request)?;
             self.core
                 .logout(bearer(&request).as_deref(), client)
@@ -320,7 +313,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
-        rpc("ChangePassword", async {
+        rpc(async {
             let req = request.get_ref();
             let revoked = self
                 .core
@@ -342,7 +335,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        rpc("ListSessions", async {
+        rpc(async {
             let SessionList { sessions, current } =
                 self.core.list_sessions(bearer(&request).as_deref()).await?;
             let sessions: Vec<pb::Session> = sessions
@@ -369,7 +362,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
-        rpc("RevokeSession", async {
+        rpc(async {
             self.core
                 .revoke_session(
                     bearer(&request).as_deref(),
@@ -390,7 +383,7 @@ impl AuthService for AuthGrpc {
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
         let after = request.into_inner().after;
-        let feed = rpc("WatchRevocations", async {
+        let feed = rpc(async {
             self.core
                 .watch_revocations(Some(after.as_str()).filter(|a| !a.is_empty()))
                 .await
@@ -406,18 +399,21 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
-        rpc("ValidateToken", async {
+        rpc(async {
             Ok(match self.core.validate(&request.get_ref().token).await? {
-                Validation::Valid(v) => pb::ValidateTokenResponse {
-                    valid: true,
-                    reason: pb::InvalidReason::Unspecified.into(),
-                    user_id: v.claims.sub,
-                    username: v.claims.username,
-                    session_id: v.claims.sid,
-                    issued_at: Some(timestamp(v.claims.iat)),
-                    expires_at: Some(timestamp(v.claims.exp)),
-                    revocation_checked: v.revocation_checked,
-                },
+                Validation::Valid(v) => {
+                    record_user_id(&v.claims.sub);
+                    pb::ValidateTokenResponse {
+                        valid: true,
+                        reason: pb::InvalidReason::Unspecified.into(),
+                        user_id: v.claims.sub,
+                        username: v.claims.username,
+                        session_id: v.claims.sid,
+                        issued_at: Some(timestamp(v.claims.iat)),
+                        expires_at: Some(timestamp(v.claims.exp)),
+                        revocation_checked: v.revocation_checked,
+                    }
+                }
                 Validation::Invalid(r) => {
                     tracing::debug!(reason = r.as_str(), "token invalid");
                     pb::ValidateTokenResponse {

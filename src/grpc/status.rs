@@ -1,5 +1,7 @@
-//! The one place an `AuthError` becomes a `tonic::Status`. Internal detail goes to the
-//! log, never to the caller.
+//! The one place an `AuthError` (or a refusal by the server's own limits) becomes a
+//! `tonic::Status`. Internal detail goes to the log, never to the caller.
+
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -8,6 +10,69 @@ use crate::auth::AuthError;
 
 /// The message every INTERNAL carries, whatever happened.
 const INTERNAL_MESSAGE: &str = "internal error";
+
+/// Advice to callers shed by a concurrency limit.
+const SHED_RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// Where a concurrency limit that refused a call applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShedScope {
+    /// `GRPC_CONCURRENCY_LIMIT`: the whole server.
+    Server,
+    /// `GRPC_CONNECTION_CONCURRENCY_LIMIT`: the caller's connection.
+    Connection,
+}
+
+impl ShedScope {
+    /// The scope's name, for metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShedScope::Server => "server",
+            ShedScope::Connection => "connection",
+        }
+    }
+}
+
+/// The answer to a call refused because too many are in flight: retryable, with advice.
+pub fn overloaded(scope: ShedScope) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "too many calls in flight on this {}; retry later",
+            scope.as_str()
+        ),
+        ErrorDetails::with_retry_info(Some(SHED_RETRY_AFTER)),
+    )
+}
+
+/// The answer to a call still running at its deadline (the server's request timeout or
+/// the client's shorter `grpc-timeout`).
+pub fn deadline_exceeded(limit: Duration) -> Status {
+    Status::deadline_exceeded(format!("no answer within {limit:?}"))
+}
+
+/// A status code as gRPC spells it (`OK`, `INVALID_ARGUMENT`…), for logs and metrics.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {

@@ -31,3 +31,27 @@ pub enum StoreError {
     #[error("store error")]
     Internal(#[source] anyhow::Error),
 }
+
+impl StoreError {
+    /// Counts this error in `authd_store_errors_total` for `store`, and returns it.
+    pub(crate) fn counted(self, store: &'static str) -> Self {
+        let kind = match &self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Internal(_) => "internal",
+        };
+        metrics::counter!("authd_store_errors_total", "store" => store, "kind" => kind)
+            .increment(1);
+        self
+    }
+}
+
+/// The connections of a store's pool, for the `authd_pool_*` gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Connections open now.
+    pub open: u32,
+    /// Of those, the ones not in use.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}

@@ -10,12 +10,13 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
 
 use crate::config::RedisConfig;
-use crate::store::StoreError;
+use crate::store::{PoolStats, StoreError};
 
 /// A pooled Redis; cheap to clone, clones share the pool and the breaker.
 #[derive(Clone)]
 pub struct RedisConn {
     pool: bb8::Pool<Manager>,
+    pool_size: u32,
     command_timeout: Duration,
     breaker: Arc<Breaker>,
 }
@@ -52,6 +53,7 @@ impl RedisConn {
             .build_unchecked(manager);
         Ok(Self {
             pool,
+            pool_size: config.pool_size,
             command_timeout: config.command_timeout,
             breaker: Arc::new(Breaker::new(config.retry_interval)),
         })
@@ -64,8 +66,27 @@ impl RedisConn {
             .map(|_| ())
     }
 
-    /// Runs one operation on a pooled connection, within the command timeout.
+    /// How many connections the pool holds.
+    pub fn pool_stats(&self) -> PoolStats {
+        let state = self.pool.state();
+        PoolStats {
+            open: state.connections,
+            idle: state.idle_connections,
+            max: self.pool_size,
+        }
+    }
+
+    /// Runs one operation on a pooled connection, within the command timeout; failures
+    /// are counted in `authd_store_errors_total`.
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_uncounted(op).await.map_err(|e| e.counted("redis"))
+    }
+
+    async fn run_uncounted<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,

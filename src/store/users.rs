@@ -1,6 +1,7 @@
 //! Users in MySQL (MariaDB-compatible) or, embedded, in an SQLite file, through sqlx.
 //! Both speak the same SQL here; each has its own migrations.
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Executor};
 
-use super::StoreError;
+use super::{PoolStats, StoreError};
 use crate::config::{DatabaseConfig, UsersBackend};
 
 /// A stored user.
@@ -39,6 +40,8 @@ pub enum CreateUserError {
 #[derive(Debug, Clone)]
 pub struct UserStore {
     pool: Pool,
+    /// `DB_QUERY_TIMEOUT` (MySQL); an SQLite file has its busy timeout instead.
+    query_timeout: Option<Duration>,
 }
 
 /// The database behind the store.
@@ -80,6 +83,7 @@ impl UserStore {
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(Self {
             pool: Pool::Sqlite(pool),
+            query_timeout: None,
         })
     }
 
@@ -109,12 +113,22 @@ impl UserStore {
         sqlx::migrate!("./migrations/mysql").run(&pool).await?;
         Ok(Self {
             pool: Pool::MySql(pool),
+            query_timeout: Some(config.query_timeout),
         })
     }
 
     /// The pool, for tests and tools.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// How many connections the pool holds.
+    pub fn pool_stats(&self) -> PoolStats {
+        on_pool!(self, |pool| PoolStats {
+            open: pool.size(),
+            idle: u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+            max: pool.options().get_max_connections(),
+        })
     }
 
     /// Inserts a user; a taken username (case-insensitively) is `UsernameTaken`.
@@ -124,8 +138,9 @@ impl UserStore {
         username: &str,
         password_hash: &str,
     ) -> Result<(), CreateUserError> {
-        let result = on_pool!(self, |pool| {
-            sqlx::query(
+        let insert = async {
+            on_pool!(self, |pool| {
+                sqlx::query(
             "INSERT INTO users (id, username, password_hash, sessions_valid_after) VALUES (?, ?, ?, 0)",
         )
         .bind(id)
@@ -134,8 +149,9 @@ impl UserStore {
         .execute(pool)
         .await
         .map(|_| ())
-        });
-        match result {
+            })
+        };
+        match self.within(insert, std::convert::identity).await {
             Ok(()) => Ok(()),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(CreateUserError::UsernameTaken)
@@ -146,24 +162,34 @@ impl UserStore {
 
     /// The user with this canonical username.
     pub async fn find_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
-        on_pool!(self, |pool| sqlx::query_as::<_, User>(
-            "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE username = ?",
-        )
-        .bind(username)
-        .fetch_optional(pool)
-        .await)
-        .map_err(classify)
+        let select = async {
+            on_pool!(self, |pool| {
+                sqlx::query_as::<_, User>(
+                "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE username = ?",
+            )
+            .bind(username)
+            .fetch_optional(pool)
+            .await
+            })
+        };
+        self.within(select, std::convert::identity)
+            .await
+            .map_err(classify)
     }
 
     /// The user with this id.
     pub async fn find_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
-        on_pool!(self, |pool| sqlx::query_as::<_, User>(
-            "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await)
-        .map_err(classify)
+        let select = async {
+            on_pool!(self, |pool| sqlx::query_as::<_, User>(
+                "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE id = ?",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await)
+        };
+        self.within(select, std::convert::identity)
+            .await
+            .map_err(classify)
     }
 
     /// Replaces a hash with a stronger one of the same password, unless it changed meanwhile.
@@ -173,16 +199,21 @@ impl UserStore {
         old_hash: &str,
         new_hash: &str,
     ) -> Result<bool, StoreError> {
-        let affected = on_pool!(self, |pool| sqlx::query(
-            "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?"
-        )
-        .bind(new_hash)
-        .bind(id)
-        .bind(old_hash)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected()))
-        .map_err(classify)?;
+        let update = async {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE users SET password_hash = ? WHERE id = ? AND password_hash = ?"
+            )
+            .bind(new_hash)
+            .bind(id)
+            .bind(old_hash)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        };
+        let affected = self
+            .within(update, std::convert::identity)
+            .await
+            .map_err(classify)?;
         Ok(affected == 1)
     }
 
@@ -196,29 +227,52 @@ impl UserStore {
         new_hash: &str,
         valid_after: i64,
     ) -> Result<bool, StoreError> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(classify)?;
-            let done = sqlx::query(
-                "UPDATE users SET password_hash = ?, \
+        let change = async {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin().await.map_err(classify)?;
+                let done = sqlx::query(
+                    "UPDATE users SET password_hash = ?, \
                  sessions_valid_after = CASE WHEN sessions_valid_after > ? \
                  THEN sessions_valid_after ELSE ? END \
                  WHERE id = ? AND password_hash = ?",
-            )
-            .bind(new_hash)
-            .bind(valid_after)
-            .bind(valid_after)
-            .bind(id)
-            .bind(expected_hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-            if done.rows_affected() != 1 {
-                tx.rollback().await.map_err(classify)?;
-                return Ok(false);
-            }
-            tx.commit().await.map_err(classify)?;
-            Ok(true)
-        })
+                )
+                .bind(new_hash)
+                .bind(valid_after)
+                .bind(valid_after)
+                .bind(id)
+                .bind(expected_hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+                if done.rows_affected() != 1 {
+                    tx.rollback().await.map_err(classify)?;
+                    return Ok(false);
+                }
+                tx.commit().await.map_err(classify)?;
+                Ok(true)
+            })
+        };
+        self.within(change, classify).await
+    }
+
+    /// Runs one store operation within `DB_QUERY_TIMEOUT`, so a stuck database costs a
+    /// caller that long and not the whole request timeout. A timeout is an I/O error:
+    /// the store is unavailable for now.
+    async fn within<T, E>(
+        &self,
+        operation: impl Future<Output = Result<T, E>>,
+        error: fn(sqlx::Error) -> E,
+    ) -> Result<T, E> {
+        let Some(limit) = self.query_timeout else {
+            return operation.await;
+        };
+        match tokio::time::timeout(limit, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(error(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within DB_QUERY_TIMEOUT ({limit:?})"),
+            )))),
+        }
     }
 }
 
@@ -240,14 +294,15 @@ async fn create_database(options: &sqlx::mysql::MySqlConnectOptions) -> anyhow::
     Ok(())
 }
 
-/// Sorts sqlx errors into "try again later" and "something is wrong".
+/// Sorts sqlx errors into "try again later" and "something is wrong", and counts them.
 pub(crate) fn classify(e: sqlx::Error) -> StoreError {
-    match e {
+    let error = match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.into()),
         other => StoreError::Internal(other.into()),
-    }
+    };
+    error.counted("users")
 }

@@ -12,11 +12,17 @@ use crate::helpers::*;
 /// Runs the binary with exactly `env`, in an empty directory (no `.env` to pick up),
 /// and waits for it to exit.
 fn run_with_env(env: &[(&str, &str)]) -> (i32, String) {
+    run_authd_blocking(&[], owned(env))
+}
+
+/// `authd <args>` with exactly `env`, in an empty directory: the exit code and stderr.
+fn run_authd_blocking(args: &[String], env: Vec<(String, String)>) -> (i32, String) {
     let dir = std::env::temp_dir().join(format!("authd-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .args(args)
         .env_clear()
-        .envs(env.iter().copied())
+        .envs(env)
         .current_dir(&dir)
         .stdin(Stdio::null())
         .output()
@@ -181,6 +187,21 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
         log.contains("\"method\":\"Login\""),
         "RPC not named in the log"
     );
+    // Each call's line names its outcome, and its user once the caller is known.
+    let login_done = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"] == "rpc finished"
+                && v["span"]["method"] == "Login"
+                && v["fields"]["code"] == "OK"
+        })
+        .expect("a finished Login in the log");
+    assert!(
+        login_done["span"]["user_id"].is_string(),
+        "no user id: {login_done}"
+    );
+    assert!(login_done["fields"]["micros"].is_u64(), "{login_done}");
     for secret in [
         SECRET,
         PASSWORD,
@@ -200,6 +221,19 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
     .await;
 }
 
+/// The server, in `dir` with exactly `env`, its stderr piped.
+fn spawn_in(dir: &std::path::Path, env: Vec<(String, String)>) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .envs(env)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Reads stderr lines of a child into a channel, so a test can wait for one.
 fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
@@ -216,14 +250,7 @@ fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<St
 async fn with_an_empty_environment_in_an_empty_directory_it_serves_from_embedded_storage() {
     let dir = std::env::temp_dir().join(format!("authd-empty-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
-        .env_clear()
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_in(&dir, Vec::new());
     let lines = stderr_lines(&mut child);
     let mut log = Vec::new();
     let port = loop {
@@ -294,4 +321,159 @@ async fn with_an_empty_environment_in_an_empty_directory_it_serves_from_embedded
         .unwrap();
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `authd <args>` with exactly `env`, in an empty directory; off the async workers, so
+/// an in-process server can answer it.
+pub async fn run_authd(args: &[&str], env: Vec<(String, String)>) -> (i32, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || run_authd_blocking(&args, env))
+        .await
+        .unwrap()
+}
+
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_while_the_server_serves_and_1_once_it_is_gone() {
+    let mut app = spawn_embedded_with(&[]).await;
+    let addr = app.addr.to_string();
+    let env = owned(&[("GRPC_ADDR", &addr), ("HTTP_ADDR", "")]);
+
+    let (code, err) = run_authd(&["healthcheck"], env.clone()).await;
+    assert_eq!(code, 0, "{err}");
+
+    app.stop().await.unwrap();
+    let (code, err) = run_authd(&["healthcheck"], env).await;
+    assert_eq!(code, 1, "{err}");
+    assert_one_clear_line(code, &err, "not healthy");
+
+    let (code, err) = run_authd(&["heathcheck"], vec![]).await;
+    assert_eq!(code, 2, "{err}");
+    assert_one_clear_line(code, &err, "usage: authd [healthcheck]");
+}
+
+/// The binary, started with `env` in its own directory, logging JSON.
+pub struct Authd {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+    pub log: Vec<String>,
+    /// The gRPC address it logged.
+    pub addr: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Authd {
+    /// Starts on embedded storage and 127.0.0.1:0, with `env` added; waits until it serves.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("authd-bin-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut vars = owned(&[
+            ("JWT_SECRET", SECRET),
+            ("GRPC_ADDR", "127.0.0.1:0"),
+            ("HTTP_ADDR", ""),
+            ("BCRYPT_COST", "4"),
+            ("LOG_FORMAT", "json"),
+        ]);
+        vars.extend(owned(env));
+        let mut child = spawn_in(&dir, vars);
+        let lines = stderr_lines(&mut child);
+        let mut authd = Self {
+            child,
+            lines,
+            log: Vec::new(),
+            addr: String::new(),
+            _dir: TempDir(dir),
+        };
+        let line = authd.wait_for("authd serving gRPC");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        authd.addr = v["fields"]["addr"].as_str().unwrap().to_owned();
+        authd
+    }
+
+    /// Reads the log until a line whose message is `message`; returns that line.
+    pub fn wait_for(&mut self, message: &str) -> String {
+        loop {
+            let Ok(line) = self.lines.recv_timeout(Duration::from_secs(30)) else {
+                let _ = self.child.kill();
+                panic!("no {message:?} in the log: {:#?}", self.log);
+            };
+            self.log.push(line.clone());
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == message {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// SIGTERM, and the exit code.
+    pub async fn terminate(mut self) -> i32 {
+        self.signal("TERM");
+        let mut child = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
+
+impl Drop for Authd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_puts_a_rotated_tls_certificate_in_force() {
+    use crate::tls::{Ca, PemDir, health_over_tls};
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let old_ca = Ca::new("old CA");
+    let new_ca = Ca::new("new CA");
+    let pem = PemDir::new();
+    let (cert, key) = pem.server(&old_ca.server());
+    let mut authd = Authd::start(&[
+        ("TLS_CERT_FILE", &cert),
+        ("TLS_KEY_FILE", &key),
+        ("TLS_RELOAD_INTERVAL", "0s"),
+    ]);
+    let addr = authd.addr.parse().unwrap();
+    assert_eq!(
+        health_over_tls(addr, &old_ca.pem(), None).await,
+        Ok(ServingStatus::Serving)
+    );
+
+    pem.server(&new_ca.server());
+    // Files are not watched (TLS_RELOAD_INTERVAL=0s): nothing changes until SIGHUP.
+    assert!(health_over_tls(addr, &new_ca.pem(), None).await.is_err());
+    authd.signal("HUP");
+    authd.wait_for("TLS certificates reloaded");
+    assert_eq!(
+        health_over_tls(addr, &new_ca.pem(), None).await,
+        Ok(ServingStatus::Serving)
+    );
+    assert_eq!(authd.terminate().await, 0);
 }

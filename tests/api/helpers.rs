@@ -3,6 +3,7 @@
 //! moves by hand.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
@@ -59,9 +60,12 @@ impl Backend {
 /// A running authd for one test.
 pub struct TestApp {
     pub backend: Backend,
-    pub addr: std::net::SocketAddr,
+    /// The gRPC address.
+    pub addr: SocketAddr,
     pub client: AuthServiceClient<Channel>,
     pub channel: Channel,
+    /// The HTTP listener (`/metrics`, `/healthz`), unless the test turned it off.
+    pub http_addr: Option<SocketAddr>,
     pub clock: Arc<ManualClock>,
     /// The MySQL database name, or the SQLite file's folder.
     pub db_name: String,
@@ -85,6 +89,7 @@ pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String,
         ("REDIS_URL", redis_url),
         ("REDIS_KEY_PREFIX", key_prefix),
         ("GRPC_ADDR", "127.0.0.1:0"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
         ("BCRYPT_COST", "4"),
         ("REDIS_RETRY_INTERVAL", "50ms"),
     ]
@@ -136,6 +141,7 @@ pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
         ("JWT_SECRET", SECRET),
         ("SQLITE_PATH", path.to_str().unwrap()),
         ("GRPC_ADDR", "127.0.0.1:0"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
         ("BCRYPT_COST", "4"),
     ]
     .into_iter()
@@ -186,20 +192,21 @@ async fn start(
         .await
         .expect("authd builds");
     let addr = app.local_addr();
+    let http_addr = app.http_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
+    // Lazy: a TLS server refuses this plaintext channel, and TLS tests check just that.
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
-        .connect()
-        .await
-        .expect("connect to authd");
+        .connect_lazy();
     TestApp {
         backend,
         addr,
         client: AuthServiceClient::new(channel.clone()),
         channel,
+        http_addr,
         clock,
         db_name,
         db_url,
@@ -395,6 +402,18 @@ impl TestApp {
         sqlx::AnyPool::connect(&self.db_url).await.expect("db")
     }
 
+    /// `GET path` on the HTTP listener: the status code and the body.
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.http_addr.expect("HTTP listener on"), path).await
+    }
+
+    /// The `/metrics` page.
+    pub async fn scrape(&self) -> String {
+        let (status, body) = self.http_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
     /// A connection to this test's Redis.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str())
@@ -402,6 +421,13 @@ impl TestApp {
             .get_multiplexed_async_connection()
             .await
             .expect("redis")
+    }
+
+    /// Starts shutting down (as on SIGTERM) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Stops serving (as on SIGTERM) and waits for the server to finish.
@@ -618,4 +644,42 @@ where
 /// Moves the test clock.
 pub fn advance(app: &TestApp, by: Duration) {
     app.clock.advance(by);
+}
+
+/// A bare HTTP/1.1 `GET`: the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// The sum of a metric's samples whose labels include all of `labels`, from a
+/// Prometheus text page; 0 when there is none.
+pub fn metric(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
 }

@@ -26,19 +26,23 @@ macro_rules! on_every_backend {
 mod helpers;
 
 mod audit;
-mod binary;
+pub mod binary;
 mod change_password;
 mod client_layer;
+mod deploy;
 mod ext_authz;
 mod health;
 mod keys;
 mod login;
 mod logout;
+mod ops;
+mod otlp;
 mod password_policy;
 mod redis_outage;
 mod register;
 mod sessions;
 mod throttle;
 mod timing;
+pub mod tls;
 mod validate;
 mod watch;

@@ -6,9 +6,9 @@ pub mod redis;
 pub mod revocations;
 
 use crate::config::SessionsBackend;
-use crate::store::StoreError;
 use crate::store::redis_conn::RedisConn;
 use crate::store::throttle::{MemoryThrottle, RedisThrottle, ThrottleStore};
+use crate::store::{PoolStats, StoreError};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
@@ -115,6 +115,14 @@ impl SessionStore {
             )?)),
             SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway, log_max_len)),
         })
+    }
+
+    /// How many Redis connections the pool holds; `None` in memory.
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        match self {
+            Self::Redis(s) => Some(s.pool_stats()),
+            Self::Memory(_) => None,
+        }
     }
 
     /// Appends a revocation to the log that caching callers watch.

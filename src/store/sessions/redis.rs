@@ -20,8 +20,8 @@ use std::time::Duration;
 use super::revocations::{Feed, RedisLog, Revocation};
 use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
-use crate::store::StoreError;
 use crate::store::redis_conn::RedisConn;
+use crate::store::{PoolStats, StoreError};
 
 /// The Redis side of authd.
 pub struct RedisSessions {
@@ -422,6 +422,11 @@ impl RedisSessions {
             }
         }
         Ok(live)
+    }
+
+    /// How many connections the pool holds.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.conn.pool_stats()
     }
 }
 

@@ -1,0 +1,405 @@
+//! The tower layer every gRPC call passes through: one span per call (joined to the
+//! caller's trace through W3C `traceparent`), the concurrency limits that shed load,
+//! the request timeout, and the RPC metrics and log line.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body::{Frame, SizeHint};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::status::{ShedScope, code_name, deadline_exceeded, overloaded};
+use crate::transport::Peer;
+
+/// Services whose names may appear as metric labels; any other path is `unknown`, so a
+/// client cannot grow the label set.
+const KNOWN_SERVICES: &[&str] = &[
+    "auth.v1.AuthService",
+    "envoy.service.auth.v3.Authorization",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Adds telemetry and limits to every call.
+#[derive(Debug, Clone)]
+pub struct RpcLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    in_flight: Arc<Semaphore>,
+    request_timeout: Duration,
+    traces: bool,
+}
+
+impl RpcLayer {
+    /// At most `concurrency` calls in flight on the server, each cut off after
+    /// `request_timeout` (or the client's shorter `grpc-timeout`). The per-connection limit
+    /// travels with each connection's [`Peer`]. With `traces`, spans carry what
+    /// OpenTelemetry reads (name, kind, error status) and join the caller's trace.
+    pub fn new(concurrency: usize, request_timeout: Duration, traces: bool) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                in_flight: Arc::new(Semaphore::new(concurrency)),
+                request_timeout,
+                traces,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// See [`RpcLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for RpcService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<RecordedBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The clone that was made ready serves this call; a fresh one waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        let mut record = CallRecord::start(&request, shared.traces);
+        Box::pin(async move {
+            let Ok(_server_permit) = Arc::clone(&shared.in_flight).try_acquire_owned() else {
+                return Ok(record.refuse(ShedScope::Server));
+            };
+            let connection_permit = request.extensions().get::<Peer>().map(Peer::try_call);
+            let _connection_permit = match connection_permit {
+                Some(None) => return Ok(record.refuse(ShedScope::Connection)),
+                Some(Some(permit)) => Some(permit),
+                None => None,
+            };
+            let limit = grpc_timeout(request.headers())
+                .map_or(shared.request_timeout, |t| t.min(shared.request_timeout));
+            let _in_flight = InFlight::enter();
+            let call = inner.call(request).instrument(record.span.clone());
+            match tokio::time::timeout(limit, call).await {
+                Ok(Ok(response)) => {
+                    record.code = response_code(response.headers());
+                    Ok(response.map(|body| RecordedBody {
+                        inner: body,
+                        record: Some(record),
+                    }))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    let response = deadline_exceeded(limit).into_http::<Body>();
+                    record.code = Some(Code::DeadlineExceeded);
+                    Ok(response.map(|body| RecordedBody {
+                        inner: body,
+                        record: Some(record),
+                    }))
+                }
+            }
+        })
+    }
+}
+
+/// Counts a call in `authd_rpc_in_flight` while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!("authd_rpc_in_flight").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("authd_rpc_in_flight").decrement(1.0);
+    }
+}
+
+/// One call, from its arrival to the last byte of its answer (or the client giving up).
+/// Dropping it writes the metrics and the `rpc finished` line.
+struct CallRecord {
+    span: tracing::Span,
+    service: &'static str,
+    method: String,
+    started: Instant,
+    code: Option<Code>,
+    ended: bool,
+}
+
+impl CallRecord {
+    fn start(request: &http::Request<Body>, traces: bool) -> Self {
+        let path = request.uri().path();
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", ""));
+        let service = KNOWN_SERVICES
+            .iter()
+            .find(|s| **s == service)
+            .copied()
+            .unwrap_or("unknown");
+        let method = if service == "unknown" {
+            "unknown".to_owned()
+        } else {
+            method.to_owned()
+        };
+        // Each field costs every log line of the call, so the OpenTelemetry ones are
+        // there only when traces are exported.
+        let span = if traces {
+            tracing::info_span!(
+                "rpc",
+                otel.name = if service == "unknown" {
+                    "unknown"
+                } else {
+                    path.trim_start_matches('/')
+                },
+                otel.kind = "server",
+                otel.status_code = Empty,
+                service,
+                method = method.as_str(),
+                code = Empty,
+                micros = Empty,
+                user_id = Empty,
+            )
+        } else {
+            tracing::info_span!(
+                "rpc",
+                service,
+                method = method.as_str(),
+                code = Empty,
+                micros = Empty,
+                user_id = Empty,
+            )
+        };
+        if traces && request.headers().contains_key("traceparent") {
+            let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
+            let _ = span.set_parent(parent);
+        }
+        Self {
+            span,
+            service,
+            method,
+            started: Instant::now(),
+            code: None,
+            ended: false,
+        }
+    }
+
+    fn refuse(mut self, scope: ShedScope) -> http::Response<RecordedBody> {
+        metrics::counter!("authd_rpc_shed_total", "scope" => scope.as_str()).increment(1);
+        self.code = Some(Code::ResourceExhausted);
+        overloaded(scope)
+            .into_http::<Body>()
+            .map(|body| RecordedBody {
+                inner: body,
+                record: Some(self),
+            })
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // No status at all: the client went away first (or the stream broke).
+        let code = self.code.unwrap_or(if self.ended {
+            Code::Unknown
+        } else {
+            Code::Cancelled
+        });
+        let name = code_name(code);
+        // Only real methods answer something other than UNIMPLEMENTED.
+        let method = if code == Code::Unimplemented {
+            "unknown".to_owned()
+        } else {
+            std::mem::take(&mut self.method)
+        };
+        let elapsed = self.started.elapsed();
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let labels = [
+            ("service", self.service.to_owned()),
+            ("method", method),
+            ("code", name.to_owned()),
+        ];
+        metrics::counter!("authd_rpc_total", &labels).increment(1);
+        metrics::histogram!("authd_rpc_duration_seconds", &labels).record(elapsed.as_secs_f64());
+        self.span.record("code", name);
+        self.span.record("micros", micros);
+        if is_server_error(code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let _entered = self.span.enter();
+        tracing::info!(code = name, micros, "rpc finished");
+    }
+}
+
+/// The codes that mean the server failed, not the caller (OpenTelemetry's rule for gRPC
+/// server spans).
+fn is_server_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that notes the call's final status as it goes out.
+    pub struct RecordedBody {
+        #[pin]
+        inner: Body,
+        record: Option<CallRecord>,
+    }
+}
+
+impl http_body::Body for RecordedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let (Poll::Ready(item), Some(record)) = (&polled, this.record.as_mut()) {
+            match item {
+                Some(Ok(frame)) => {
+                    if let Some(code) = frame.trailers_ref().and_then(response_code) {
+                        record.code = Some(code);
+                    }
+                }
+                Some(Err(status)) => record.code = Some(status.code()),
+                None => record.ended = true,
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `grpc-status` in a header map (a trailers-only answer, or the trailers).
+fn response_code(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}
+
+/// The client's deadline, from `grpc-timeout` (like `100m`: at most 8 digits and a unit).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Request headers as OpenTelemetry's propagator reads them.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, value: &'static str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(name, http::HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn grpc_timeout_reads_every_unit_and_refuses_nonsense() {
+        for (text, expected) in [
+            ("1H", Duration::from_secs(3600)),
+            ("2M", Duration::from_secs(120)),
+            ("3S", Duration::from_secs(3)),
+            ("250m", Duration::from_millis(250)),
+            ("99999999u", Duration::from_micros(99_999_999)),
+            ("5n", Duration::from_nanos(5)),
+        ] {
+            assert_eq!(
+                grpc_timeout(&headers("grpc-timeout", text)),
+                Some(expected),
+                "{text}"
+            );
+        }
+        for text in ["", "S", "100", "123456789S", "1x", "-1S"] {
+            assert_eq!(grpc_timeout(&headers("grpc-timeout", text)), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn status_codes_are_read_from_headers_or_trailers() {
+        assert_eq!(
+            response_code(&headers("grpc-status", "16")),
+            Some(Code::Unauthenticated)
+        );
+        assert_eq!(response_code(&http::HeaderMap::new()), None);
+    }
+}

@@ -1,0 +1,107 @@
+//! The Prometheus registry. The `metrics` facade has one recorder per process, so every
+//! `Application` in a process (tests run many) shares this one; counters only grow, so a
+//! test reads a value before and after its calls.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, in seconds: from a cached ValidateToken (~100 µs) to a request
+/// timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+/// The process's registry, installed as the global recorder on first use. When another
+/// recorder was installed first (authd embedded in a bigger program), the handle renders
+/// nothing and a warning says why.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(install).clone()
+}
+
+fn install() -> PrometheusHandle {
+    let builder = with_buckets().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "latency histograms fall back to summaries");
+        PrometheusBuilder::new()
+    });
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+    }
+    describe();
+    handle
+}
+
+fn with_buckets() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("authd_rpc_duration_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("authd_bcrypt_wait_seconds".to_owned()),
+            LATENCY_BUCKETS,
+        )
+}
+
+fn describe() {
+    describe_counter!(
+        "authd_rpc_total",
+        "gRPC calls answered, by service, method and status code"
+    );
+    describe_histogram!(
+        "authd_rpc_duration_seconds",
+        Unit::Seconds,
+        "gRPC call latency, by service, method and status code"
+    );
+    describe_gauge!("authd_rpc_in_flight", "gRPC calls being served now");
+    describe_counter!(
+        "authd_rpc_shed_total",
+        "gRPC calls refused RESOURCE_EXHAUSTED by a concurrency limit (scope: server or connection)"
+    );
+    describe_counter!(
+        "authd_logins_total",
+        "Login attempts that reached a password check, by outcome"
+    );
+    describe_counter!(
+        "authd_bcrypt_rejected_total",
+        "password hashing jobs refused because the bcrypt queue was full"
+    );
+    describe_gauge!(
+        "authd_bcrypt_queue_depth",
+        "password hashing jobs waiting for a bcrypt thread"
+    );
+    describe_histogram!(
+        "authd_bcrypt_wait_seconds",
+        Unit::Seconds,
+        "time a password hashing job waited for a bcrypt thread"
+    );
+    describe_counter!(
+        "authd_redis_fallbacks_total",
+        "ValidateToken answers given without Redis (REDIS_FAILURE_MODE=open)"
+    );
+    describe_counter!(
+        "authd_redis_failures_total",
+        "Redis failures that made authd skip Redis for REDIS_RETRY_INTERVAL"
+    );
+    describe_counter!(
+        "authd_store_errors_total",
+        "failed store calls, by store (users, sessions) and kind (unavailable, internal)"
+    );
+    describe_gauge!(
+        "authd_pool_connections",
+        "open store connections, by pool (users, sessions) and state (idle, in_use)"
+    );
+    describe_gauge!(
+        "authd_pool_max_connections",
+        "configured size of each store pool"
+    );
+    describe_counter!(
+        "authd_tls_reloads_total",
+        "TLS certificate reloads, by outcome (ok, error)"
+    );
+}
