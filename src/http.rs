@@ -1,5 +1,6 @@
-//! The HTTP listener (`HTTP_ADDR`): `/metrics` in Prometheus text format and `/healthz`.
-//! [`router`] is the one place routes are added (the JWKS document comes next).
+//! The HTTP listener (`HTTP_ADDR`): `/metrics` in Prometheus text format, `/healthz`, and
+//! the public signing keys: `/.well-known/jwks.json` and an OpenID-style
+//! `/.well-known/openid-configuration`. [`router`] is the one place routes are added.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,12 @@ pub struct HttpState {
     pub gauges: Arc<dyn Fn() + Send + Sync>,
     /// True while the gRPC server is SERVING.
     pub serving: watch::Receiver<bool>,
+    /// The public keys that verify tokens now (none for HS256).
+    pub jwks: Arc<dyn Fn() -> jsonwebtoken::jwk::JwkSet + Send + Sync>,
+    /// The `iss` tokens carry.
+    pub issuer: String,
+    /// The algorithm new tokens are signed with (`HS256`, `EdDSA`, …).
+    pub algorithm: String,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -35,6 +42,11 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
         .with_state(state)
 }
 
@@ -68,4 +80,52 @@ async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
     }
+}
+
+/// How long verifiers may cache the key set. A retired key keeps verifying for the
+/// tokens' lifetime, and a verifier that meets an unknown `kid` fetches again.
+const JWKS_MAX_AGE: &str = "public, max-age=300";
+
+async fn jwks(State(state): State<HttpState>) -> impl IntoResponse {
+    let body = serde_json::to_string(&(state.jwks)()).unwrap_or_else(|_| r#"{"keys":[]}"#.into());
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, JWKS_MAX_AGE),
+        ],
+        body,
+    )
+}
+
+/// Discovery for verifiers: the issuer and where its keys are. The JWKS address is built
+/// from the request's own `Host` (and `X-Forwarded-Proto`), so it is right behind a proxy.
+async fn openid_configuration(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    let body = serde_json::json!({
+        "issuer": state.issuer,
+        "jwks_uri": format!("{scheme}://{host}/.well-known/jwks.json"),
+        "id_token_signing_alg_values_supported": [state.algorithm],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+        "claims_supported": ["iss", "aud", "sub", "username", "sid", "jti", "iat", "nbf", "exp"],
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, JWKS_MAX_AGE),
+        ],
+        body.to_string(),
+    )
 }

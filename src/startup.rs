@@ -219,13 +219,17 @@ impl Application {
         // watcher, histogram upkeep.
         let (background_stop, background_stopped) = watch::channel(false);
         let http_task = http.map(|(listener, http_addr)| {
+            let keys = Arc::clone(&core);
             let state = HttpState {
                 metrics: metrics.clone(),
                 gauges: pool_gauges(users, Arc::clone(&core)),
                 serving: serving.clone(),
+                jwks: Arc::new(move || keys.jwks()),
+                issuer: core.issuer().to_owned(),
+                algorithm: core.signing_algorithm().to_owned(),
             };
             let mut stopped = background_stopped.clone();
-            tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz)");
+            tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz, /.well-known/)");
             tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::router(state),

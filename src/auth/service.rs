@@ -160,6 +160,21 @@ impl AuthCore {
         &self.rules.trusted_proxies
     }
 
+    /// The public keys that verify tokens now (none for HS256), for the JWKS document.
+    pub fn jwks(&self) -> jsonwebtoken::jwk::JwkSet {
+        self.tokens.jwks(self.clock.unix_seconds())
+    }
+
+    /// The `iss` tokens carry.
+    pub fn issuer(&self) -> &str {
+        self.tokens.issuer()
+    }
+
+    /// The algorithm new tokens are signed with.
+    pub fn signing_algorithm(&self) -> &'static str {
+        self.tokens.algorithm_name()
+    }
+
     /// The session store, for health checks.
     pub fn session_store(&self) -> &SessionStore {
         &self.sessions

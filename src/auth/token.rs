@@ -205,6 +205,21 @@ impl TokenKeys {
         self.leeway
     }
 
+    /// The `iss` tokens carry.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// The algorithm new tokens are signed with, as JOSE names it.
+    pub fn algorithm_name(&self) -> &'static str {
+        match self.algorithm {
+            Algorithm::EdDSA => "EdDSA",
+            Algorithm::ES256 => "ES256",
+            Algorithm::RS256 => "RS256",
+            _ => "HS256",
+        }
+    }
+
     /// The `kid` new tokens carry.
     pub fn active_kid(&self) -> &str {
         &self.kid

@@ -144,3 +144,121 @@ async fn after_rotation_tokens_of_the_retired_key_stay_valid_until_they_expire()
         InvalidReason::BadSignature
     );
 }
+
+/// Runs the PyJWT script (a JWT library no one on this project wrote) against authd's
+/// JWKS URL; its output, one JSON line per token. (Async: authd serves the JWKS from
+/// this test's runtime while the script runs.)
+async fn verify_with_pyjwt(jwks_url: &str, tokens: &[&str]) -> Vec<serde_json::Value> {
+    let script = format!(
+        "{}/tests/jwks/verify_with_pyjwt.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([jwks_url, "authd", "authd"])
+        .args(tokens)
+        .output()
+        .await
+        .expect("python3 (with PyJWT and cryptography: pip install pyjwt cryptography)");
+    assert!(
+        out.status.success(),
+        "PyJWT refused a token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn tokens_of_every_asymmetric_algorithm_verify_with_pyjwt_against_the_jwks_url() {
+    for (alg, file, kty) in [
+        ("EdDSA", "ed25519.pem", "OKP"),
+        ("ES256", "p256.pem", "EC"),
+        ("RS256", "rsa.pem", "RSA"),
+    ] {
+        let app =
+            spawn_embedded_with(&[("JWT_ALGORITHM", alg), ("JWT_PRIVATE_KEY_FILE", &key(file))])
+                .await;
+        let (user, login) = app.user_with_session("rafa").await;
+
+        let (status, body) = app.http_get("/.well-known/jwks.json").await;
+        assert_eq!(status, 200);
+        let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let keys = jwks["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1, "{body}");
+        let k = &keys[0];
+        assert_eq!(k["kty"], kty, "{body}");
+        assert_eq!(k["alg"], alg, "{body}");
+        assert_eq!(k["use"], "sig", "{body}");
+        assert_eq!(k["kid"], header(&login.access_token)["kid"], "{body}");
+        assert!(
+            k.get("d").is_none() && k.get("k").is_none(),
+            "private material: {body}"
+        );
+
+        let url = format!("http://{}/.well-known/jwks.json", app.http_addr.unwrap());
+        let verified = verify_with_pyjwt(&url, &[&login.access_token]).await;
+        assert_eq!(verified[0]["sub"], user.user_id.as_str(), "{alg}");
+        assert_eq!(verified[0]["alg"], alg);
+
+        let (status, body) = app.http_get("/.well-known/openid-configuration").await;
+        assert_eq!(status, 200);
+        let oidc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(oidc["issuer"], "authd");
+        assert!(
+            oidc["jwks_uri"]
+                .as_str()
+                .unwrap()
+                .ends_with("/.well-known/jwks.json")
+        );
+    }
+}
+
+#[tokio::test]
+async fn hs256_keys_are_never_published() {
+    let app = spawn_app().await;
+    let (status, body) = app.http_get("/.well-known/jwks.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"keys":[]}"#);
+    assert!(!body.contains(SECRET));
+}
+
+#[tokio::test]
+async fn after_rotation_the_jwks_serves_both_keys_and_pyjwt_verifies_old_and_new_tokens() {
+    let old = spawn_app_with(&[
+        ("JWT_ALGORITHM", "EdDSA"),
+        ("JWT_PRIVATE_KEY_FILE", &key("ed25519-old.pem")),
+        ("JWT_TTL", "1h"),
+    ])
+    .await;
+    let (_, before) = old.user_with_session("sven").await;
+    let retired = format!(
+        "{}@{}",
+        key("ed25519-old-public.pem"),
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    let new = spawn_app_with(&[
+        ("DATABASE_URL", &old.db_url),
+        ("REDIS_KEY_PREFIX", &old.key_prefix),
+        ("JWT_ALGORITHM", "EdDSA"),
+        ("JWT_PRIVATE_KEY_FILE", &key("ed25519.pem")),
+        ("JWT_RETIRED_KEYS", &retired),
+        ("JWT_TTL", "1h"),
+    ])
+    .await;
+    let after = new.login("sven", PASSWORD).await.unwrap();
+    let (_, body) = new.http_get("/.well-known/jwks.json").await;
+    let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2, "{body}");
+    let url = format!("http://{}/.well-known/jwks.json", new.http_addr.unwrap());
+    let verified = verify_with_pyjwt(&url, &[&before.access_token, &after.access_token]).await;
+    assert_eq!(verified.len(), 2);
+    assert_ne!(verified[0]["kid"], verified[1]["kid"]);
+    // Once the old tokens have expired, the retired key leaves the document.
+    new.clock.advance(Duration::from_secs(3600 + 31));
+    let (_, body) = new.http_get("/.well-known/jwks.json").await;
+    let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 1, "{body}");
+}
