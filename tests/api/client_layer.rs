@@ -316,24 +316,21 @@ impl Proxy {
     }
 }
 
-#[tokio::test]
-async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
-    let app = spawn_app().await;
-    let (_, login) = app.user_with_session("hugo").await;
+/// A protected service reaching authd through a proxy, with `token` cached (60 s) and the
+/// proxy then cut: the revocation stream is down.
+async fn cached_then_cut(app: &TestApp, token: &str, stale_after: Duration) -> (Proxy, Protected) {
     let proxy = Proxy::start(app.addr).await;
-    // Only the stream can drop this cached answer: no staleness bound to hide a loss.
     let svc = protected_at(
         proxy.addr,
         AuthConfig {
             cache_ttl: Duration::from_secs(60),
-            stale_after: Duration::from_secs(3600),
+            stale_after,
             ..AuthConfig::default()
         },
     )
     .await;
     svc.wait_watching().await;
-    svc.hello(Some(&login.access_token)).await.unwrap();
-
+    svc.hello(Some(token)).await.unwrap();
     proxy.cut().await;
     let v = svc.validator.clone();
     assert!(
@@ -341,8 +338,18 @@ async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
             let v = v.clone();
             async move { !v.watching() }
         })
-        .await
+        .await,
+        "the stream did not notice the cut"
     );
+    (proxy, svc)
+}
+
+#[tokio::test]
+async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
+    let app = spawn_app().await;
+    let (_, login) = app.user_with_session("hugo").await;
+    // Only the stream can drop this cached answer: no staleness bound to hide a loss.
+    let (proxy, svc) = cached_then_cut(&app, &login.access_token, Duration::from_secs(3600)).await;
     // Revoked directly at authd while the layer cannot hear about it.
     app.logout(&login.access_token).await.unwrap();
     let applied = svc.validator.stats().revocations;
@@ -424,27 +431,7 @@ async fn a_logout_on_another_authd_instance_reaches_the_layer_too() {
 async fn while_the_stream_is_down_old_cached_answers_are_not_trusted() {
     let app = spawn_app().await;
     let (_, login) = app.user_with_session("kurt").await;
-    let proxy = Proxy::start(app.addr).await;
-    let svc = protected_at(
-        proxy.addr,
-        AuthConfig {
-            cache_ttl: Duration::from_secs(60),
-            stale_after: Duration::from_millis(300),
-            ..AuthConfig::default()
-        },
-    )
-    .await;
-    svc.wait_watching().await;
-    svc.hello(Some(&login.access_token)).await.unwrap();
-    proxy.cut().await;
-    let v = svc.validator.clone();
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            let v = v.clone();
-            async move { !v.watching() }
-        })
-        .await
-    );
+    let (proxy, svc) = cached_then_cut(&app, &login.access_token, Duration::from_millis(300)).await;
     // Past the bound, the answer is checked again, and authd cannot be reached.
     tokio::time::sleep(Duration::from_millis(350)).await;
     assert_code(

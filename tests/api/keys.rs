@@ -94,21 +94,16 @@ async fn an_hs256_token_signed_with_the_public_key_is_refused() {
     assert!(app.validate(&login.access_token).await.unwrap().valid);
 }
 
-#[tokio::test]
-async fn after_rotation_tokens_of_the_retired_key_stay_valid_until_they_expire() {
+/// The old deployment (signing with the old Ed25519 key, 1 h tokens) with a user logged
+/// in, and the next one on the same stores: a new signing key, the old one retired now.
+async fn rotation(username: &str) -> (TestApp, TestApp, authd::proto::auth::v1::LoginResponse) {
     let old = spawn_app_with(&[
         ("JWT_ALGORITHM", "EdDSA"),
         ("JWT_PRIVATE_KEY_FILE", &key("ed25519-old.pem")),
         ("JWT_TTL", "1h"),
     ])
     .await;
-    let (_, before) = old.user_with_session("quin").await;
-    let old_kid = header(&before.access_token)["kid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    // The next deployment: a new signing key, the old one retired now.
+    let (_, before) = old.user_with_session(username).await;
     let retired = format!(
         "{}@{}",
         key("ed25519-old-public.pem"),
@@ -123,6 +118,16 @@ async fn after_rotation_tokens_of_the_retired_key_stay_valid_until_they_expire()
         ("JWT_TTL", "1h"),
     ])
     .await;
+    (old, new, before)
+}
+
+#[tokio::test]
+async fn after_rotation_tokens_of_the_retired_key_stay_valid_until_they_expire() {
+    let (old, new, before) = rotation("quin").await;
+    let old_kid = header(&before.access_token)["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(new.validate(&before.access_token).await.unwrap().valid);
     let after = new.login("quin", PASSWORD).await.unwrap();
     let new_kid = header(&after.access_token)["kid"]
@@ -227,27 +232,7 @@ async fn hs256_keys_are_never_published() {
 
 #[tokio::test]
 async fn after_rotation_the_jwks_serves_both_keys_and_pyjwt_verifies_old_and_new_tokens() {
-    let old = spawn_app_with(&[
-        ("JWT_ALGORITHM", "EdDSA"),
-        ("JWT_PRIVATE_KEY_FILE", &key("ed25519-old.pem")),
-        ("JWT_TTL", "1h"),
-    ])
-    .await;
-    let (_, before) = old.user_with_session("sven").await;
-    let retired = format!(
-        "{}@{}",
-        key("ed25519-old-public.pem"),
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-    );
-    let new = spawn_app_with(&[
-        ("DATABASE_URL", &old.db_url),
-        ("REDIS_KEY_PREFIX", &old.key_prefix),
-        ("JWT_ALGORITHM", "EdDSA"),
-        ("JWT_PRIVATE_KEY_FILE", &key("ed25519.pem")),
-        ("JWT_RETIRED_KEYS", &retired),
-        ("JWT_TTL", "1h"),
-    ])
-    .await;
+    let (_old, new, before) = rotation("sven").await;
     let after = new.login("sven", PASSWORD).await.unwrap();
     let (_, body) = new.http_get("/.well-known/jwks.json").await;
     let jwks: serde_json::Value = serde_json::from_str(&body).unwrap();
