@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -92,25 +92,35 @@ impl RedisConn {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         self.breaker.check()?;
-        let mut conn = match self.pool.get().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.breaker.trip();
-                return Err(StoreError::Unavailable(anyhow::anyhow!(
-                    "no Redis connection: {e}"
-                )));
+        // The pooled connection goes back at once and the command runs on a clone: a
+        // multiplexed connection carries any number of commands at a time, while holding
+        // the pool's guard for the whole command allows only `pool_size` in flight and
+        // queues the rest for a checkout — under load past the connect timeout, which
+        // tripped the breaker and sent ValidateToken into degraded mode.
+        let (conn, broken) = loop {
+            match self.pool.get().await {
+                // A command failed on it since it was checked in: dropping the guard makes
+                // the pool discard it.
+                Ok(pooled) if pooled.broken.load(Ordering::Relaxed) => continue,
+                Ok(pooled) => break (pooled.inner.clone(), Arc::clone(&pooled.broken)),
+                Err(e) => {
+                    self.breaker.trip();
+                    return Err(StoreError::Unavailable(anyhow::anyhow!(
+                        "no Redis connection: {e}"
+                    )));
+                }
             }
         };
-        match tokio::time::timeout(self.command_timeout, op(conn.inner.clone())).await {
+        match tokio::time::timeout(self.command_timeout, op(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if is_internal(&e) => Err(StoreError::Internal(e.into())),
             Ok(Err(e)) => {
-                conn.broken = true;
+                broken.store(true, Ordering::Relaxed);
                 self.breaker.trip();
                 Err(StoreError::Unavailable(e.into()))
             }
             Err(_) => {
-                conn.broken = true;
+                broken.store(true, Ordering::Relaxed);
                 self.breaker.trip();
                 Err(StoreError::Unavailable(anyhow::anyhow!(
                     "Redis did not answer within {:?}",
@@ -142,7 +152,9 @@ fn is_internal(e: &RedisError) -> bool {
 /// A pooled connection and whether a command failed on it.
 pub struct Conn {
     inner: MultiplexedConnection,
-    broken: bool,
+    /// Shared with the commands running on clones: the pool drops the connection the next
+    /// time it passes through after one of them failed.
+    broken: Arc<AtomicBool>,
 }
 
 struct Manager {
@@ -161,7 +173,7 @@ impl bb8::ManageConnection for Manager {
             .await?;
         Ok(Conn {
             inner,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -173,7 +185,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken
+        conn.broken.load(Ordering::Relaxed)
     }
 }
 
