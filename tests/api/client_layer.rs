@@ -1,22 +1,20 @@
 //! The client layer: a protected service in front of a real authd.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use authd::client::{AuthConfig, AuthContext, AuthInterceptor, AuthLayer, AuthValidator};
 use authd::proto::example::v1::greeter_client::GreeterClient;
 use authd::proto::example::v1::greeter_server::{Greeter, GreeterServer};
 use authd::proto::example::v1::{HelloReply, HelloRequest};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt;
 
 use crate::helpers::*;
+use crate::proxy::Proxy;
 
 /// Greets the caller the layer let in.
 #[derive(Debug, Default)]
@@ -277,45 +275,6 @@ async fn with_authd_stopped_the_default_is_unavailable_and_fail_open_admits_unch
     );
 }
 
-/// A TCP proxy the test can cut and restore, in front of authd.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<tokio::sync::Mutex<JoinSet<()>>>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let (c, j) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused in effect
-                }
-                j.lock().await.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Self { addr, cut, conns }
-    }
-
-    async fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.conns.lock().await.abort_all();
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
 /// A protected service reaching authd through a proxy, with `token` cached (60 s) and the
 /// proxy then cut: the revocation stream is down.
 async fn cached_then_cut(app: &TestApp, token: &str, stale_after: Duration) -> (Proxy, Protected) {
@@ -331,7 +290,7 @@ async fn cached_then_cut(app: &TestApp, token: &str, stale_after: Duration) -> (
     .await;
     svc.wait_watching().await;
     svc.hello(Some(token)).await.unwrap();
-    proxy.cut().await;
+    proxy.refuse();
     let v = svc.validator.clone();
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -354,7 +313,7 @@ async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
     app.logout(&login.access_token).await.unwrap();
     let applied = svc.validator.stats().revocations;
     let resets = svc.validator.stats().resets;
-    proxy.restore();
+    proxy.heal();
 
     let v = svc.validator.clone();
     assert!(
@@ -439,7 +398,7 @@ async fn while_the_stream_is_down_old_cached_answers_are_not_trusted() {
         Code::Unavailable,
     );
     // Back up: checked again, admitted, cached.
-    proxy.restore();
+    proxy.heal();
     let ok = eventually(Duration::from_secs(10), || async {
         svc.hello(Some(&login.access_token)).await.is_ok()
     })

@@ -111,9 +111,38 @@ pub async fn spawn_app() -> TestApp {
 
 /// authd on MySQL and Redis with some settings overridden (`REDIS_URL` included).
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_reaching_mysql_at(None, overrides).await
+}
+
+/// The shared MariaDB's `host:port`.
+pub fn mysql_addr() -> SocketAddr {
+    let base = mysql_base();
+    let host = base.rsplit_once('@').map_or(base.as_str(), |(_, h)| h);
+    let host = host.trim_start_matches("mysql://").trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(host)
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// Like [`spawn_app_with`], with authd reaching MariaDB at `via` (a proxy) while the
+/// test's own [`TestApp::db`] goes straight to it.
+pub async fn spawn_app_reaching_mysql_at(
+    via: Option<SocketAddr>,
+    overrides: &[(&str, &str)],
+) -> TestApp {
     let (db_name, key_prefix) = fresh_names();
     let db_url = format!("{}/{db_name}", mysql_base());
-    let vars = with_overrides(test_env(&db_url, &redis_base(), &key_prefix), overrides);
+    let served_url = match via {
+        Some(via) => {
+            let base = mysql_base();
+            let credentials = base.rsplit_once('@').map_or("mysql://", |(c, _)| c);
+            let at = if credentials.ends_with("//") { "" } else { "@" };
+            format!("{credentials}{at}{via}/{db_name}")
+        }
+        None => db_url.clone(),
+    };
+    let vars = with_overrides(test_env(&served_url, &redis_base(), &key_prefix), overrides);
     let redis_url = vars
         .iter()
         .find(|(k, _)| k == "REDIS_URL")
@@ -590,6 +619,26 @@ impl OwnRedis {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// SIGSTOP: the process holds its connections open and answers nothing, as a hung
+    /// server does.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`OwnRedis::pause`].
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server running");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill on PATH");
+        assert!(sent.success(), "kill -{signal} failed");
     }
 
     /// SIGKILL, and wait until it is gone.

@@ -128,19 +128,3 @@ async fn validate_token_costs_one_redis_round_trip_and_no_ping() {
     );
     assert_eq!(redis.command_calls("hmget").await, hmgets + 200);
 }
-
-#[tokio::test]
-async fn authd_starts_while_redis_is_down_and_uses_it_once_it_is_up() {
-    let mut redis = OwnRedis::start().await;
-    let url = redis.url();
-    redis.kill();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
-    app.register("sara", PASSWORD).await.unwrap();
-    assert_code(app.login("sara", PASSWORD).await, Code::Unavailable);
-    redis.restart().await;
-    let up = eventually(Duration::from_secs(5), || async {
-        app.login("sara", PASSWORD).await.is_ok()
-    })
-    .await;
-    assert!(up);
-}
