@@ -122,6 +122,7 @@ where
             let call = inner.call(request).instrument(record.span.clone());
             match tokio::time::timeout(limit, call).await {
                 Ok(Ok(response)) => {
+                    let response = undecodable_as_invalid_argument(response);
                     record.code = response_code(response.headers());
                     Ok(response.map(|body| RecordedBody {
                         inner: body,
@@ -330,6 +331,34 @@ impl http_body::Body for RecordedBody {
     }
 }
 
+/// What tonic says (as INTERNAL) when it cannot read a request: a message that is not
+/// protobuf or not UTF-8 where a string belongs, a frame cut short, a bad
+/// compressed flag, no message at all.
+const UNDECODABLE_REQUEST: &[&str] = &[
+    "failed to decode Protobuf message",
+    "protocol error: received message with",
+    "Unexpected EOF decoding stream",
+    "Missing request message",
+];
+
+/// Rewrites tonic's INTERNAL for a request it could not decode to INVALID_ARGUMENT: the
+/// caller sent garbage, the server did not fail (and must not page anyone who watches
+/// INTERNAL). The answer to an unreadable request is trailers-only, so the status is in
+/// the headers.
+fn undecodable_as_invalid_argument(response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    if status.code() != Code::Internal
+        || !UNDECODABLE_REQUEST
+            .iter()
+            .any(|m| status.message().starts_with(m))
+    {
+        return response;
+    }
+    tonic::Status::invalid_argument(format!("malformed request: {}", status.message())).into_http()
+}
+
 /// The `grpc-status` in a header map (a trailers-only answer, or the trailers).
 fn response_code(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
@@ -397,6 +426,36 @@ mod tests {
         for text in ["", "S", "100", "123456789S", "1x", "-1S"] {
             assert_eq!(grpc_timeout(&headers("grpc-timeout", text)), None, "{text}");
         }
+    }
+
+    #[test]
+    fn an_undecodable_request_is_invalid_argument_and_other_internals_stay() {
+        let rewritten = |status: tonic::Status| {
+            let response = undecodable_as_invalid_argument(status.into_http());
+            tonic::Status::from_header_map(response.headers()).map(|s| s.code())
+        };
+        for message in [
+            "failed to decode Protobuf message: RegisterRequest.username: invalid string value",
+            "Unexpected EOF decoding stream.",
+            "Missing request message.",
+            "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+        ] {
+            assert_eq!(
+                rewritten(tonic::Status::internal(message)),
+                Some(Code::InvalidArgument),
+                "{message}"
+            );
+        }
+        assert_eq!(
+            rewritten(tonic::Status::internal("internal error")),
+            Some(Code::Internal)
+        );
+        assert_eq!(
+            rewritten(tonic::Status::unavailable(
+                "failed to decode Protobuf message"
+            )),
+            Some(Code::Unavailable)
+        );
     }
 
     #[test]
