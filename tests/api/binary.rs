@@ -122,22 +122,10 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
     let mut client = AuthServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    client
-        .register(pb::RegisterRequest {
-            username: "uma".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap();
-    let token = client
-        .login(pb::LoginRequest {
-            username: "uma".into(),
-            password: PASSWORD.into(),
-            ..Default::default()
-        })
+    register_on(&client, "uma", PASSWORD).await.unwrap();
+    let token = login_on(&client, "uma", PASSWORD)
         .await
         .unwrap()
-        .into_inner()
         .access_token;
     let _ = client
         .login(pb::LoginRequest {

@@ -336,14 +336,7 @@ impl TestApp {
         username: &str,
         password: &str,
     ) -> Result<pb::RegisterResponse, Status> {
-        self.client
-            .clone()
-            .register(pb::RegisterRequest {
-                username: username.into(),
-                password: password.into(),
-            })
-            .await
-            .map(|r| r.into_inner())
+        register_on(&self.client, username, password).await
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<pb::LoginResponse, Status> {
@@ -503,6 +496,39 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// Register through any client (another process's, say).
+pub async fn register_on(
+    client: &AuthServiceClient<Channel>,
+    username: &str,
+    password: &str,
+) -> Result<pb::RegisterResponse, Status> {
+    client
+        .clone()
+        .register(pb::RegisterRequest {
+            username: username.into(),
+            password: password.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Login through any client, with no client address or agent.
+pub async fn login_on(
+    client: &AuthServiceClient<Channel>,
+    username: &str,
+    password: &str,
+) -> Result<pb::LoginResponse, Status> {
+    client
+        .clone()
+        .login(pb::LoginRequest {
+            username: username.into(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 /// Claims for hand-made tokens; every field optional so a test can leave one out.

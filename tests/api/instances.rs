@@ -68,37 +68,6 @@ async fn client(authd: &Authd) -> AuthServiceClient<Channel> {
         .unwrap()
 }
 
-async fn register(
-    client: &AuthServiceClient<Channel>,
-    username: &str,
-    password: &str,
-) -> Result<pb::RegisterResponse, Status> {
-    client
-        .clone()
-        .register(pb::RegisterRequest {
-            username: username.into(),
-            password: password.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-async fn login(
-    client: &AuthServiceClient<Channel>,
-    username: &str,
-    password: &str,
-) -> Result<pb::LoginResponse, Status> {
-    client
-        .clone()
-        .login(pb::LoginRequest {
-            username: username.into(),
-            password: password.into(),
-            ..Default::default()
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
 async fn reason(client: &AuthServiceClient<Channel>, token: &str) -> InvalidReason {
     client
         .clone()
@@ -115,10 +84,10 @@ async fn reason(client: &AuthServiceClient<Channel>, token: &str) -> InvalidReas
 async fn a_logout_or_password_change_on_one_process_is_honoured_by_the_other_at_once() {
     let deployment = Deployment::start().await;
     let (a, b) = deployment.clients().await;
-    register(&a, "twin", PASSWORD).await.unwrap();
-    let phone = login(&a, "twin", PASSWORD).await.unwrap();
-    let laptop = login(&b, "twin", PASSWORD).await.unwrap();
-    let tablet = login(&a, "twin", PASSWORD).await.unwrap();
+    register_on(&a, "twin", PASSWORD).await.unwrap();
+    let phone = login_on(&a, "twin", PASSWORD).await.unwrap();
+    let laptop = login_on(&b, "twin", PASSWORD).await.unwrap();
+    let tablet = login_on(&a, "twin", PASSWORD).await.unwrap();
     assert_eq!(
         reason(&b, &phone.access_token).await,
         InvalidReason::Unspecified
@@ -153,8 +122,8 @@ async fn a_logout_or_password_change_on_one_process_is_honoured_by_the_other_at_
         reason(&a, &laptop.access_token).await,
         InvalidReason::Unspecified
     );
-    assert_code(login(&a, "twin", PASSWORD).await, Code::Unauthenticated);
-    login(&a, "twin", "Brand-New-Pass-7").await.unwrap();
+    assert_code(login_on(&a, "twin", PASSWORD).await, Code::Unauthenticated);
+    login_on(&a, "twin", "Brand-New-Pass-7").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,8 +139,8 @@ async fn a_register_race_between_two_processes_makes_exactly_one_user() {
             let lower = format!("racer_{i}");
             let upper = lower.to_uppercase();
             let (x, y) = tokio::join!(
-                register(&a, &lower, PASSWORD),
-                register(&b, &upper, PASSWORD)
+                register_on(&a, &lower, PASSWORD),
+                register_on(&b, &upper, PASSWORD)
             );
             (i, x, y)
         }

@@ -33,6 +33,7 @@ mod deploy;
 mod ext_authz;
 mod faults;
 mod health;
+mod hostile;
 mod instances;
 mod keys;
 mod login;

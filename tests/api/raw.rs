@@ -108,7 +108,7 @@ impl RawConn {
             };
             RawAnswer {
                 code: read("grpc-status").map(|c| Code::from_i32(c.parse().unwrap())),
-                message: read("grpc-message").unwrap_or_default(),
+                message: percent_decoded(&read("grpc-message").unwrap_or_default()),
             }
         };
         tokio::time::timeout(Duration::from_secs(10), answer)
@@ -121,4 +121,28 @@ impl Drop for RawConn {
     fn drop(&mut self) {
         self.connection.abort();
     }
+}
+
+/// `grpc-message` is percent-encoded on the wire.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
