@@ -672,7 +672,8 @@ async fn a_registration_cut_midway_leaves_a_whole_user_or_none() {
 }
 
 /// Logs out `tokens` from three concurrent loops; once `kill_after` have answered OK,
-/// `break_redis` runs while the rest go on. Every answer is OK or UNAVAILABLE.
+/// `break_redis` runs (the loops hold off new calls until it has, so some surely come
+/// after) and the rest go on. Every answer is OK or UNAVAILABLE.
 async fn logout_burst(
     app: &TestApp,
     tokens: Vec<String>,
@@ -681,8 +682,8 @@ async fn logout_burst(
 ) -> Vec<(String, Code)> {
     let tokens = Arc::new(tokio::sync::Mutex::new(tokens));
     let oks = Arc::new(AtomicUsize::new(0));
-    let (enough, enough_rx) = tokio::sync::oneshot::channel::<()>();
-    let enough = Arc::new(std::sync::Mutex::new(Some(enough)));
+    let (enough, mut enough_rx) = tokio::sync::watch::channel(false);
+    let (broken, broken_rx) = tokio::sync::watch::channel(false);
     let loops: Vec<_> = (0..3)
         .map(|_| {
             let (client, tokens, oks, enough) = (
@@ -691,9 +692,14 @@ async fn logout_burst(
                 oks.clone(),
                 enough.clone(),
             );
+            let mut broken = broken_rx.clone();
             tokio::spawn(async move {
                 let mut answers = Vec::new();
                 loop {
+                    if oks.load(Ordering::SeqCst) >= kill_after {
+                        enough.send_replace(true);
+                        broken.wait_for(|b| *b).await.unwrap();
+                    }
                     let Some(token) = tokens.lock().await.pop() else {
                         return answers;
                     };
@@ -701,20 +707,19 @@ async fn logout_burst(
                         .clone()
                         .logout(bearer(&token, pb::LogoutRequest {}))
                         .await;
-                    if answer.is_ok() && oks.fetch_add(1, Ordering::SeqCst) + 1 == kill_after {
-                        if let Some(tx) = enough.lock().unwrap().take() {
-                            let _ = tx.send(());
-                        }
-                        // Give the kill a moment to land before going on.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    if answer.is_ok() {
+                        oks.fetch_add(1, Ordering::SeqCst);
                     }
                     answers.push((token, code(&answer)));
                 }
             })
         })
         .collect();
-    enough_rx.await.unwrap();
+    drop(enough);
+    // Every loop may have finished first only if there were too few tokens.
+    let _ = enough_rx.wait_for(|e| *e).await;
     break_redis();
+    broken.send_replace(true);
     let mut answers = Vec::new();
     for l in loops {
         answers.extend(l.await.unwrap());
