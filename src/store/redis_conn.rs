@@ -116,7 +116,14 @@ impl RedisConn {
             Ok(Err(e)) if is_internal(&e) => Err(StoreError::Internal(e.into())),
             Ok(Err(e)) => {
                 broken.store(true, Ordering::Relaxed);
-                self.breaker.trip();
+                // A dropped connection says that this connection is dead (Redis restarted,
+                // an idle timeout, CLIENT KILL), not that Redis is: the pool replaces it at
+                // the next checkout, where a Redis that is really gone fails to connect and
+                // trips the breaker. Tripping here turned one dead pooled connection into
+                // REDIS_RETRY_INTERVAL of UNAVAILABLE for every caller.
+                if !e.is_connection_dropped() {
+                    self.breaker.trip();
+                }
                 Err(StoreError::Unavailable(e.into()))
             }
             Err(_) => {
