@@ -810,3 +810,40 @@ async fn logouts_answered_ok_before_redis_was_cut_off_stay_revoked_after_it_retu
         }
     }
 }
+
+#[tokio::test]
+async fn dropped_redis_connections_cost_one_call_each_not_an_outage() {
+    let redis = OwnRedis::start().await;
+    let proxy = Proxy::start(own_redis_addr(&redis)).await;
+    let url = format!("redis://{}/", proxy.addr);
+    // A long breaker interval: tripping it would show as seconds of UNAVAILABLE.
+    let app = spawn_app_with(&[
+        ("REDIS_URL", &url),
+        ("REDIS_FAILURE_MODE", "closed"),
+        ("REDIS_RETRY_INTERVAL", "5s"),
+    ])
+    .await;
+    let (_, login) = app.user_with_session("dropped").await;
+    assert!(app.validate(&login.access_token).await.unwrap().valid);
+    let pooled = proxy.open_connections();
+
+    // Redis is fine; only the connections die (a restart behind a load balancer, an idle
+    // timeout, CLIENT KILL).
+    proxy.reset();
+    let mut failed = 0;
+    for _ in 0..20 {
+        match app.validate(&login.access_token).await {
+            Ok(v) => assert!(v.valid && v.revocation_checked, "{v:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                failed += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        failed <= pooled,
+        "{failed} calls failed for {pooled} dropped connections"
+    );
+    app.login("dropped", PASSWORD).await.unwrap();
+}
