@@ -49,8 +49,15 @@ async fn validate_on(
         .map(tonic::Response::into_inner)
 }
 
-fn own_redis_addr(redis: &OwnRedis) -> std::net::SocketAddr {
-    ([127, 0, 0, 1], redis.port).into()
+/// The test's own Redis, a proxy in front of it, and authd reaching it through the proxy.
+async fn redis_behind_proxy(overrides: &[(&str, &str)]) -> (OwnRedis, Proxy, TestApp) {
+    let redis = OwnRedis::start().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let url = format!("redis://{}/", proxy.addr);
+    let mut all = vec![("REDIS_URL", url.as_str())];
+    all.extend_from_slice(overrides);
+    let app = spawn_app_with(&all).await;
+    (redis, proxy, app)
 }
 
 async fn killed_before_traffic(mode: &str) {
@@ -201,6 +208,18 @@ async fn redis_killed_during_traffic_in_closed_mode() {
     killed_during_traffic("closed").await;
 }
 
+/// Waits (5 s at most) until `token` is valid and checked against Redis again: the pool
+/// recovered without a restart.
+async fn checked_again(app: &TestApp, token: &str, when: &str) {
+    let recovered = eventually(Duration::from_secs(5), || async {
+        validate_on(&app.client, token)
+            .await
+            .is_ok_and(|v| v.valid && v.revocation_checked)
+    })
+    .await;
+    assert!(recovered, "no recovery {when}");
+}
+
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
@@ -289,13 +308,7 @@ async fn hung_redis(mode: &str) {
     tasks_settle_to(tasks_before).await;
 
     redis.resume();
-    let recovered = eventually(Duration::from_secs(5), || async {
-        validate_on(&app.client, &login.access_token)
-            .await
-            .is_ok_and(|v| v.valid && v.revocation_checked)
-    })
-    .await;
-    assert!(recovered, "no recovery after SIGCONT");
+    checked_again(&app, &login.access_token, "after SIGCONT").await;
     app.login("frozen", PASSWORD).await.unwrap();
     // The connections opened during the hang were closed, not kept: the pool (8) and
     // the test's own at most.
@@ -381,12 +394,8 @@ async fn validate_within(
 
 #[tokio::test]
 async fn with_redis_slow_callers_deadlines_are_kept_not_overrun() {
-    let redis = OwnRedis::start().await;
-    let proxy = Proxy::start(own_redis_addr(&redis)).await;
-    let url = format!("redis://{}/", proxy.addr);
     // Store timeouts far away: only the callers' deadlines can end these calls.
-    let app = spawn_app_with(&[
-        ("REDIS_URL", &url),
+    let (_redis, proxy, app) = redis_behind_proxy(&[
         ("REDIS_CONNECT_TIMEOUT", "5s"),
         ("REDIS_COMMAND_TIMEOUT", "5s"),
     ])
@@ -446,14 +455,8 @@ async fn with_redis_slow_callers_deadlines_are_kept_not_overrun() {
 
 #[tokio::test]
 async fn the_redis_pool_recovers_from_reset_and_refused_connections_without_a_restart() {
-    let redis = OwnRedis::start().await;
-    let proxy = Proxy::start(own_redis_addr(&redis)).await;
-    let url = format!("redis://{}/", proxy.addr);
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "closed")]).await;
+    let (_redis, proxy, app) = redis_behind_proxy(&[("REDIS_FAILURE_MODE", "closed")]).await;
     let (_, login) = app.user_with_session("phoebe").await;
-    let checked = |v: Result<pb::ValidateTokenResponse, Status>| {
-        v.is_ok_and(|v| v.valid && v.revocation_checked)
-    };
     for round in 0..3 {
         if round == 0 {
             proxy.reset(); // every pooled connection dies at once
@@ -465,11 +468,7 @@ async fn the_redis_pool_recovers_from_reset_and_refused_connections_without_a_re
             assert_code(app.login("phoebe", PASSWORD).await, Code::Unavailable);
             proxy.heal();
         }
-        let recovered = eventually(Duration::from_secs(5), || async {
-            checked(app.validate(&login.access_token).await)
-        })
-        .await;
-        assert!(recovered, "round {round}: the pool did not recover");
+        checked_again(&app, &login.access_token, &format!("round {round}")).await;
         app.login("phoebe", PASSWORD).await.unwrap();
     }
     // Dead connections were dropped, not hoarded: the pool's 8 and the watch stream.
@@ -793,10 +792,7 @@ async fn logouts_answered_ok_before_redis_was_killed_stay_revoked_after_it_retur
 
 #[tokio::test]
 async fn logouts_answered_ok_before_redis_was_cut_off_stay_revoked_after_it_returns() {
-    let redis = OwnRedis::start().await;
-    let proxy = Proxy::start(own_redis_addr(&redis)).await;
-    let url = format!("redis://{}/", proxy.addr);
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")]).await;
+    let (_redis, proxy, app) = redis_behind_proxy(&[("REDIS_FAILURE_MODE", "open")]).await;
     let tokens = tokens_of(&app, 10, 4).await;
     let answers = logout_burst(&app, tokens, 15, || proxy.refuse()).await;
     proxy.heal();
@@ -813,12 +809,8 @@ async fn logouts_answered_ok_before_redis_was_cut_off_stay_revoked_after_it_retu
 
 #[tokio::test]
 async fn dropped_redis_connections_cost_one_call_each_not_an_outage() {
-    let redis = OwnRedis::start().await;
-    let proxy = Proxy::start(own_redis_addr(&redis)).await;
-    let url = format!("redis://{}/", proxy.addr);
     // A long breaker interval: tripping it would show as seconds of UNAVAILABLE.
-    let app = spawn_app_with(&[
-        ("REDIS_URL", &url),
+    let (_redis, proxy, app) = redis_behind_proxy(&[
         ("REDIS_FAILURE_MODE", "closed"),
         ("REDIS_RETRY_INTERVAL", "5s"),
     ])
@@ -846,4 +838,54 @@ async fn dropped_redis_connections_cost_one_call_each_not_an_outage() {
         "{failed} calls failed for {pooled} dropped connections"
     );
     app.login("dropped", PASSWORD).await.unwrap();
+}
+
+#[tokio::test]
+async fn dropped_mariadb_connections_are_replaced_before_a_call_sees_them() {
+    let proxy = Proxy::start(mysql_addr()).await;
+    let app = app_behind(&proxy, &[]).await;
+    app.register("reconnect", PASSWORD).await.unwrap();
+    app.login("reconnect", PASSWORD).await.unwrap();
+    // MariaDB is fine; only the pooled connections die.
+    proxy.reset();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..5 {
+        app.login("reconnect", PASSWORD)
+            .await
+            .unwrap_or_else(|s| panic!("login {i} after the reset: {s:?}"));
+    }
+}
+
+#[tokio::test]
+async fn redis_slower_than_its_timeout_fails_calls_promptly_and_leaves_no_connections_behind() {
+    let (_redis, proxy, app) = redis_behind_proxy(&[
+        ("REDIS_FAILURE_MODE", "closed"),
+        ("REDIS_RETRY_INTERVAL", "0s"),
+        ("REDIS_COMMAND_TIMEOUT", "250ms"),
+    ])
+    .await;
+    let (_, login) = app.user_with_session("laggard").await;
+    let tasks_before = alive_tasks();
+
+    proxy.add_latency(Duration::from_millis(400));
+    for _ in 0..3 {
+        let calls = (0..50).map(|_| timed(validate_on(&app.client, &login.access_token)));
+        for (answer, took) in futures::future::join_all(calls).await {
+            assert_code(answer, Code::Unavailable);
+            assert!(took < PROMPTLY, "{took:?}");
+        }
+    }
+    proxy.heal();
+    checked_again(&app, &login.access_token, "once Redis was fast again").await;
+    tasks_settle_to(tasks_before).await;
+    // Each timed-out connection was dropped once its late answers came in.
+    let drained = eventually(Duration::from_secs(5), || async {
+        proxy.open_connections() <= 8
+    })
+    .await;
+    assert!(
+        drained,
+        "{} connections left open",
+        proxy.open_connections()
+    );
 }
