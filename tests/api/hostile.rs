@@ -368,3 +368,59 @@ async fn ten_thousand_concurrent_validations_get_clear_answers_in_bounded_memory
     assert!(v.valid);
     assert_eq!(authd.terminate().await, 0);
 }
+
+#[tokio::test]
+async fn odd_session_ids_and_client_details_are_plain_data() {
+    let app = spawn_app().await;
+    let (_, mine) = app.user_with_session("odd_one").await;
+    let (_, theirs) = app.user_with_session("odd_two").await;
+    // Key syntax, patterns and other users' hash tags are just an unknown session.
+    for id in [
+        "*",
+        "?",
+        "[a-z]*",
+        &format!("{{user:{}}}", theirs.session_id),
+        &theirs.session_id,
+        "\n",
+        "../..",
+        "\u{0}",
+        "é",
+    ] {
+        assert_code(
+            app.revoke_session(&mine.access_token, id).await,
+            Code::NotFound,
+        );
+    }
+    assert!(app.validate(&mine.access_token).await.unwrap().valid);
+    assert!(app.validate(&theirs.access_token).await.unwrap().valid);
+
+    // Whatever a client says about itself is recorded as data (cut to size), or refused
+    // clearly; never INTERNAL.
+    let big_agent = "ä".repeat(20_000);
+    for (ip, agent) in [
+        ("not-an-ip", "curl/8"),
+        ("999.1.1.1", "curl/8"),
+        ("", big_agent.as_str()),
+        ("::1", "\u{0}\u{7f}"),
+    ] {
+        let answer = app
+            .client
+            .clone()
+            .login(pb::LoginRequest {
+                username: "odd_one".into(),
+                password: PASSWORD.into(),
+                client_ip: ip.into(),
+                user_agent: agent.into(),
+            })
+            .await;
+        match answer {
+            Ok(_) => {}
+            Err(s) => assert_eq!(s.code(), Code::InvalidArgument, "{ip:?}: {s:?}"),
+        }
+    }
+    let sessions = app.list_sessions(&mine.access_token).await.unwrap();
+    assert!(
+        sessions.sessions.iter().all(|s| s.user_agent.len() <= 512),
+        "an unbounded user agent was stored"
+    );
+}
