@@ -530,13 +530,16 @@ async fn login_is_unavailable_alike(app: &TestApp) {
 }
 
 #[tokio::test]
-async fn with_mariadb_stalled_or_down_login_is_unavailable_alike_and_validate_keeps_answering() {
+async fn with_mariadb_slow_stalled_or_down_login_is_unavailable_alike_and_validate_keeps_answering()
+{
     let proxy = Proxy::start(mysql_addr()).await;
     let app = app_behind(&proxy, &[]).await;
     let (_, login) = app.user_with_session("known").await;
 
     let tasks_before = alive_tasks();
-    for break_it in [Proxy::stall as fn(&Proxy), Proxy::refuse] {
+    // Slower than DB_QUERY_TIMEOUT, stuck, down.
+    let slow = |p: &Proxy| p.add_latency(Duration::from_secs(1));
+    for break_it in [slow as fn(&Proxy), Proxy::stall, Proxy::refuse] {
         break_it(&proxy);
         login_is_unavailable_alike(&app).await;
         // A burst does not queue up behind the broken pool.
