@@ -221,16 +221,16 @@ impl AuthCore {
         password: &str,
         client: ClientInfo,
     ) -> Result<LoggedIn, AuthError> {
-        if username.chars().count() > MAX_USERNAME_CHARS {
+        // Case and padding variants of a name are one account, also to the throttle;
+        // the padding does not count towards the size limit.
+        if username.trim().chars().count() > MAX_USERNAME_CHARS {
             return Err(AuthError::invalid(
                 "username",
                 format!("must be at most {MAX_USERNAME_CHARS} characters"),
             ));
         }
         check_size("password", password).map_err(|v| AuthError::InvalidArgument(vec![v]))?;
-
-        // Case and padding variants of a name are one account, also to the throttle.
-        let canonical = username.trim().to_ascii_lowercase();
+        let canonical = Username::canonical(username);
         let name_hash = self.names.hash(&canonical);
         let who = Subject::new(&name_hash, &client.ip);
         self.refuse_if_throttled(&who, "login", || {
