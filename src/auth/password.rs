@@ -357,17 +357,7 @@ mod proptests {
 
     use super::*;
 
-    /// Every rule README names.
-    const RULES: [&str; 8] = [
-        "PASSWORD_TOO_SHORT",
-        "PASSWORD_TOO_LONG",
-        "PASSWORD_TOO_COMMON",
-        "PASSWORD_TOO_WEAK",
-        "PASSWORD_NEEDS_UPPERCASE",
-        "PASSWORD_NEEDS_LOWERCASE",
-        "PASSWORD_NEEDS_DIGIT",
-        "PASSWORD_NEEDS_SPECIAL",
-    ];
+    use crate::fuzzing::PASSWORD_RULES as RULES;
 
     fn policy() -> impl Strategy<Value = PasswordPolicy> {
         (any::<bool>(), 1usize..=20, 0u8..=4).prop_map(|(nist, min_length, min_strength)| {
@@ -435,7 +425,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(crate::auth::proptest_config(256))]
 
         #[test]
         fn the_size_limit_is_72_bytes_exactly(raw in password()) {

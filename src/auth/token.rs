@@ -445,7 +445,7 @@ mod proptests {
     use serde_json::{Map, Value, json};
 
     use super::*;
-    use crate::config::{Secret, SigningAlgorithm};
+    use crate::config::SigningAlgorithm;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
     const LEEWAY: i64 = 30;
@@ -459,23 +459,15 @@ mod proptests {
     const RSA_PUBLIC: &[u8] = include_bytes!("../../tests/keys/rsa-public.pem");
 
     fn keys_for(algorithm: SigningAlgorithm, pem: Option<&[u8]>) -> TokenKeys {
-        TokenKeys::new(&JwtConfig {
+        let secret = if pem.is_none() { SECRET } else { b"" };
+        let config = crate::fuzzing::jwt_config(
             algorithm,
-            private_key: pem.map(|p| Secret::new(p.to_vec())),
-            key_id: None,
-            retired_keys: Vec::new(),
-            secret: Secret::new(if pem.is_none() {
-                SECRET.to_vec()
-            } else {
-                Vec::new()
-            }),
-            issuer: "authd".into(),
-            audience: "authd-api".into(),
-            ttl: Duration::from_secs(TTL as u64),
-            leeway: Duration::from_secs(LEEWAY as u64),
-            generated_secret: false,
-        })
-        .unwrap()
+            pem,
+            secret,
+            ("authd", "authd-api"),
+            (TTL as u64, LEEWAY as u64),
+        );
+        TokenKeys::new(&config).unwrap()
     }
 
     fn hs256() -> TokenKeys {
@@ -692,7 +684,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(crate::auth::proptest_config(256))]
 
         #[test]
         fn any_string_is_refused_with_a_reason(token in any::<String>()) {

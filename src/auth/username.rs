@@ -114,7 +114,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(crate::auth::proptest_config(512))]
 
         #[test]
         fn accepted_exactly_when_the_rules_hold(raw in nearly_a_name()) {
