@@ -49,7 +49,7 @@ for target in "${targets[@]}"; do
     if [ "$status" -ne 0 ]; then
         grep -E 'panicked|^==[0-9]+==|SUMMARY|Test unit written|^error' "$log" >&2 || true
         echo "== $target FAILED (exit $status); full log: fuzz/$log" >&2
-        grep -oE '/[^ ]*artifacts/[^ ]+' "$log" | sort -u | while read -r a; do
+        grep -oE 'Test unit written to [^ ]+' "$log" | awk '{print $NF}' | while read -r a; do
             echo "   replay: (cd fuzz && cargo fuzz run --sanitizer none $target $a)" >&2
         done
         echo "fuzz: $passed passed, 1 failed"
