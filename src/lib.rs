@@ -14,6 +14,9 @@ pub mod clock;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "server")]
 pub mod grpc;
 #[cfg(feature = "server")]
 pub mod healthcheck;

@@ -25,6 +25,8 @@ enum Work {
         hash: Secret<String>,
         reply: oneshot::Sender<Result<bool, bcrypt::BcryptError>>,
     },
+    /// Other CPU-heavy work on a password: the policy's strength estimate.
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 struct Job {
@@ -105,6 +107,21 @@ impl PasswordHasher {
         }
     }
 
+    /// Runs `f`, CPU-heavy work on a password such as the policy's strength estimate,
+    /// on the pool: never on an async worker, and shed like a hash when the queue is full.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Work::Run(Box::new(move || {
+            let _ = reply.send(f());
+        })))?;
+        answer
+            .await
+            .map_err(|_| AuthError::Internal(anyhow::anyhow!("bcrypt worker stopped")))
+    }
+
     fn submit(&self, work: Work) -> Result<(), AuthError> {
         let job = Job {
             work,
@@ -165,6 +182,7 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             } => {
                 let _ = reply.send(bcrypt::verify(password.expose(), hash.expose()));
             }
+            Work::Run(f) => f(),
         }
     }
 }

@@ -13,3 +13,14 @@ pub mod username;
 pub use error::{AuthError, FieldViolation};
 pub use service::{AuthCore, ClientInfo};
 pub use token::{Claims, InvalidReason};
+
+/// The property tests' configuration: `cases` per property, or `PROPTEST_CASES` when
+/// set, for a longer run than `cargo test`'s few seconds.
+#[cfg(test)]
+pub(crate) fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    proptest::test_runner::Config::with_cases(cases)
+}

@@ -169,9 +169,30 @@ pub fn is_common(password: &str) -> bool {
             .trim_matches(|c: char| !c.is_alphabetic())
             .to_owned(),
     ];
-    candidates
+    if candidates
         .iter()
         .any(|s| COMMON_STEMS.contains(s.as_str()) || is_repeat(s))
+    {
+        return true;
+    }
+    // A swapped letter at either end of the stem is a symbol or digit itself, so no
+    // single trim finds the stem: "jessic@@" is "jessica" + "@", "1@dmin" is "1" +
+    // "admin". Try every cut that drops only digits and symbols at the ends.
+    let chars: Vec<char> = lower.chars().collect();
+    let first = chars
+        .iter()
+        .position(|c| c.is_alphabetic())
+        .unwrap_or(chars.len());
+    let last = chars
+        .iter()
+        .rposition(|c| c.is_alphabetic())
+        .map_or(0, |i| i + 1);
+    (0..=first).any(|start| {
+        (last.max(start)..=chars.len()).any(|end| {
+            let cut: String = chars[start..end].iter().collect();
+            COMMON_STEMS.contains(undisguise(&cut).as_str())
+        })
+    })
 }
 
 fn undisguise(s: &str) -> String {
@@ -327,5 +348,282 @@ mod tests {
             !v.iter().any(|v| v.description.contains("zorbulax")),
             "{v:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    use crate::fuzzing::PASSWORD_RULES as RULES;
+
+    fn policy() -> impl Strategy<Value = PasswordPolicy> {
+        (any::<bool>(), 1usize..=20, 0u8..=4).prop_map(|(nist, min_length, min_strength)| {
+            PasswordPolicy {
+                mode: if nist {
+                    PasswordPolicyMode::Nist
+                } else {
+                    PasswordPolicyMode::Classic
+                },
+                min_length,
+                min_strength,
+            }
+        })
+    }
+
+    /// Printable ASCII, multi-byte text around the 72-byte limit, and anything at all.
+    fn password() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ -~]{0,80}",
+            "[a-zA-Z0-9!#ßäÄéž€ïΩ😀 ]{0,40}",
+            any::<String>(),
+            disguised_common(),
+        ]
+    }
+
+    /// A common password with its usual disguises: case, swaps, digits and symbols around.
+    fn disguised_common() -> impl Strategy<Value = String> {
+        let stems: Vec<&'static str> = COMMON_STEMS
+            .iter()
+            .copied()
+            .filter(|s| s.chars().all(|c| c.is_ascii_lowercase()))
+            .collect();
+        (
+            proptest::sample::select(stems),
+            proptest::collection::vec(0u8..4, 32),
+            "[0-9!@#$%^&*.]{0,6}",
+            "[0-9!@#$%^&*.]{0,6}",
+        )
+            .prop_map(|(stem, how, before, after)| {
+                let body: String = stem
+                    .chars()
+                    .zip(how.iter().cycle())
+                    .map(|(c, how)| match (how, c) {
+                        (1, _) => c.to_ascii_uppercase(),
+                        (2, 'a') => '@',
+                        (2, 'o') => '0',
+                        (2, 'e') => '3',
+                        (2, 's') => '$',
+                        (3, 'a') => '4',
+                        (3, 's') => '5',
+                        (3, 't') => '7',
+                        (3, 'i') => '1',
+                        _ => c,
+                    })
+                    .collect();
+                format!("{before}{body}{after}")
+            })
+    }
+
+    fn reasons(result: &Result<NewPassword, Vec<FieldViolation>>) -> Vec<&'static str> {
+        match result {
+            Ok(_) => Vec::new(),
+            Err(v) => v.iter().map(|v| v.reason).collect(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::auth::proptest_config(256))]
+
+        #[test]
+        fn the_size_limit_is_72_bytes_exactly(raw in password()) {
+            match check_size("current_password", &raw) {
+                Ok(()) => prop_assert!(raw.len() <= MAX_PASSWORD_BYTES),
+                Err(v) => {
+                    prop_assert!(raw.len() > MAX_PASSWORD_BYTES);
+                    prop_assert_eq!(v.field, "current_password");
+                    prop_assert_eq!(v.reason, "PASSWORD_TOO_LONG");
+                    let got = format!("got {}", raw.len());
+                    prop_assert!(v.description.contains(&got), "{:?}", v);
+                }
+            }
+        }
+
+        #[test]
+        fn over_72_bytes_is_refused_whatever_the_first_72_are(
+            policy in policy(),
+            extra in "[a-zA-Zé€😀]{1,30}",
+        ) {
+            // bcrypt would accept the first 72 bytes and silently ignore the rest, so
+            // the whole must be refused.
+            let mut raw = GOOD_72.to_owned();
+            raw.push_str(&extra);
+            let result = NewPassword::parse("p", &raw, &policy, &[]);
+            prop_assert_eq!(reasons(&result), ["PASSWORD_TOO_LONG"]);
+        }
+
+        #[test]
+        fn every_rejection_names_a_documented_rule_once(
+            policy in policy(),
+            raw in password(),
+        ) {
+            let result = NewPassword::parse("p", &raw, &policy, &["alice"]);
+            match &result {
+                Ok(p) => prop_assert_eq!(p.expose(), raw.as_str()),
+                Err(violations) => {
+                    prop_assert!(!violations.is_empty());
+                    for v in violations {
+                        prop_assert_eq!(v.field, "p");
+                        prop_assert!(RULES.contains(&v.reason), "{:?}", v);
+                        prop_assert!(!v.description.is_empty());
+                    }
+                }
+            }
+            let mut named = reasons(&result);
+            let all = named.len();
+            named.sort_unstable();
+            named.dedup();
+            prop_assert_eq!(named.len(), all, "a rule named twice: {:?}", result.err());
+        }
+
+        #[test]
+        fn length_and_commonness_are_judged_alike_in_both_modes(
+            policy in policy(),
+            raw in password(),
+        ) {
+            let found = reasons(&NewPassword::parse("p", &raw, &policy, &[]));
+            if raw.len() > MAX_PASSWORD_BYTES {
+                prop_assert_eq!(found, ["PASSWORD_TOO_LONG"]);
+            } else {
+                // Characters, not bytes.
+                prop_assert_eq!(
+                    found.contains(&"PASSWORD_TOO_SHORT"),
+                    raw.chars().count() < policy.min_length
+                );
+                prop_assert_eq!(found.contains(&"PASSWORD_TOO_COMMON"), is_common(&raw));
+                prop_assert!(!found.contains(&"PASSWORD_TOO_LONG"));
+            }
+        }
+
+        #[test]
+        fn classic_demands_each_class_and_nothing_else(
+            min_length in 1usize..=20,
+            raw in "[ -~]{0,72}",
+        ) {
+            let policy = PasswordPolicy {
+                mode: PasswordPolicyMode::Classic,
+                min_length,
+                min_strength: 4,
+            };
+            let found = reasons(&NewPassword::parse("p", &raw, &policy, &[]));
+            // The classes, for printable ASCII, by a model of their own.
+            let has = |f: fn(&u8) -> bool| raw.as_bytes().iter().any(f);
+            let mut expected = Vec::new();
+            if raw.len() < min_length {
+                expected.push("PASSWORD_TOO_SHORT");
+            }
+            for (present, rule) in [
+                (has(u8::is_ascii_uppercase), "PASSWORD_NEEDS_UPPERCASE"),
+                (has(u8::is_ascii_lowercase), "PASSWORD_NEEDS_LOWERCASE"),
+                (has(u8::is_ascii_digit), "PASSWORD_NEEDS_DIGIT"),
+                (has(u8::is_ascii_punctuation), "PASSWORD_NEEDS_SPECIAL"),
+            ] {
+                if !present {
+                    expected.push(rule);
+                }
+            }
+            if is_common(&raw) {
+                expected.push("PASSWORD_TOO_COMMON");
+            }
+            // Classic mode never asks zxcvbn.
+            prop_assert_eq!(found, expected);
+        }
+
+        #[test]
+        fn nist_has_no_composition_rules_and_asks_zxcvbn(
+            min_strength in 0u8..=4,
+            raw in prop_oneof!["[ -~]{0,72}", "[a-zа-яž€😀 ]{0,30}", any::<String>()],
+        ) {
+            let policy = PasswordPolicy {
+                mode: PasswordPolicyMode::Nist,
+                min_length: 1,
+                min_strength,
+            };
+            let found = reasons(&NewPassword::parse("p", &raw, &policy, &["alice"]));
+            if raw.len() <= MAX_PASSWORD_BYTES {
+                prop_assert!(found.iter().all(|r| !r.starts_with("PASSWORD_NEEDS_")), "{:?}", found);
+                let score = u8::from(zxcvbn::zxcvbn(&raw, &["alice"]).score());
+                prop_assert_eq!(found.contains(&"PASSWORD_TOO_WEAK"), score < min_strength);
+            }
+        }
+
+        #[test]
+        fn nist_counts_unicode_characters_up_to_72_bytes(
+            wide in proptest::sample::select(vec!['ž', 'я', 'Ω', '€', '字', '😀']),
+            count in 1usize..=40,
+        ) {
+            let raw: String = std::iter::repeat_n(wide, count).collect();
+            let found = reasons(&NewPassword::parse("p", &raw, &NIST, &[]));
+            if raw.len() > MAX_PASSWORD_BYTES {
+                prop_assert_eq!(found, ["PASSWORD_TOO_LONG"]);
+            } else {
+                prop_assert_eq!(found.contains(&"PASSWORD_TOO_SHORT"), count < NIST.min_length);
+            }
+        }
+
+        #[test]
+        fn disguised_common_passwords_are_common(raw in disguised_common()) {
+            prop_assert!(is_common(&raw), "{:?}", raw);
+            prop_assert!(reasons(&classic(&raw)).contains(&"PASSWORD_TOO_COMMON"));
+        }
+
+        #[test]
+        fn advice_never_repeats_the_password(raw in "[a-z]{8,20}") {
+            for v in NewPassword::parse("p", &raw, &NIST, &[]).err().unwrap_or_default() {
+                prop_assert!(!v.description.contains(&raw), "{:?}", v);
+            }
+        }
+    }
+
+    /// 72 bytes that pass every policy `policy()` makes.
+    const GOOD_72: &str =
+        "Vq8#kZ2!mW4$tR7&xL1@yN5*pD3Gh6%Bc9^Jf0(Se4)Ua7-Ix2+Oe5=Ky8?Lz1;Qw6:Rv3<T";
+
+    #[test]
+    fn the_good_72_bytes_pass_the_strictest_policies() {
+        assert_eq!(GOOD_72.len(), MAX_PASSWORD_BYTES);
+        for mode in [PasswordPolicyMode::Classic, PasswordPolicyMode::Nist] {
+            let strictest = PasswordPolicy {
+                mode,
+                min_length: 20,
+                min_strength: 4,
+            };
+            assert!(NewPassword::parse("p", GOOD_72, &strictest, &[]).is_ok());
+        }
+    }
+
+    /// Found by `disguised_common_passwords_are_common`.
+    #[test]
+    fn a_swapped_letter_next_to_the_trimmed_symbols_is_still_found() {
+        for p in [
+            "jessic@@",
+            "Jessic@1!",
+            "1@dmin",
+            "$@dmin",
+            "5ecret!",
+            "!!p@ssw0rd$$",
+        ] {
+            assert!(is_common(p), "{p}");
+        }
+        for p in ["jessicat", "1@dmiral", "Vq8#kZ2!mW4$"] {
+            assert!(!is_common(p), "{p}");
+        }
+    }
+
+    const NIST: PasswordPolicy = PasswordPolicy {
+        mode: PasswordPolicyMode::Nist,
+        min_length: 15,
+        min_strength: 3,
+    };
+
+    fn classic(raw: &str) -> Result<NewPassword, Vec<FieldViolation>> {
+        let policy = PasswordPolicy {
+            mode: PasswordPolicyMode::Classic,
+            min_length: 8,
+            min_strength: 3,
+        };
+        NewPassword::parse("p", raw, &policy, &[])
     }
 }

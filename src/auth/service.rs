@@ -11,7 +11,7 @@ use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
-use crate::config::{Config, PasswordPolicy, RedisFailureMode, TrustedProxies};
+use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode, TrustedProxies};
 use crate::store::audit::AuditStore;
 use crate::store::sessions::{
     Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
@@ -187,14 +187,11 @@ impl AuthCore {
         let username = Username::parse(username)
             .map_err(|v| violations.push(v))
             .ok();
-        let password = NewPassword::parse(
-            "password",
-            password,
-            &self.rules.password_policy,
-            &[raw_username.trim()],
-        )
-        .map_err(|v| violations.extend(v))
-        .ok();
+        let password = self
+            .check_new_password("password", password, raw_username.trim())
+            .await?
+            .map_err(|v| violations.extend(v))
+            .ok();
         let (Some(username), Some(password)) = (username, password) else {
             return Err(AuthError::InvalidArgument(violations));
         };
@@ -212,6 +209,26 @@ impl AuthCore {
         })
     }
 
+    /// The policy's verdict on a new password. `nist` mode's zxcvbn estimate can take
+    /// seconds of CPU on a crafted 72-byte password (each distinct l33t character
+    /// multiplies its work), so it runs on the hashing pool — bounded, shed when full —
+    /// and never blocks an async worker. `classic` mode is cheap and runs here.
+    async fn check_new_password(
+        &self,
+        field: &'static str,
+        password: &str,
+        username: &str,
+    ) -> Result<Result<NewPassword, Vec<FieldViolation>>, AuthError> {
+        let policy = self.rules.password_policy;
+        if policy.mode == PasswordPolicyMode::Classic {
+            return Ok(NewPassword::parse(field, password, &policy, &[username]));
+        }
+        let (password, username) = (password.to_owned(), username.to_owned());
+        self.hasher
+            .run(move || NewPassword::parse(field, &password, &policy, &[&username]))
+            .await
+    }
+
     /// Checks a password and opens a session. Unknown user, wrong password and empty
     /// password are one error, after the same bcrypt work. An account or address that
     /// must wait is refused before any lookup or bcrypt, alike whether it exists.
@@ -221,16 +238,16 @@ impl AuthCore {
         password: &str,
         client: ClientInfo,
     ) -> Result<LoggedIn, AuthError> {
-        if username.chars().count() > MAX_USERNAME_CHARS {
+        // Case and padding variants of a name are one account, also to the throttle;
+        // the padding does not count towards the size limit.
+        if username.trim().chars().count() > MAX_USERNAME_CHARS {
             return Err(AuthError::invalid(
                 "username",
                 format!("must be at most {MAX_USERNAME_CHARS} characters"),
             ));
         }
         check_size("password", password).map_err(|v| AuthError::InvalidArgument(vec![v]))?;
-
-        // Case and padding variants of a name are one account, also to the throttle.
-        let canonical = username.trim().to_ascii_lowercase();
+        let canonical = Username::canonical(username);
         let name_hash = self.names.hash(&canonical);
         let who = Subject::new(&name_hash, &client.ip);
         self.refuse_if_throttled(&who, "login", || {
@@ -447,14 +464,11 @@ impl AuthCore {
         if let Err(v) = check_size("current_password", current_password) {
             violations.push(v);
         }
-        let new_password = NewPassword::parse(
-            "new_password",
-            new_password,
-            &self.rules.password_policy,
-            &[&claims.username],
-        )
-        .map_err(|v| violations.extend(v))
-        .ok();
+        let new_password = self
+            .check_new_password("new_password", new_password, &claims.username)
+            .await?
+            .map_err(|v| violations.extend(v))
+            .ok();
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };

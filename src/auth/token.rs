@@ -434,3 +434,409 @@ mod tests {
         assert_ne!(a, random_id());
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use std::sync::LazyLock;
+
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::config::SigningAlgorithm;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const LEEWAY: i64 = 30;
+    const TTL: i64 = 3600;
+    const NOW: i64 = 1_700_000_000;
+    const ED25519: &[u8] = include_bytes!("../../tests/keys/ed25519-old.pem");
+    const ED25519_PUBLIC: &[u8] = include_bytes!("../../tests/keys/ed25519-old-public.pem");
+    const ED25519_OTHER: &[u8] = include_bytes!("../../tests/keys/ed25519.pem");
+    const P256: &[u8] = include_bytes!("../../tests/keys/p256.pem");
+    const RSA: &[u8] = include_bytes!("../../tests/keys/rsa.pem");
+    const RSA_PUBLIC: &[u8] = include_bytes!("../../tests/keys/rsa-public.pem");
+
+    fn keys_for(algorithm: SigningAlgorithm, pem: Option<&[u8]>) -> TokenKeys {
+        let secret = if pem.is_none() { SECRET } else { b"" };
+        let config = crate::fuzzing::jwt_config(
+            algorithm,
+            pem,
+            secret,
+            ("authd", "authd-api"),
+            (TTL as u64, LEEWAY as u64),
+        );
+        TokenKeys::new(&config).unwrap()
+    }
+
+    fn hs256() -> TokenKeys {
+        keys_for(SigningAlgorithm::Hs256, None)
+    }
+
+    /// One set of keys per algorithm authd signs with, HS256 first.
+    static EVERY_ALGORITHM: LazyLock<[TokenKeys; 4]> = LazyLock::new(|| {
+        [
+            hs256(),
+            keys_for(SigningAlgorithm::EdDsa, Some(ED25519)),
+            keys_for(SigningAlgorithm::Es256, Some(P256)),
+            keys_for(SigningAlgorithm::Rs256, Some(RSA)),
+        ]
+    });
+
+    fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// A claim as a token may carry it: right, wrong, ill-typed or missing.
+    #[derive(Debug, Clone)]
+    enum Field {
+        Absent,
+        Null,
+        Str(String),
+        Int(i64),
+        Float(f64),
+        List(Vec<String>),
+    }
+
+    impl Field {
+        fn json(&self) -> Option<Value> {
+            match self {
+                Field::Absent => None,
+                Field::Null => Some(Value::Null),
+                Field::Str(s) => Some(json!(s)),
+                Field::Int(i) => Some(json!(i)),
+                Field::Float(f) => Some(json!(f)),
+                Field::List(l) => Some(json!(l)),
+            }
+        }
+    }
+
+    fn other_shapes() -> impl Strategy<Value = Field> {
+        prop_oneof![
+            Just(Field::Absent),
+            Just(Field::Null),
+            any::<i64>().prop_map(Field::Int),
+            (-1e12f64..1e12).prop_map(Field::Float),
+            proptest::collection::vec("[a-z-]{0,12}", 0..3).prop_map(Field::List),
+        ]
+    }
+
+    fn text_claim() -> impl Strategy<Value = Field> {
+        prop_oneof![8 => any::<String>().prop_map(Field::Str), 1 => other_shapes()]
+    }
+
+    fn ours_or_not(ours: &'static str) -> impl Strategy<Value = Field> {
+        prop_oneof![
+            8 => Just(Field::Str(ours.into())),
+            2 => prop_oneof![
+                "[a-z-]{0,12}".prop_map(Field::Str),
+                Just(Field::Str(ours.to_uppercase())),
+                Just(Field::Str(format!("{ours} "))),
+                Just(Field::List(vec![ours.into()])),
+            ],
+            1 => other_shapes(),
+        ]
+    }
+
+    /// Times near `NOW` and the leeway's edges, and the extremes.
+    fn time_claim() -> impl Strategy<Value = Field> {
+        prop_oneof![
+            12 => (-2 * LEEWAY..=2 * LEEWAY).prop_map(|d| Field::Int(NOW + d)),
+            2 => any::<i64>().prop_map(Field::Int),
+            1 => prop_oneof![Just(Field::Int(i64::MAX)), Just(Field::Int(i64::MIN)), Just(Field::Int(0))],
+            1 => other_shapes(),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct RandomClaims {
+        iss: Field,
+        aud: Field,
+        sub: Field,
+        username: Field,
+        sid: Field,
+        jti: Field,
+        iat: Field,
+        nbf: Field,
+        exp: Field,
+        extra: Option<(String, i64)>,
+    }
+
+    fn random_claims() -> impl Strategy<Value = RandomClaims> {
+        (
+            (ours_or_not("authd"), ours_or_not("authd-api")),
+            (text_claim(), text_claim(), text_claim(), text_claim()),
+            (time_claim(), time_claim(), time_claim()),
+            proptest::option::of(("[a-z]{1,8}", any::<i64>())),
+        )
+            .prop_map(
+                |((iss, aud), (sub, username, sid, jti), (iat, nbf, exp), extra)| RandomClaims {
+                    iss,
+                    aud,
+                    sub,
+                    username,
+                    sid,
+                    jti,
+                    iat,
+                    nbf,
+                    exp,
+                    extra,
+                },
+            )
+    }
+
+    impl RandomClaims {
+        fn payload(&self) -> Value {
+            let mut map = Map::new();
+            if let Some((key, value)) = &self.extra {
+                map.insert(key.clone(), json!(value));
+            }
+            for (name, field) in [
+                ("iss", &self.iss),
+                ("aud", &self.aud),
+                ("sub", &self.sub),
+                ("username", &self.username),
+                ("sid", &self.sid),
+                ("jti", &self.jti),
+                ("iat", &self.iat),
+                ("nbf", &self.nbf),
+                ("exp", &self.exp),
+            ] {
+                if let Some(v) = field.json() {
+                    map.insert(name.into(), v);
+                }
+            }
+            Value::Object(map)
+        }
+
+        /// What `verify` must answer at `NOW`, written from DESIGN.md §2 rather than
+        /// from the code: every claim present with its type, `iss` and `aud` ours,
+        /// inside [nbf - leeway, exp + leeway).
+        fn expected(&self) -> Result<Claims, InvalidReason> {
+            let text = |f: &Field| match f {
+                Field::Str(s) => Some(s.clone()),
+                _ => None,
+            };
+            let int = |f: &Field| match f {
+                Field::Int(i) => Some(*i),
+                _ => None,
+            };
+            let (
+                Some(iss),
+                Some(aud),
+                Some(sub),
+                Some(username),
+                Some(sid),
+                Some(jti),
+                Some(iat),
+                Some(nbf),
+                Some(exp),
+            ) = (
+                text(&self.iss),
+                text(&self.aud),
+                text(&self.sub),
+                text(&self.username),
+                text(&self.sid),
+                text(&self.jti),
+                int(&self.iat),
+                int(&self.nbf),
+                int(&self.exp),
+            )
+            else {
+                return Err(InvalidReason::Malformed);
+            };
+            if exp < 0 {
+                // Not a NumericDate jsonwebtoken reads: as good as absent.
+                return Err(InvalidReason::Malformed);
+            }
+            if iss != "authd" || aud != "authd-api" {
+                return Err(InvalidReason::WrongIssuerOrAudience);
+            }
+            if NOW >= exp.saturating_add(LEEWAY) {
+                return Err(InvalidReason::Expired);
+            }
+            if NOW.saturating_add(LEEWAY) < nbf {
+                return Err(InvalidReason::NotYetValid);
+            }
+            Ok(Claims {
+                iss,
+                aud,
+                sub,
+                username,
+                sid,
+                jti,
+                iat,
+                nbf,
+                exp,
+            })
+        }
+    }
+
+    fn sign(keys: &TokenKeys, header: &Header, payload: &Value) -> String {
+        jsonwebtoken::encode(header, payload, &keys.encoding).unwrap()
+    }
+
+    fn our_header(keys: &TokenKeys) -> Header {
+        let mut header = Header::new(keys.algorithm);
+        header.kid = Some(keys.kid.clone());
+        header
+    }
+
+    proptest! {
+        #![proptest_config(crate::auth::proptest_config(256))]
+
+        #[test]
+        fn any_string_is_refused_with_a_reason(token in any::<String>()) {
+            let keys = hs256();
+            prop_assert!(keys.verify(&token, NOW).is_err());
+        }
+
+        #[test]
+        fn three_segments_of_junk_are_malformed_or_badly_signed(
+            header in "[A-Za-z0-9_-]{0,40}",
+            payload in "[A-Za-z0-9_-]{0,40}",
+            signature in "[A-Za-z0-9_=+/-]{0,50}",
+        ) {
+            let keys = hs256();
+            let reason = keys.verify(&format!("{header}.{payload}.{signature}"), NOW).unwrap_err();
+            prop_assert!(matches!(reason, InvalidReason::Malformed | InvalidReason::BadSignature));
+        }
+
+        #[test]
+        fn a_forged_signature_over_any_payload_is_refused(
+            payload in any::<Vec<u8>>(),
+            signature in any::<Vec<u8>>(),
+            with_kid in any::<bool>(),
+        ) {
+            let keys = hs256();
+            let mut header = json!({"alg": "HS256", "typ": "JWT"});
+            if with_kid {
+                header["kid"] = json!(keys.kid);
+            }
+            let token = format!(
+                "{}.{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(&payload),
+                b64(&signature)
+            );
+            let reason = keys.verify(&token, NOW).unwrap_err();
+            prop_assert!(matches!(reason, InvalidReason::Malformed | InvalidReason::BadSignature));
+        }
+
+        #[test]
+        fn issued_tokens_verify_until_exp_plus_leeway_and_not_after(
+            user_id in any::<String>(),
+            username in any::<String>(),
+            session_id in any::<String>(),
+            issued_at in 0i64..4_000_000_000,
+            offset in -2 * LEEWAY..TTL + 2 * LEEWAY,
+            which in 0usize..4,
+        ) {
+            let keys = &EVERY_ALGORITHM[which];
+            let issued = keys.issue(&user_id, &username, &session_id, issued_at).unwrap();
+            let at = issued_at + offset;
+            let got = keys.verify(&issued.token, at);
+            if at < issued_at - LEEWAY {
+                prop_assert_eq!(got, Err(InvalidReason::NotYetValid));
+            } else if at >= issued_at + TTL + LEEWAY {
+                prop_assert_eq!(got, Err(InvalidReason::Expired));
+            } else {
+                prop_assert_eq!(got, Ok(issued.claims));
+            }
+        }
+
+        #[test]
+        fn one_flipped_byte_anywhere_makes_a_token_fail(
+            index in any::<proptest::sample::Index>(),
+            mask in 1u8..=127,
+            which in 0usize..4,
+        ) {
+            let keys = &EVERY_ALGORITHM[which];
+            let issued = keys.issue("u1", "alice", "s1", NOW).unwrap();
+            prop_assert!(keys.verify(&issued.token, NOW).is_ok());
+            let mut bytes = issued.token.into_bytes();
+            let i = index.index(bytes.len());
+            // ASCII stays ASCII: the token is still a string, as gRPC would carry it.
+            bytes[i] ^= mask;
+            let flipped = String::from_utf8(bytes).unwrap();
+            prop_assert!(keys.verify(&flipped, NOW).is_err(), "byte {} ^ {:#x} accepted", i, mask);
+        }
+
+        #[test]
+        fn claims_signed_with_our_key_are_accepted_only_when_right(
+            claims in random_claims(),
+            which in 0usize..4,
+        ) {
+            let keys = &EVERY_ALGORITHM[which];
+            let token = sign(keys, &our_header(keys), &claims.payload());
+            prop_assert_eq!(keys.verify(&token, NOW), claims.expected(), "{}", claims.payload());
+        }
+
+        #[test]
+        fn an_unknown_kid_is_a_bad_signature_and_no_kid_means_the_active_key(
+            kid in proptest::option::of("[A-Za-z0-9_-]{0,20}"),
+        ) {
+            let keys = hs256();
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = kid.clone();
+            let issued = keys.issue("u1", "alice", "s1", NOW).unwrap();
+            let token = sign(&keys, &header, &json!(issued.claims));
+            let got = keys.verify(&token, NOW);
+            match kid {
+                None => prop_assert_eq!(got, Ok(issued.claims)),
+                Some(kid) if kid == keys.kid => prop_assert!(got.is_ok()),
+                Some(_) => prop_assert_eq!(got, Err(InvalidReason::BadSignature)),
+            }
+        }
+
+        #[test]
+        fn alg_none_and_hs256_with_the_public_key_are_refused(
+            claims in random_claims(),
+            which in 1usize..4,
+        ) {
+            let keys = &EVERY_ALGORITHM[which];
+            let payload = claims.payload();
+            let body = b64(payload.to_string().as_bytes());
+            let kid = json!(keys.kid);
+            // alg "none", with and without a signature, and other spellings of it.
+            for alg in ["none", "None", "NONE", ""] {
+                let header = b64(json!({"alg": alg, "typ": "JWT", "kid": kid}).to_string().as_bytes());
+                for signature in ["", "c2ln"] {
+                    let token = format!("{header}.{body}.{signature}");
+                    prop_assert_eq!(keys.verify(&token, NOW), Err(InvalidReason::Malformed));
+                }
+            }
+            // HS256 keyed with what a verifier of an asymmetric key can see: the
+            // published JWK, its parts, a public key's PEM.
+            let jwks = serde_json::to_value(keys.jwks(NOW)).unwrap();
+            let jwk = &jwks["keys"][0];
+            let mut secrets: Vec<Vec<u8>> = vec![jwk.to_string().into_bytes()];
+            for part in ["x", "y", "n", "e"] {
+                if let Some(v) = jwk[part].as_str() {
+                    secrets.push(v.as_bytes().to_vec());
+                    secrets.push(URL_SAFE_NO_PAD.decode(v).unwrap());
+                }
+            }
+            secrets.extend([ED25519_PUBLIC.to_vec(), RSA_PUBLIC.to_vec()]);
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some(keys.kid.clone());
+            for secret in secrets {
+                let token = jsonwebtoken::encode(&header, &payload, &EncodingKey::from_secret(&secret)).unwrap();
+                prop_assert_eq!(keys.verify(&token, NOW), Err(InvalidReason::Malformed));
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_embedded_in_the_header_is_ignored() {
+        // Signed by another Ed25519 key that the header carries as `jwk`, under our kid.
+        let ours = keys_for(SigningAlgorithm::EdDsa, Some(ED25519));
+        let attacker = keys_for(SigningAlgorithm::EdDsa, Some(ED25519_OTHER));
+        let issued = ours.issue("u1", "alice", "s1", NOW).unwrap();
+        let mut header = our_header(&ours);
+        header.jwk = attacker.jwks(NOW).keys.into_iter().next();
+        let token = sign(&attacker, &header, &json!(issued.claims));
+        assert_eq!(ours.verify(&token, NOW), Err(InvalidReason::BadSignature));
+    }
+}

@@ -185,4 +185,19 @@ async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
     );
     assert!(s.get_details_bad_request().is_some());
 }
+
+
+// Found by the username property tests: the size limit counted the padding, so a
+// padded 32-character name was refused while a padded 31-character one logged in.
+async fn a_padded_name_of_the_longest_length_is_the_same_account(backend: Backend) {
+    let app = backend.spawn().await;
+    let name = format!("long_{}", "n".repeat(27));
+    assert_eq!(name.len(), 32);
+    let user = app.register(&name, PASSWORD).await.unwrap();
+    let padded = format!(" \t{}\n ", name.to_uppercase());
+    let login = app.login(&padded, PASSWORD).await.unwrap();
+    let v = app.validate(&login.access_token).await.unwrap();
+    assert_eq!(v.user_id, user.user_id);
+    assert_eq!(v.username, name);
+}
 }

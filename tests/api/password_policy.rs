@@ -87,3 +87,35 @@ async fn nist_minimum_length_is_configurable(backend: Backend) {
     assert!(app.register("nl2", "zq8 vlk3 mtr9xw 12cd").await.is_ok());
 }
 }
+
+/// Found by the `password` fuzz target: zxcvbn's l33t matching multiplies its work by
+/// every distinct l33t character, so a crafted password costs it tenths of a second of
+/// CPU (72 bytes of them: seconds, even in a release build). That work runs on the
+/// hashing pool: a call that arrives meanwhile is answered at once, even on this
+/// single-threaded test runtime, where work on the async worker would hold everything up.
+#[tokio::test]
+async fn a_slow_strength_estimate_holds_up_no_other_call() {
+    let app = spawn_embedded_with(&[("PASSWORD_POLICY", "nist")]).await;
+    let crafted = "4@8({[<3691!|70$5+%2Qz4@8({[<36";
+    let started = std::time::Instant::now();
+    let (registered, (validated, validated_after)) = tokio::join!(
+        async {
+            // An invalid username: nothing is hashed or stored, only the policy runs.
+            let r = app.register("x", crafted).await;
+            (r, started.elapsed())
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let v = app.validate("not-a-token").await;
+            (v, started.elapsed())
+        }
+    );
+    let (registered, register_took) = registered;
+    assert_code(registered, Code::InvalidArgument);
+    assert!(!validated.unwrap().valid);
+    assert!(
+        validated_after * 3 < register_took,
+        "ValidateToken waited for the strength estimate: answered after {validated_after:?}, \
+         Register took {register_took:?}"
+    );
+}
