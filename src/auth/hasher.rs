@@ -1,12 +1,15 @@
-//! bcrypt on a bounded pool of dedicated threads, never on the async workers. When the
-//! queue is full a job is refused at once, so a login storm is shed instead of queued.
+//! bcrypt on a bounded pool of dedicated threads, never on the async workers. A job
+//! first takes a [`Slot`] (one of `workers + queue`); when none is free it is refused at
+//! once, so a login storm is shed instead of queued. The threads run at a lower CPU
+//! priority (`BCRYPT_NICE`), so a storm cannot starve the async workers that answer
+//! ValidateToken.
 
 use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::AuthError;
 use crate::config::{BcryptConfig, Secret};
@@ -31,12 +34,26 @@ struct Job {
     work: Work,
     span: tracing::Span,
     queued_at: Instant,
+    /// Held until the work is done: a slot is free only once its job has finished.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// A fixed set of hashing threads with a bounded queue in front.
 #[derive(Clone)]
 pub struct PasswordHasher {
-    queue: SyncSender<Job>,
+    queue: Sender<Job>,
+    /// `workers + queue` slots: the jobs running plus those that may wait.
+    slots: Arc<Semaphore>,
+    cost: u32,
+}
+
+/// The right to run one hashing job, taken before the work that leads to it (Login
+/// takes it before looking the user up), so a refused call costs nothing further.
+/// Dropping it unused gives the slot back.
+#[must_use = "a slot is only useful for hashing"]
+pub struct Slot {
+    queue: Sender<Job>,
+    permit: OwnedSemaphorePermit,
     cost: u32,
 }
 
@@ -49,20 +66,44 @@ impl std::fmt::Debug for PasswordHasher {
 }
 
 impl PasswordHasher {
-    /// Starts `config.workers` threads. They stop when the last handle is dropped.
+    /// Starts `config.workers` threads at niceness `config.nice`. They stop when the
+    /// last handle is dropped.
     pub fn start(config: &BcryptConfig) -> std::io::Result<Self> {
-        let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue);
+        // Unbounded, but never holds more than the slots allow.
+        let (queue, jobs) = mpsc::channel::<Job>();
         let jobs = Arc::new(Mutex::new(jobs));
         for i in 0..config.workers {
             let jobs = Arc::clone(&jobs);
+            let nice = config.nice;
             std::thread::Builder::new()
                 .name(format!("bcrypt-{i}"))
-                .spawn(move || work(&jobs))?;
+                .spawn(move || {
+                    lower_priority(nice);
+                    work(&jobs);
+                })?;
         }
         Ok(Self {
             queue,
+            slots: Arc::new(Semaphore::new(config.workers + config.queue)),
             cost: config.cost,
         })
+    }
+
+    /// A slot for one job, or RESOURCE_EXHAUSTED at once when all are taken.
+    pub fn reserve(&self) -> Result<Slot, AuthError> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => Ok(Slot {
+                queue: self.queue.clone(),
+                permit,
+                cost: self.cost,
+            }),
+            Err(_) => {
+                metrics::counter!("authd_bcrypt_rejected_total").increment(1);
+                Err(AuthError::Overloaded {
+                    retry_after: RETRY_AFTER,
+                })
+            }
+        }
     }
 
     /// The cost new hashes get.
@@ -72,10 +113,24 @@ impl PasswordHasher {
 
     /// Hashes `password` at the configured cost.
     pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
+        self.reserve()?.hash(password).await
+    }
+
+    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`). A hash that
+    /// cannot be parsed verifies nothing, and is logged.
+    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AuthError> {
+        self.reserve()?.verify(password, hash).await
+    }
+}
+
+impl Slot {
+    /// Hashes `password` at the configured cost.
+    pub async fn hash(self, password: &str) -> Result<String, AuthError> {
         let (reply, answer) = oneshot::channel();
+        let cost = self.cost;
         self.submit(Work::Hash {
             password: Secret::new(password.to_owned()),
-            cost: self.cost,
+            cost,
             reply,
         })?;
         answer
@@ -84,9 +139,8 @@ impl PasswordHasher {
             .map_err(|e| AuthError::Internal(anyhow::anyhow!("bcrypt hash failed: {e}")))
     }
 
-    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`). A hash that
-    /// cannot be parsed verifies nothing, and is logged.
-    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AuthError> {
+    /// As [`PasswordHasher::verify`], in this slot.
+    pub async fn verify(self, password: &str, hash: &str) -> Result<bool, AuthError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Work::Verify {
             password: Secret::new(password.to_owned()),
@@ -105,31 +159,40 @@ impl PasswordHasher {
         }
     }
 
-    fn submit(&self, work: Work) -> Result<(), AuthError> {
+    fn submit(self, work: Work) -> Result<(), AuthError> {
         let job = Job {
             work,
             span: tracing::Span::current(),
             queued_at: Instant::now(),
+            _slot: self.permit,
         };
         // Counted before it is queued, so a worker's decrement never comes first.
         let depth = metrics::gauge!("authd_bcrypt_queue_depth");
         depth.increment(1.0);
-        let sent = self.queue.try_send(job);
-        if sent.is_err() {
+        self.queue.send(job).map_err(|_| {
             depth.decrement(1.0);
-        }
-        match sent {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                metrics::counter!("authd_bcrypt_rejected_total").increment(1);
-                Err(AuthError::Overloaded {
-                    retry_after: RETRY_AFTER,
-                })
-            }
-            Err(TrySendError::Disconnected(_)) => Err(AuthError::Internal(anyhow::anyhow!(
-                "bcrypt workers stopped"
-            ))),
-        }
+            AuthError::Internal(anyhow::anyhow!("bcrypt workers stopped"))
+        })
+    }
+}
+
+/// Makes the calling thread `nice` steps less favoured by the scheduler (0: unchanged).
+/// Only ever lowers the priority, which needs no privilege; a failure is logged.
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    let me = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(me), nice) {
+        tracing::warn!(error = %e, nice, "cannot lower the bcrypt threads' priority (BCRYPT_NICE)");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(nice: i32) {
+    if nice != 0 {
+        tracing::debug!(nice, "BCRYPT_NICE is applied on Linux only");
     }
 }
 
@@ -143,6 +206,7 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             work,
             span,
             queued_at,
+            _slot,
         }) = job
         else {
             return; // every sender is gone
@@ -193,6 +257,7 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 4,
+            nice: 0,
         })
         .unwrap();
         let h = bcrypt::hash("Secret-pass-1", 4).unwrap();
@@ -216,6 +281,7 @@ mod tests {
             cost: 12,
             workers: 1,
             queue: 1,
+            nice: 0,
         })
         .unwrap();
         let calls: Vec<_> = (0..4).map(|_| hasher.hash("Secret-pass-1")).collect();
