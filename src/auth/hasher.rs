@@ -206,7 +206,7 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             work,
             span,
             queued_at,
-            _slot,
+            _slot: slot,
         }) = job
         else {
             return; // every sender is gone
@@ -220,14 +220,20 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
                 cost,
                 reply,
             } => {
-                let _ = reply.send(bcrypt::hash(password.expose(), cost));
+                let hashed = bcrypt::hash(password.expose(), cost);
+                // Free before answering: the caller may ask again at once, and this
+                // thread (at a lower priority) may not run again soon.
+                drop(slot);
+                let _ = reply.send(hashed);
             }
             Work::Verify {
                 password,
                 hash,
                 reply,
             } => {
-                let _ = reply.send(bcrypt::verify(password.expose(), hash.expose()));
+                let verdict = bcrypt::verify(password.expose(), hash.expose());
+                drop(slot);
+                let _ = reply.send(verdict);
             }
         }
     }
