@@ -79,14 +79,16 @@ pub fn authd_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
         .parent()
         .context("bench/ has no parent")?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building authd (cargo build --release --bin authd)…");
+    // The whole workspace's binaries, so the dependencies are built with the same
+    // features as for this program and are not compiled a second time.
+    eprintln!("building authd (cargo build --release --workspace --bins)…");
     let status = Command::new(cargo)
         .current_dir(root)
-        .args(["build", "--release", "--bin", "authd"])
+        .args(["build", "--release", "--workspace", "--bins"])
         .status()
         .context("cannot run cargo to build authd; pass --authd PATH")?;
     if !status.success() {
-        bail!("cargo build --release --bin authd failed");
+        bail!("cargo build --release --workspace --bins failed");
     }
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name("authd");
