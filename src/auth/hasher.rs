@@ -281,6 +281,44 @@ mod tests {
         assert!(!hasher.verify("x", "garbage").await.unwrap());
     }
 
+    /// The niceness of this process's threads named `name`.
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        let mut nice = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Field 19 of the line; the fields after the parenthesised name start at 3.
+            if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
+                nice.extend(
+                    rest.split_whitespace()
+                        .nth(16)
+                        .and_then(|n| n.parse::<i64>().ok()),
+                );
+            }
+        }
+        nice
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_the_configured_niceness() {
+        let hasher = PasswordHasher::start(&BcryptConfig {
+            cost: 4,
+            workers: 1,
+            queue: 1,
+            nice: 7, // no other test uses 7
+        })
+        .unwrap();
+        // Once a job has run, the thread has set its priority.
+        hasher.hash("Secret-pass-1").await.unwrap();
+        let nice = nice_of_threads("bcrypt-0");
+        assert!(nice.contains(&7), "bcrypt threads' niceness: {nice:?}");
+    }
+
     #[tokio::test]
     async fn a_full_queue_is_refused_at_once() {
         let hasher = PasswordHasher::start(&BcryptConfig {
