@@ -146,6 +146,8 @@ pub struct BcryptConfig {
     pub workers: usize,
     /// Hash jobs that may wait for a thread before Login answers RESOURCE_EXHAUSTED.
     pub queue: usize,
+    /// How much lower the hashing threads' CPU priority is (Unix niceness, 0–19).
+    pub nice: i32,
 }
 
 /// Redis settings.
@@ -491,6 +493,7 @@ struct RawEnv {
     bcrypt_cost: Option<String>,
     bcrypt_workers: Option<String>,
     bcrypt_queue: Option<String>,
+    bcrypt_nice: Option<String>,
     session_idle_timeout: Option<String>,
     max_sessions_per_user: Option<String>,
     log_format: Option<String>,
@@ -561,6 +564,7 @@ pub const SETTINGS: &[&str] = &[
     "BCRYPT_COST",
     "BCRYPT_WORKERS",
     "BCRYPT_QUEUE",
+    "BCRYPT_NICE",
     "SESSION_IDLE_TIMEOUT",
     "MAX_SESSIONS_PER_USER",
     "LOG_FORMAT",
@@ -780,7 +784,14 @@ impl Config {
             cost,
             workers,
             queue: number("BCRYPT_QUEUE", raw.bcrypt_queue, workers * 4)?,
+            nice: number("BCRYPT_NICE", raw.bcrypt_nice, 10)?,
         };
+        if !(0..=19).contains(&bcrypt.nice) {
+            return Err(ConfigError::new(
+                "BCRYPT_NICE",
+                format!("must be between 0 and 19, got {}", bcrypt.nice),
+            ));
+        }
 
         let session_idle_timeout = duration(
             "SESSION_IDLE_TIMEOUT",
@@ -1518,6 +1529,7 @@ mod tests {
         assert_eq!(c.jwt.leeway, Duration::from_secs(30));
         assert_eq!(c.session_idle_timeout, Duration::from_secs(3600));
         assert_eq!(c.bcrypt.cost, 12);
+        assert_eq!(c.bcrypt.nice, 10);
         assert_eq!(c.grpc_addr.port(), 50051);
         assert!(c.grpc_reflection);
         assert!(!c.jwt.generated_secret);
@@ -1666,6 +1678,8 @@ mod tests {
         for (name, value) in [
             ("BCRYPT_COST", "3"),
             ("BCRYPT_COST", "twelve"),
+            ("BCRYPT_NICE", "20"),
+            ("BCRYPT_NICE", "-5"),
             ("REDIS_FAILURE_MODE", "sometimes"),
             ("REDIS_PASSWORD", "no-addr"),
             ("GRPC_ADDR", "nowhere"),

@@ -7,6 +7,11 @@ use authd::{Application, Config, healthcheck, startup, telemetry};
 
 const USAGE: &str = "usage: authd [healthcheck]";
 
+// Every call allocates (HTTP/2 frames, headers, protobuf, claims): glibc's malloc and
+// free were 13 % of authd's CPU under ValidateToken load (#6, perf), mimalloc costs less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let command = std::env::args().nth(1);
     let healthcheck = match command.as_deref() {

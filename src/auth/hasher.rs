@@ -1,12 +1,15 @@
-//! bcrypt on a bounded pool of dedicated threads, never on the async workers. When the
-//! queue is full a job is refused at once, so a login storm is shed instead of queued.
+//! bcrypt on a bounded pool of dedicated threads, never on the async workers. A job
+//! first takes a [`Slot`] (one of `workers + queue`); when none is free it is refused at
+//! once, so a login storm is shed instead of queued. The threads run at a lower CPU
+//! priority (`BCRYPT_NICE`), so a storm cannot starve the async workers that answer
+//! ValidateToken.
 
 use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::AuthError;
 use crate::config::{BcryptConfig, Secret};
@@ -25,20 +28,35 @@ enum Work {
         hash: Secret<String>,
         reply: oneshot::Sender<Result<bool, bcrypt::BcryptError>>,
     },
-    /// Other CPU-heavy work on a password: the policy's strength estimate.
-    Run(Box<dyn FnOnce() + Send>),
+    /// Other CPU-heavy work on a password: the policy's strength estimate. It is given
+    /// the slot, to free before it answers.
+    Run(Box<dyn FnOnce(OwnedSemaphorePermit) + Send>),
 }
 
 struct Job {
     work: Work,
     span: tracing::Span,
     queued_at: Instant,
+    /// Held until the work is done: a slot is free only once its job has finished.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// A fixed set of hashing threads with a bounded queue in front.
 #[derive(Clone)]
 pub struct PasswordHasher {
-    queue: SyncSender<Job>,
+    queue: Sender<Job>,
+    /// `workers + queue` slots: the jobs running plus those that may wait.
+    slots: Arc<Semaphore>,
+    cost: u32,
+}
+
+/// The right to run one hashing job, taken before the work that leads to it (Login
+/// takes it before looking the user up), so a refused call costs nothing further.
+/// Dropping it unused gives the slot back.
+#[must_use = "a slot is only useful for hashing"]
+pub struct Slot {
+    queue: Sender<Job>,
+    permit: OwnedSemaphorePermit,
     cost: u32,
 }
 
@@ -51,20 +69,44 @@ impl std::fmt::Debug for PasswordHasher {
 }
 
 impl PasswordHasher {
-    /// Starts `config.workers` threads. They stop when the last handle is dropped.
+    /// Starts `config.workers` threads at niceness `config.nice`. They stop when the
+    /// last handle is dropped.
     pub fn start(config: &BcryptConfig) -> std::io::Result<Self> {
-        let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue);
+        // Unbounded, but never holds more than the slots allow.
+        let (queue, jobs) = mpsc::channel::<Job>();
         let jobs = Arc::new(Mutex::new(jobs));
         for i in 0..config.workers {
             let jobs = Arc::clone(&jobs);
+            let nice = config.nice;
             std::thread::Builder::new()
                 .name(format!("bcrypt-{i}"))
-                .spawn(move || work(&jobs))?;
+                .spawn(move || {
+                    lower_priority(nice);
+                    work(&jobs);
+                })?;
         }
         Ok(Self {
             queue,
+            slots: Arc::new(Semaphore::new(config.workers + config.queue)),
             cost: config.cost,
         })
+    }
+
+    /// A slot for one job, or RESOURCE_EXHAUSTED at once when all are taken.
+    pub fn reserve(&self) -> Result<Slot, AuthError> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => Ok(Slot {
+                queue: self.queue.clone(),
+                permit,
+                cost: self.cost,
+            }),
+            Err(_) => {
+                metrics::counter!("authd_bcrypt_rejected_total").increment(1);
+                Err(AuthError::Overloaded {
+                    retry_after: RETRY_AFTER,
+                })
+            }
+        }
     }
 
     /// The cost new hashes get.
@@ -74,10 +116,33 @@ impl PasswordHasher {
 
     /// Hashes `password` at the configured cost.
     pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
+        self.reserve()?.hash(password).await
+    }
+
+    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`). A hash that
+    /// cannot be parsed verifies nothing, and is logged.
+    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AuthError> {
+        self.reserve()?.verify(password, hash).await
+    }
+
+    /// Runs `f` (CPU-heavy work on a password) on the pool, shed like a hash when the
+    /// queue is full.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        self.reserve()?.run(f).await
+    }
+}
+
+impl Slot {
+    /// Hashes `password` at the configured cost.
+    pub async fn hash(self, password: &str) -> Result<String, AuthError> {
         let (reply, answer) = oneshot::channel();
+        let cost = self.cost;
         self.submit(Work::Hash {
             password: Secret::new(password.to_owned()),
-            cost: self.cost,
+            cost,
             reply,
         })?;
         answer
@@ -86,9 +151,8 @@ impl PasswordHasher {
             .map_err(|e| AuthError::Internal(anyhow::anyhow!("bcrypt hash failed: {e}")))
     }
 
-    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`). A hash that
-    /// cannot be parsed verifies nothing, and is logged.
-    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AuthError> {
+    /// As [`PasswordHasher::verify`], in this slot.
+    pub async fn verify(self, password: &str, hash: &str) -> Result<bool, AuthError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Work::Verify {
             password: Secret::new(password.to_owned()),
@@ -108,45 +172,56 @@ impl PasswordHasher {
     }
 
     /// Runs `f`, CPU-heavy work on a password such as the policy's strength estimate,
-    /// on the pool: never on an async worker, and shed like a hash when the queue is full.
+    /// in this slot: never on an async worker.
     pub async fn run<T: Send + 'static>(
-        &self,
+        self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Work::Run(Box::new(move || {
-            let _ = reply.send(f());
+        self.submit(Work::Run(Box::new(move |slot| {
+            let result = f();
+            drop(slot);
+            let _ = reply.send(result);
         })))?;
         answer
             .await
             .map_err(|_| AuthError::Internal(anyhow::anyhow!("bcrypt worker stopped")))
     }
 
-    fn submit(&self, work: Work) -> Result<(), AuthError> {
+    fn submit(self, work: Work) -> Result<(), AuthError> {
         let job = Job {
             work,
             span: tracing::Span::current(),
             queued_at: Instant::now(),
+            _slot: self.permit,
         };
         // Counted before it is queued, so a worker's decrement never comes first.
         let depth = metrics::gauge!("authd_bcrypt_queue_depth");
         depth.increment(1.0);
-        let sent = self.queue.try_send(job);
-        if sent.is_err() {
+        self.queue.send(job).map_err(|_| {
             depth.decrement(1.0);
-        }
-        match sent {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                metrics::counter!("authd_bcrypt_rejected_total").increment(1);
-                Err(AuthError::Overloaded {
-                    retry_after: RETRY_AFTER,
-                })
-            }
-            Err(TrySendError::Disconnected(_)) => Err(AuthError::Internal(anyhow::anyhow!(
-                "bcrypt workers stopped"
-            ))),
-        }
+            AuthError::Internal(anyhow::anyhow!("bcrypt workers stopped"))
+        })
+    }
+}
+
+/// Makes the calling thread `nice` steps less favoured by the scheduler (0: unchanged).
+/// Only ever lowers the priority, which needs no privilege; a failure is logged.
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    let me = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(me), nice) {
+        tracing::warn!(error = %e, nice, "cannot lower the bcrypt threads' priority (BCRYPT_NICE)");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(nice: i32) {
+    if nice != 0 {
+        tracing::debug!(nice, "BCRYPT_NICE is applied on Linux only");
     }
 }
 
@@ -160,6 +235,7 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
             work,
             span,
             queued_at,
+            _slot: slot,
         }) = job
         else {
             return; // every sender is gone
@@ -173,16 +249,22 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
                 cost,
                 reply,
             } => {
-                let _ = reply.send(bcrypt::hash(password.expose(), cost));
+                let hashed = bcrypt::hash(password.expose(), cost);
+                // Free before answering: the caller may ask again at once, and this
+                // thread (at a lower priority) may not run again soon.
+                drop(slot);
+                let _ = reply.send(hashed);
             }
             Work::Verify {
                 password,
                 hash,
                 reply,
             } => {
-                let _ = reply.send(bcrypt::verify(password.expose(), hash.expose()));
+                let verdict = bcrypt::verify(password.expose(), hash.expose());
+                drop(slot);
+                let _ = reply.send(verdict);
             }
-            Work::Run(f) => f(),
+            Work::Run(f) => f(slot),
         }
     }
 }
@@ -211,6 +293,7 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 4,
+            nice: 0,
         })
         .unwrap();
         let h = bcrypt::hash("Secret-pass-1", 4).unwrap();
@@ -228,12 +311,51 @@ mod tests {
         assert!(!hasher.verify("x", "garbage").await.unwrap());
     }
 
+    /// The niceness of this process's threads named `name`.
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        let mut nice = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Field 19 of the line; the fields after the parenthesised name start at 3.
+            if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
+                nice.extend(
+                    rest.split_whitespace()
+                        .nth(16)
+                        .and_then(|n| n.parse::<i64>().ok()),
+                );
+            }
+        }
+        nice
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_threads_run_at_the_configured_niceness() {
+        let hasher = PasswordHasher::start(&BcryptConfig {
+            cost: 4,
+            workers: 1,
+            queue: 1,
+            nice: 7, // no other test uses 7
+        })
+        .unwrap();
+        // Once a job has run, the thread has set its priority.
+        hasher.hash("Secret-pass-1").await.unwrap();
+        let nice = nice_of_threads("bcrypt-0");
+        assert!(nice.contains(&7), "bcrypt threads' niceness: {nice:?}");
+    }
+
     #[tokio::test]
     async fn a_full_queue_is_refused_at_once() {
         let hasher = PasswordHasher::start(&BcryptConfig {
             cost: 12,
             workers: 1,
             queue: 1,
+            nice: 0,
         })
         .unwrap();
         let calls: Vec<_> = (0..4).map(|_| hasher.hash("Secret-pass-1")).collect();

@@ -255,6 +255,10 @@ impl AuthCore {
         })
         .await?;
 
+        // The bcrypt slot comes before the lookup: under a storm a shed Login costs no
+        // database query, and admitted ones do not pile up on the pool. Known and unknown
+        // users take it alike, so the refusal says nothing about which names exist.
+        let slot = self.hasher.reserve()?;
         let user = match Username::parse(&canonical) {
             Ok(name) => self
                 .users
@@ -266,7 +270,7 @@ impl AuthCore {
         let hash = user
             .as_ref()
             .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
-        let matches = self.hasher.verify(password, hash).await?;
+        let matches = slot.verify(password, hash).await?;
         let user = match user {
             Some(user) if matches && !password.is_empty() => user,
             user => {

@@ -87,6 +87,10 @@ impl ExtAuthz {
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750): no error code when no token was
 /// presented, `invalid_token` and the reason otherwise.
 fn denied(reason: Option<InvalidReason>) -> CheckResponse {
+    tracing::info!(
+        reason = reason.map_or("no bearer token", InvalidReason::as_str),
+        "request denied"
+    );
     let (challenge, body) = match reason {
         None => (
             r#"Bearer realm="authd""#.to_owned(),

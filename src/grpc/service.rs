@@ -415,7 +415,7 @@ impl AuthService for AuthGrpc {
                     }
                 }
                 Validation::Invalid(r) => {
-                    tracing::debug!(reason = r.as_str(), "token invalid");
+                    tracing::info!(reason = r.as_str(), "token invalid");
                     pb::ValidateTokenResponse {
                         valid: false,
                         reason: reason(r).into(),

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, ServerErrorKind};
+use redis::io::tcp::TcpSettings;
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind,
+};
 
 use crate::config::RedisConfig;
 use crate::store::{PoolStats, StoreError};
@@ -33,8 +36,17 @@ impl RedisConn {
     /// Builds the pool. Connections are opened lazily, so authd starts (and serves in
     /// open mode) while Redis is down.
     pub fn new(config: &RedisConfig) -> anyhow::Result<Self> {
-        let client = Client::open(config.url.expose().as_str())
-            .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
+        // TCP_NODELAY: a command is one small write; with Nagle's algorithm it can wait
+        // for the ACK of the previous one while other commands share the connection.
+        let info = config
+            .url
+            .expose()
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client =
+            Client::open(info).map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let manager = Manager {
             client,
             config: AsyncConnectionConfig::new()

@@ -14,6 +14,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     10.0,
 ];
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process's registry, installed as the global recorder on first use. When another
 /// recorder was installed first (authd embedded in a bigger program), the handle renders
 /// nothing and a warning says why.
@@ -33,6 +36,21 @@ fn install() -> PrometheusHandle {
         tracing::warn!("another metrics recorder is installed: /metrics will be empty");
     }
     describe();
+    // Histogram samples pile up until a scrape or an upkeep folds them into buckets: with
+    // nobody scraping (HTTP_ADDR off, or no Prometheus), 8 bytes per call forever. Found by
+    // the benchmark's memory scenario (issue #6).
+    let upkeep = handle.clone();
+    let started = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histograms grow until scraped");
+    }
     handle
 }
 

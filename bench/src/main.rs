@@ -1,0 +1,752 @@
+//! authd-bench: how fast authd is, side by side with the limit of the machine (issue #6).
+//!
+//! ```sh
+//! cargo run --release -p authd-bench               # everything, ~5 minutes
+//! cargo run --release -p authd-bench -- --quick    # the same, scaled down, < 1 minute
+//! ```
+//!
+//! Starts a private redis-server and the authd release binary of this workspace (on
+//! MariaDB), prepares users and tokens, runs every scenario, prints a summary table with
+//! each target met or not, and rewrites its section of BENCHMARKS.md.
+
+mod load;
+mod procs;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use authd::proto::auth::v1 as pb;
+use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+use clap::Parser;
+use futures::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use load::{Outcome, Stats, Stop, closed_loop, open_loop};
+use procs::{CpuMark, Owned};
+use report::{Check, Report, Row};
+
+const PASSWORD: &str = "Bench-Pass-2026!";
+
+/// Load generator for authd. Scenarios: health baseline, ValidateToken (live, revoked),
+/// Login, ValidateToken during a Login storm, ValidateToken open loop, memory.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Scaled down: 3 s scenarios, 100,000 validations over 10,000 sessions.
+    #[arg(long)]
+    quick: bool,
+    /// Benchmark an authd already running at this address (host:port) instead of
+    /// starting one; sessions are then prepared through Login.
+    #[arg(long)]
+    target: Option<String>,
+    /// With --target: its process id, for CPU and memory figures.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The authd binary to start (default: built from this workspace).
+    #[arg(long)]
+    authd: Option<PathBuf>,
+    /// Seconds per timed scenario (default 10, --quick 3).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Connections of a closed loop.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight per connection, closed loop.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+    /// Open-loop rate of the ValidateToken scenario, calls/s.
+    #[arg(long, default_value_t = 10_000.0)]
+    rate: f64,
+    /// Open-loop rate of ValidateToken during the Login storm, calls/s.
+    #[arg(long, default_value_t = 2_000.0)]
+    storm_rate: f64,
+    /// Logins offered per second during the storm (open loop), far above what bcrypt serves.
+    #[arg(long, default_value_t = 200.0)]
+    storm_logins: f64,
+    /// Logins in flight in the Login throughput scenario (default: 2 × cores).
+    #[arg(long)]
+    login_in_flight: Option<usize>,
+    /// bcrypt cost authd runs with.
+    #[arg(long, default_value_t = 12)]
+    cost: u32,
+    /// Distinct sessions of the memory scenario (default 100,000; --quick 10,000).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// ValidateTokens of the memory scenario (default 1,000,000; --quick 100,000).
+    #[arg(long)]
+    validations: Option<u64>,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Only these scenarios (comma-separated: health,live,revoked,login,storm,open,memory);
+    /// BENCHMARKS.md is then left alone.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Extra authd setting, KEY=VALUE (repeatable), e.g. --env RUST_LOG=warn.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    extra_env: Vec<String>,
+    /// MariaDB/MySQL host, port, user, password and database for the started authd.
+    #[arg(long, default_value = "127.0.0.1")]
+    db_host: String,
+    #[arg(long, default_value_t = 3306)]
+    db_port: u16,
+    #[arg(long, default_value = "root")]
+    db_user: String,
+    #[arg(long, default_value = "")]
+    db_pass: String,
+    #[arg(long, default_value = "authd_bench")]
+    db_name: String,
+    /// The redis-server program to start.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// Do not rewrite BENCHMARKS.md.
+    #[arg(long)]
+    no_write: bool,
+}
+
+impl Args {
+    fn seconds(&self) -> f64 {
+        self.seconds.unwrap_or(if self.quick { 3.0 } else { 10.0 })
+    }
+    fn sessions(&self) -> usize {
+        self.sessions
+            .unwrap_or(if self.quick { 10_000 } else { 100_000 })
+    }
+    fn validations(&self) -> u64 {
+        self.validations
+            .unwrap_or(if self.quick { 100_000 } else { 1_000_000 })
+    }
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+/// What authd runs on: its address, and the processes we own.
+struct Server {
+    addr: String,
+    authd_pid: Option<u32>,
+    redis_pid: Option<u32>,
+    /// authd's settings (secret included), for preparing sessions through the library.
+    env: Vec<(String, String)>,
+    log: Option<PathBuf>,
+    _owned: Vec<Owned>,
+}
+
+async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Server> {
+    if let Some(addr) = &args.target {
+        return Ok(Server {
+            addr: addr.clone(),
+            authd_pid: args.pid,
+            redis_pid: None,
+            env: Vec::new(),
+            log: None,
+            _owned: Vec::new(),
+        });
+    }
+    let binary = procs::authd_binary(args.authd.as_deref())?;
+    let (redis, redis_port) = procs::start_redis(&args.redis_server, dir)?;
+    let grpc_port = procs::free_port()?;
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "JWT_SECRET".into(),
+            format!(
+                "{}{}",
+                authd::auth::token::random_id(),
+                authd::auth::token::random_id()
+            ),
+        ),
+        ("DB_HOST".into(), args.db_host.clone()),
+        ("DB_PORT".into(), args.db_port.to_string()),
+        ("DB_USER".into(), args.db_user.clone()),
+        ("DB_NAME".into(), args.db_name.clone()),
+        ("REDIS_ADDR".into(), format!("127.0.0.1:{redis_port}")),
+        ("REDIS_KEY_PREFIX".into(), "bench:".into()),
+        ("GRPC_ADDR".into(), format!("127.0.0.1:{grpc_port}")),
+        ("HTTP_ADDR".into(), String::new()),
+        ("BCRYPT_COST".into(), args.cost.to_string()),
+        // As deployed (deploy/k8s, docker-compose): JSON lines at info.
+        ("LOG_FORMAT".into(), "json".into()),
+        ("RUST_LOG".into(), "info".into()),
+    ];
+    if !args.db_pass.is_empty() {
+        env.push(("DB_PASS".into(), args.db_pass.clone()));
+    }
+    for kv in &args.extra_env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let log = dir.join("authd.log");
+    let mut authd = procs::start_authd(&binary, &env, dir, &log)?;
+    let addr = format!("127.0.0.1:{grpc_port}");
+    // Up when health answers (start-up hashes a dummy password at the configured cost).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Err(e) = authd.check_alive() {
+            bail!("{e}; its log ends:\n{}", procs::tail(&log, 20));
+        }
+        if let Ok(ch) = endpoint(&addr)?.connect().await
+            && HealthClient::new(ch)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "authd did not answer within 60 s; its log ends:\n{}",
+                procs::tail(&log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Server {
+        addr,
+        authd_pid: Some(authd.pid()),
+        redis_pid: Some(redis.pid()),
+        env,
+        log: Some(log),
+        _owned: vec![authd, redis],
+    })
+}
+
+fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(5)))
+}
+
+async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        channels.push(endpoint(addr)?.connect().await?);
+    }
+    Ok(channels)
+}
+
+/// `RESOURCE_EXHAUSTED` for `Code::ResourceExhausted`.
+fn code_label(status: &tonic::Status) -> String {
+    let name = format!("{:?}", status.code());
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn bearer<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+#[derive(Clone)]
+struct Clients {
+    auth: Arc<Vec<AuthServiceClient<Channel>>>,
+    health: Arc<Vec<HealthClient<Channel>>>,
+}
+
+impl Clients {
+    fn new(channels: &[Channel]) -> Self {
+        Self {
+            auth: Arc::new(
+                channels
+                    .iter()
+                    .map(|c| AuthServiceClient::new(c.clone()))
+                    .collect(),
+            ),
+            health: Arc::new(
+                channels
+                    .iter()
+                    .map(|c| HealthClient::new(c.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn auth(&self, i: u64) -> AuthServiceClient<Channel> {
+        self.auth[(i % self.auth.len() as u64) as usize].clone()
+    }
+
+    fn health(&self, i: u64) -> HealthClient<Channel> {
+        self.health[(i % self.health.len() as u64) as usize].clone()
+    }
+}
+
+/// ValidateToken of `tokens[i % len]`, expecting `valid` (or the `reason` when not).
+fn validate_call(
+    clients: Clients,
+    tokens: Arc<Vec<String>>,
+    expect_reason: Option<pb::InvalidReason>,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> + Clone + Send + Sync {
+    move |i| {
+        let mut client = clients.auth(i);
+        let token = tokens[(i % tokens.len() as u64) as usize].clone();
+        Box::pin(async move {
+            match client
+                .validate_token(pb::ValidateTokenRequest { token })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    match expect_reason {
+                        None if r.valid => Ok(()),
+                        Some(reason) if !r.valid && r.reason == reason as i32 => Ok(()),
+                        _ => Err(format!(
+                            "INVALID:{}",
+                            pb::InvalidReason::try_from(r.reason).map_or("?", |r| r.as_str_name())
+                        )),
+                    }
+                }
+                Err(s) => Err(code_label(&s)),
+            }
+        })
+    }
+}
+
+fn login_call(
+    clients: Clients,
+    users: Arc<Vec<String>>,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> + Clone + Send + Sync {
+    move |i| {
+        let mut client = clients.auth(i);
+        let username = users[(i % users.len() as u64) as usize].clone();
+        Box::pin(async move {
+            client
+                .login(pb::LoginRequest {
+                    username,
+                    password: PASSWORD.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| code_label(&s))
+        })
+    }
+}
+
+async fn login(client: &mut AuthServiceClient<Channel>, username: &str) -> anyhow::Result<String> {
+    Ok(client
+        .login(pb::LoginRequest {
+            username: username.into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("Login {username}"))?
+        .into_inner()
+        .access_token)
+}
+
+/// Runs a scenario between two CPU marks and makes its row.
+struct Meter {
+    authd: Option<u32>,
+    redis: Option<u32>,
+}
+
+impl Meter {
+    async fn row<Fut>(&self, name: &str, mode: String, run: Fut) -> Row
+    where
+        Fut: Future<Output = Stats>,
+    {
+        let load = procs::load_average();
+        let before = CpuMark::now(self.authd, self.redis);
+        let stats = run.await;
+        let after = CpuMark::now(self.authd, self.redis);
+        let cpu = before.per_call(&after, stats.calls);
+        let row = Row {
+            name: name.to_owned(),
+            mode,
+            load,
+            stats,
+            cpu,
+        };
+        eprintln!("{}", report::row_line(&row));
+        row
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let command = std::iter::once("cargo run --release -p authd-bench --".to_owned())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let command = command.trim_end_matches(" --").to_owned();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load_at_start = procs::load_average();
+    let seconds = args.seconds();
+    let dir = std::env::temp_dir().join(format!("authd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&args, &dir, cores, &command, load_at_start, seconds).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(
+    args: &Args,
+    dir: &std::path::Path,
+    cores: usize,
+    command: &str,
+    load_at_start: String,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    let server = start_server(args, dir).await?;
+    let meter = Meter {
+        authd: server.authd_pid,
+        redis: server.redis_pid,
+    };
+    let closed_workers = args.connections.max(1) * args.in_flight.max(1);
+    let closed_mode = format!("closed {}×{}", args.connections, args.in_flight);
+    let channels = connect(&server.addr, args.connections).await?;
+    let clients = Clients::new(&channels);
+    let duration = Duration::from_secs_f64(seconds);
+    let warm = Stop::After(Duration::from_millis(500));
+
+    // Users (bcrypt at the configured cost, so a few) and the two single tokens.
+    let stamp = format!(
+        "b{}{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            % 100_000_000,
+        std::process::id() % 10_000
+    );
+    let users: Vec<String> = (0..8).map(|i| format!("{stamp}u{i}")).collect();
+    eprintln!(
+        "registering {} users at bcrypt cost {}…",
+        users.len(),
+        args.cost
+    );
+    // Two at a time, each retried: on a busy machine a cost-12 hash can outlast the
+    // request timeout when many queue up.
+    let registered = futures::stream::iter(users.iter().enumerate())
+        .map(|(i, u)| {
+            let mut c = clients.auth(i as u64);
+            let u = u.clone();
+            async move {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let answer = c
+                        .register(pb::RegisterRequest {
+                            username: u.clone(),
+                            password: PASSWORD.into(),
+                        })
+                        .await;
+                    match answer {
+                        Ok(_) => return Ok(()),
+                        Err(s) if s.code() == tonic::Code::AlreadyExists && tries > 1 => {
+                            return Ok(());
+                        }
+                        Err(s) if tries >= 3 => return Err(s),
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(2)
+        .collect::<Vec<_>>()
+        .await;
+    for r in registered {
+        r.context("Register")?;
+    }
+    let users = Arc::new(users);
+    let mut c = clients.auth(0);
+    let live = Arc::new(vec![login(&mut c, &users[0]).await?]);
+    let revoked_token = login(&mut c, &users[1]).await?;
+    c.logout(bearer(&revoked_token, pb::LogoutRequest {})?)
+        .await
+        .context("Logout")?;
+    let revoked = Arc::new(vec![revoked_token]);
+
+    let mut report = Report::new(command, cores, load_at_start);
+    report.settings = server
+        .env
+        .iter()
+        .filter(|(k, _)| k != "JWT_SECRET" && k != "DB_PASS")
+        .map(|(k, v)| {
+            if k.ends_with("_ADDR") && !v.is_empty() {
+                format!("{k}=127.0.0.1:<free port>")
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    report.generator = format!(
+        "{} runtime threads; closed loop {} connections × {} in flight; {seconds} s per timed scenario",
+        args.threads, args.connections, args.in_flight
+    );
+
+    if args.runs("health") {
+        let clients = clients.clone();
+        let call = move |i| {
+            let mut c = clients.health(i);
+            async move {
+                c.check(HealthCheckRequest::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| code_label(&s))
+            }
+        };
+        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
+        report.health = Some(
+            meter
+                .row(
+                    "Health/Check (baseline)",
+                    closed_mode.clone(),
+                    closed_loop("health", closed_workers, Stop::After(duration), call),
+                )
+                .await,
+        );
+    }
+    if args.runs("live") {
+        let call = validate_call(clients.clone(), Arc::clone(&live), None);
+        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
+        report.live = Some(
+            meter
+                .row(
+                    "ValidateToken, live session",
+                    closed_mode.clone(),
+                    closed_loop("live", closed_workers, Stop::After(duration), call),
+                )
+                .await,
+        );
+    }
+    if args.runs("revoked") {
+        let call = validate_call(
+            clients.clone(),
+            Arc::clone(&revoked),
+            Some(pb::InvalidReason::Revoked),
+        );
+        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
+        report.revoked = Some(
+            meter
+                .row(
+                    "ValidateToken, revoked token",
+                    closed_mode.clone(),
+                    closed_loop("revoked", closed_workers, Stop::After(duration), call),
+                )
+                .await,
+        );
+    }
+    if args.runs("login") {
+        // One verify here, with authd idle: the machine's limit is cores ÷ this.
+        let cost = args.cost;
+        let verify = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            let hash = bcrypt::hash(PASSWORD, cost)?;
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                let t = Instant::now();
+                bcrypt::verify(PASSWORD, &hash)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times[1])
+        })
+        .await??;
+        report.verify_seconds = Some(verify);
+        let in_flight = args.login_in_flight.unwrap_or(2 * cores);
+        let call = login_call(clients.clone(), Arc::clone(&users));
+        let login_seconds = (seconds * 1.5).max(3.0);
+        report.login = Some(
+            meter
+                .row(
+                    &format!("Login, bcrypt cost {cost}"),
+                    format!("closed {in_flight} in flight"),
+                    closed_loop(
+                        "login",
+                        in_flight,
+                        Stop::After(Duration::from_secs_f64(login_seconds)),
+                        call,
+                    ),
+                )
+                .await,
+        );
+    }
+    if args.runs("storm") {
+        let storm = login_call(clients.clone(), Arc::clone(&users));
+        let validate = validate_call(clients.clone(), Arc::clone(&live), None);
+        let storm_duration = duration + Duration::from_secs(1);
+        let storm_run = async {
+            let load = procs::load_average();
+            let stats = open_loop("storm Logins", args.storm_logins, storm_duration, storm).await;
+            Row {
+                name: "Login storm".into(),
+                mode: format!("open {}/s", args.storm_logins),
+                load,
+                stats,
+                cpu: [None; 3],
+            }
+        };
+        // ValidateToken starts once the storm has filled the bcrypt queue.
+        let validate_run = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            meter
+                .row(
+                    "ValidateToken during the Login storm",
+                    format!("open {}/s", args.storm_rate),
+                    open_loop("storm ValidateToken", args.storm_rate, duration, validate),
+                )
+                .await
+        };
+        let (storm_row, validate_row) = tokio::join!(storm_run, validate_run);
+        eprintln!("{}", report::row_line(&storm_row));
+        report.storm_logins = Some(storm_row);
+        report.storm_validate = Some(validate_row);
+        // Let the admitted Logins finish before the next scenario.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if args.runs("open") {
+        let call = validate_call(clients.clone(), Arc::clone(&live), None);
+        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
+        report.open = Some(
+            meter
+                .row(
+                    "ValidateToken, open loop",
+                    format!("open {}/s", args.rate),
+                    open_loop("open", args.rate, duration, call),
+                )
+                .await,
+        );
+    }
+    if args.runs("memory") {
+        let n = args.sessions();
+        let t = Instant::now();
+        let (tokens, how) = if server.env.is_empty() {
+            (
+                prepare_by_login(&clients, &users, n).await?,
+                "through Login (an authd we did not start)",
+            )
+        } else {
+            (
+                prepare_in_redis(&server.env, n).await?,
+                "written to Redis through authd's library (TokenKeys::issue + SessionStore::create, same secret and prefix)",
+            )
+        };
+        report.sessions_note = Some(format!(
+            "{n} sessions prepared in {:.1} s, {how}",
+            t.elapsed().as_secs_f64()
+        ));
+        let tokens = Arc::new(tokens);
+        report.rss_before_kib = server.authd_pid.and_then(procs::rss_kib);
+        let validations = args.validations();
+        let call = validate_call(clients.clone(), tokens, None);
+        report.memory = Some(
+            meter
+                .row(
+                    &format!("ValidateToken over {n} sessions"),
+                    closed_mode.clone(),
+                    closed_loop("memory", closed_workers, Stop::Calls(validations), call),
+                )
+                .await,
+        );
+        report.rss_after_kib = server.authd_pid.and_then(procs::rss_kib);
+        report.validations = validations;
+        report.sessions = n;
+    }
+    report.load_at_end = procs::load_average();
+    if let Some(log) = &server.log {
+        report.log_bytes = std::fs::metadata(log).map(|m| m.len()).ok();
+    }
+    let checks: Vec<Check> = report.checks(cores);
+    let text = report.render(&checks);
+    println!("\n{text}");
+    if args.only.is_empty() && !args.no_write {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("bench/ has no parent")?
+            .join("BENCHMARKS.md");
+        report::write_section(&path, &text)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `n` sessions written straight to authd's Redis with authd's own code: what a Login
+/// stores, without n bcrypt verifies.
+async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<Vec<String>> {
+    let config = authd::Config::from_vars(env.iter().cloned())?;
+    let leeway = i64::try_from(config.jwt.leeway.as_secs())?;
+    let store = authd::store::SessionStore::new(
+        &config.sessions,
+        leeway,
+        config.revocation_log_max_len,
+        config.jwt.ttl,
+    )?;
+    let keys = authd::auth::token::TokenKeys::new(&config.jwt)?;
+    let idle = i64::try_from(config.session_idle_timeout.as_secs())?;
+    let store = Arc::new(store);
+    let keys = Arc::new(keys);
+    let made = futures::stream::iter(0..n)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let keys = Arc::clone(&keys);
+            async move {
+                let now = authd::clock::unix_seconds(std::time::SystemTime::now());
+                let user_id = format!("bench-user-{i}");
+                let session_id = authd::auth::token::random_id();
+                let issued = keys.issue(&user_id, &user_id, &session_id, now)?;
+                store
+                    .create(
+                        &authd::store::sessions::NewSession {
+                            user_id: &user_id,
+                            session_id: &session_id,
+                            jti: &issued.claims.jti,
+                            now,
+                            idle_expires_at: now + idle,
+                            token_expires_at: issued.claims.exp,
+                            ip: "127.0.0.1",
+                            user_agent: "authd-bench",
+                        },
+                        0,
+                    )
+                    .await?;
+                anyhow::Ok(issued.token)
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    made.into_iter().collect()
+}
+
+/// `n` sessions through Login (slow at a production cost: for an authd we did not start).
+async fn prepare_by_login(
+    clients: &Clients,
+    users: &Arc<Vec<String>>,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let made = futures::stream::iter(0..n)
+        .map(|i| {
+            let mut c = clients.auth(i as u64);
+            let user = users[i % users.len()].clone();
+            async move { login(&mut c, &user).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    made.into_iter().collect()
+}
