@@ -542,13 +542,22 @@ async fn with_mariadb_slow_stalled_or_down_login_is_unavailable_alike_and_valida
     for break_it in [slow as fn(&Proxy), Proxy::stall, Proxy::refuse] {
         break_it(&proxy);
         login_is_unavailable_alike(&app).await;
-        // A burst does not queue up behind the broken pool.
+        // A burst does not queue up behind the broken pool. A Login holds its bcrypt
+        // slot from before the user lookup, so once the slots are taken the rest are
+        // shed (RESOURCE_EXHAUSTED) at once; the others wait for the database's timeout
+        // and answer UNAVAILABLE. Nothing else, and nothing late.
         let burst = (0..40)
             .map(|i| timed(app.login(if i % 2 == 0 { "known" } else { "nobody_here" }, PASSWORD)));
+        let mut unavailable = 0;
         for (answer, took) in futures::future::join_all(burst).await {
-            assert_code(answer, Code::Unavailable);
+            match code(&answer) {
+                Code::Unavailable => unavailable += 1,
+                Code::ResourceExhausted => {}
+                other => panic!("unexpected {other:?}: {answer:?}"),
+            }
             assert!(took < PROMPTLY, "{took:?}");
         }
+        assert!(unavailable > 0, "every Login of the burst was shed");
         // Sessions are in Redis: tokens keep being checked, fully.
         let (v, took) = timed(app.validate(&login.access_token)).await;
         let v = v.unwrap();
@@ -567,7 +576,18 @@ async fn with_mariadb_slow_stalled_or_down_login_is_unavailable_alike_and_valida
         .await;
         assert!(recovered, "the MySQL pool did not recover");
     }
-    app.register("newcomer_x", PASSWORD).await.unwrap();
+    // Nothing half-written by the refused registrations: the name is still free. (A
+    // retry on UNAVAILABLE only: on a loaded machine the first new connection may take
+    // longer than this test's 300 ms DB_ACQUIRE_TIMEOUT; ALREADY_EXISTS fails at once.)
+    let mut answer = app.register("newcomer_x", PASSWORD).await;
+    for _ in 0..20 {
+        if code(&answer) != Code::Unavailable {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        answer = app.register("newcomer_x", PASSWORD).await;
+    }
+    answer.unwrap();
     tasks_settle_to(tasks_before).await;
     assert!(
         proxy.open_connections() <= 10,
