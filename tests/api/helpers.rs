@@ -476,26 +476,30 @@ impl Drop for TestApp {
             let _ = std::fs::remove_dir_all(&self.db_name);
             return;
         }
-        let url = mysql_base();
-        let name = self.db_name.clone();
-        // A runtime of its own: Drop cannot await, and the test's runtime may be ending.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = sqlx::MySqlPool::connect(&url).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS `{name}`"
-                    )))
-                    .execute(&pool)
-                    .await;
-                }
-            });
-        })
-        .join();
+        drop_database(&self.db_name);
     }
+}
+
+/// Drops a test's MySQL database, from a `Drop`: on a runtime of its own, since Drop
+/// cannot await and the test's runtime may be ending.
+pub fn drop_database(name: &str) {
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(pool) = sqlx::MySqlPool::connect(&mysql_base()).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS `{name}`"
+                )))
+                .execute(&pool)
+                .await;
+            }
+        });
+    })
+    .join();
 }
 
 /// Register through any client (another process's, say).
