@@ -121,9 +121,12 @@ where
             let _in_flight = InFlight::enter();
             let call = inner.call(request).instrument(record.span.clone());
             match tokio::time::timeout(limit, call).await {
-                Ok(Ok(response)) => {
-                    let response = undecodable_as_invalid_argument(response);
+                Ok(Ok(mut response)) => {
                     record.code = response_code(response.headers());
+                    if record.code == Some(Code::Internal) {
+                        response = undecodable_as_invalid_argument(response);
+                        record.code = response_code(response.headers());
+                    }
                     Ok(response.map(|body| RecordedBody {
                         inner: body,
                         record: Some(record),
@@ -362,7 +365,7 @@ const UNDECODABLE_REQUEST: &[&str] = &[
 /// Rewrites tonic's INTERNAL for a request it could not decode to INVALID_ARGUMENT: the
 /// caller sent garbage, the server did not fail (and must not page anyone who watches
 /// INTERNAL). The answer to an unreadable request is trailers-only, so the status is in
-/// the headers.
+/// the headers. Called only for an INTERNAL answer, off the path of every other call.
 fn undecodable_as_invalid_argument(response: http::Response<Body>) -> http::Response<Body> {
     let Some(status) = tonic::Status::from_header_map(response.headers()) else {
         return response;
@@ -374,7 +377,10 @@ fn undecodable_as_invalid_argument(response: http::Response<Body>) -> http::Resp
     {
         return response;
     }
-    tonic::Status::invalid_argument(format!("malformed request: {}", status.message())).into_http()
+    // tonic's text names internals (message types, decoder wording): the log has it,
+    // the caller gets a plain refusal.
+    tracing::debug!(detail = status.message(), "malformed request");
+    tonic::Status::invalid_argument("malformed request").into_http()
 }
 
 /// The `grpc-status` in a header map (a trailers-only answer, or the trailers).

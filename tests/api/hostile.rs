@@ -53,10 +53,9 @@ async fn invalid_utf8_in_string_fields_is_invalid_argument_not_internal() {
             Some(Code::InvalidArgument),
             "{path}: {answer:?}"
         );
-        assert!(
-            answer.message.contains("not UTF-8 encoded"),
-            "{path}: {answer:?}"
-        );
+        // A plain refusal: tonic's decoder text (message types, field names) stays in
+        // the log.
+        assert_eq!(answer.message, "malformed request", "{path}: {answer:?}");
     }
     // Well-formed bytes on the same connection still work.
     let answer = conn
