@@ -243,6 +243,20 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
         metrics::gauge!("authd_bcrypt_queue_depth").decrement(1.0);
         metrics::histogram!("authd_bcrypt_wait_seconds").record(queued_at.elapsed().as_secs_f64());
         let _entered = span.enter();
+        // A panic in the work (bcrypt, or the strength estimate of `Run`) must not take the
+        // thread with it: after `workers` of them no job would ever run again. The caller's
+        // reply is dropped with the job, so it hears "worker stopped" (INTERNAL).
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(work, slot)));
+        if done.is_err() {
+            tracing::error!("a hashing job panicked; its caller gets an internal error");
+        }
+    }
+}
+
+/// Does one job, freeing its slot before answering: the caller may ask again at once,
+/// and this thread (at a lower priority) may not run again soon.
+fn run(work: Work, slot: OwnedSemaphorePermit) {
+    {
         match work {
             Work::Hash {
                 password,
@@ -250,8 +264,6 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
                 reply,
             } => {
                 let hashed = bcrypt::hash(password.expose(), cost);
-                // Free before answering: the caller may ask again at once, and this
-                // thread (at a lower priority) may not run again soon.
                 drop(slot);
                 let _ = reply.send(hashed);
             }
@@ -309,6 +321,30 @@ mod tests {
             );
         }
         assert!(!hasher.verify("x", "garbage").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_leaves_its_thread_working() {
+        let hasher = PasswordHasher::start(&BcryptConfig {
+            cost: 4,
+            workers: 1,
+            queue: 1,
+            nice: 0,
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let failed = hasher.run(|| -> u32 { panic!("a job panics") }).await;
+            assert!(matches!(failed, Err(AuthError::Internal(_))), "{failed:?}");
+        }
+        // The one thread still runs jobs, and every slot came back.
+        let after = tokio::time::timeout(Duration::from_secs(10), hasher.run(|| 7)).await;
+        assert_eq!(after.expect("the thread died with the panic").unwrap(), 7);
+        assert!(
+            hasher
+                .verify("x", &bcrypt::hash("x", 4).unwrap())
+                .await
+                .unwrap()
+        );
     }
 
     /// The niceness of this process's threads named `name`.
