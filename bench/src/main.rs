@@ -244,15 +244,7 @@ async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
 
 /// `RESOURCE_EXHAUSTED` for `Code::ResourceExhausted`.
 fn code_label(status: &tonic::Status) -> String {
-    let name = format!("{:?}", status.code());
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
+    authd::grpc::status::code_name(status.code()).to_owned()
 }
 
 fn bearer<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
