@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use load::{Outcome, Stats, Stop, closed_loop, open_loop};
+use load::{MakeCall, OpenLoop, Outcome, Stats, Stop, closed_loop, open_loop};
 use procs::{CpuMark, Owned};
 use report::{Check, Report, Row};
 
@@ -80,7 +80,13 @@ struct Args {
     /// ValidateTokens of the memory scenario (default 1,000,000; --quick 100,000).
     #[arg(long)]
     validations: Option<u64>,
-    /// Worker threads of the load generator's runtime.
+    /// Open loops: sending threads, each with its own runtime and connections.
+    #[arg(long, default_value_t = 1)]
+    lanes: usize,
+    /// Open loops: HTTP/2 connections per lane.
+    #[arg(long, default_value_t = 2)]
+    lane_connections: usize,
+    /// Worker threads of the load generator's runtime (closed loops).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Only these scenarios (comma-separated: health,live,revoked,login,storm,open,memory);
@@ -319,6 +325,16 @@ fn validate_call(
     }
 }
 
+/// `validate_call` on an open-loop lane's own channels.
+fn validate_maker(
+    tokens: Arc<Vec<String>>,
+    expect_reason: Option<pb::InvalidReason>,
+) -> MakeCall<impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>> {
+    Arc::new(move |channels: Vec<Channel>| {
+        validate_call(Clients::new(&channels), Arc::clone(&tokens), expect_reason)
+    })
+}
+
 fn login_call(
     clients: Clients,
     users: Arc<Vec<String>>,
@@ -364,9 +380,32 @@ impl Meter {
     where
         Fut: Future<Output = Stats>,
     {
-        let load = procs::load_average();
-        let before = CpuMark::now(self.authd, self.redis);
+        let start = self.start();
         let stats = run.await;
+        self.finish(start, name, mode, stats)
+    }
+
+    /// `row` of a scenario that can fail to start.
+    async fn try_row<Fut>(&self, name: &str, mode: String, run: Fut) -> anyhow::Result<Row>
+    where
+        Fut: Future<Output = anyhow::Result<Stats>>,
+    {
+        let start = self.start();
+        let stats = run.await?;
+        Ok(self.finish(start, name, mode, stats))
+    }
+
+    fn start(&self) -> (String, CpuMark) {
+        (procs::load_average(), CpuMark::now(self.authd, self.redis))
+    }
+
+    fn finish(
+        &self,
+        (load, before): (String, CpuMark),
+        name: &str,
+        mode: String,
+        stats: Stats,
+    ) -> Row {
         let after = CpuMark::now(self.authd, self.redis);
         let cpu = before.per_call(&after, stats.calls);
         let row = Row {
@@ -415,6 +454,11 @@ async fn run_in(
     let channels = connect(&server.addr, args.connections).await?;
     let clients = Clients::new(&channels);
     let duration = Duration::from_secs_f64(seconds);
+    let open_how = OpenLoop {
+        addr: server.addr.clone(),
+        lanes: args.lanes,
+        connections: args.lane_connections,
+    };
     let warm = Stop::After(Duration::from_millis(500));
 
     // Users (bcrypt at the configured cost, so a few) and the two single tokens.
@@ -579,32 +623,51 @@ async fn run_in(
         );
     }
     if args.runs("storm") {
-        let storm = login_call(clients.clone(), Arc::clone(&users));
-        let validate = validate_call(clients.clone(), Arc::clone(&live), None);
+        let storm: MakeCall<_> = {
+            let users = Arc::clone(&users);
+            Arc::new(move |channels: Vec<Channel>| {
+                login_call(Clients::new(&channels), Arc::clone(&users))
+            })
+        };
+        let validate = validate_maker(Arc::clone(&live), None);
         let storm_duration = duration + Duration::from_secs(1);
         let storm_run = async {
             let load = procs::load_average();
-            let stats = open_loop("storm Logins", args.storm_logins, storm_duration, storm).await;
-            Row {
+            let stats = open_loop(
+                "storm Logins",
+                args.storm_logins,
+                storm_duration,
+                &open_how,
+                storm,
+            )
+            .await?;
+            anyhow::Ok(Row {
                 name: "Login storm".into(),
                 mode: format!("open {}/s", args.storm_logins),
                 load,
                 stats,
                 cpu: [None; 3],
-            }
+            })
         };
         // ValidateToken starts once the storm has filled the bcrypt queue.
         let validate_run = async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             meter
-                .row(
+                .try_row(
                     "ValidateToken during the Login storm",
                     format!("open {}/s", args.storm_rate),
-                    open_loop("storm ValidateToken", args.storm_rate, duration, validate),
+                    open_loop(
+                        "storm ValidateToken",
+                        args.storm_rate,
+                        duration,
+                        &open_how,
+                        validate,
+                    ),
                 )
                 .await
         };
         let (storm_row, validate_row) = tokio::join!(storm_run, validate_run);
+        let (storm_row, validate_row) = (storm_row?, validate_row?);
         eprintln!("{}", report::row_line(&storm_row));
         report.storm_logins = Some(storm_row);
         report.storm_validate = Some(validate_row);
@@ -613,15 +676,21 @@ async fn run_in(
     }
     if args.runs("open") {
         let call = validate_call(clients.clone(), Arc::clone(&live), None);
-        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
+        closed_loop("warm-up", closed_workers, warm, call).await;
         report.open = Some(
             meter
-                .row(
+                .try_row(
                     "ValidateToken, open loop",
                     format!("open {}/s", args.rate),
-                    open_loop("open", args.rate, duration, call),
+                    open_loop(
+                        "open",
+                        args.rate,
+                        duration,
+                        &open_how,
+                        validate_maker(Arc::clone(&live), None),
+                    ),
                 )
-                .await,
+                .await?,
         );
     }
     if args.runs("memory") {
