@@ -146,8 +146,18 @@ pub struct BcryptConfig {
     pub workers: usize,
     /// Hash jobs that may wait for a thread before Login answers RESOURCE_EXHAUSTED.
     pub queue: usize,
-    /// How much lower the hashing threads' CPU priority is (Unix niceness, 0–19).
-    pub nice: i32,
+    /// How the hashing threads yield the CPU to the rest of authd.
+    pub priority: HashPriority,
+}
+
+/// The CPU priority of the bcrypt threads (`BCRYPT_NICE`), Linux only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashPriority {
+    /// `SCHED_IDLE`: run only when no other thread of the machine wants the core, and give
+    /// it up at once when one wakes (a ValidateToken during a Login storm).
+    Idle,
+    /// Unix niceness 0–19 under the normal policy (0: the same as the rest of authd).
+    Nice(i32),
 }
 
 /// Redis settings.
@@ -784,14 +794,8 @@ impl Config {
             cost,
             workers,
             queue: number("BCRYPT_QUEUE", raw.bcrypt_queue, workers * 4)?,
-            nice: number("BCRYPT_NICE", raw.bcrypt_nice, 10)?,
+            priority: hash_priority(raw.bcrypt_nice)?,
         };
-        if !(0..=19).contains(&bcrypt.nice) {
-            return Err(ConfigError::new(
-                "BCRYPT_NICE",
-                format!("must be between 0 and 19, got {}", bcrypt.nice),
-            ));
-        }
 
         let session_idle_timeout = duration(
             "SESSION_IDLE_TIMEOUT",
@@ -1468,6 +1472,25 @@ fn number<T: FromStr>(
     }
 }
 
+/// `BCRYPT_NICE`: `idle` (the default) or a niceness 0–19.
+fn hash_priority(value: Option<String>) -> Result<HashPriority, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None => Ok(HashPriority::Idle),
+        Some(v) if v.eq_ignore_ascii_case("idle") => Ok(HashPriority::Idle),
+        Some(v) => match v.parse::<i32>() {
+            Ok(n) if (0..=19).contains(&n) => Ok(HashPriority::Nice(n)),
+            Ok(n) => Err(ConfigError::new(
+                "BCRYPT_NICE",
+                format!("must be idle or between 0 and 19, got {n}"),
+            )),
+            Err(_) => Err(ConfigError::new(
+                "BCRYPT_NICE",
+                format!("must be idle or between 0 and 19, got {v:?}"),
+            )),
+        },
+    }
+}
+
 fn boolean(
     variable: &'static str,
     value: Option<String>,
@@ -1529,7 +1552,7 @@ mod tests {
         assert_eq!(c.jwt.leeway, Duration::from_secs(30));
         assert_eq!(c.session_idle_timeout, Duration::from_secs(3600));
         assert_eq!(c.bcrypt.cost, 12);
-        assert_eq!(c.bcrypt.nice, 10);
+        assert_eq!(c.bcrypt.priority, HashPriority::Idle);
         assert_eq!(c.grpc_addr.port(), 50051);
         assert!(c.grpc_reflection);
         assert!(!c.jwt.generated_secret);
@@ -1674,12 +1697,26 @@ mod tests {
     }
 
     #[test]
+    fn bcrypt_nice_is_idle_or_a_niceness() {
+        for (value, expected) in [
+            ("idle", HashPriority::Idle),
+            (" IDLE ", HashPriority::Idle),
+            ("0", HashPriority::Nice(0)),
+            ("19", HashPriority::Nice(19)),
+        ] {
+            let c = Config::from_vars(vars(&[SECRET, ("BCRYPT_NICE", value)])).unwrap();
+            assert_eq!(c.bcrypt.priority, expected, "{value}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (name, value) in [
             ("BCRYPT_COST", "3"),
             ("BCRYPT_COST", "twelve"),
             ("BCRYPT_NICE", "20"),
             ("BCRYPT_NICE", "-5"),
+            ("BCRYPT_NICE", "lowest"),
             ("REDIS_FAILURE_MODE", "sometimes"),
             ("REDIS_PASSWORD", "no-addr"),
             ("GRPC_ADDR", "nowhere"),

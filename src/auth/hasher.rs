@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::AuthError;
-use crate::config::{BcryptConfig, Secret};
+use crate::config::{BcryptConfig, HashPriority, Secret};
 
 /// Advice to callers shed because the queue is full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -69,7 +69,7 @@ impl std::fmt::Debug for PasswordHasher {
 }
 
 impl PasswordHasher {
-    /// Starts `config.workers` threads at niceness `config.nice`. They stop when the
+    /// Starts `config.workers` threads at priority `config.priority`. They stop when the
     /// last handle is dropped.
     pub fn start(config: &BcryptConfig) -> std::io::Result<Self> {
         // Unbounded, but never holds more than the slots allow.
@@ -77,11 +77,11 @@ impl PasswordHasher {
         let jobs = Arc::new(Mutex::new(jobs));
         for i in 0..config.workers {
             let jobs = Arc::clone(&jobs);
-            let nice = config.nice;
+            let priority = config.priority;
             std::thread::Builder::new()
                 .name(format!("bcrypt-{i}"))
                 .spawn(move || {
-                    lower_priority(nice);
+                    lower_priority(priority);
                     work(&jobs);
                 })?;
         }
@@ -205,23 +205,39 @@ impl Slot {
     }
 }
 
-/// Makes the calling thread `nice` steps less favoured by the scheduler (0: unchanged).
-/// Only ever lowers the priority, which needs no privilege; a failure is logged.
+/// Makes the calling thread less favoured by the scheduler: `SCHED_IDLE`, or `nice` steps
+/// (0: unchanged). Only ever lowers the priority, which needs no privilege; a failure is
+/// logged.
 #[cfg(target_os = "linux")]
-fn lower_priority(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    let me = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(me), nice) {
-        tracing::warn!(error = %e, nice, "cannot lower the bcrypt threads' priority (BCRYPT_NICE)");
+fn lower_priority(priority: HashPriority) {
+    use thread_priority::unix::{
+        NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+        thread_native_id,
+    };
+    match priority {
+        HashPriority::Nice(0) => {}
+        HashPriority::Nice(nice) => {
+            let me = rustix::thread::gettid();
+            if let Err(e) = rustix::process::setpriority_process(Some(me), nice) {
+                tracing::warn!(error = %e, nice, "cannot lower the bcrypt threads' priority (BCRYPT_NICE)");
+            }
+        }
+        HashPriority::Idle => {
+            if let Err(e) = set_thread_priority_and_policy(
+                thread_native_id(),
+                thread_priority::ThreadPriority::Min,
+                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+            ) {
+                tracing::warn!(error = ?e, "cannot move the bcrypt threads to SCHED_IDLE (BCRYPT_NICE)");
+            }
+        }
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority(nice: i32) {
-    if nice != 0 {
-        tracing::debug!(nice, "BCRYPT_NICE is applied on Linux only");
+fn lower_priority(priority: HashPriority) {
+    if priority != HashPriority::Nice(0) {
+        tracing::debug!(?priority, "BCRYPT_NICE is applied on Linux only");
     }
 }
 
@@ -305,7 +321,7 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 4,
-            nice: 0,
+            priority: HashPriority::Nice(0),
         })
         .unwrap();
         let h = bcrypt::hash("Secret-pass-1", 4).unwrap();
@@ -329,7 +345,7 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 1,
-            nice: 0,
+            priority: HashPriority::Nice(0),
         })
         .unwrap();
         for _ in 0..3 {
@@ -347,27 +363,36 @@ mod tests {
         );
     }
 
-    /// The niceness of this process's threads named `name`.
+    /// Field `field` (1-based, as in proc(5)) of /proc/self/task/*/stat, for this
+    /// process's threads named `name`.
     #[cfg(target_os = "linux")]
-    fn nice_of_threads(name: &str) -> Vec<i64> {
-        let mut nice = Vec::new();
+    fn stat_of_threads(name: &str, field: usize) -> Vec<i64> {
+        let mut values = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
             let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
             if comm.trim() != name {
                 continue;
             }
             let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            // Field 19 of the line; the fields after the parenthesised name start at 3.
+            // The fields after the parenthesised name start at 3.
             if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
-                nice.extend(
+                values.extend(
                     rest.split_whitespace()
-                        .nth(16)
+                        .nth(field - 3)
                         .and_then(|n| n.parse::<i64>().ok()),
                 );
             }
         }
-        nice
+        values
     }
+
+    /// proc(5): field 19 is the niceness, field 41 the scheduling policy.
+    #[cfg(target_os = "linux")]
+    const NICE: usize = 19;
+    #[cfg(target_os = "linux")]
+    const POLICY: usize = 41;
+    #[cfg(target_os = "linux")]
+    const SCHED_IDLE: i64 = 5;
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
@@ -376,13 +401,34 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 1,
-            nice: 7, // no other test uses 7
+            priority: HashPriority::Nice(7), // no other test uses 7
         })
         .unwrap();
         // Once a job has run, the thread has set its priority.
         hasher.hash("Secret-pass-1").await.unwrap();
-        let nice = nice_of_threads("bcrypt-0");
+        let nice = stat_of_threads("bcrypt-0", NICE);
         assert!(nice.contains(&7), "bcrypt threads' niceness: {nice:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn by_default_hashing_threads_run_under_sched_idle() {
+        // What each hashing thread runs first, on a thread of its own name (other tests'
+        // pools are also called bcrypt-N).
+        let config = crate::Config::from_vars([("JWT_SECRET".to_owned(), "s".repeat(32))])
+            .unwrap()
+            .bcrypt;
+        assert_eq!(config.priority, HashPriority::Idle);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("idle-probe".into())
+            .spawn(move || {
+                lower_priority(config.priority);
+                let policy = stat_of_threads("idle-probe", POLICY);
+                done_tx.send(policy).unwrap();
+            })
+            .unwrap();
+        assert_eq!(done.recv().unwrap(), vec![SCHED_IDLE]);
     }
 
     #[tokio::test]
@@ -391,7 +437,7 @@ mod tests {
             cost: 12,
             workers: 1,
             queue: 1,
-            nice: 0,
+            priority: HashPriority::Nice(0),
         })
         .unwrap();
         let calls: Vec<_> = (0..4).map(|_| hasher.hash("Secret-pass-1")).collect();
