@@ -325,6 +325,21 @@ fn validate_call(
     }
 }
 
+/// `grpc.health.v1.Health/Check`: the baseline, a call that does no auth work.
+fn health_call(
+    clients: Clients,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> + Clone + Send + Sync {
+    move |i| {
+        let mut c = clients.health(i);
+        Box::pin(async move {
+            c.check(HealthCheckRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|s| code_label(&s))
+        })
+    }
+}
+
 /// `validate_call` on an open-loop lane's own channels.
 fn validate_maker(
     tokens: Arc<Vec<String>>,
@@ -537,16 +552,7 @@ async fn run_in(
     );
 
     if args.runs("health") {
-        let clients = clients.clone();
-        let call = move |i| {
-            let mut c = clients.health(i);
-            async move {
-                c.check(HealthCheckRequest::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| code_label(&s))
-            }
-        };
+        let call = health_call(clients.clone());
         closed_loop("warm-up", closed_workers, warm, call.clone()).await;
         report.health = Some(
             meter
@@ -675,6 +681,18 @@ async fn run_in(
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     if args.runs("open") {
+        // The floor: a call that does no auth work, in the same loop at the same rate.
+        let health: MakeCall<_> =
+            Arc::new(|channels: Vec<Channel>| health_call(Clients::new(&channels)));
+        report.health_open = Some(
+            meter
+                .try_row(
+                    "Health/Check, open loop (floor)",
+                    format!("open {}/s", args.rate),
+                    open_loop("open health", args.rate, duration, &open_how, health),
+                )
+                .await?,
+        );
         let call = validate_call(clients.clone(), Arc::clone(&live), None);
         closed_loop("warm-up", closed_workers, warm, call).await;
         report.open = Some(
