@@ -13,7 +13,7 @@ mod load;
 mod procs;
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -447,6 +447,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("authd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&args, &dir, cores, &command, load_at_start, seconds).await;
+    // authd's log outlives the run, for the errors the table only counts.
+    let kept = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|root| root.join("target").join("authd-bench-last.log"));
+    if let Some(kept) = kept
+        && std::fs::copy(dir.join("authd.log"), &kept).is_ok()
+    {
+        eprintln!("authd's log of this run: {}", kept.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
