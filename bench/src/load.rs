@@ -248,6 +248,10 @@ where
 {
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let lanes = how.lanes.max(1) as u64;
+    // A zero period would make the timerfd fire once and never again.
+    if !(rate > 0.0 && rate * 1e-9 < 1.0 / lanes as f64) {
+        anyhow::bail!("open loop {name}: rate {rate}/s is not between 0 and 1e9/s per lane");
+    }
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(name.to_owned(), Arc::clone(&counter), Arc::clone(&errors));
@@ -296,7 +300,9 @@ where
     Ok(stats)
 }
 
-/// One lane of an open loop: calls `lane`, `lane + lanes`, `lane + 2·lanes`, …
+/// One lane of an open loop: calls `lane`, `lane + lanes`, `lane + 2·lanes`, … of the
+/// loop; the call function is given the lane's own running number (0, 1, 2, …), so it
+/// spreads the lane's calls over all of the lane's connections.
 struct Lane {
     lane: u64,
     lanes: u64,
@@ -333,16 +339,22 @@ impl Lane {
         let mut running = tokio::task::JoinSet::new();
         let mut next = 0u64;
         while next < own {
-            let due = timer.wait().await?;
-            for _ in 0..due {
-                if next >= own {
-                    break;
-                }
-                let i = self.lane + next * self.lanes;
+            // The timer only wakes the lane; what is due comes from the clock, so a lane
+            // that starts or wakes late sends its backlog at once instead of running late
+            // for the rest of the loop.
+            timer.wait().await?;
+            let Some(since_first) = Instant::now().checked_duration_since(first) else {
+                continue;
+            };
+            let due = u64::try_from(since_first.as_nanos() / period.as_nanos().max(1))
+                .unwrap_or(u64::MAX)
+                .saturating_add(1)
+                .min(own);
+            while next < due {
                 let intended = first + period * u32::try_from(next)?;
-                next += 1;
                 lag.saturating_record(nanos(intended.elapsed()).max(1));
-                let answer = call(i);
+                let answer = call(next);
+                next += 1;
                 let shared = Arc::clone(&shared);
                 let counter = Arc::clone(&self.counter);
                 let errors = Arc::clone(&self.errors);
@@ -358,15 +370,34 @@ impl Lane {
                     }
                 });
             }
-            while running.try_join_next().is_some() {}
+            while let Some(joined) = running.try_join_next() {
+                count_panic(&shared, &self.errors, joined);
+            }
         }
         // Every call carries its own timeout (the endpoint's).
-        while running.join_next().await.is_some() {}
+        while let Some(joined) = running.join_next().await {
+            count_panic(&shared, &self.errors, joined);
+        }
         let stats = shared
             .lock()
             .map_err(|_| anyhow::anyhow!("a call panicked"))?
             .clone_counts();
         Ok((stats, lag))
+    }
+}
+
+/// A call whose task panicked counts as an error, `PANIC`, not as a call never made.
+fn count_panic(
+    shared: &Mutex<Stats>,
+    errors: &AtomicU64,
+    joined: Result<(), tokio::task::JoinError>,
+) {
+    if joined.is_err() {
+        errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = shared.lock() {
+            s.calls += 1;
+            *s.errors.entry("PANIC".into()).or_default() += 1;
+        }
     }
 }
 
@@ -409,15 +440,15 @@ impl Pacer {
         Ok(Self { fd })
     }
 
-    /// Waits for the next expiry; how many periods have passed since the last wait.
-    async fn wait(&self) -> anyhow::Result<u64> {
+    /// Waits for the next expiry.
+    async fn wait(&self) -> anyhow::Result<()> {
         loop {
             let mut guard = self.fd.readable().await?;
             let mut buf = [0u8; 8];
             match guard
                 .try_io(|fd| rustix::io::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from))
             {
-                Ok(Ok(8)) => return Ok(u64::from_ne_bytes(buf)),
+                Ok(Ok(8)) => return Ok(()),
                 Ok(Ok(n)) => anyhow::bail!("timerfd read {n} bytes"),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_would_block) => continue,

@@ -448,9 +448,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let result = run_in(&args, &dir, cores, &command, load_at_start, seconds).await;
     // authd's log outlives the run, for the errors the table only counts.
-    let kept = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|root| root.join("target").join("authd-bench-last.log"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(|r| r.join("target"))
+        });
+    let kept = target.map(|t| t.join("authd-bench-last.log"));
     if let Some(kept) = kept
         && std::fs::copy(dir.join("authd.log"), &kept).is_ok()
     {
@@ -556,8 +561,8 @@ async fn run_in(
         })
         .collect();
     report.generator = format!(
-        "{} runtime threads; closed loop {} connections × {} in flight; {seconds} s per timed scenario",
-        args.threads, args.connections, args.in_flight
+        "{} runtime threads; closed loop {} connections × {} in flight; open loops on {} lane(s) × {} connection(s); {seconds} s per timed scenario",
+        args.threads, args.connections, args.in_flight, args.lanes, args.lane_connections
     );
 
     if args.runs("health") {

@@ -186,7 +186,7 @@ async fn killed_during_traffic(mode: &str) {
     let saw_degraded = eventually(Duration::from_secs(10), || async { any(&degraded) }).await;
     // A few more rounds with Redis gone.
     let settled = seen.lock().unwrap().len();
-    eventually(Duration::from_secs(5), || async {
+    let went_on = eventually(Duration::from_secs(5), || async {
         seen.lock().unwrap().len() >= settled + 40
     })
     .await;
@@ -197,6 +197,7 @@ async fn killed_during_traffic(mode: &str) {
     let seen = seen.lock().unwrap().clone();
     assert!(checked_first, "no checked answer before the kill: {seen:?}");
     assert!(saw_degraded, "no answer showed Redis gone: {seen:?}");
+    assert!(went_on, "the traffic stalled after the kill: {seen:?}");
 
     for s in &seen {
         assert!(s.took < PROMPTLY, "{s:?}");
