@@ -17,21 +17,9 @@ use crate::config::{BcryptConfig, HashPriority, Secret};
 /// Advice to callers shed because the queue is full.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-enum Work {
-    Hash {
-        password: Secret<String>,
-        cost: u32,
-        reply: oneshot::Sender<Result<String, bcrypt::BcryptError>>,
-    },
-    Verify {
-        password: Secret<String>,
-        hash: Secret<String>,
-        reply: oneshot::Sender<Result<bool, bcrypt::BcryptError>>,
-    },
-    /// Other CPU-heavy work on a password: the policy's strength estimate. It is given
-    /// the slot, to free before it answers.
-    Run(Box<dyn FnOnce(OwnedSemaphorePermit) + Send>),
-}
+/// One job's work: bcrypt, or other CPU-heavy work on a password (the policy's strength
+/// estimate). It is given its slot, to free before it answers.
+type Work = Box<dyn FnOnce(OwnedSemaphorePermit) + Send>;
 
 struct Job {
     work: Work,
@@ -143,31 +131,22 @@ impl PasswordHasher {
 impl Slot {
     /// Hashes `password` at the configured cost.
     pub async fn hash(self, password: &str) -> Result<String, AuthError> {
-        let (reply, answer) = oneshot::channel();
-        let cost = self.cost;
-        self.submit(Work::Hash {
-            password: Secret::new(password.to_owned()),
-            cost,
-            reply,
-        })?;
-        answer
-            .await
-            .map_err(|_| AuthError::Internal(anyhow::anyhow!("bcrypt worker stopped")))?
+        let (password, cost) = (Secret::new(password.to_owned()), self.cost);
+        self.run(move || bcrypt::hash(password.expose(), cost))
+            .await?
             .map_err(|e| AuthError::Internal(anyhow::anyhow!("bcrypt hash failed: {e}")))
     }
 
     /// As [`PasswordHasher::verify`], in this slot.
     pub async fn verify(self, password: &str, hash: &str) -> Result<bool, AuthError> {
-        let (reply, answer) = oneshot::channel();
-        self.submit(Work::Verify {
-            password: Secret::new(password.to_owned()),
-            hash: Secret::new(hash.to_owned()),
-            reply,
-        })?;
-        let verdict = answer
-            .await
-            .map_err(|_| AuthError::Internal(anyhow::anyhow!("bcrypt worker stopped")))?;
-        match verdict {
+        let (password, hash) = (
+            Secret::new(password.to_owned()),
+            Secret::new(hash.to_owned()),
+        );
+        match self
+            .run(move || bcrypt::verify(password.expose(), hash.expose()))
+            .await?
+        {
             Ok(ok) => Ok(ok),
             Err(e) => {
                 tracing::error!(error = %e, "stored password hash is not a bcrypt hash");
@@ -183,11 +162,13 @@ impl Slot {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Work::Run(Box::new(move |slot| {
+        // The slot is freed before the answer: the caller may ask again at once, and this
+        // thread (at a lower priority) may not run again soon.
+        self.submit(Box::new(move |slot| {
             let result = f();
             drop(slot);
             let _ = reply.send(result);
-        })))?;
+        }))?;
         answer
             .await
             .map_err(|_| AuthError::Internal(anyhow::anyhow!("bcrypt worker stopped")))
@@ -269,40 +250,12 @@ fn work(jobs: &Mutex<Receiver<Job>>) {
         metrics::gauge!("authd_bcrypt_queue_depth").decrement(1.0);
         metrics::histogram!("authd_bcrypt_wait_seconds").record(queued_at.elapsed().as_secs_f64());
         let _entered = span.enter();
-        // A panic in the work (bcrypt, or the strength estimate of `Run`) must not take the
+        // A panic in the work (bcrypt, or a strength estimate) must not take the
         // thread with it: after `workers` of them no job would ever run again. The caller's
         // reply is dropped with the job, so it hears "worker stopped" (INTERNAL).
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(work, slot)));
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(slot)));
         if done.is_err() {
             tracing::error!("a hashing job panicked; its caller gets an internal error");
-        }
-    }
-}
-
-/// Does one job, freeing its slot before answering: the caller may ask again at once,
-/// and this thread (at a lower priority) may not run again soon.
-fn run(work: Work, slot: OwnedSemaphorePermit) {
-    {
-        match work {
-            Work::Hash {
-                password,
-                cost,
-                reply,
-            } => {
-                let hashed = bcrypt::hash(password.expose(), cost);
-                drop(slot);
-                let _ = reply.send(hashed);
-            }
-            Work::Verify {
-                password,
-                hash,
-                reply,
-            } => {
-                let verdict = bcrypt::verify(password.expose(), hash.expose());
-                drop(slot);
-                let _ = reply.send(verdict);
-            }
-            Work::Run(f) => f(slot),
         }
     }
 }
