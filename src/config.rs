@@ -1477,17 +1477,17 @@ fn hash_priority(value: Option<String>) -> Result<HashPriority, ConfigError> {
     match value.as_deref().map(str::trim) {
         None => Ok(HashPriority::Idle),
         Some(v) if v.eq_ignore_ascii_case("idle") => Ok(HashPriority::Idle),
-        Some(v) => match v.parse::<i32>() {
-            Ok(n) if (0..=19).contains(&n) => Ok(HashPriority::Nice(n)),
-            Ok(n) => Err(ConfigError::new(
-                "BCRYPT_NICE",
-                format!("must be idle or between 0 and 19, got {n}"),
-            )),
-            Err(_) => Err(ConfigError::new(
-                "BCRYPT_NICE",
-                format!("must be idle or between 0 and 19, got {v:?}"),
-            )),
-        },
+        Some(v) => v
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (0..=19).contains(n))
+            .map(HashPriority::Nice)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "BCRYPT_NICE",
+                    format!("must be idle or between 0 and 19, got {v:?}"),
+                )
+            }),
     }
 }
 
