@@ -32,6 +32,9 @@ use report::{Check, Report, Row};
 
 const PASSWORD: &str = "Bench-Pass-2026!";
 
+/// Before each closed loop and the open loop: connections and caches warm.
+const WARM_UP: Stop = Stop::After(Duration::from_millis(500));
+
 /// Load generator for authd. Scenarios: health baseline, ValidateToken (live, revoked),
 /// Login, ValidateToken during a Login storm, ValidateToken open loop, memory.
 #[derive(Parser, Debug, Clone)]
@@ -384,6 +387,32 @@ async fn login(client: &mut AuthServiceClient<Channel>, username: &str) -> anyho
         .access_token)
 }
 
+/// The closed-loop scenarios: the same connections, calls in flight and duration.
+struct Closed<'a> {
+    meter: &'a Meter,
+    mode: String,
+    workers: usize,
+    duration: Duration,
+}
+
+impl Closed<'_> {
+    /// Half a second of warm-up, then the measured run and its row.
+    async fn run<F, Fut>(&self, name: &str, label: &str, call: F) -> Row
+    where
+        F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Outcome> + Send,
+    {
+        closed_loop("warm-up", self.workers, WARM_UP, call.clone()).await;
+        self.meter
+            .row(
+                name,
+                self.mode.clone(),
+                closed_loop(label, self.workers, Stop::After(self.duration), call),
+            )
+            .await
+    }
+}
+
 /// Runs a scenario between two CPU marks and makes its row.
 struct Meter {
     authd: Option<u32>,
@@ -488,7 +517,6 @@ async fn run_in(
         lanes: args.lanes,
         connections: args.lane_connections,
     };
-    let warm = Stop::After(Duration::from_millis(500));
 
     // Users (bcrypt at the configured cost, so a few) and the two single tokens.
     let stamp = format!(
@@ -565,29 +593,21 @@ async fn run_in(
         args.threads, args.connections, args.in_flight, args.lanes, args.lane_connections
     );
 
+    let closed = Closed {
+        meter: &meter,
+        mode: closed_mode.clone(),
+        workers: closed_workers,
+        duration,
+    };
     if args.runs("health") {
         let call = health_call(clients.clone());
-        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
-        report.health = Some(
-            meter
-                .row(
-                    "Health/Check (baseline)",
-                    closed_mode.clone(),
-                    closed_loop("health", closed_workers, Stop::After(duration), call),
-                )
-                .await,
-        );
+        report.health = Some(closed.run("Health/Check (baseline)", "health", call).await);
     }
     if args.runs("live") {
         let call = validate_call(clients.clone(), Arc::clone(&live), None);
-        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
         report.live = Some(
-            meter
-                .row(
-                    "ValidateToken, live session",
-                    closed_mode.clone(),
-                    closed_loop("live", closed_workers, Stop::After(duration), call),
-                )
+            closed
+                .run("ValidateToken, live session", "live", call)
                 .await,
         );
     }
@@ -597,14 +617,9 @@ async fn run_in(
             Arc::clone(&revoked),
             Some(pb::InvalidReason::Revoked),
         );
-        closed_loop("warm-up", closed_workers, warm, call.clone()).await;
         report.revoked = Some(
-            meter
-                .row(
-                    "ValidateToken, revoked token",
-                    closed_mode.clone(),
-                    closed_loop("revoked", closed_workers, Stop::After(duration), call),
-                )
+            closed
+                .run("ValidateToken, revoked token", "revoked", call)
                 .await,
         );
     }
@@ -708,7 +723,7 @@ async fn run_in(
                 .await?,
         );
         let call = validate_call(clients.clone(), Arc::clone(&live), None);
-        closed_loop("warm-up", closed_workers, warm, call).await;
+        closed_loop("warm-up", closed_workers, WARM_UP, call).await;
         report.open = Some(
             meter
                 .try_row(
