@@ -167,7 +167,9 @@ pub struct RedisConfig {
     pub url: Secret<String>,
     /// Prepended to every key authd writes.
     pub key_prefix: String,
-    /// Connections in the pool.
+    /// Connections in the pool. Each carries any number of commands at once; one (the
+    /// default) pipelines every concurrent command into the same writes and reads,
+    /// which measured cheaper for authd and for Redis than eight.
     pub pool_size: u32,
     /// Time allowed to open a connection or take one from the pool.
     pub connect_timeout: Duration,
@@ -1328,7 +1330,7 @@ fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
             "must not contain { or }",
         ));
     }
-    let pool_size = number("REDIS_POOL_SIZE", raw.redis_pool_size.clone(), 8u32)?;
+    let pool_size = number("REDIS_POOL_SIZE", raw.redis_pool_size.clone(), 1u32)?;
     if pool_size == 0 {
         return Err(ConfigError::new("REDIS_POOL_SIZE", "must be at least 1"));
     }

@@ -49,9 +49,11 @@ impl RedisConn {
             Client::open(info).map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let manager = Manager {
             client,
+            // No response timeout here: `run` bounds every command with its own, and a
+            // second timer per command cost CPU on every ValidateToken.
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.command_timeout)),
+                .set_response_timeout(None),
         };
         // test_on_check_out is off: bb8's default sends a PING before every command,
         // doubling the round trips. Broken connections are found by the command that

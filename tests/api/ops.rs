@@ -125,7 +125,7 @@ async fn metrics_after_a_few_calls_show_the_counters_moved() {
         "authd_rpc_duration_seconds_bucket{",
         "# TYPE authd_bcrypt_queue_depth gauge",
         "authd_pool_max_connections{pool=\"users\"} 10",
-        "authd_pool_max_connections{pool=\"sessions\"} 8",
+        "authd_pool_max_connections{pool=\"sessions\"} 1",
         "authd_pool_connections{pool=\"users\",state=\"idle\"}",
     ] {
         assert!(after.contains(present), "no {present:?} in:\n{after}");
