@@ -11,6 +11,7 @@
 
 mod load;
 mod procs;
+mod reference;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,8 @@ const PASSWORD: &str = "Bench-Pass-2026!";
 const WARM_UP: Stop = Stop::After(Duration::from_millis(500));
 
 /// Load generator for authd. Scenarios: health baseline, ValidateToken (live, revoked),
-/// Login, ValidateToken during a Login storm, ValidateToken open loop, memory.
+/// the reference server (the same calls with no auth work), Login, ValidateToken during a
+/// Login storm, ValidateToken open loop, memory.
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
@@ -92,8 +94,8 @@ struct Args {
     /// Worker threads of the load generator's runtime (closed loops).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Only these scenarios (comma-separated: health,live,revoked,login,storm,open,memory);
-    /// BENCHMARKS.md is then left alone.
+    /// Only these scenarios (comma-separated: health,live,revoked,reference,login,storm,
+    /// open,memory); BENCHMARKS.md is then left alone.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra authd setting, KEY=VALUE (repeatable), e.g. --env RUST_LOG=warn.
@@ -116,6 +118,15 @@ struct Args {
     /// Do not rewrite BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
+    /// Internal: run as the reference server (authd-bench starts itself so).
+    #[arg(long, hide = true)]
+    serve_reference: bool,
+    #[arg(long, hide = true, num_args = 3)]
+    reference_keys: Vec<String>,
+    #[arg(long, hide = true, num_args = 5)]
+    reference_reply: Vec<String>,
+    #[arg(long, hide = true)]
+    reference_redis: Option<String>,
 }
 
 impl Args {
@@ -137,6 +148,18 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.serve_reference {
+        // Tokio's default worker count (one per core), as authd runs.
+        let settings = reference::Settings::from_args(
+            args.reference_redis,
+            &args.reference_keys,
+            &args.reference_reply,
+        )?;
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(reference::serve(settings));
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
@@ -623,6 +646,66 @@ async fn run_in(
                 .await,
         );
     }
+    if args.runs("reference") {
+        if server.env.is_empty() {
+            eprintln!(
+                "reference: skipped (it reads the keys of a session of an authd this program started)"
+            );
+        } else {
+            let settings = reference_settings(&server.env, &live[0])?;
+            for redis in [false, true] {
+                let settings = reference::Settings {
+                    redis_url: settings.redis_url.clone().filter(|_| redis),
+                    ..settings.clone()
+                };
+                let (process, addr) = procs::start_reference(&settings.to_args())?;
+                let meter = Meter {
+                    authd: Some(process.pid()),
+                    redis: server.redis_pid,
+                };
+                let channels = connect(&addr, args.connections).await?;
+                let call = validate_call(Clients::new(&channels), Arc::clone(&live), None);
+                let closed = Closed {
+                    meter: &meter,
+                    mode: closed_mode.clone(),
+                    workers: closed_workers,
+                    duration,
+                };
+                if !redis {
+                    report.reference_messages = Some(
+                        closed
+                            .run("Reference server: the messages alone", "reference", call)
+                            .await,
+                    );
+                    continue;
+                }
+                report.reference_redis = Some(
+                    closed
+                        .run("Reference server: one Redis round trip", "reference", call)
+                        .await,
+                );
+                let open_how = OpenLoop {
+                    addr,
+                    ..open_how.clone()
+                };
+                report.reference_open = Some(
+                    meter
+                        .try_row(
+                            "Reference server: one Redis round trip, open loop",
+                            format!("open {}/s", args.rate),
+                            open_loop(
+                                "reference open",
+                                args.rate,
+                                duration,
+                                &open_how,
+                                validate_maker(Arc::clone(&live), None),
+                            ),
+                        )
+                        .await?,
+                );
+            }
+        }
+    }
     if args.runs("login") {
         // One verify here, with authd idle: the machine's limit is cores ÷ this.
         let cost = args.cost;
@@ -791,6 +874,44 @@ async fn run_in(
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The reference server's keys and reply for `token`, from authd's own settings: the
+/// keys authd's session check reads, the reply authd gives.
+fn reference_settings(
+    env: &[(String, String)],
+    token: &str,
+) -> anyhow::Result<reference::Settings> {
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("{name} is not among authd's settings"))
+    };
+    let config = authd::Config::from_vars(env.iter().cloned())?;
+    let keys = authd::auth::token::TokenKeys::new(&config.jwt)?;
+    let now = authd::clock::unix_seconds(std::time::SystemTime::now());
+    let claims = keys
+        .verify(token, now)
+        .map_err(|r| anyhow::anyhow!("the live token does not verify: {}", r.as_str()))?;
+    let tag = format!("{}{{user:{}}}", var("REDIS_KEY_PREFIX")?, claims.sub);
+    let time = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    Ok(reference::Settings {
+        redis_url: Some(format!("redis://{}", var("REDIS_ADDR")?)),
+        revoked_key: format!("{tag}:revoked:{}", claims.jti),
+        session_key: format!("{tag}:session:{}", claims.sid),
+        jti: claims.jti,
+        reply: pb::ValidateTokenResponse {
+            valid: true,
+            reason: pb::InvalidReason::Unspecified.into(),
+            user_id: claims.sub,
+            username: claims.username,
+            session_id: claims.sid,
+            issued_at: time(claims.iat),
+            expires_at: time(claims.exp),
+            revocation_checked: true,
+        },
+    })
 }
 
 /// `n` sessions written straight to authd's Redis with authd's own code: what a Login

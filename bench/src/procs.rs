@@ -127,6 +127,32 @@ pub fn start_authd(
     })
 }
 
+/// This program again as the reference server (`--serve-reference`); its address once
+/// it listens.
+pub fn start_reference(args: &[String]) -> anyhow::Result<(Owned, String)> {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--serve-reference")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the reference server")?;
+    let stdout = child.stdout.take().context("reference server: no stdout")?;
+    let owned = Owned {
+        child,
+        name: "reference server",
+    };
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("reference server did not start (it said {line:?})"))?
+        .to_owned();
+    Ok((owned, addr))
+}
+
 /// The last lines of a log, for an error message.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
