@@ -148,6 +148,7 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = procs::OWN_EXE.set(std::env::current_exe()?);
     if args.serve_reference {
         // Tokio's default worker count (one per core), as authd runs.
         let settings = reference::Settings::from_args(

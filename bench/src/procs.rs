@@ -127,11 +127,18 @@ pub fn start_authd(
     })
 }
 
+/// This program's path, taken at start: building authd (`authd_binary`) rebuilds this
+/// executable too, after which `current_exe` names a deleted file.
+pub static OWN_EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// This program again as the reference server (`--serve-reference`); its address once
 /// it listens.
 pub fn start_reference(args: &[String]) -> anyhow::Result<(Owned, String)> {
     use std::io::BufRead;
-    let mut child = Command::new(std::env::current_exe()?)
+    let exe = OWN_EXE
+        .get()
+        .context("own executable not recorded at start")?;
+    let mut child = Command::new(exe)
         .arg("--serve-reference")
         .args(args)
         .stdout(Stdio::piped())

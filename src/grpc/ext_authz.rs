@@ -87,12 +87,11 @@ impl ExtAuthz {
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750): no error code when no token was
 /// presented, `invalid_token` and the reason otherwise.
 fn denied(reason: Option<InvalidReason>) -> CheckResponse {
-    // The call's span is off at info (a hot call, see grpc::layer): the line names it.
-    tracing::info!(
-        method = "envoy.service.auth.v3.Authorization/Check",
-        reason = reason.map_or("no bearer token", InvalidReason::as_str),
-        "request denied"
-    );
+    // An answer, not an error: counted, and logged only at debug (see ValidateToken).
+    let name = reason.map_or("missing", InvalidReason::as_str);
+    metrics::counter!("authd_tokens_refused_total", "method" => "Check", "reason" => name)
+        .increment(1);
+    tracing::debug!(reason = name, "request denied");
     let (challenge, body) = match reason {
         None => (
             r#"Bearer realm="authd""#.to_owned(),

@@ -106,6 +106,10 @@ fn describe() {
         "ValidateToken answers given without Redis (REDIS_FAILURE_MODE=open)"
     );
     describe_counter!(
+        "authd_tokens_refused_total",
+        "tokens refused by ValidateToken (valid=false) or Envoy's Check, by method and reason"
+    );
+    describe_counter!(
         "authd_redis_failures_total",
         "Redis failures that made authd skip Redis for REDIS_RETRY_INTERVAL"
     );

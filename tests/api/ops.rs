@@ -75,6 +75,10 @@ async fn metrics_after_a_few_calls_show_the_counters_moved() {
         Code::Unauthenticated,
     );
     assert!(app.validate(&login.access_token).await.unwrap().valid);
+    assert_eq!(
+        app.reason("not-a-token").await,
+        pb::InvalidReason::Malformed
+    );
 
     // A call is counted once its answer has gone out, which can be just after the
     // client has it.
@@ -117,6 +121,10 @@ async fn metrics_after_a_few_calls_show_the_counters_moved() {
         ("authd_logins_total", vec![("outcome", "success")]),
         ("authd_logins_total", vec![("outcome", "failure")]),
         ("authd_bcrypt_wait_seconds_count", vec![]),
+        (
+            "authd_tokens_refused_total",
+            vec![("method", "ValidateToken"), ("reason", "malformed")],
+        ),
     ] {
         assert!(moved(name, &labels) >= 1.0, "{name}{labels:?} did not move");
     }
