@@ -11,7 +11,7 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Request, Response, Status};
 
-use super::service::rpc;
+use super::service::{hot_rpc, log_refusal};
 use crate::auth::service::Validation;
 use crate::auth::{AuthCore, AuthError, InvalidReason};
 
@@ -87,11 +87,7 @@ impl ExtAuthz {
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750): no error code when no token was
 /// presented, `invalid_token` and the reason otherwise.
 fn denied(reason: Option<InvalidReason>) -> CheckResponse {
-    // An answer, not an error: counted, and logged only at debug (see ValidateToken).
-    let name = reason.map_or("missing", InvalidReason::as_str);
-    metrics::counter!("authd_tokens_refused_total", "method" => "Check", "reason" => name)
-        .increment(1);
-    tracing::debug!(reason = name, "request denied");
+    log_refusal("Check", reason);
     let (challenge, body) = match reason {
         None => (
             r#"Bearer realm="authd""#.to_owned(),
@@ -125,6 +121,11 @@ impl Authorization for ExtAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        rpc(self.decide(request.get_ref())).await
+        hot_rpc(
+            "envoy.service.auth.v3.Authorization",
+            "Check",
+            self.decide(request.get_ref()),
+        )
+        .await
     }
 }

@@ -210,10 +210,11 @@ impl CallRecord {
                 user_id = Empty,
             )
         } else if is_hot(service, &method) {
-            // Only the refusals of these calls are logged at info, and they name the
-            // call themselves (see `Drop`). A span at info would cost every call the
-            // formatting of its fields (with LOG_FORMAT=json, again at each `record`):
-            // measured, a sixth of a ValidateToken's CPU in authd.
+            // These calls log only their errors at info, each in a span of its own that
+            // names the call (see `Drop` and `service::hot_rpc`). A span at info would
+            // cost every call the formatting of its fields (with LOG_FORMAT=json, again
+            // at each `record`): 17 µs of a ValidateToken's 119 in authd, measured with
+            // authd-bench at RUST_LOG=info against warn (BENCHMARKS.md).
             tracing::debug_span!("rpc", service, method = method.as_str(), user_id = Empty)
         } else {
             tracing::info_span!("rpc", service, method = method.as_str(), user_id = Empty)
@@ -262,7 +263,8 @@ impl Drop for CallRecord {
         };
         // The token checks every other service makes on each of its requests (and health
         // probes) log their successes at debug: at info that line was a third of such a
-        // call's CPU. Their refusals are logged by the services; other errors stay here.
+        // call's CPU. A refused token is an answer (OK), counted by the services in
+        // `authd_tokens_refused_total`; errors are logged here at info.
         let quiet = code == Code::Ok && is_hot(self.service, &method);
         let elapsed = self.started.elapsed();
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
@@ -287,9 +289,11 @@ impl Drop for CallRecord {
         if quiet {
             tracing::debug!(code = name, micros, "rpc finished");
         } else if self.span.is_disabled() {
-            // A hot call's span is off at info: the line names the call itself.
-            let (service, method) = (self.service, labels[1].1.as_str());
-            tracing::info!(service, method, code = name, micros, "rpc finished");
+            // A hot call's span is off at info: its error line gets a span of its own,
+            // so it reads like every other call's.
+            let method = labels[1].1.as_str();
+            let _named = tracing::info_span!("rpc", service = self.service, method).entered();
+            tracing::info!(code = name, micros, "rpc finished");
         } else {
             tracing::info!(code = name, micros, "rpc finished");
         }

@@ -143,6 +143,45 @@ where
     call.await.map(Response::new).map_err(Status::from)
 }
 
+/// A refused token is an answer, not an error: it is counted in
+/// `authd_tokens_refused_total`. A token that does not verify (malformed, forged, for
+/// another issuer) is logged at info, as a sign of an attack or a misconfigured caller;
+/// one at the end of its life (expired, not yet valid, revoked, session ended) only at
+/// debug, so a client retrying its logged-out token cannot flood the log.
+pub(crate) fn log_refusal(method: &'static str, reason: Option<InvalidReason>) {
+    let name = reason.map_or("missing", InvalidReason::as_str);
+    metrics::counter!("authd_tokens_refused_total", "method" => method, "reason" => name)
+        .increment(1);
+    match reason {
+        Some(
+            InvalidReason::Malformed
+            | InvalidReason::BadSignature
+            | InvalidReason::WrongIssuerOrAudience,
+        ) => tracing::info!(method, reason = name, "token refused"),
+        _ => tracing::debug!(method, reason = name, "token refused"),
+    }
+}
+
+/// `rpc` for a hot call (ValidateToken, Envoy's Check), whose span is off at info (see
+/// `grpc::layer`): an error is turned into its status — which logs it — inside a span
+/// that names the call, so its warning or error line says which call failed.
+pub(crate) async fn hot_rpc<T, F>(
+    service: &'static str,
+    method: &'static str,
+    call: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<T, AuthError>>,
+{
+    call.await.map(Response::new).map_err(|e| {
+        if tracing::Span::current().is_disabled() {
+            tracing::info_span!("rpc", service, method).in_scope(|| Status::from(e))
+        } else {
+            Status::from(e)
+        }
+    })
+}
+
 /// The bearer token from `authorization: Bearer <token>`, if there is one.
 fn bearer<T>(request: &Request<T>) -> Option<String> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
@@ -399,7 +438,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
-        rpc(async {
+        hot_rpc("auth.v1.AuthService", "ValidateToken", async {
             Ok(match self.core.validate(&request.get_ref().token).await? {
                 Validation::Valid(v) => {
                     record_user_id(&v.claims.sub);
@@ -415,15 +454,7 @@ impl AuthService for AuthGrpc {
                     }
                 }
                 Validation::Invalid(r) => {
-                    // An answer, not an error: counted, and logged only at debug, so a
-                    // client retrying a bad token cannot flood the log.
-                    metrics::counter!(
-                        "authd_tokens_refused_total",
-                        "method" => "ValidateToken",
-                        "reason" => r.as_str()
-                    )
-                    .increment(1);
-                    tracing::debug!(reason = r.as_str(), "token invalid");
+                    log_refusal("ValidateToken", Some(r));
                     pb::ValidateTokenResponse {
                         valid: false,
                         reason: reason(r).into(),

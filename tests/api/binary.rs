@@ -465,3 +465,130 @@ async fn sighup_puts_a_rotated_tls_certificate_in_force() {
     );
     assert_eq!(authd.terminate().await, 0);
 }
+
+/// At `RUST_LOG=info` the hot calls' spans are off (their cost per call): their errors
+/// still come with a span naming the call, a forged token is logged, a successful or a
+/// logged-out one is not, and every refusal is counted.
+#[tokio::test]
+async fn at_info_a_hot_call_logs_its_errors_and_forged_tokens_named_and_nothing_else() {
+    let (db_name, key_prefix) = fresh_names();
+    let db_url = format!("{}/{db_name}", mysql_base());
+    let mut env = test_env(&db_url, &redis_base(), &key_prefix);
+    env.retain(|(k, _)| k != "RUST_LOG" && k != "LOG_FORMAT" && k != "HTTP_ADDR");
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    env.push(("RUST_LOG".into(), "info".into()));
+    env.push(("HTTP_ADDR".into(), "127.0.0.1:0".into()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines_rx = stderr_lines(&mut child);
+    let mut log = Vec::new();
+    let mut grpc = None;
+    let mut http = None;
+    while grpc.is_none() || http.is_none() {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("authd started");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let message = v["fields"]["message"].as_str().unwrap_or_default();
+        if message == "authd serving gRPC" {
+            grpc = v["fields"]["addr"].as_str().map(str::to_owned);
+        } else if message.starts_with("authd serving HTTP") {
+            http = v["fields"]["http_addr"].as_str().map(str::to_owned);
+        }
+        log.push(line);
+    }
+    let (grpc, http) = (grpc.unwrap(), http.unwrap());
+
+    let mut client = AuthServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    register_on(&client, "una", PASSWORD).await.unwrap();
+    let live = login_on(&client, "una", PASSWORD)
+        .await
+        .unwrap()
+        .access_token;
+    let gone = login_on(&client, "una", PASSWORD)
+        .await
+        .unwrap()
+        .access_token;
+    client
+        .logout(bearer(&gone, pb::LogoutRequest {}))
+        .await
+        .unwrap();
+    let validate = |token: &str| pb::ValidateTokenRequest {
+        token: token.to_owned(),
+    };
+    let mut c = client.clone();
+    assert!(
+        c.validate_token(validate(&live))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    assert!(
+        !c.validate_token(validate(&gone))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    assert!(
+        !c.validate_token(validate("forged"))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    let empty = c.validate_token(validate("")).await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+
+    let (_, metrics) = http_get(http.parse().unwrap(), "/metrics").await;
+    for reason in ["revoked", "malformed"] {
+        let series =
+            format!("authd_tokens_refused_total{{method=\"ValidateToken\",reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    while let Ok(line) = lines_rx.recv_timeout(Duration::from_secs(2)) {
+        log.push(line);
+    }
+    let json: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let all = log.join("\n");
+    let validate_lines: Vec<&serde_json::Value> = json
+        .iter()
+        .filter(|v| {
+            v["span"]["method"] == "ValidateToken" || v["fields"]["method"] == "ValidateToken"
+        })
+        .collect();
+    // The error, in a span naming the call.
+    assert!(
+        validate_lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "rpc finished"
+                && v["fields"]["code"] == "INVALID_ARGUMENT"
+                && v["span"]["service"] == "auth.v1.AuthService"),
+        "no named INVALID_ARGUMENT line:\n{all}"
+    );
+    // The forged token, by reason; the logged-out one and the good one: nothing.
+    let refused: Vec<&str> = validate_lines
+        .iter()
+        .filter(|v| v["fields"]["message"] == "token refused")
+        .filter_map(|v| v["fields"]["reason"].as_str())
+        .collect();
+    assert_eq!(refused, ["malformed"], "{all}");
+    assert!(
+        !validate_lines.iter().any(|v| v["fields"]["code"] == "OK"),
+        "a successful ValidateToken logged at info:\n{all}"
+    );
+}
