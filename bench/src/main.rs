@@ -218,12 +218,9 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
     if !args.db_pass.is_empty() {
         env.push(("DB_PASS".into(), args.db_pass.clone()));
     }
-    for kv in &args.extra_env {
-        let (k, v) = kv
-            .split_once('=')
-            .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
-        env.retain(|(key, _)| key != k);
-        env.push((k.to_owned(), v.to_owned()));
+    for (k, v) in extra_env(&args.extra_env)? {
+        env.retain(|(key, _)| *key != k);
+        env.push((k, v));
     }
     let log = dir.join("authd.log");
     let mut authd = procs::start_authd(&binary, &env, dir, &log)?;
@@ -258,6 +255,19 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
         log: Some(log),
         _owned: vec![authd, redis],
     })
+}
+
+/// `--env KEY=VALUE` settings as pairs.
+fn extra_env(given: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    given
+        .iter()
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--env {kv}: expected KEY=VALUE"))?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
 }
 
 fn endpoint(addr: &str) -> anyhow::Result<Endpoint> {
@@ -659,7 +669,11 @@ async fn run_in(
                     redis_url: settings.redis_url.clone().filter(|_| redis),
                     ..settings.clone()
                 };
-                let (process, addr) = procs::start_reference(&settings.to_args())?;
+                let extra = extra_env(&args.extra_env)?;
+                let (process, addr) = tokio::task::spawn_blocking(move || {
+                    procs::start_reference(&settings.to_args(), &extra)
+                })
+                .await??;
                 let meter = Meter {
                     authd: Some(process.pid()),
                     redis: server.redis_pid,

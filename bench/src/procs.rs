@@ -128,12 +128,17 @@ pub fn start_authd(
 }
 
 /// This program's path, taken at start: building authd (`authd_binary`) rebuilds this
-/// executable too, after which `current_exe` names a deleted file.
+/// executable too, after which `current_exe` names a deleted file (the path then runs
+/// the rebuilt program, the same code).
 pub static OWN_EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// This program again as the reference server (`--serve-reference`); its address once
-/// it listens.
-pub fn start_reference(args: &[String]) -> anyhow::Result<(Owned, String)> {
+/// it listens. `env` is what authd-bench's `--env` gave authd (Tokio's settings, say),
+/// so that the reference runs as authd does. Blocks until the child listens.
+pub fn start_reference(
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<(Owned, String)> {
     use std::io::BufRead;
     let exe = OWN_EXE
         .get()
@@ -141,6 +146,7 @@ pub fn start_reference(args: &[String]) -> anyhow::Result<(Owned, String)> {
     let mut child = Command::new(exe)
         .arg("--serve-reference")
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

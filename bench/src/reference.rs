@@ -16,7 +16,10 @@ use anyhow::Context;
 use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
 use futures::Stream;
+use redis::IntoConnectionInfo;
 use redis::aio::MultiplexedConnection;
+use redis::io::tcp::TcpSettings;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// What the reference answers and which Redis keys it reads.
@@ -93,18 +96,24 @@ impl Settings {
 
 /// Serves until killed; prints `listening <addr>` on stdout once bound.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // TCP_NODELAY on both sides, as authd sets it (src/transport.rs, redis_conn.rs).
     let redis = match &settings.redis_url {
-        Some(url) => Some(
-            redis::Client::open(url.as_str())?
-                .get_multiplexed_async_connection()
-                .await
-                .context("reference server: Redis")?,
-        ),
+        Some(url) => {
+            let info = url
+                .as_str()
+                .into_connection_info()?
+                .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+            Some(
+                redis::Client::open(info)?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .context("reference server: Redis")?,
+            )
+        }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("listening {}", listener.local_addr()?);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = TcpIncoming::bind(([127, 0, 0, 1], 0).into())?.with_nodelay(Some(true));
+    println!("listening {}", incoming.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(AuthServiceServer::new(Reference { settings, redis }))
         .serve_with_incoming(incoming)
