@@ -289,9 +289,7 @@ impl TokenKeys {
         }
         Ok(claims)
     }
-}
 
-impl TokenKeys {
     /// What does not depend on the time: the key (by `kid`, while it is not retired),
     /// the signature, the algorithm, the issuer, the audience and the required claims.
     /// Returns the claims and the last moment the key verifies anything.
