@@ -89,35 +89,18 @@ fn an_unreachable_database_stops_start_up_with_one_line() {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() {
-    let (db_name, key_prefix) = fresh_names();
-    let db_url = format!("{}/{db_name}", mysql_base());
-    let mut env = test_env(&db_url, &redis_base(), &key_prefix);
-    env.retain(|(k, _)| k != "BCRYPT_COST");
-    env.push(("BCRYPT_COST".into(), "12".into()));
-    env.push(("LOG_FORMAT".into(), "json".into()));
-    env.push(("RUST_LOG".into(), "debug".into()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // The log says where it listens (GRPC_ADDR port 0).
-    let lines_rx = stderr_lines(&mut child);
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("authd started");
-        log.push(line.clone());
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "authd serving gRPC" {
-            break v["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
+    let Running {
+        mut child,
+        lines: lines_rx,
+        mut log,
+        grpc: addr,
+        db_name,
+        ..
+    } = spawn_logging(&[
+        ("BCRYPT_COST", "12"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "debug"),
+    ]);
 
     let mut client = AuthServiceClient::connect(format!("http://{addr}"))
         .await
@@ -200,13 +183,7 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
     ] {
         assert!(!log.contains(secret), "the log holds a secret: {secret}");
     }
-
-    let pool = sqlx::MySqlPool::connect(&mysql_base()).await.unwrap();
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS `{db_name}`"
-    )))
-    .execute(&pool)
-    .await;
+    drop_database(&db_name);
 }
 
 /// The server, in `dir` with exactly `env`, its stderr piped.
@@ -220,6 +197,61 @@ fn spawn_in(dir: &std::path::Path, env: Vec<(String, String)>) -> std::process::
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// The binary on this test's own database and key prefix, `overrides` on top of the test
+/// settings, its stderr read line by line; returned once it serves gRPC.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What it logged up to then.
+    log: Vec<String>,
+    grpc: String,
+    /// The HTTP listener's address, when it logged one (with `LOG_FORMAT=json`).
+    http: Option<String>,
+    /// Its database, for `drop_database` at the end.
+    db_name: String,
+}
+
+fn spawn_logging(overrides: &[(&str, &str)]) -> Running {
+    let (db_name, key_prefix) = fresh_names();
+    let db_url = format!("{}/{db_name}", mysql_base());
+    let mut env = test_env(&db_url, &redis_base(), &key_prefix);
+    env.retain(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+    env.extend(owned(overrides));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
+        .env_clear()
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log says where it listens (port 0): HTTP first, then gRPC.
+    let lines = stderr_lines(&mut child);
+    let mut log = Vec::new();
+    let mut http = None;
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("authd started");
+        log.push(line.clone());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let message = v["fields"]["message"].as_str().unwrap_or_default();
+        if message.starts_with("authd serving HTTP") {
+            http = v["fields"]["http_addr"].as_str().map(str::to_owned);
+        } else if message == "authd serving gRPC" {
+            let grpc = v["fields"]["addr"].as_str().unwrap().to_owned();
+            return Running {
+                child,
+                lines,
+                log,
+                grpc,
+                http,
+                db_name,
+            };
+        }
+    }
 }
 
 /// Reads stderr lines of a child into a channel, so a test can wait for one.
@@ -471,39 +503,19 @@ async fn sighup_puts_a_rotated_tls_certificate_in_force() {
 /// logged-out one is not, and every refusal is counted.
 #[tokio::test]
 async fn at_info_a_hot_call_logs_its_errors_and_forged_tokens_named_and_nothing_else() {
-    let (db_name, key_prefix) = fresh_names();
-    let db_url = format!("{}/{db_name}", mysql_base());
-    let mut env = test_env(&db_url, &redis_base(), &key_prefix);
-    env.retain(|(k, _)| k != "RUST_LOG" && k != "LOG_FORMAT" && k != "HTTP_ADDR");
-    env.push(("LOG_FORMAT".into(), "json".into()));
-    env.push(("RUST_LOG".into(), "info".into()));
-    env.push(("HTTP_ADDR".into(), "127.0.0.1:0".into()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_authd"))
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines_rx = stderr_lines(&mut child);
-    let mut log = Vec::new();
-    let mut grpc = None;
-    let mut http = None;
-    while grpc.is_none() || http.is_none() {
-        let line = lines_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("authd started");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let message = v["fields"]["message"].as_str().unwrap_or_default();
-        if message == "authd serving gRPC" {
-            grpc = v["fields"]["addr"].as_str().map(str::to_owned);
-        } else if message.starts_with("authd serving HTTP") {
-            http = v["fields"]["http_addr"].as_str().map(str::to_owned);
-        }
-        log.push(line);
-    }
-    let (grpc, http) = (grpc.unwrap(), http.unwrap());
+    let Running {
+        mut child,
+        lines: lines_rx,
+        mut log,
+        grpc,
+        http,
+        db_name,
+    } = spawn_logging(&[
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
+    ]);
+    let http = http.expect("HTTP listener on");
 
     let mut client = AuthServiceClient::connect(format!("http://{grpc}"))
         .await
@@ -591,4 +603,5 @@ async fn at_info_a_hot_call_logs_its_errors_and_forged_tokens_named_and_nothing_
         !validate_lines.iter().any(|v| v["fields"]["code"] == "OK"),
         "a successful ValidateToken logged at info:\n{all}"
     );
+    drop_database(&db_name);
 }
