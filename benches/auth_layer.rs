@@ -12,7 +12,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use authd::client::{AuthConfig, AuthContext, AuthLayer};
+use authd::client::{AuthConfig, AuthContext, AuthLayer, WatchCredential};
 use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use authd::proto::example::v1::greeter_client::GreeterClient;
@@ -101,6 +101,17 @@ fn main() -> anyhow::Result<()> {
         .block_on(run())
 }
 
+/// What the benchmark's authd accepts from the layer's revocation watcher.
+const WATCH_CREDENTIAL: &str = "bench-watch-credential-0123456789abcdef";
+
+/// The layer's defaults, following authd's revocation stream.
+fn watching() -> AuthConfig {
+    AuthConfig {
+        watch_credential: Some(WatchCredential::new(WATCH_CREDENTIAL)),
+        ..AuthConfig::default()
+    }
+}
+
 async fn run() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("authd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -108,6 +119,7 @@ async fn run() -> anyhow::Result<()> {
     vars.push(("GRPC_ADDR".into(), "127.0.0.1:0".into()));
     vars.push(("BCRYPT_COST".into(), "4".into()));
     vars.push(("MAX_SESSIONS_PER_USER".into(), "0".into()));
+    vars.push(("WATCH_CREDENTIALS".into(), WATCH_CREDENTIAL.into()));
     if !vars.iter().any(|(k, _)| k == "SQLITE_PATH") {
         vars.push((
             "SQLITE_PATH".into(),
@@ -161,7 +173,7 @@ async fn run() -> anyhow::Result<()> {
         authd.clone(),
         AuthConfig {
             cache_ttl: Duration::from_secs(600),
-            ..AuthConfig::default()
+            ..watching()
         },
     );
     let guarded = layer.layer(inner);
@@ -204,7 +216,7 @@ async fn run() -> anyhow::Result<()> {
 
     // 2. Over gRPC on loopback: the same Greeter with and without the layer.
     let plain = serve(None).await?;
-    let protected = serve(Some(AuthLayer::new(authd.clone(), AuthConfig::default()))).await?;
+    let protected = serve(Some(AuthLayer::new(authd.clone(), watching()))).await?;
     for (name, addr) in [
         ("gRPC: no layer", plain),
         ("gRPC: layer, cache hit", protected),

@@ -11,9 +11,11 @@
 //! ```
 //!
 //! `AUTHD_URL` (default `http://127.0.0.1:50051`) and `LISTEN_ADDR` (default
-//! `127.0.0.1:50052`) change where it talks and listens.
+//! `127.0.0.1:50052`) change where it talks and listens. `AUTHD_WATCH_CREDENTIAL`, one of
+//! authd's `WATCH_CREDENTIALS`, lets the layer follow revocations as they happen;
+//! without it, cached answers are checked again after a second.
 
-use authd::client::{AuthConfig, AuthContext, AuthLayer};
+use authd::client::{AuthConfig, AuthContext, AuthLayer, WatchCredential};
 use authd::proto::example::v1::greeter_server::{Greeter, GreeterServer};
 use authd::proto::example::v1::{HelloReply, HelloRequest};
 use tonic::transport::{Channel, Server};
@@ -48,7 +50,13 @@ async fn main() -> anyhow::Result<()> {
 
     // The three lines a service adds:
     let authd = Channel::from_shared(authd_url.clone())?.connect_lazy();
-    let auth = AuthLayer::new(authd, AuthConfig::default());
+    let config = AuthConfig {
+        watch_credential: std::env::var("AUTHD_WATCH_CREDENTIAL")
+            .ok()
+            .map(WatchCredential::new),
+        ..AuthConfig::default()
+    };
+    let auth = AuthLayer::new(authd, config);
     let mut server = Server::builder().layer(auth);
 
     println!("protected Greeter on {listen}, checking tokens with {authd_url}");

@@ -422,6 +422,21 @@ pub struct AuditConfig {
     pub queue: usize,
 }
 
+/// Who may follow WatchRevocations, and how many streams at once.
+#[derive(Debug, Clone)]
+pub struct WatchersConfig {
+    /// Credentials a watcher presents as `authorization: Bearer <credential>`; none
+    /// configured: nobody may watch.
+    pub credentials: Vec<Secret<String>>,
+    /// Streams open at once on this instance.
+    pub max_streams: usize,
+    /// Streams open at once on one connection.
+    pub max_streams_per_connection: usize,
+}
+
+/// The shortest watcher credential accepted, in bytes.
+pub const MIN_WATCH_CREDENTIAL_BYTES: usize = 32;
+
 /// Everything authd needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -445,7 +460,8 @@ pub struct Config {
     pub bcrypt: BcryptConfig,
     /// A session ends after this long without activity.
     pub session_idle_timeout: Duration,
-    /// 0 = unlimited; otherwise Login ends the oldest sessions past this many.
+    /// 0 = unlimited; otherwise Login ends the oldest sessions past this many
+    /// (default [`DEFAULT_MAX_SESSIONS_PER_USER`]).
     pub max_sessions_per_user: u32,
     /// Serve gRPC server reflection (v1 and v1alpha).
     pub grpc_reflection: bool,
@@ -457,6 +473,11 @@ pub struct Config {
     pub revocation_log_max_len: usize,
     /// How often WatchRevocations sends a heartbeat when nothing happens.
     pub watch_heartbeat: Duration,
+    /// Who may watch revocations.
+    pub watchers: WatchersConfig,
+    /// Revocations this instance remembers (made here or seen on the stream), to refuse
+    /// those tokens while Redis cannot be asked.
+    pub revocation_memory_max: usize,
     /// Envoy Check: remove the `authorization` header from allowed requests.
     pub ext_authz_strip_authorization: bool,
     /// Callers allowed to set Login's `client_ip`.
@@ -526,6 +547,10 @@ struct RawEnv {
     otel_service_name: Option<String>,
     revocation_log_max_len: Option<String>,
     watch_heartbeat: Option<String>,
+    watch_credentials: Option<String>,
+    watch_max_streams: Option<String>,
+    watch_max_streams_per_connection: Option<String>,
+    revocation_memory_max: Option<String>,
     ext_authz_strip_authorization: Option<String>,
     trusted_proxies: Option<String>,
     throttle_account_threshold: Option<String>,
@@ -601,6 +626,10 @@ pub const SETTINGS: &[&str] = &[
     "JWT_RETIRED_KEYS",
     "REVOCATION_LOG_MAX_LEN",
     "WATCH_HEARTBEAT",
+    "WATCH_CREDENTIALS",
+    "WATCH_MAX_STREAMS",
+    "WATCH_MAX_STREAMS_PER_CONNECTION",
+    "REVOCATION_MEMORY_MAX",
     "EXT_AUTHZ_STRIP_AUTHORIZATION",
     "RUST_LOG",
     "TRUSTED_PROXIES",
@@ -618,6 +647,12 @@ pub const SETTINGS: &[&str] = &[
     "AUDIT_PURGE_INTERVAL",
     "AUDIT_QUEUE",
 ];
+
+/// Sessions one user may hold when `MAX_SESSIONS_PER_USER` is not set. A person has a
+/// few devices and browsers; past this, what piles up is forgotten logins (scripts that
+/// never log out), and every Login and ListSessions walks the user's sessions, so the
+/// oldest are ended instead.
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 100;
 
 /// The HTTP listener's address when `HTTP_ADDR` is not set.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
@@ -776,6 +811,7 @@ impl Config {
         }
 
         let trusted_proxies = trusted_proxies(raw.trusted_proxies.clone())?;
+        let watchers = watchers(&raw)?;
         let throttle = throttle(&raw)?;
         let password_policy = password_policy(&raw)?;
         let audit = audit(&raw)?;
@@ -826,7 +862,11 @@ impl Config {
             jwt,
             bcrypt,
             session_idle_timeout,
-            max_sessions_per_user: number("MAX_SESSIONS_PER_USER", raw.max_sessions_per_user, 0)?,
+            max_sessions_per_user: number(
+                "MAX_SESSIONS_PER_USER",
+                raw.max_sessions_per_user,
+                DEFAULT_MAX_SESSIONS_PER_USER,
+            )?,
             grpc_reflection: boolean("GRPC_REFLECTION", raw.grpc_reflection, true)?,
             log_format: choice(
                 "LOG_FORMAT",
@@ -865,6 +905,20 @@ impl Config {
                     return Err(ConfigError::new("WATCH_HEARTBEAT", "must be at least 10ms"));
                 }
                 d => d,
+            },
+            watchers,
+            revocation_memory_max: match number(
+                "REVOCATION_MEMORY_MAX",
+                raw.revocation_memory_max.clone(),
+                100_000usize,
+            )? {
+                0 => {
+                    return Err(ConfigError::new(
+                        "REVOCATION_MEMORY_MAX",
+                        "must be at least 1",
+                    ));
+                }
+                n => n,
             },
             trusted_proxies,
             throttle,
@@ -1018,6 +1072,56 @@ fn retired_keys(value: Option<&str>) -> Result<Vec<RetiredKey>, ConfigError> {
             })
         })
         .collect()
+}
+
+fn watchers(raw: &RawEnv) -> Result<WatchersConfig, ConfigError> {
+    let credentials = raw
+        .watch_credentials
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            if c.len() < MIN_WATCH_CREDENTIAL_BYTES {
+                Err(ConfigError::new(
+                    "WATCH_CREDENTIALS",
+                    format!(
+                        "each credential must be at least {MIN_WATCH_CREDENTIAL_BYTES} bytes, one is {}",
+                        c.len()
+                    ),
+                ))
+            } else {
+                Ok(Secret::new(c.to_owned()))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let at_least_one = |name: &'static str, n: usize| {
+        if n == 0 {
+            Err(ConfigError::new(name, "must be at least 1"))
+        } else {
+            Ok(n)
+        }
+    };
+    Ok(WatchersConfig {
+        credentials,
+        max_streams: at_least_one(
+            "WATCH_MAX_STREAMS",
+            number(
+                "WATCH_MAX_STREAMS",
+                raw.watch_max_streams.clone(),
+                1024usize,
+            )?,
+        )?,
+        max_streams_per_connection: at_least_one(
+            "WATCH_MAX_STREAMS_PER_CONNECTION",
+            number(
+                "WATCH_MAX_STREAMS_PER_CONNECTION",
+                raw.watch_max_streams_per_connection.clone(),
+                4usize,
+            )?,
+        )?,
+    })
 }
 
 fn trusted_proxies(value: Option<String>) -> Result<TrustedProxies, ConfigError> {

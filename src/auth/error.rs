@@ -74,6 +74,15 @@ pub enum AuthError {
     /// RevokeSession: no such session among the caller's.
     #[error("session not found")]
     SessionNotFound,
+    /// WatchRevocations: the credential is not a watcher's.
+    #[error("this credential may not watch revocations")]
+    NotAWatcher,
+    /// WatchRevocations: this connection or this instance has all the streams it may.
+    #[error("too many revocation watchers; retry later")]
+    TooManyWatchers {
+        /// When a retry makes sense.
+        retry_after: Duration,
+    },
     /// The password hashing queue is full.
     #[error("too many password checks in progress; retry later")]
     Overloaded {

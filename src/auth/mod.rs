@@ -9,6 +9,7 @@ pub mod service;
 pub mod throttle;
 pub mod token;
 pub mod username;
+pub mod watchers;
 
 pub use error::{AuthError, FieldViolation};
 pub use service::{AuthCore, ClientInfo};

@@ -9,12 +9,13 @@ use super::password::{NewPassword, check_size};
 use super::throttle::{Lockout, Subject, Throttle};
 use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
+use super::watchers::{WatchPermit, Watchers};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
 use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode, TrustedProxies};
 use crate::store::audit::AuditStore;
 use crate::store::sessions::{
-    Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
+    Cursor, Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
 };
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore};
@@ -104,6 +105,7 @@ pub struct AuthCore {
     throttle: Throttle,
     audit: AuditLog,
     names: NameHasher,
+    watchers: Watchers,
 }
 
 impl std::fmt::Debug for AuthCore {
@@ -152,6 +154,7 @@ impl AuthCore {
             throttle,
             audit,
             names: NameHasher::new(config.jwt.secret.expose()),
+            watchers: Watchers::new(&config.watchers),
         })
     }
 
@@ -422,7 +425,9 @@ impl AuthCore {
     }
 
     /// Revokes the bearer token and ends its session. A correctly signed token that was
-    /// already logged out is fine: Logout is idempotent.
+    /// already revoked is fine — Logout is idempotent — and records nothing: only the
+    /// first revocation is an event, an audit row and a log line, so repeating a Logout
+    /// cannot flood the revocation log or the audit trail.
     pub async fn logout(&self, bearer: Option<&str>, client: ClientInfo) -> Result<(), AuthError> {
         let token = bearer_token(bearer)?;
         let now = self.clock.unix_seconds();
@@ -432,10 +437,15 @@ impl AuthCore {
             .map_err(|_| AuthError::Unauthenticated)?;
         crate::telemetry::record_user_id(&claims.sub);
         let ttl = blacklist_ttl(claims.exp, now, self.tokens.leeway_seconds());
-        self.sessions
+        let first = self
+            .sessions
             .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
             .await
             .map_err(sessions_error)?;
+        if !first {
+            tracing::debug!(user_id = %claims.sub, jti = %claims.jti, "logout of a token already revoked");
+            return Ok(());
+        }
         self.announce(
             Revocation::Token {
                 user_id: claims.sub.clone(),
@@ -625,15 +635,36 @@ impl AuthCore {
     }
 
     /// Revocations after `after` (a cursor from an earlier event; `None`: from now), then
-    /// live ones.
-    pub async fn watch_revocations(&self, after: Option<&str>) -> Result<Feed, AuthError> {
-        if after.is_some_and(|a| a.len() > MAX_SESSION_ID_BYTES) {
-            return Err(AuthError::invalid(
-                "after",
-                format!("must be at most {MAX_SESSION_ID_BYTES} bytes"),
-            ));
-        }
-        self.sessions.subscribe(after).await.map_err(sessions_error)
+    /// live ones, for a watcher presenting `credential` on `connection`. The permit
+    /// holds the watcher's place until the stream ends.
+    pub async fn watch_revocations(
+        &self,
+        credential: Option<&str>,
+        connection: Option<std::net::SocketAddr>,
+        after: Option<&str>,
+    ) -> Result<(Feed, WatchPermit), AuthError> {
+        let permit = self.watchers.admit(credential, connection)?;
+        let after = match after {
+            None => None,
+            Some(a) if a.len() > MAX_SESSION_ID_BYTES => {
+                return Err(AuthError::invalid(
+                    "after",
+                    format!("must be at most {MAX_SESSION_ID_BYTES} bytes"),
+                ));
+            }
+            Some(a) => Some(Cursor::parse(a).ok_or_else(|| {
+                AuthError::invalid(
+                    "after",
+                    "must be the cursor of an earlier event (like 1700000000000-0), or empty",
+                )
+            })?),
+        };
+        let feed = self
+            .sessions
+            .subscribe(after)
+            .await
+            .map_err(sessions_error)?;
+        Ok((feed, permit))
     }
 
     /// Says whether a token is good. A bad token is an answer, not an error; an error
@@ -784,7 +815,8 @@ fn users_error(e: StoreError) -> AuthError {
     store_error(Store::Users, e)
 }
 
-fn sessions_error(e: StoreError) -> AuthError {
+/// A session store failure as the caller learns of it.
+pub(crate) fn sessions_error(e: StoreError) -> AuthError {
     store_error(Store::Sessions, e)
 }
 

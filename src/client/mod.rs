@@ -26,4 +26,4 @@ mod validator;
 pub use context::AuthContext;
 pub use interceptor::AuthInterceptor;
 pub use layer::{AuthLayer, RequireAuth};
-pub use validator::{AuthConfig, AuthStats, AuthValidator};
+pub use validator::{AuthConfig, AuthStats, AuthValidator, WatchCredential};

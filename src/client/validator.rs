@@ -36,6 +36,10 @@ pub struct AuthConfig {
     pub fail_open: bool,
     /// Follow authd's WatchRevocations stream to drop revoked answers at once.
     pub watch_revocations: bool,
+    /// The credential authd's WatchRevocations asks for (one of its
+    /// `WATCH_CREDENTIALS`). Without it the stream is not followed, and cached answers
+    /// are checked again after `stale_after`.
+    pub watch_credential: Option<WatchCredential>,
     /// While that stream is down, a cached answer older than this is checked again.
     pub stale_after: Duration,
     /// With no message (not even a heartbeat) for this long, the stream counts as down.
@@ -54,6 +58,7 @@ impl Default for AuthConfig {
             max_entries: 100_000,
             fail_open: false,
             watch_revocations: true,
+            watch_credential: None,
             stale_after: Duration::from_secs(1),
             watch_timeout: Duration::from_secs(15),
             request_timeout: Duration::from_secs(1),
@@ -63,6 +68,23 @@ impl Default for AuthConfig {
                 "/grpc.reflection.v1alpha.ServerReflection/".into(),
             ],
         }
+    }
+}
+
+/// A watcher's credential; kept out of `Debug` output.
+#[derive(Clone)]
+pub struct WatchCredential(String);
+
+impl WatchCredential {
+    /// Wraps `credential`.
+    pub fn new(credential: impl Into<String>) -> Self {
+        Self(credential.into())
+    }
+}
+
+impl std::fmt::Debug for WatchCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WatchCredential(..)")
     }
 }
 
@@ -180,7 +202,14 @@ impl AuthValidator {
             config,
         });
         if inner.config.watch_revocations {
-            tokio::spawn(watch(Arc::downgrade(&inner)));
+            match inner.config.watch_credential.clone() {
+                Some(credential) => {
+                    tokio::spawn(watch(Arc::downgrade(&inner), credential));
+                }
+                None => tracing::warn!(
+                    "authd revocation stream not followed: no watch_credential; cached answers are checked again after stale_after"
+                ),
+            }
         }
         Self { inner }
     }
@@ -414,7 +443,7 @@ impl Inner {
 
 /// Follows WatchRevocations, resuming from the last cursor after any break, with
 /// backoff; stops when the validator is gone.
-async fn watch(inner: Weak<Inner>) {
+async fn watch(inner: Weak<Inner>, credential: WatchCredential) {
     let mut cursor = String::new();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -424,15 +453,29 @@ async fn watch(inner: Weak<Inner>) {
         let mut client = strong.client.clone();
         let timeout = strong.config.watch_timeout;
         drop(strong);
-        let stream = client
-            .watch_revocations(pb::WatchRevocationsRequest {
-                after: cursor.clone(),
-            })
-            .await;
-        let mut stream = match stream {
+        let mut request = tonic::Request::new(pb::WatchRevocationsRequest {
+            after: cursor.clone(),
+        });
+        match format!("Bearer {}", credential.0).parse() {
+            Ok(value) => {
+                request.metadata_mut().insert("authorization", value);
+            }
+            Err(_) => {
+                tracing::warn!("watch_credential is not a valid header value; not watching");
+                return;
+            }
+        }
+        let mut stream = match client.watch_revocations(request).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
-                tracing::debug!(error = %e, "cannot watch authd revocations; retrying");
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) {
+                    tracing::warn!(error = %e, "authd refused the watch credential; retrying");
+                } else {
+                    tracing::debug!(error = %e, "cannot watch authd revocations; retrying");
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;

@@ -14,7 +14,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::service::{SessionList, Validation};
+use crate::auth::service::{SessionList, Validation, sessions_error};
+use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::config::TrustedProxies;
 use crate::proto::auth::v1 as pb;
@@ -100,35 +101,36 @@ fn event_message(event: Event) -> pb::RevocationEvent {
 }
 
 /// Forwards a feed to one watcher: replay, then live events and heartbeats, until the
-/// watcher goes away or the server stops.
+/// watcher goes away or the server stops. The replay is read only as fast as the
+/// watcher takes it (the channel is small), and the watcher's place (`_permit`) is held
+/// until then. A replay page that cannot be read ends the stream with UNAVAILABLE: the
+/// watcher resumes from its last cursor.
 async fn pump(
     mut feed: Feed,
+    _permit: WatchPermit,
     out: mpsc::Sender<Result<pb::RevocationEvent, Status>>,
     heartbeat: Duration,
     mut stopping: watch::Receiver<bool>,
 ) {
-    for event in std::mem::take(&mut feed.replay) {
-        if out.send(Ok(event_message(event))).await.is_err() {
-            return;
-        }
-    }
     let mut ticks = tokio::time::interval(heartbeat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             event = feed.next() => match event {
-                Some(event) => event_message(event),
+                Some(Ok(event)) => Ok(event_message(event)),
+                Some(Err(e)) => Err(Status::from(sessions_error(e))),
                 None => return,
             },
-            _ = ticks.tick() => pb::RevocationEvent {
+            _ = ticks.tick() => Ok(pb::RevocationEvent {
                 cursor: feed.cursor(),
                 kind: pb::RevocationKind::Heartbeat.into(),
                 ..Default::default()
-            },
+            }),
             _ = stopping.wait_for(|stop| *stop) => return,
             () = out.closed() => return,
         };
-        if out.send(Ok(message)).await.is_err() {
+        let failed = message.is_err();
+        if out.send(message).await.is_err() || failed {
             return;
         }
     }
@@ -421,16 +423,32 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let credential = bearer(&request);
+        let connection = request
+            .extensions()
+            .get::<Peer>()
+            .and_then(Peer::remote_addr)
+            .or_else(|| request.remote_addr());
         let after = request.into_inner().after;
-        let feed = rpc(async {
+        let (feed, permit) = rpc(async {
             self.core
-                .watch_revocations(Some(after.as_str()).filter(|a| !a.is_empty()))
+                .watch_revocations(
+                    credential.as_deref(),
+                    connection,
+                    Some(after.as_str()).filter(|a| !a.is_empty()),
+                )
                 .await
         })
         .await?
         .into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(pump(feed, tx, self.heartbeat, self.stopping.clone()));
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(pump(
+            feed,
+            permit,
+            tx,
+            self.heartbeat,
+            self.stopping.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

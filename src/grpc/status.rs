@@ -105,6 +105,14 @@ impl From<AuthError> for Status {
                 Status::permission_denied("current password is wrong")
             }
             AuthError::SessionNotFound => Status::not_found("session not found"),
+            AuthError::NotAWatcher => {
+                Status::permission_denied("this credential may not watch revocations")
+            }
+            AuthError::TooManyWatchers { retry_after } => Status::with_error_details(
+                Code::ResourceExhausted,
+                "too many revocation watchers; retry later",
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             AuthError::Overloaded { retry_after } => Status::with_error_details(
                 Code::ResourceExhausted,
                 "too many password checks in progress; retry later",

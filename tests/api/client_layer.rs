@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use authd::client::{AuthConfig, AuthContext, AuthInterceptor, AuthLayer, AuthValidator};
+use authd::client::{
+    AuthConfig, AuthContext, AuthInterceptor, AuthLayer, AuthValidator, WatchCredential,
+};
 use authd::proto::example::v1::greeter_client::GreeterClient;
 use authd::proto::example::v1::greeter_server::{Greeter, GreeterServer};
 use authd::proto::example::v1::{HelloReply, HelloRequest};
@@ -72,8 +74,12 @@ impl Protected {
     }
 }
 
-/// Serves `Hello` behind the layer, asking the authd at `authd`.
-async fn protected_at(authd: SocketAddr, config: AuthConfig) -> Protected {
+/// Serves `Hello` behind the layer, asking the authd at `authd` (with the test servers'
+/// watch credential unless `config` has one).
+async fn protected_at(authd: SocketAddr, mut config: AuthConfig) -> Protected {
+    if config.watch_credential.is_none() {
+        config.watch_credential = Some(WatchCredential::new(WATCH_CREDENTIAL));
+    }
     let authd = Channel::from_shared(format!("http://{authd}"))
         .unwrap()
         .connect_lazy();
@@ -339,7 +345,13 @@ async fn the_interceptor_admits_valid_tokens_and_rejects_bad_ones() {
     let authd = Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
         .connect_lazy();
-    let validator = AuthValidator::new(authd, AuthConfig::default());
+    let validator = AuthValidator::new(
+        authd,
+        AuthConfig {
+            watch_credential: Some(WatchCredential::new(WATCH_CREDENTIAL)),
+            ..AuthConfig::default()
+        },
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(

@@ -2,20 +2,37 @@
 
 use std::time::Duration;
 
+use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use authd::proto::auth::v1::{RevocationEvent, RevocationKind, WatchRevocationsRequest};
-use tonic::Streaming;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
 
 use crate::helpers::*;
 
 async fn watch(app: &TestApp, after: &str) -> Streaming<RevocationEvent> {
-    app.client
-        .clone()
-        .watch_revocations(WatchRevocationsRequest {
-            after: after.into(),
-        })
+    try_watch(&app.client, Some(WATCH_CREDENTIAL), after)
         .await
         .unwrap()
-        .into_inner()
+}
+
+/// Opens a stream on `client`, with `credential` as the bearer if there is one.
+pub async fn try_watch(
+    client: &AuthServiceClient<Channel>,
+    credential: Option<&str>,
+    after: &str,
+) -> Result<Streaming<RevocationEvent>, Status> {
+    let request = WatchRevocationsRequest {
+        after: after.into(),
+    };
+    let request = match credential {
+        Some(credential) => bearer(credential, request),
+        None => Request::new(request),
+    };
+    Ok(client
+        .clone()
+        .watch_revocations(request)
+        .await?
+        .into_inner())
 }
 
 /// The next event that is not a heartbeat.

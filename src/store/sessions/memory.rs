@@ -8,7 +8,7 @@
 //! bounded by what is live.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::revocations::MemoryLog;
 use super::{NewSession, SessionRecord, SessionState, Touch, blacklist_ttl};
@@ -21,7 +21,7 @@ pub const SWEEP_EVERY: u64 = 1024;
 pub struct MemorySessions {
     state: Mutex<State>,
     leeway: i64,
-    log: MemoryLog,
+    log: Arc<MemoryLog>,
 }
 
 #[derive(Debug, Default)]
@@ -80,7 +80,7 @@ impl MemorySessions {
     }
 
     /// The revocation log watchers follow.
-    pub fn log(&self) -> &MemoryLog {
+    pub fn log(&self) -> &Arc<MemoryLog> {
         &self.log
     }
 
@@ -188,8 +188,12 @@ impl MemorySessions {
     }
 
     /// See [`super::SessionStore::logout`].
-    pub fn logout(&self, user_id: &str, session_id: &str, jti: &str, now: i64, ttl: i64) {
+    pub fn logout(&self, user_id: &str, session_id: &str, jti: &str, now: i64, ttl: i64) -> bool {
         self.with_user(user_id, now, |user| {
+            // `with_user` pruned lapsed entries: one still here is in force.
+            if user.revoked.contains_key(jti) {
+                return false;
+            }
             user.revoked
                 .insert(jti.to_owned(), now.saturating_add(ttl.max(1)));
             if user
@@ -199,7 +203,8 @@ impl MemorySessions {
             {
                 user.sessions.remove(session_id);
             }
-        });
+            true
+        })
     }
 
     /// See [`super::SessionStore::revoke`].

@@ -12,7 +12,7 @@ use crate::store::{PoolStats, StoreError};
 
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
-pub use revocations::{Event, Feed, Revocation};
+pub use revocations::{Cursor, Event, Feed, Revocation};
 
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,7 @@ impl SessionStore {
     }
 
     /// Revocations missed after `after` (or none: from now), then live ones.
-    pub async fn subscribe(&self, after: Option<&str>) -> Result<Feed, StoreError> {
+    pub async fn subscribe(&self, after: Option<Cursor>) -> Result<Feed, StoreError> {
         match self {
             Self::Redis(r) => r.subscribe(after).await,
             Self::Memory(m) => Ok(m.log().subscribe(after)),
@@ -200,7 +200,8 @@ impl SessionStore {
     }
 
     /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it).
+    /// session still holds it). False when the token was already blacklisted: nothing
+    /// changed, and there is nothing new to record.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -208,16 +209,13 @@ impl SessionStore {
         jti: &str,
         now: i64,
         blacklist_ttl_seconds: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         match self {
             Self::Redis(r) => {
                 r.logout(user_id, session_id, jti, blacklist_ttl_seconds)
                     .await
             }
-            Self::Memory(m) => {
-                m.logout(user_id, session_id, jti, now, blacklist_ttl_seconds);
-                Ok(())
-            }
+            Self::Memory(m) => Ok(m.logout(user_id, session_id, jti, now, blacklist_ttl_seconds)),
         }
     }
 

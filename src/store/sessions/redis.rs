@@ -17,7 +17,7 @@ use redis::Script;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::revocations::{Feed, RedisLog, Revocation};
+use super::revocations::{Cursor, Feed, RedisLog, Revocation};
 use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
 use crate::store::redis_conn::RedisConn;
@@ -110,9 +110,11 @@ end
 return 0
 ";
 
-/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s.
+/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s. Returns -1 when the
+/// token was already blacklisted (nothing changes), else 1 or 0: whether its session
+/// was still live.
 const LOGOUT: &str = r"
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[3])
+if not redis.call('SET', KEYS[3], '1', 'EX', ARGV[3], 'NX') then return -1 end
 if redis.call('HGET', KEYS[1], 'jti') == ARGV[2] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -152,6 +154,7 @@ impl RedisSessions {
             .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let log = RedisLog::new(
             client,
+            conn.clone(),
             format!("{}revocations", config.key_prefix),
             log_max_len,
             log_retention,
@@ -196,7 +199,7 @@ impl RedisSessions {
     }
 
     /// Missed revocations after `after`, then live ones.
-    pub async fn subscribe(&self, after: Option<&str>) -> Result<Feed, StoreError> {
+    pub async fn subscribe(&self, after: Option<Cursor>) -> Result<Feed, StoreError> {
         self.log.subscribe(after).await
     }
 
@@ -285,13 +288,14 @@ impl RedisSessions {
     }
 
     /// Blacklists the token and ends its session (if the session still holds it).
+    /// False when the token was already blacklisted: nothing was changed.
     pub async fn logout(
         &self,
         user_id: &str,
         session_id: &str,
         jti: &str,
         blacklist_ttl_seconds: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
         let mut inv = self.scripts.logout.prepare_invoke();
         inv.key(format!("{tag}:session:{session_id}"))
@@ -303,7 +307,7 @@ impl RedisSessions {
         self.conn
             .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
-            .map(|_| ())
+            .map(|n| n >= 0)
     }
 
     /// Ends one of the user's sessions. False when it did not exist (or had already ended).

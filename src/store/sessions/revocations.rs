@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, Client, Value};
-use tokio::sync::{broadcast, watch};
+use redis::{AsyncCommands, Client, Script, Value};
+use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::store::StoreError;
+use crate::store::redis_conn::RedisConn;
 
 /// What was revoked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,39 +70,96 @@ pub enum Event {
     },
 }
 
-/// What a watcher gets: the missed events, then the live ones.
+/// What a watcher gets: the events it missed after its cursor, page by page as it
+/// reads them, then the live ones.
+///
+/// The replay is read lazily, [`REPLAY_PAGE`] events at a time, so a watcher that
+/// resumes from far back costs the store one small read per page it actually consumes,
+/// never one read of the whole log.
 #[derive(Debug)]
 pub struct Feed {
-    /// Events after the watcher's cursor (possibly starting with a `Reset`).
-    pub replay: Vec<Event>,
-    /// Live events; those at or before the last replayed cursor are skipped by `next`.
+    /// Events fetched and not yet handed out (possibly a `Reset`).
+    pending: VecDeque<Event>,
+    /// Where the rest of the replay comes from; `None` once it has caught up.
+    source: Option<Source>,
+    /// Live events; those at or before `last` are skipped (already replayed).
     live: broadcast::Receiver<Event>,
     last: Cursor,
 }
 
+#[derive(Debug)]
+enum Source {
+    Memory(Arc<MemoryLog>),
+    Redis(Arc<RedisLog>),
+}
+
+/// Events read from the log per replay page.
+pub const REPLAY_PAGE: usize = 256;
+
 impl Feed {
-    /// The next live event. A watcher that fell behind the fan-out gets a `Reset`.
-    /// `None` when the log is closed.
-    pub async fn next(&mut self) -> Option<Event> {
+    /// The next event: the replay first, then live ones. A watcher that fell behind the
+    /// fan-out, or whose replay was trimmed away under it, gets a `Reset`. `None` when
+    /// the log is closed; an error when a replay page cannot be read (the watcher
+    /// resumes later from its cursor).
+    pub async fn next(&mut self) -> Option<Result<Event, StoreError>> {
         loop {
+            if let Some(event) = self.pending.pop_front() {
+                self.advance(&event);
+                return Some(Ok(event));
+            }
+            if let Some(source) = &self.source {
+                let page = match source {
+                    Source::Memory(log) => Ok(log.page(self.last)),
+                    Source::Redis(log) => log.page(self.last).await,
+                };
+                match page {
+                    Ok(Page::Events(events)) => {
+                        if events.len() < REPLAY_PAGE {
+                            self.source = None;
+                        }
+                        self.pending.extend(events);
+                    }
+                    Ok(Page::Lost { now }) => {
+                        self.source = None;
+                        self.pending.push_back(Event::Reset {
+                            cursor: now.to_string(),
+                        });
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+                continue;
+            }
             match self.live.recv().await {
                 Ok(event) => {
-                    if let Event::Revoked { cursor, .. } = &event {
-                        let c = Cursor::parse(cursor);
-                        if c <= self.last {
-                            continue; // already replayed
-                        }
-                        self.last = c;
+                    if let Event::Revoked { cursor, .. } = &event
+                        && Cursor::parse(cursor).is_some_and(|c| c <= self.last)
+                    {
+                        continue; // already replayed
                     }
-                    return Some(event);
+                    self.advance(&event);
+                    return Some(Ok(event));
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return Some(Event::Reset {
+                    return Some(Ok(Event::Reset {
                         cursor: self.last.to_string(),
-                    });
+                    }));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
+        }
+    }
+
+    fn advance(&mut self, event: &Event) {
+        let cursor = match event {
+            Event::Revoked { cursor, .. } | Event::Reset { cursor } => cursor,
+        };
+        if let Some(c) = Cursor::parse(cursor) {
+            // A reset moves the position to the log's head, which may be behind `last`
+            // after a store restart: take it as it is.
+            self.last = match event {
+                Event::Reset { .. } => c,
+                Event::Revoked { .. } => self.last.max(c),
+            };
         }
     }
 
@@ -109,24 +167,56 @@ impl Feed {
     pub fn cursor(&self) -> String {
         self.last.to_string()
     }
+
+    fn new(source: Option<Source>, live: broadcast::Receiver<Event>, last: Cursor) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            source,
+            live,
+            last,
+        }
+    }
+
+    fn reset(live: broadcast::Receiver<Event>, now: Cursor) -> Self {
+        Self {
+            pending: VecDeque::from([Event::Reset {
+                cursor: now.to_string(),
+            }]),
+            source: None,
+            live,
+            last: now,
+        }
+    }
+}
+
+/// One page of a replay.
+enum Page {
+    /// The events after the position asked for (fewer than a page: the replay is done).
+    Events(Vec<Event>),
+    /// Events after the position are gone: the watcher must reset.
+    Lost {
+        /// The log's head.
+        now: Cursor,
+    },
 }
 
 /// A position: a Redis stream id `ms-seq`, or the memory log's sequence as `0-seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-struct Cursor(u64, u64);
+pub struct Cursor(u64, u64);
 
 impl Cursor {
-    /// Parses `ms-seq`; anything else is the beginning (which leads to a `Reset` when
-    /// resuming, the safe side).
-    fn parse(s: &str) -> Self {
-        let mut parts = s.splitn(2, '-');
-        match (
-            parts.next().and_then(|p| p.parse().ok()),
-            parts.next().and_then(|p| p.parse().ok()),
-        ) {
-            (Some(ms), Some(seq)) => Self(ms, seq),
-            _ => Self(0, 0),
-        }
+    /// Parses `ms-seq`: two unsigned decimal numbers that fit in 64 bits. Anything else
+    /// (`$`, `-1`, `0`, `+`, garbage, overflow) is `None`: the caller answers
+    /// INVALID_ARGUMENT rather than guess a position.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        let number = |p: &str| {
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            p.parse::<u64>().ok()
+        };
+        Some(Self(number(ms)?, number(seq)?))
     }
 }
 
@@ -152,18 +242,31 @@ struct MemoryInner {
     tx: broadcast::Sender<Event>,
 }
 
+impl MemoryInner {
+    fn head(&self) -> Cursor {
+        Cursor(0, self.seq)
+    }
+
+    /// Whether the events after `after` are all still in the ring. A cursor of another
+    /// log (a Redis id, one past the head) cannot be vouched for either.
+    fn holds_after(&self, after: Cursor) -> bool {
+        let oldest_kept = self.seq + 1 - self.ring.len() as u64;
+        after.0 == 0 && after <= self.head() && after.1 + 1 >= oldest_kept
+    }
+}
+
 impl MemoryLog {
     /// Keeps the last `max_len` events for watchers that resume.
-    pub fn new(max_len: usize) -> Self {
+    pub fn new(max_len: usize) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
-        Self {
+        Arc::new(Self {
             inner: Mutex::new(MemoryInner {
                 seq: 0,
                 ring: VecDeque::new(),
                 tx,
             }),
             max_len: max_len.max(1),
-        }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
@@ -187,41 +290,45 @@ impl MemoryLog {
     }
 
     /// Missed events after `after` (or none, from now), then live ones.
-    pub fn subscribe(&self, after: Option<&str>) -> Feed {
+    pub fn subscribe(self: &Arc<Self>, after: Option<Cursor>) -> Feed {
         let inner = self.lock();
-        let now = Cursor(0, inner.seq);
         let live = inner.tx.subscribe();
-        let replay = match after {
-            None => Vec::new(),
-            Some(after) => {
-                let after = Cursor::parse(after);
-                let oldest_kept = inner.seq + 1 - inner.ring.len() as u64;
-                if after > now || after.0 != 0 || after.1 + 1 < oldest_kept {
-                    // Not a cursor of this log's lifetime, or older than what is kept.
-                    vec![Event::Reset {
-                        cursor: now.to_string(),
-                    }]
-                } else {
-                    inner
-                        .ring
-                        .iter()
-                        .filter(|e| matches!(e, Event::Revoked { cursor, .. } if Cursor::parse(cursor) > after))
-                        .cloned()
-                        .collect()
-                }
+        match after {
+            None => Feed::new(None, live, inner.head()),
+            Some(after) if inner.holds_after(after) => {
+                Feed::new(Some(Source::Memory(Arc::clone(self))), live, after)
             }
-        };
-        Feed {
-            replay,
-            live,
-            last: now,
+            Some(_) => Feed::reset(live, inner.head()),
         }
+    }
+
+    /// Up to a page of events after `after`.
+    fn page(&self, after: Cursor) -> Page {
+        let inner = self.lock();
+        if !inner.holds_after(after) {
+            return Page::Lost { now: inner.head() };
+        }
+        let oldest_kept = inner.seq + 1 - inner.ring.len() as u64;
+        // `holds_after` makes this index at most the ring's length.
+        let skip = usize::try_from(after.1 + 1 - oldest_kept).unwrap_or(usize::MAX);
+        Page::Events(
+            inner
+                .ring
+                .iter()
+                .skip(skip)
+                .take(REPLAY_PAGE)
+                .cloned()
+                .collect(),
+        )
     }
 }
 
 /// The Redis log: a capped stream and this process's tail of it.
 pub struct RedisLog {
+    /// The tail's blocking reads hold a connection of their own.
     client: Client,
+    /// Replay reads share the pool, its timeout and its breaker.
+    conn: RedisConn,
     key: String,
     max_len: usize,
     /// Events older than any token's lifetime matter to no one: the stream expires
@@ -231,7 +338,22 @@ pub struct RedisLog {
     tailing: AtomicBool,
     /// The id the running tail reads after; `None` until it has fixed its start.
     tail_from: watch::Sender<Option<Cursor>>,
+    /// Replay reads in flight from this process: however many watchers resume at once,
+    /// Redis sees at most this many page reads from us at a time.
+    replay_reads: Semaphore,
+    page_script: Script,
 }
+
+/// KEYS: the stream. ARGV: `(after`, count. The stream's XINFO and a page of XRANGE in
+/// one atomic step; nil when there is no stream.
+const PAGE_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return {redis.call('XINFO', 'STREAM', KEYS[1]),
+  redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
+";
+
+/// Replay page reads one process runs against Redis at once.
+pub const REPLAY_READS_IN_FLIGHT: usize = 2;
 
 impl std::fmt::Debug for RedisLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,17 +369,26 @@ const TAIL_BLOCK: Duration = Duration::from_millis(1000);
 impl RedisLog {
     /// A log at `key`, capped at about `max_len` entries, gone `retention` after its
     /// last event.
-    pub fn new(client: Client, key: String, max_len: usize, retention: Duration) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        conn: RedisConn,
+        key: String,
+        max_len: usize,
+        retention: Duration,
+    ) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let (tail_from, _) = watch::channel(None);
         Arc::new(Self {
             client,
+            conn,
             key,
             max_len: max_len.max(1),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
             tx,
             tailing: AtomicBool::new(false),
             tail_from,
+            replay_reads: Semaphore::new(REPLAY_READS_IN_FLIGHT),
+            page_script: Script::new(PAGE_SCRIPT),
         })
     }
 
@@ -305,13 +436,14 @@ impl RedisLog {
         pipe
     }
 
-    /// Missed events after `after` (or none, from now), then live ones.
-    pub async fn subscribe(self: &Arc<Self>, after: Option<&str>) -> Result<Feed, StoreError> {
+    /// Missed events after `after` (or none, from now), then live ones. A cursor from
+    /// before the oldest entry kept, or past the newest, starts with a `Reset`.
+    pub async fn subscribe(self: &Arc<Self>, after: Option<Cursor>) -> Result<Feed, StoreError> {
         let live = self.tx.subscribe();
         let mut started = self.tail_from.subscribe();
         self.ensure_tail();
         // Wait until the tail has fixed where it reads from: everything after that point
-        // reaches `live`, so the replay below leaves no gap.
+        // reaches `live`, so the replay leaves no gap.
         let tail_from = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 if let Some(c) = *started.borrow_and_update() {
@@ -327,51 +459,55 @@ impl RedisLog {
         .map_err(|()| StoreError::Unavailable(anyhow::anyhow!("revocation log closed")))?;
 
         let Some(after) = after else {
-            return Ok(Feed {
-                replay: Vec::new(),
-                live,
-                last: tail_from,
-            });
+            return Ok(Feed::new(None, live, tail_from));
         };
-        let after = Cursor::parse(after);
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.into()))?;
-        let marks = stream_marks(&mut conn, &self.key)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.into()))?;
-        let lost = match marks {
-            // No stream: nothing was ever logged here, or Redis restarted empty.
-            None => after > Cursor(0, 0),
-            // Past the head: a cursor from a stream that was lost since. Behind what was
-            // trimmed: entries after the cursor are gone.
-            Some(m) => after > m.last_generated || after < m.max_deleted,
-        };
-        if lost {
-            let now = marks.map_or(tail_from, |m| m.last_generated.max(tail_from));
-            return Ok(Feed {
-                replay: vec![Event::Reset {
-                    cursor: now.to_string(),
-                }],
-                live,
-                last: now,
-            });
-        }
-        let range: StreamRangeReply = conn
-            .xrange(&self.key, format!("({after}"), "+")
-            .await
-            .map_err(|e| StoreError::Unavailable(e.into()))?;
-        let mut last = after.max(tail_from);
-        let mut replay = Vec::with_capacity(range.ids.len());
-        for entry in &range.ids {
-            if let Some(event) = decode(entry) {
-                last = last.max(Cursor::parse(&entry.id));
-                replay.push(event);
+        // The first page decides whether the cursor can be vouched for.
+        let mut feed = Feed::new(Some(Source::Redis(Arc::clone(self))), live, after);
+        match self.page(after).await? {
+            Page::Events(events) => {
+                if events.len() < REPLAY_PAGE {
+                    feed.source = None;
+                }
+                feed.pending.extend(events);
+                Ok(feed)
             }
+            Page::Lost { now } => Ok(Feed::reset(feed.live, now.max(tail_from))),
         }
-        Ok(Feed { replay, live, last })
+    }
+
+    /// Up to a page of entries after `after`, read in the same round trip (one script)
+    /// as the stream's marks, so a trim between two pages is seen.
+    async fn page(&self, after: Cursor) -> Result<Page, StoreError> {
+        let _permit = self
+            .replay_reads
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable(anyhow::anyhow!("revocation log closed")))?;
+        let mut invocation = self.page_script.prepare_invoke();
+        invocation
+            .key(&self.key)
+            .arg(format!("({after}"))
+            .arg(REPLAY_PAGE);
+        let reply: Value = self
+            .conn
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        let (marks, range) = match reply {
+            Value::Array(mut parts) if parts.len() == 2 => {
+                let range = parts.pop().unwrap_or(Value::Nil);
+                let info = parts.pop().unwrap_or(Value::Nil);
+                let range: StreamRangeReply = redis::from_redis_value(range)
+                    .map_err(|e| StoreError::Internal(anyhow::anyhow!("XRANGE reply: {e}")))?;
+                (Marks::from_info(&info), range)
+            }
+            _ => (None, StreamRangeReply::default()),
+        };
+        if !holds_after(marks, after) {
+            return Ok(Page::Lost {
+                now: marks.map_or(Cursor(0, 0), |m| m.last_generated),
+            });
+        }
+        Ok(Page::Events(range.ids.iter().filter_map(decode).collect()))
     }
 
     fn ensure_tail(self: &Arc<Self>) {
@@ -405,8 +541,8 @@ async fn tail(log: Arc<RedisLog>) {
             }
         };
         // Where the stream stands now.
-        let head = match stream_marks(&mut conn, &log.key).await {
-            Ok(marks) => marks.map_or(Cursor(0, 0), |m| m.last_generated),
+        let head = match stream_head(&mut conn, &log.key).await {
+            Ok(head) => head,
             Err(e) => {
                 tracing::debug!(error = %e, "revocation log: cannot read the stream");
                 tokio::time::sleep(backoff).await;
@@ -442,7 +578,9 @@ async fn tail(log: Arc<RedisLog>) {
             match reply {
                 Ok(Some(reply)) => {
                     for entry in reply.keys.iter().flat_map(|k| k.ids.iter()) {
-                        from = Some(Cursor::parse(&entry.id).max(position));
+                        if let Some(c) = Cursor::parse(&entry.id) {
+                            from = Some(c.max(position));
+                        }
                         if let Some(event) = decode(entry) {
                             let _ = log.tx.send(event);
                         }
@@ -459,56 +597,107 @@ async fn tail(log: Arc<RedisLog>) {
     }
 }
 
-/// Where a stream stands: its newest id ever, and the newest id trimmed or deleted.
+/// Where a stream stands.
 #[derive(Debug, Clone, Copy)]
 struct Marks {
+    /// The newest id ever added.
     last_generated: Cursor,
-    max_deleted: Cursor,
+    /// The oldest entry kept, if any.
+    first: Option<Cursor>,
+    /// Whether entries were ever removed (trimmed). Redis does not move
+    /// `max-deleted-entry-id` when it trims, so this is read from `entries-added`
+    /// against `length`; a server that does not report `entries-added` is assumed to
+    /// have trimmed.
+    trimmed: bool,
 }
 
-/// XINFO STREAM's marks; `None` when the stream does not exist.
-async fn stream_marks(
+impl Marks {
+    /// XINFO STREAM's reply; `None` for no stream (`Nil`).
+    fn from_info(info: &Value) -> Option<Self> {
+        let pairs: Vec<(&Value, &Value)> = match info {
+            Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+            Value::Array(items) => items
+                .chunks_exact(2)
+                .map(|pair| (&pair[0], &pair[1]))
+                .collect(),
+            _ => return None,
+        };
+        let mut last_generated = Cursor(0, 0);
+        let mut first = None;
+        let mut length = None;
+        let mut added = None;
+        for (k, v) in pairs {
+            match text(k).as_str() {
+                "last-generated-id" => {
+                    last_generated = Cursor::parse(&text(v)).unwrap_or_default();
+                }
+                "length" => length = integer(v),
+                "entries-added" => added = integer(v),
+                "first-entry" => {
+                    if let Value::Array(entry) = v {
+                        first = entry.first().and_then(|id| Cursor::parse(&text(id)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(Self {
+            last_generated,
+            first,
+            trimmed: match (length, added) {
+                (Some(length), Some(added)) => added > length,
+                _ => true,
+            },
+        })
+    }
+}
+
+/// Whether every entry after `after` is still in the stream these marks describe.
+fn holds_after(marks: Option<Marks>, after: Cursor) -> bool {
+    match marks {
+        // No stream: nothing was logged here yet, or Redis lost it (restarted empty,
+        // or it expired after a quiet retention period).
+        None => after == Cursor(0, 0),
+        // Past the head: a cursor from a stream that was lost since. Before the oldest
+        // entry of a trimmed stream: entries after the cursor may be gone. (The entry
+        // just before the oldest may have been the cursor itself; a reset then is
+        // only a spurious one, the safe side.)
+        Some(m) => {
+            after <= m.last_generated && !(m.trimmed && m.first.is_none_or(|first| after < first))
+        }
+    }
+}
+
+/// The newest id of the stream, or `0-0` when there is none.
+async fn stream_head(
     conn: &mut redis::aio::MultiplexedConnection,
     key: &str,
-) -> redis::RedisResult<Option<Marks>> {
+) -> redis::RedisResult<Cursor> {
     let exists: bool = conn.exists(key).await?;
     if !exists {
-        return Ok(None);
+        return Ok(Cursor(0, 0));
     }
     let info: Value = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(key)
         .query_async(conn)
         .await?;
-    let pairs: Vec<(Value, Value)> = match info {
-        Value::Map(pairs) => pairs,
-        Value::Array(items) => {
-            let mut items = items.into_iter();
-            let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (items.next(), items.next()) {
-                pairs.push((k, v));
-            }
-            pairs
-        }
-        _ => Vec::new(),
-    };
-    let text = |v: &Value| match v {
+    Ok(Marks::from_info(&info).map_or(Cursor(0, 0), |m| m.last_generated))
+}
+
+fn text(v: &Value) -> String {
+    match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
         Value::SimpleString(s) => s.clone(),
         _ => String::new(),
-    };
-    let mut marks = Marks {
-        last_generated: Cursor(0, 0),
-        max_deleted: Cursor(0, 0),
-    };
-    for (k, v) in &pairs {
-        match text(k).as_str() {
-            "last-generated-id" => marks.last_generated = Cursor::parse(&text(v)),
-            "max-deleted-entry-id" => marks.max_deleted = Cursor::parse(&text(v)),
-            _ => {}
-        }
     }
-    Ok(Some(marks))
+}
+
+fn integer(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other).parse().ok(),
+    }
 }
 
 fn decode(entry: &StreamId) -> Option<Event> {
@@ -555,12 +744,38 @@ mod tests {
         }
     }
 
+    fn cursor(s: &str) -> Cursor {
+        Cursor::parse(s).unwrap()
+    }
+
+    async fn next(feed: &mut Feed) -> Event {
+        feed.next().await.unwrap().unwrap()
+    }
+
     #[test]
-    fn cursors_order_like_stream_ids() {
-        assert!(Cursor::parse("5-1") > Cursor::parse("5-0"));
-        assert!(Cursor::parse("6-0") > Cursor::parse("5-9"));
-        assert_eq!(Cursor::parse("garbage"), Cursor(0, 0));
-        assert_eq!(Cursor::parse("17-3").to_string(), "17-3");
+    fn cursors_order_like_stream_ids_and_only_stream_ids_parse() {
+        assert!(cursor("5-1") > cursor("5-0"));
+        assert!(cursor("6-0") > cursor("5-9"));
+        assert_eq!(cursor("17-3").to_string(), "17-3");
+        for bad in [
+            "",
+            "garbage",
+            "0",
+            "$",
+            "-1",
+            "-",
+            "+",
+            "1-",
+            "-1-1",
+            "1-+2",
+            "+1-2",
+            "1-2-3",
+            " 1-2",
+            "18446744073709551616-0",
+            "0-18446744073709551616",
+        ] {
+            assert_eq!(Cursor::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test]
@@ -568,29 +783,112 @@ mod tests {
         let log = MemoryLog::new(100);
         log.publish(token(1), 1);
         let first = log.subscribe(None);
-        let cursor = first.cursor();
+        let after = cursor(&first.cursor());
         drop(first);
         log.publish(token(2), 2);
         log.publish(token(3), 3);
-        let mut feed = log.subscribe(Some(&cursor));
-        assert_eq!(feed.replay.len(), 2);
-        log.publish(token(4), 4);
-        let Some(Event::Revoked { revocation, .. }) = feed.next().await else {
-            panic!("no live event")
-        };
-        assert_eq!(revocation, token(4));
+        let mut feed = log.subscribe(Some(after));
+        for n in [2, 3, 4] {
+            if n == 4 {
+                log.publish(token(4), 4);
+            }
+            let Event::Revoked { revocation, .. } = next(&mut feed).await else {
+                panic!("not a revocation")
+            };
+            assert_eq!(revocation, token(n));
+        }
     }
 
     #[tokio::test]
-    async fn a_cursor_older_than_the_ring_gets_a_reset() {
+    async fn a_long_replay_comes_in_pages_without_a_gap_or_a_repeat() {
+        let n = REPLAY_PAGE * 3 + 7;
+        let log = MemoryLog::new(n);
+        for i in 0..n {
+            log.publish(token(u32::try_from(i).unwrap()), 0);
+        }
+        let mut feed = log.subscribe(Some(Cursor(0, 0)));
+        assert!(
+            feed.pending.is_empty(),
+            "nothing is read before it is asked for"
+        );
+        for i in 0..n {
+            let Event::Revoked { revocation, .. } = next(&mut feed).await else {
+                panic!("reset at {i}")
+            };
+            assert_eq!(revocation, token(u32::try_from(i).unwrap()));
+        }
+        log.publish(token(9999), 0);
+        let Event::Revoked { revocation, .. } = next(&mut feed).await else {
+            panic!("no live event")
+        };
+        assert_eq!(revocation, token(9999));
+    }
+
+    #[tokio::test]
+    async fn a_cursor_older_than_the_ring_or_not_of_this_log_gets_a_reset() {
         let log = MemoryLog::new(2);
-        let cursor = log.subscribe(None).cursor();
+        let start = cursor(&log.subscribe(None).cursor());
         for n in 0..5 {
             log.publish(token(n), 0);
         }
-        let feed = log.subscribe(Some(&cursor));
-        assert!(matches!(feed.replay.as_slice(), [Event::Reset { .. }]));
-        let foreign = log.subscribe(Some("1700000000000-0"));
-        assert!(matches!(foreign.replay.as_slice(), [Event::Reset { .. }]));
+        for after in [
+            start,
+            cursor("1700000000000-0"),
+            cursor("0-6"),
+            cursor("1-1"),
+        ] {
+            let mut feed = log.subscribe(Some(after));
+            assert_eq!(
+                next(&mut feed).await,
+                Event::Reset {
+                    cursor: "0-5".into()
+                },
+                "{after}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_overtaken_by_the_ring_ends_in_a_reset() {
+        let log = MemoryLog::new(REPLAY_PAGE + 1);
+        for n in 0..=REPLAY_PAGE {
+            log.publish(token(u32::try_from(n).unwrap()), 0);
+        }
+        let mut feed = log.subscribe(Some(Cursor(0, 0)));
+        next(&mut feed).await; // the first page is read
+        for n in 0..(2 * REPLAY_PAGE) {
+            log.publish(token(u32::try_from(n).unwrap()), 0);
+        }
+        let mut events = Vec::new();
+        while let Ok(Some(Ok(e))) =
+            tokio::time::timeout(Duration::from_millis(50), feed.next()).await
+        {
+            events.push(e);
+        }
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Reset { .. })),
+            "the lost events were not signalled"
+        );
+    }
+
+    #[test]
+    fn trimmed_streams_vouch_only_for_cursors_from_their_oldest_entry_on() {
+        let marks = Some(Marks {
+            last_generated: Cursor(50, 0),
+            first: Some(Cursor(20, 0)),
+            trimmed: true,
+        });
+        assert!(holds_after(marks, Cursor(20, 0)));
+        assert!(holds_after(marks, Cursor(50, 0)));
+        assert!(!holds_after(marks, Cursor(19, 9)));
+        assert!(!holds_after(marks, Cursor(0, 0)));
+        assert!(!holds_after(marks, Cursor(50, 1)));
+        let untrimmed = marks.map(|m| Marks {
+            trimmed: false,
+            ..m
+        });
+        assert!(holds_after(untrimmed, Cursor(0, 0)));
+        assert!(holds_after(None, Cursor(0, 0)));
+        assert!(!holds_after(None, Cursor(1, 1)));
     }
 }
