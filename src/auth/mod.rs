@@ -5,6 +5,7 @@ pub mod audit;
 pub mod error;
 pub mod hasher;
 pub mod password;
+pub mod remembered;
 pub mod service;
 pub mod throttle;
 pub mod token;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
 use super::password::{NewPassword, check_size};
+use super::remembered::RememberedRevocations;
 use super::throttle::{Lockout, Subject, Throttle};
 use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
@@ -14,8 +15,9 @@ use super::{AuthError, FieldViolation, InvalidReason, error::Store};
 use crate::clock::Clock;
 use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode, TrustedProxies};
 use crate::store::audit::AuditStore;
+use crate::store::sessions::revocations::RedisLog;
 use crate::store::sessions::{
-    Cursor, Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
+    Cursor, Event, Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
 };
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore};
@@ -72,14 +74,24 @@ pub enum Validation {
     Invalid(InvalidReason),
 }
 
-/// A caller's sessions.
+/// A page of the caller's sessions.
 #[derive(Debug, Clone)]
 pub struct SessionList {
-    /// Live sessions, oldest login first.
+    /// Live sessions of this page, oldest login first.
     pub sessions: Vec<SessionRecord>,
     /// The calling token's session.
     pub current: String,
+    /// Live sessions in all.
+    pub total: u32,
+    /// The token for the next page; `None` on the last.
+    pub next_page_token: Option<String>,
 }
+
+/// ListSessions' page size when the caller names none.
+pub const DEFAULT_SESSIONS_PAGE: usize = 20;
+/// ListSessions' largest page: 50 sessions with the longest user agent and address
+/// fit well inside the default 64 KiB message limit.
+pub const MAX_SESSIONS_PAGE: usize = 50;
 
 /// Settings the operations need.
 #[derive(Debug, Clone)]
@@ -106,6 +118,8 @@ pub struct AuthCore {
     audit: AuditLog,
     names: NameHasher,
     watchers: Watchers,
+    /// Revocations made here or seen on the stream, for open mode.
+    remembered: Arc<RememberedRevocations>,
 }
 
 impl std::fmt::Debug for AuthCore {
@@ -132,6 +146,16 @@ impl AuthCore {
             .map_err(|e| AuthError::Internal(e.into()))?
             .map_err(|e| AuthError::Internal(e.into()))?;
         let throttle = Throttle::new(&config.throttle, sessions.throttle_store());
+        let remembered = Arc::new(RememberedRevocations::new(
+            config.revocation_memory_max,
+            seconds(config.jwt.ttl + config.jwt.leeway),
+        ));
+        if let SessionStore::Redis(redis) = &sessions {
+            tokio::spawn(remember_from_stream(
+                Arc::clone(redis.log()),
+                Arc::downgrade(&remembered),
+            ));
+        }
         let audit = AuditLog::start(
             AuditStore::new(users.pool().clone()),
             &config.audit,
@@ -155,6 +179,7 @@ impl AuthCore {
             audit,
             names: NameHasher::new(config.jwt.secret.expose()),
             watchers: Watchers::new(&config.watchers),
+            remembered,
         })
     }
 
@@ -564,17 +589,46 @@ impl AuthCore {
         Ok(revoked)
     }
 
-    /// The caller's live sessions.
-    pub async fn list_sessions(&self, bearer: Option<&str>) -> Result<SessionList, AuthError> {
+    /// A page of the caller's live sessions: `page_size` of them (0: the default; past
+    /// the most, the most), after the page that `page_token` ended.
+    pub async fn list_sessions(
+        &self,
+        bearer: Option<&str>,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<SessionList, AuthError> {
+        let limit = match usize::try_from(page_size) {
+            Err(_) => return Err(AuthError::invalid("page_size", "must not be negative")),
+            Ok(0) => DEFAULT_SESSIONS_PAGE,
+            Ok(n) => n.min(MAX_SESSIONS_PAGE),
+        };
+        let after = if page_token.is_empty() {
+            0
+        } else {
+            page_token
+                .parse::<u64>()
+                .ok()
+                .filter(|_| {
+                    page_token.len() <= 20 && page_token.bytes().all(|b| b.is_ascii_digit())
+                })
+                .ok_or_else(|| {
+                    AuthError::invalid(
+                        "page_token",
+                        "must be the next_page_token of an earlier page",
+                    )
+                })?
+        };
         let claims = self.authenticate(bearer).await?;
-        let sessions = self
+        let page = self
             .sessions
-            .list(&claims.sub, self.clock.unix_seconds())
+            .list(&claims.sub, self.clock.unix_seconds(), after, limit)
             .await
             .map_err(sessions_error)?;
         Ok(SessionList {
-            sessions,
+            sessions: page.sessions.into_iter().map(|(_, s)| s).collect(),
             current: claims.sid,
+            total: page.total,
+            next_page_token: page.next_after.map(|n| n.to_string()),
         })
     }
 
@@ -628,6 +682,7 @@ impl AuthCore {
     /// recorded. A failure here does not undo or fail the revocation: caches then hold
     /// the old answer for at most their TTL, which is logged and counted.
     async fn announce(&self, revocation: Revocation, now: i64) {
+        self.remembered.remember(&revocation, now);
         if let Err(e) = self.sessions.publish(&revocation, now).await {
             metrics::counter!("authd_revocation_publish_failures_total").increment(1);
             tracing::warn!(error = %e, revocation = ?revocation, "revocation recorded but not announced to watchers");
@@ -700,6 +755,9 @@ impl AuthCore {
     ) -> Result<Validation, AuthError> {
         metrics::counter!("authd_redis_fallbacks_total").increment(1);
         tracing::warn!(jti = %claims.jti, error = %cause, "session store unavailable: validating without revocation check (REDIS_FAILURE_MODE=open)");
+        if self.remembered.revokes(&claims, self.clock.unix_seconds()) {
+            return Ok(Validation::Invalid(InvalidReason::Revoked));
+        }
         let user = self
             .users
             .find_by_id(&claims.sub)
@@ -707,7 +765,9 @@ impl AuthCore {
             .map_err(users_error)?;
         Ok(match user {
             None => Validation::Invalid(InvalidReason::SessionNotFound),
-            Some(user) if claims.iat < user.sessions_valid_after => {
+            // A token issued in the same second as a password change may be older than
+            // it: `iat` has whole seconds, so that second counts as before (the safe side).
+            Some(user) if claims.iat <= user.sessions_valid_after => {
                 Validation::Invalid(InvalidReason::Revoked)
             }
             Some(_) => Validation::Valid(ValidToken {
@@ -770,6 +830,47 @@ impl AuthCore {
             Ok(None) => Ok(claims),
             Ok(Some(_)) => Err(AuthError::Unauthenticated),
             Err(e) => Err(sessions_error(e)),
+        }
+    }
+}
+
+/// Follows the revocation stream for as long as `remembered` lives, remembering every
+/// revocation any instance records; resumes from its last cursor after a break.
+async fn remember_from_stream(
+    log: Arc<RedisLog>,
+    remembered: std::sync::Weak<RememberedRevocations>,
+) {
+    const CHECK_EVERY: Duration = Duration::from_secs(2);
+    let mut after: Option<Cursor> = None;
+    let mut backoff = Duration::from_millis(100);
+    while remembered.strong_count() > 0 {
+        let mut feed = match log.subscribe(after).await {
+            Ok(feed) => feed,
+            Err(e) => {
+                tracing::debug!(error = %e, "revocation stream not followed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        // Resume from where this feed starts, even if the stream breaks before any event.
+        after = Cursor::parse(&feed.cursor());
+        loop {
+            match tokio::time::timeout(CHECK_EVERY, feed.next()).await {
+                Err(_) if remembered.strong_count() == 0 => return,
+                Err(_) => continue,
+                Ok(Some(Ok(event))) => {
+                    let Some(memory) = remembered.upgrade() else {
+                        return;
+                    };
+                    if let Event::Revoked { revocation, at, .. } = &event {
+                        memory.remember(revocation, *at);
+                    }
+                    after = Cursor::parse(&feed.cursor());
+                }
+                Ok(Some(Err(_)) | None) => break,
+            }
         }
     }
 }

@@ -377,8 +377,16 @@ impl AuthService for AuthGrpc {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         rpc(async {
-            let SessionList { sessions, current } =
-                self.core.list_sessions(bearer(&request).as_deref()).await?;
+            let req = request.get_ref();
+            let SessionList {
+                sessions,
+                current,
+                total,
+                next_page_token,
+            } = self
+                .core
+                .list_sessions(bearer(&request).as_deref(), req.page_size, &req.page_token)
+                .await?;
             let sessions: Vec<pb::Session> = sessions
                 .into_iter()
                 .map(|s| pb::Session {
@@ -392,8 +400,9 @@ impl AuthService for AuthGrpc {
                 })
                 .collect();
             Ok(pb::ListSessionsResponse {
-                active_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
+                active_count: total,
                 sessions,
+                next_page_token: next_page_token.unwrap_or_default(),
             })
         })
         .await

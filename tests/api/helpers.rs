@@ -307,9 +307,15 @@ impl TestApp {
     /// A second authd on the same database, Redis, key prefix and clock: another
     /// instance of the same deployment.
     pub async fn spawn_sibling(&self) -> TestApp {
+        self.spawn_sibling_with(&[]).await
+    }
+
+    /// [`TestApp::spawn_sibling`] with some settings overridden (a `REDIS_URL` through a
+    /// proxy, say).
+    pub async fn spawn_sibling_with(&self, overrides: &[(&str, &str)]) -> TestApp {
         let mut sibling = start(
             self.backend,
-            self.vars.clone(),
+            with_overrides(self.vars.clone(), overrides),
             self.db_name.clone(),
             self.db_url.clone(),
             self.redis_url.clone(),
@@ -386,10 +392,24 @@ impl TestApp {
             .map(|_| ())
     }
 
+    /// The first page of the caller's sessions, at the default size.
     pub async fn list_sessions(&self, token: &str) -> Result<pb::ListSessionsResponse, Status> {
+        self.list_sessions_page(token, 0, "").await
+    }
+
+    pub async fn list_sessions_page(
+        &self,
+        token: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<pb::ListSessionsResponse, Status> {
+        let request = pb::ListSessionsRequest {
+            page_size,
+            page_token: page_token.into(),
+        };
         self.client
             .clone()
-            .list_sessions(bearer(token, pb::ListSessionsRequest {}))
+            .list_sessions(bearer(token, request))
             .await
             .map(|r| r.into_inner())
     }

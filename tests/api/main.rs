@@ -4,8 +4,8 @@
 /// Writes each test once and runs it on every storage backend, so they cannot drift:
 /// `mod mysql_redis` and `mod embedded` each get a `#[tokio::test]` per function.
 macro_rules! on_every_backend {
-    ($(async fn $name:ident($backend:ident: Backend) $body:block)*) => {
-        $(async fn $name($backend: crate::helpers::Backend) $body)*
+    ($($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block)*) => {
+        $($(#[$meta])* async fn $name($backend: crate::helpers::Backend) $body)*
 
         mod mysql_redis {
             $(#[tokio::test]
@@ -45,6 +45,7 @@ mod proxy;
 mod raw;
 mod redis_outage;
 mod register;
+mod revocation_integrity;
 mod sessions;
 mod throttle;
 mod timing;

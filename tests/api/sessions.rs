@@ -132,7 +132,7 @@ async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
     let no_bearer = app
         .client
         .clone()
-        .list_sessions(authd::proto::auth::v1::ListSessionsRequest {})
+        .list_sessions(authd::proto::auth::v1::ListSessionsRequest::default())
         .await;
     assert_code(no_bearer, Code::Unauthenticated);
     // A logged-out token cannot list.

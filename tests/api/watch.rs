@@ -5,7 +5,7 @@ use std::time::Duration;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use authd::proto::auth::v1::{RevocationEvent, RevocationKind, WatchRevocationsRequest};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 use crate::helpers::*;
 
@@ -36,7 +36,7 @@ pub async fn try_watch(
 }
 
 /// The next event that is not a heartbeat.
-async fn next_event(stream: &mut Streaming<RevocationEvent>) -> RevocationEvent {
+pub async fn next_event(stream: &mut Streaming<RevocationEvent>) -> RevocationEvent {
     loop {
         let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await

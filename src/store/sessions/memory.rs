@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::revocations::MemoryLog;
-use super::{NewSession, SessionRecord, SessionState, Touch, blacklist_ttl};
+use super::{NewSession, SessionPage, SessionRecord, SessionState, Touch, blacklist_ttl};
 
 /// Writes between two sweeps of every user.
 pub const SWEEP_EVERY: u64 = 1024;
@@ -232,11 +232,18 @@ impl MemorySessions {
     }
 
     /// See [`super::SessionStore::list`].
-    pub fn list(&self, user_id: &str, now: i64) -> Vec<SessionRecord> {
+    pub fn list(&self, user_id: &str, now: i64, after: u64, limit: usize) -> SessionPage {
         self.with_user(user_id, now, |user| {
-            let mut live: Vec<&Stored> = user.sessions.values().collect();
-            live.sort_unstable_by_key(|s| s.order);
-            live.into_iter().map(|s| s.record.clone()).collect()
+            let mut page: Vec<&Stored> =
+                user.sessions.values().filter(|s| s.order > after).collect();
+            page.sort_unstable_by_key(|s| s.order);
+            let page = page
+                .into_iter()
+                .take(limit.saturating_add(1))
+                .map(|s| (s.order, s.record.clone()))
+                .collect();
+            let total = u32::try_from(user.sessions.len()).unwrap_or(u32::MAX);
+            SessionPage::new(total, page, limit)
         })
     }
 

@@ -48,6 +48,36 @@ impl SessionRecord {
     }
 }
 
+/// A page of a user's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPage {
+    /// Live sessions in all.
+    pub total: u32,
+    /// This page's, each with its login number, oldest first.
+    pub sessions: Vec<(u64, SessionRecord)>,
+    /// The login number to continue after, when there are more.
+    pub next_after: Option<u64>,
+}
+
+impl SessionPage {
+    /// A page from up to `limit` + 1 sessions: the one past `limit` only says that there
+    /// are more.
+    fn new(total: u32, mut sessions: Vec<(u64, SessionRecord)>, limit: usize) -> Self {
+        let more = sessions.len() > limit;
+        sessions.truncate(limit);
+        let next_after = if more {
+            sessions.last().map(|(order, _)| *order)
+        } else {
+            None
+        };
+        Self {
+            total,
+            sessions,
+            next_after,
+        }
+    }
+}
+
 /// What one round trip learns about a token's session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionState {
@@ -245,11 +275,18 @@ impl SessionStore {
         }
     }
 
-    /// The user's live sessions in login order.
-    pub async fn list(&self, user_id: &str, now: i64) -> Result<Vec<SessionRecord>, StoreError> {
+    /// At most `limit` of the user's live sessions, in login order, after the one
+    /// with login number `after` (0: from the first).
+    pub async fn list(
+        &self,
+        user_id: &str,
+        now: i64,
+        after: u64,
+        limit: usize,
+    ) -> Result<SessionPage, StoreError> {
         match self {
-            Self::Redis(r) => r.list(user_id, now).await,
-            Self::Memory(m) => Ok(m.list(user_id, now)),
+            Self::Redis(r) => r.list(user_id, now, after, limit).await,
+            Self::Memory(m) => Ok(m.list(user_id, now, after, limit)),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::revocations::{Cursor, Feed, RedisLog, Revocation};
-use super::{NewSession, SessionRecord, SessionState, Touch, session_end};
+use super::{NewSession, SessionPage, SessionRecord, SessionState, Touch, session_end};
 use crate::config::RedisConfig;
 use crate::store::redis_conn::RedisConn;
 use crate::store::{PoolStats, StoreError};
@@ -46,6 +46,7 @@ struct Scripts {
     logout: Script,
     revoke: Script,
     revoke_others: Script,
+    list: Script,
 }
 
 /// Shared by the scripts that revoke: blacklists the session's `jti` for as long as
@@ -65,6 +66,22 @@ local function revoke(tag, sid, now, leeway)
   if math.min(exp + leeway, tonumber(f[3])) <= now then return 0 end
   return 1
 end
+-- Forgets the user's sessions that ended on their own; with `blacklist`, their
+-- tokens are blacklisted as a revocation's are.
+local function prune(tag, set, now, leeway, blacklist)
+  for _, sid in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+    local skey = tag .. ':session:' .. sid
+    local f = redis.call('HMGET', skey, 'idle', 'exp')
+    if not f[1] or math.min(tonumber(f[1]), tonumber(f[2]) + leeway) <= now then
+      if blacklist then
+        revoke(tag, sid, now, leeway)
+      else
+        redis.call('ZREM', set, sid)
+        redis.call('DEL', skey)
+      end
+    end
+  end
+end
 ";
 
 /// KEYS: session, set, seq. ARGV: tag, sid, jti, now, idle_exp, exp, ip, ua,
@@ -79,13 +96,7 @@ local seq = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[10])
 redis.call('ZADD', KEYS[2], seq, sid)
 redis.call('PEXPIRE', KEYS[2], ARGV[10])
--- Forget sessions that ended on their own.
-for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local f = redis.call('HMGET', tag .. ':session:' .. other, 'idle', 'exp')
-  if not f[1] or math.min(tonumber(f[1]), tonumber(f[2]) + leeway) <= now then
-    revoke(tag, other, now, leeway)
-  end
-end
+prune(tag, KEYS[2], now, leeway, true)
 local evicted = {}
 if max > 0 then
   local n = redis.call('ZCARD', KEYS[2])
@@ -126,6 +137,24 @@ return 0
 /// KEYS: session. ARGV: tag, sid, now, leeway.
 const REVOKE_BODY: &str = r"
 return revoke(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+";
+
+/// KEYS: set. ARGV: tag, now, leeway, after, limit. Forgets ended sessions, then
+/// returns how many are live and the first `limit` + 1 after login number `after`, each
+/// as {sid, order, jti, login, seen, idle, exp, ip, ua}.
+const LIST_BODY: &str = r"
+local tag, now, leeway = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+prune(tag, KEYS[1], now, leeway, false)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf', 'WITHSCORES',
+  'LIMIT', 0, tonumber(ARGV[5]) + 1)
+local page = {}
+for i = 1, #ids, 2 do
+  local f = redis.call('HMGET', tag .. ':session:' .. ids[i],
+    'jti', 'login', 'seen', 'idle', 'exp', 'ip', 'ua')
+  table.insert(page, {ids[i], ids[i + 1], f[1] or '', f[2] or '0', f[3] or '0',
+    f[4] or '0', f[5] or '0', f[6] or '', f[7] or ''})
+end
+return {redis.call('ZCARD', KEYS[1]), page}
 ";
 
 /// KEYS: set. ARGV: tag, keep_sid, now, leeway. Returns how many live sessions ended.
@@ -170,6 +199,7 @@ impl RedisSessions {
                 logout: Script::new(LOGOUT),
                 revoke: Script::new(&format!("{REVOKE_FN}{REVOKE_BODY}")),
                 revoke_others: Script::new(&format!("{REVOKE_FN}{REVOKE_OTHERS_BODY}")),
+                list: Script::new(&format!("{REVOKE_FN}{LIST_BODY}")),
             },
         })
     }
@@ -177,6 +207,11 @@ impl RedisSessions {
     /// The connection pool, for other stores that live in the same Redis.
     pub fn conn(&self) -> &RedisConn {
         &self.conn
+    }
+
+    /// The revocation log.
+    pub fn log(&self) -> &Arc<RedisLog> {
+        &self.log
     }
 
     /// The prefix of every key.
@@ -349,83 +384,49 @@ impl RedisSessions {
             .await
     }
 
-    /// The user's live sessions in login order; ended ones are dropped from the set.
-    pub async fn list(&self, user_id: &str, now: i64) -> Result<Vec<SessionRecord>, StoreError> {
+    /// A page of the user's live sessions in login order, after login number `after`;
+    /// ended ones are dropped from the set first, in the same step.
+    pub async fn list(
+        &self,
+        user_id: &str,
+        now: i64,
+        after: u64,
+        limit: usize,
+    ) -> Result<SessionPage, StoreError> {
         let tag = self.tag(user_id);
-        let set = format!("{tag}:sessions");
-        let ids: Vec<String> = {
-            let set = set.clone();
-            self.conn
-                .run(|mut c| async move {
-                    redis::cmd("ZRANGE")
-                        .arg(&set)
-                        .arg(0)
-                        .arg(-1)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?
-        };
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.hmget(
-                format!("{tag}:session:{id}"),
-                &["jti", "login", "seen", "idle", "exp", "ip", "ua"],
-            );
-        }
-        type Fields = (
-            Option<String>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        );
-        let rows: Vec<Fields> = self
+        let mut inv = self.scripts.list.prepare_invoke();
+        inv.key(format!("{tag}:sessions"))
+            .arg(&tag)
+            .arg(now)
+            .arg(self.leeway)
+            .arg(after)
+            .arg(limit);
+        type Row = (String, u64, String, i64, i64, i64, i64, String, String);
+        let (total, rows): (u32, Vec<Row>) = self
             .conn
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
-        let mut live = Vec::with_capacity(ids.len());
-        let mut ended = Vec::new();
-        for (id, row) in ids.into_iter().zip(rows) {
-            match row {
-                (Some(jti), Some(login), Some(seen), Some(idle), Some(exp), ip, ua)
-                    if session_end(idle, exp, self.leeway) > now =>
-                {
-                    live.push(SessionRecord {
-                        session_id: id,
-                        jti,
-                        login_time: login,
-                        last_seen: seen,
-                        idle_expires_at: idle,
-                        token_expires_at: exp,
-                        ip: ip.unwrap_or_default(),
-                        user_agent: ua.unwrap_or_default(),
-                    });
-                }
-                _ => ended.push(id),
-            }
-        }
-        if !ended.is_empty() {
-            let mut pipe = redis::pipe();
-            for id in &ended {
-                pipe.zrem(&set, id).ignore();
-                pipe.del(format!("{tag}:session:{id}")).ignore();
-            }
-            // Pruning is housekeeping: the list is right either way.
-            if let Err(e) = self
-                .conn
-                .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-                .await
-            {
-                tracing::debug!(error = %e, "pruning ended sessions failed");
-            }
-        }
-        Ok(live)
+        let sessions = rows
+            .into_iter()
+            .map(
+                |(session_id, order, jti, login, seen, idle, exp, ip, user_agent)| {
+                    (
+                        order,
+                        SessionRecord {
+                            session_id,
+                            jti,
+                            login_time: login,
+                            last_seen: seen,
+                            idle_expires_at: idle,
+                            token_expires_at: exp,
+                            ip,
+                            user_agent,
+                        },
+                    )
+                },
+            )
+            .collect();
+        Ok(SessionPage::new(total, sessions, limit))
     }
 
     /// How many connections the pool holds.

@@ -1,0 +1,255 @@
+//! The revocations this instance knows of — the ones it made, and the ones it read on
+//! the revocation stream — kept so that open mode (Redis unreachable) still refuses
+//! those tokens instead of judging them by signature alone.
+//!
+//! What it cannot know: revocations that another instance recorded while this one
+//! could not read the stream (a partition between this instance and Redis). Those
+//! tokens pass in open mode until Redis is back, at which point every answer is strict
+//! again; `REDIS_FAILURE_MODE=closed` is the setting for those who cannot accept that.
+//!
+//! Bounded twice: an entry is dropped once no token it covers can still verify (the
+//! longest token lifetime, plus the leeway, after the revocation), and past
+//! `capacity` entries the oldest go first (counted in
+//! `authd_revocation_memory_evictions_total`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use super::Claims;
+use crate::store::sessions::Revocation;
+
+/// Revocations remembered, newest last.
+#[derive(Debug)]
+pub struct RememberedRevocations {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    /// Seconds an entry is kept: the longest a token it covers can still verify.
+    keep_for: i64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// `jti` → kept until.
+    tokens: HashMap<String, i64>,
+    /// (user, session) → kept until.
+    sessions: HashMap<(String, String), i64>,
+    /// User → the latest user-wide revocation: (at, session spared, kept until). The
+    /// latest is enough: a session spared by an earlier one that a later one does not
+    /// spare is ended by the later one.
+    users: HashMap<String, (i64, String, i64)>,
+    /// What to forget, oldest first: (kept until, which entry).
+    order: VecDeque<(i64, Key)>,
+}
+
+#[derive(Debug)]
+enum Key {
+    Token(String),
+    Session(String, String),
+    User(String),
+}
+
+impl RememberedRevocations {
+    /// At most `capacity` entries, each kept `keep_for` seconds after its revocation.
+    pub fn new(capacity: usize, keep_for: i64) -> Self {
+        Self {
+            inner: Mutex::default(),
+            capacity: capacity.max(1),
+            keep_for,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every change is a few inserts and removes: a panic cannot leave it unusable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers a revocation recorded at `at` (unix seconds).
+    pub fn remember(&self, revocation: &Revocation, at: i64) {
+        let until = at.saturating_add(self.keep_for);
+        let mut inner = self.lock();
+        let key = match revocation {
+            Revocation::Token {
+                user_id,
+                session_id,
+                jti,
+            } => {
+                // A logout ends the session too.
+                inner
+                    .sessions
+                    .insert((user_id.clone(), session_id.clone()), until);
+                inner
+                    .order
+                    .push_back((until, Key::Session(user_id.clone(), session_id.clone())));
+                inner.tokens.insert(jti.clone(), until);
+                Key::Token(jti.clone())
+            }
+            Revocation::Session {
+                user_id,
+                session_id,
+            } => {
+                inner
+                    .sessions
+                    .insert((user_id.clone(), session_id.clone()), until);
+                Key::Session(user_id.clone(), session_id.clone())
+            }
+            Revocation::User {
+                user_id,
+                except_session_id,
+            } => {
+                let newer = inner
+                    .users
+                    .get(user_id)
+                    .is_none_or(|(earlier, ..)| *earlier <= at);
+                if newer {
+                    inner
+                        .users
+                        .insert(user_id.clone(), (at, except_session_id.clone(), until));
+                }
+                Key::User(user_id.clone())
+            }
+        };
+        inner.order.push_back((until, key));
+        let mut evicted = 0u64;
+        while inner.order.len() > self.capacity {
+            if let Some((until, key)) = inner.order.pop_front() {
+                inner.forget(until, &key);
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            metrics::counter!("authd_revocation_memory_evictions_total").increment(evicted);
+        }
+        metrics::gauge!("authd_revocations_remembered").set(inner.order.len() as f64);
+    }
+
+    /// Whether the token is one this instance knows to be revoked, at `now`.
+    pub fn revokes(&self, claims: &Claims, now: i64) -> bool {
+        let mut inner = self.lock();
+        while inner.order.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((until, key)) = inner.order.pop_front() {
+                inner.forget(until, &key);
+            }
+        }
+        if inner.tokens.contains_key(&claims.jti)
+            || inner
+                .sessions
+                .contains_key(&(claims.sub.clone(), claims.sid.clone()))
+        {
+            return true;
+        }
+        // Issued no later than a user-wide revocation (in the same second counts: the
+        // safe side), and not in the session it spared.
+        inner
+            .users
+            .get(&claims.sub)
+            .is_some_and(|(at, spared, _)| claims.iat <= *at && *spared != claims.sid)
+    }
+
+    /// Entries held, for tests of boundedness.
+    pub fn len(&self) -> usize {
+        self.lock().order.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    /// Drops the entry `key` if it is still the one that expires at `until` (a later
+    /// revocation of the same thing keeps it longer).
+    fn forget(&mut self, until: i64, key: &Key) {
+        match key {
+            Key::Token(jti) => {
+                if self.tokens.get(jti) == Some(&until) {
+                    self.tokens.remove(jti);
+                }
+            }
+            Key::Session(user, session) => {
+                let id = (user.clone(), session.clone());
+                if self.sessions.get(&id) == Some(&until) {
+                    self.sessions.remove(&id);
+                }
+            }
+            Key::User(user) => {
+                if self.users.get(user).is_some_and(|(.., u)| *u == until) {
+                    self.users.remove(user);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str, sid: &str, jti: &str, iat: i64) -> Claims {
+        Claims {
+            iss: "authd".into(),
+            aud: "authd".into(),
+            sub: sub.into(),
+            username: "u".into(),
+            sid: sid.into(),
+            jti: jti.into(),
+            iat,
+            nbf: iat,
+            exp: iat + 3600,
+        }
+    }
+
+    #[test]
+    fn each_kind_of_revocation_is_refused_until_it_lapses() {
+        let m = RememberedRevocations::new(100, 3600);
+        m.remember(
+            &Revocation::Token {
+                user_id: "u".into(),
+                session_id: "s1".into(),
+                jti: "j1".into(),
+            },
+            1000,
+        );
+        m.remember(
+            &Revocation::Session {
+                user_id: "u".into(),
+                session_id: "s2".into(),
+            },
+            1000,
+        );
+        m.remember(
+            &Revocation::User {
+                user_id: "v".into(),
+                except_session_id: "keep".into(),
+            },
+            1000,
+        );
+        assert!(m.revokes(&claims("u", "s1", "j1", 900), 1001));
+        assert!(m.revokes(&claims("u", "s2", "j2", 900), 1001));
+        assert!(!m.revokes(&claims("u", "s3", "j3", 900), 1001));
+        // User-wide: older tokens of other sessions, the same second included.
+        assert!(m.revokes(&claims("v", "other", "j4", 1000), 1001));
+        assert!(!m.revokes(&claims("v", "keep", "j5", 900), 1001));
+        assert!(!m.revokes(&claims("v", "new", "j6", 1001), 1001));
+        // Past every token's lifetime: forgotten.
+        assert!(!m.revokes(&claims("u", "s1", "j1", 900), 4600));
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded_oldest_first() {
+        let m = RememberedRevocations::new(10, 3600);
+        for n in 0..50 {
+            m.remember(
+                &Revocation::Session {
+                    user_id: "u".into(),
+                    session_id: format!("s{n}"),
+                },
+                1000,
+            );
+        }
+        assert_eq!(m.len(), 10);
+        assert!(m.revokes(&claims("u", "s49", "j", 900), 1001));
+        assert!(!m.revokes(&claims("u", "s0", "j", 900), 1001));
+    }
+}
