@@ -158,13 +158,18 @@ async fn verify_with_pyjwt(jwks_url: &str, tokens: &[&str]) -> Vec<serde_json::V
         "{}/tests/jwks/verify_with_pyjwt.py",
         env!("CARGO_MANIFEST_DIR")
     );
-    let out = tokio::process::Command::new("python3")
+    let python = tokio::task::spawn_blocking(|| {
+        crate::python::python_with(&["pyjwt>=2.8,<3", "cryptography>=42"])
+    })
+    .await
+    .unwrap();
+    let out = tokio::process::Command::new(python)
         .arg(script)
         .args([jwks_url, "authd", "authd"])
         .args(tokens)
         .output()
         .await
-        .expect("python3 (with PyJWT and cryptography: pip install pyjwt cryptography)");
+        .expect("the test environment's python");
     assert!(
         out.status.success(),
         "PyJWT refused a token: {}",

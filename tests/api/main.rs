@@ -42,6 +42,7 @@ mod ops;
 mod otlp;
 mod password_policy;
 mod proxy;
+mod python;
 mod raw;
 mod redis_outage;
 mod register;
