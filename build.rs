@@ -13,6 +13,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The example service the client layer protects in examples/ and tests; kept out of
     // authd's reflection.
     compile("proto/example/v1/greeter.proto", None)?;
+    // Envoy's Check, which authd also serves: descriptors only (the types come from the
+    // envoy-types crate), so reflection can describe it.
+    println!("cargo:rerun-if-changed=proto/vendor");
+    let envoy = protox::compile(
+        ["envoy/service/auth/v3/external_auth.proto"],
+        ["proto/vendor"],
+    )?;
+    std::fs::write(
+        out_dir.join("envoy_descriptor.bin"),
+        prost::Message::encode_to_vec(&envoy),
+    )?;
     Ok(())
 }
 

@@ -54,6 +54,11 @@ pub mod proto {
     /// Encoded descriptors of our protos, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/authd_descriptor.bin"));
+
+    /// Encoded descriptors of Envoy's `envoy.service.auth.v3.Authorization` and what it
+    /// imports (`proto/vendor/`), for server reflection.
+    pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
 }
 
 #[cfg(feature = "server")]

@@ -200,14 +200,14 @@ impl Application {
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_file_descriptor_set(envoy_ext_authz_descriptor())
+                .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
                 .build_v1()?
                 .max_decoding_message_size(max_message);
             let v1alpha = tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_file_descriptor_set(envoy_ext_authz_descriptor())
+                .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
                 .build_v1alpha()?
                 .max_decoding_message_size(max_message);
             (Some(v1), Some(v1alpha))
@@ -351,31 +351,6 @@ fn pool_gauges(users: UserStore, core: Arc<AuthCore>) -> Arc<dyn Fn() + Send + S
             metrics::gauge!("authd_pool_max_connections", "pool" => pool).set(f64::from(max));
         }
     })
-}
-
-/// The Envoy Check service for reflection: envoy-types ships the generated code but no
-/// descriptors, so this names the service and its method (enough for `grpcurl list`);
-/// Envoy itself needs no reflection.
-fn envoy_ext_authz_descriptor() -> prost_types::FileDescriptorSet {
-    use prost_types::{FileDescriptorProto, MethodDescriptorProto, ServiceDescriptorProto};
-    prost_types::FileDescriptorSet {
-        file: vec![FileDescriptorProto {
-            name: Some("envoy/service/auth/v3/external_auth.proto".into()),
-            package: Some("envoy.service.auth.v3".into()),
-            service: vec![ServiceDescriptorProto {
-                name: Some("Authorization".into()),
-                method: vec![MethodDescriptorProto {
-                    name: Some("Check".into()),
-                    input_type: Some(".envoy.service.auth.v3.CheckRequest".into()),
-                    output_type: Some(".envoy.service.auth.v3.CheckResponse".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            syntax: Some("proto3".into()),
-            ..Default::default()
-        }],
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -134,3 +134,53 @@ async fn check_can_strip_the_bearer_and_says_when_revocation_was_not_checked() {
     let (set, _) = allowed(&check(&app, &[("authorization", &bearer)]).await);
     assert_eq!(set["x-auth-degraded"], "revocation-unchecked");
 }
+
+/// An operator debugging a denial with nothing but reflection (what `grpcurl describe`
+/// and `grpcurl -d '{…}' … Authorization/Check` do): a reflection client no one on this
+/// project wrote (Python's grpcio-reflection) resolves Check, every file it imports, and
+/// calls it from JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_alone_is_enough_to_call_check() {
+    let app = spawn_app().await;
+    let (_, login) = app.user_with_session("rhea").await;
+    let python = tokio::task::spawn_blocking(|| {
+        crate::python::python_with(&["grpcio>=1.60", "grpcio-reflection>=1.60", "protobuf>=4.25"])
+    })
+    .await
+    .unwrap();
+    let script = format!(
+        "{}/tests/reflection/call_through_reflection.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let call = |token: String| {
+        let (python, script, addr) = (python.clone(), script.clone(), app.addr.to_string());
+        async move {
+            let request = serde_json::json!({
+                "attributes": {"request": {"http": {
+                    "method": "GET",
+                    "path": "/orders",
+                    "headers": {"authorization": format!("Bearer {token}")}
+                }}}
+            });
+            let out = tokio::process::Command::new(python)
+                .arg(script)
+                .args([&addr, "envoy.service.auth.v3.Authorization", "Check"])
+                .arg(request.to_string())
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "the reflection client failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    let ok = call(login.access_token.clone()).await;
+    assert_eq!(ok["status"].get("code"), None, "allowed is code 0: {ok}");
+    assert!(ok["okResponse"].is_object(), "{ok}");
+    let denied = call("garbage".into()).await;
+    assert_eq!(denied["status"]["code"], 16, "{denied}");
+    assert!(denied["deniedResponse"].is_object(), "{denied}");
+}
