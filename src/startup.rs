@@ -17,7 +17,7 @@ use tonic_health::server::HealthReporter;
 use crate::auth::AuthCore;
 use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, GrpcLimits, SessionsBackend};
+use crate::config::{Config, GrpcLimits, NameHashKeySource, SessionsBackend};
 use crate::grpc::AuthGrpc;
 use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::layer::RpcLayer;
@@ -105,6 +105,11 @@ impl Application {
         if config.jwt.generated_secret {
             tracing::warn!(
                 "JWT_SECRET is not set: signing with a random key made for this process; tokens will not survive a restart"
+            );
+        }
+        if config.name_hash_key.source() == NameHashKeySource::Generated {
+            tracing::warn!(
+                "NAME_HASH_KEY is not set: usernames are hashed (throttle keys, audit rows) with a random key made for this process; audit rows from before a restart will not match later ones"
             );
         }
         let hasher =

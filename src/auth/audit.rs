@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::ClientInfo;
 use crate::clock::Clock;
-use crate::config::{AuditConfig, Secret};
+use crate::config::{AuditConfig, NameHashKey};
 use crate::store::StoreError;
 use crate::store::audit::{AuditRow, AuditStore, MAX_BATCH};
 
@@ -120,11 +120,12 @@ impl AuditEvent {
 }
 
 /// A keyed hash (HMAC-SHA256) of canonical usernames. Keyed, so a list of likely
-/// names cannot be hashed to read the trail back; the key derives from `JWT_SECRET`,
-/// which every instance shares, so every instance hashes a name alike.
+/// names cannot be hashed to read the trail back; the key ([`NameHashKey`]: `NAME_HASH_KEY`,
+/// else `JWT_SECRET`) is the same on every instance, so every instance hashes a name
+/// alike, and it cannot be empty.
 #[derive(Clone)]
 pub struct NameHasher {
-    key: Secret<Vec<u8>>,
+    key: NameHashKey,
 }
 
 impl std::fmt::Debug for NameHasher {
@@ -135,10 +136,8 @@ impl std::fmt::Debug for NameHasher {
 
 impl NameHasher {
     /// Hashes with `key`.
-    pub fn new(key: &[u8]) -> Self {
-        Self {
-            key: Secret::new(key.to_vec()),
-        }
+    pub fn new(key: &NameHashKey) -> Self {
+        Self { key: key.clone() }
     }
 
     /// 64 hex digits. The input starts with a label holding a `:`, which a JWT's
@@ -316,8 +315,12 @@ mod tests {
 
     #[test]
     fn usernames_hash_by_key_and_name() {
-        let a = NameHasher::new(b"key-one");
-        let b = NameHasher::new(b"key-two");
+        let key = |k: &[u8]| {
+            let key = NameHashKey::new(k.to_vec(), crate::config::NameHashKeySource::Configured);
+            NameHasher::new(&key.unwrap())
+        };
+        let a = key(b"key-one-0123456789abcdef012345678");
+        let b = key(b"key-two-0123456789abcdef012345678");
         assert_eq!(a.hash("alice"), a.hash("alice"));
         assert_ne!(a.hash("alice"), a.hash("bob"));
         assert_ne!(a.hash("alice"), b.hash("alice"));

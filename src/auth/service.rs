@@ -150,7 +150,7 @@ impl AuthCore {
             dummy_hash,
             throttle,
             audit,
-            names: NameHasher::new(config.jwt.secret.expose()),
+            names: NameHasher::new(&config.name_hash_key),
         })
     }
 

@@ -40,6 +40,7 @@ mod instances;
 mod keys;
 mod login;
 mod logout;
+mod name_hash;
 mod ops;
 mod otlp;
 mod password_policy;
