@@ -521,6 +521,10 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The key of the usernames' keyed hash.
     pub name_hash_key: NameHashKey,
+    /// Where verifiers reach the HTTP listener (`PUBLIC_URL`, else `JWT_ISSUER` when it is
+    /// an http(s) URL), without a trailing `/`: the base of the discovery document's
+    /// `jwks_uri`. `None`: built from each request, and not cacheable.
+    pub public_url: Option<String>,
 }
 
 /// The variables authd reads, exactly as named in the environment.
@@ -528,6 +532,7 @@ pub struct Config {
 struct RawEnv {
     jwt_secret: Option<String>,
     name_hash_key: Option<String>,
+    public_url: Option<String>,
     jwt_algorithm: Option<String>,
     jwt_private_key_file: Option<String>,
     jwt_key_id: Option<String>,
@@ -673,6 +678,7 @@ pub const SETTINGS: &[&str] = &[
     "AUDIT_PURGE_INTERVAL",
     "AUDIT_QUEUE",
     "NAME_HASH_KEY",
+    "PUBLIC_URL",
 ];
 
 /// The HTTP listener's address when `HTTP_ADDR` is not set.
@@ -832,6 +838,18 @@ impl Config {
         }
 
         let name_hash_key = name_hash_key(&raw, embedded)?;
+        let public_url = match &raw.public_url {
+            Some(url) => Some(base_url(url).ok_or_else(|| {
+                ConfigError::new(
+                    "PUBLIC_URL",
+                    format!(
+                        "must be an http(s) URL without query or fragment, like https://auth.example.com, got {url:?}"
+                    ),
+                )
+            })?),
+            // An issuer that is a URL is where verifiers find authd (OpenID discovery).
+            None => base_url(&jwt.issuer),
+        };
         let trusted_proxies = trusted_proxies(raw.trusted_proxies.clone())?;
         let throttle = throttle(&raw)?;
         let password_policy = password_policy(&raw)?;
@@ -928,8 +946,20 @@ impl Config {
             password_policy,
             audit,
             name_hash_key,
+            public_url,
         })
     }
+}
+
+/// `url` without its trailing `/`, if it is an absolute http(s) URL with a host and no
+/// user info, query or fragment.
+fn base_url(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let authority = uri.authority()?;
+    let plain = uri.query().is_none() && !url.contains('#') && !authority.as_str().contains('@');
+    (scheme_ok && plain && !authority.host().is_empty())
+        .then(|| url.trim_end_matches('/').to_owned())
 }
 
 /// `NAME_HASH_KEY`; else `JWT_SECRET` (what keyed the hash before, so counters and audit
@@ -1931,6 +1961,36 @@ mod tests {
             c.name_hash_key.expose(),
             b"another-key-0123456789abcdef-0123"
         );
+    }
+
+    #[test]
+    fn the_public_url_is_set_or_taken_from_an_issuer_that_is_a_url() {
+        let c = Config::from_vars(vars(&[SECRET])).unwrap();
+        assert_eq!(c.public_url, None, "the issuer `authd` is not a URL");
+        let c =
+            Config::from_vars(vars(&[SECRET, ("JWT_ISSUER", "https://id.example.com/")])).unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://id.example.com"));
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("JWT_ISSUER", "https://id.example.com"),
+            ("PUBLIC_URL", "http://authd.internal:8080/auth/"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.public_url.as_deref(),
+            Some("http://authd.internal:8080/auth")
+        );
+        for bad in [
+            "auth.example.com",
+            "ftp://auth.example.com",
+            "https://",
+            "https://auth.example.com/?x=1",
+            "https://auth.example.com/#top",
+            "https://user@auth.example.com",
+        ] {
+            let e = Config::from_vars(vars(&[SECRET, ("PUBLIC_URL", bad)])).unwrap_err();
+            assert_eq!(e.variable, "PUBLIC_URL", "{bad}");
+        }
     }
 
     #[test]

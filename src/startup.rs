@@ -51,6 +51,7 @@ pub struct Application {
     grace: Duration,
     watch_heartbeat: Duration,
     strip_authorization: bool,
+    public_url: Option<String>,
 }
 
 impl std::fmt::Debug for Application {
@@ -148,6 +149,7 @@ impl Application {
             grace: config.shutdown_grace,
             watch_heartbeat: config.watch_heartbeat,
             strip_authorization: config.ext_authz_strip_authorization,
+            public_url: config.public_url,
         })
     }
 
@@ -188,6 +190,7 @@ impl Application {
             grace,
             watch_heartbeat,
             strip_authorization,
+            public_url,
         } = self;
         let max_message = limits.max_message_bytes;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -232,9 +235,17 @@ impl Application {
                 jwks: Arc::new(move || keys.jwks()),
                 issuer: core.issuer().to_owned(),
                 algorithm: core.signing_algorithm().to_owned(),
+                public_url: public_url.clone(),
+                trusted_proxies: core.trusted_proxies().clone(),
             };
             let mut stopped = background_stopped.clone();
             tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz, /.well-known/)");
+            match &public_url {
+                Some(url) => tracing::info!(public_url = %url, "discovery names the keys under PUBLIC_URL"),
+                None => tracing::info!(
+                    "PUBLIC_URL is not set and JWT_ISSUER is not a URL: discovery names the keys under each request's Host, uncacheable"
+                ),
+            }
             tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::router(state),

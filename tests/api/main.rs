@@ -35,6 +35,7 @@ mod faults;
 mod health;
 mod hostile;
 mod hostile_audit;
+mod hostile_discovery;
 mod hostile_tokens;
 mod instances;
 mod keys;
