@@ -36,6 +36,7 @@ mod health;
 mod hostile;
 mod hostile_audit;
 mod hostile_discovery;
+mod hostile_logs;
 mod hostile_tokens;
 mod instances;
 mod keys;
