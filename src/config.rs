@@ -14,6 +14,9 @@ use sqlx::mysql::MySqlConnectOptions;
 /// The smallest `JWT_SECRET` accepted, in bytes.
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
+/// The smallest `NAME_HASH_KEY` accepted, in bytes.
+pub const MIN_NAME_HASH_KEY_BYTES: usize = 32;
+
 /// A value that must never reach a log line or an error message.
 #[derive(Clone)]
 pub struct Secret<T>(T);
@@ -135,6 +138,55 @@ pub struct JwtConfig {
     /// True when no `JWT_SECRET` was set and the key was generated for this process
     /// (embedded mode only): tokens will not survive a restart.
     pub generated_secret: bool,
+}
+
+/// The key of the usernames' keyed hash (throttle keys, audit rows). At least
+/// [`MIN_NAME_HASH_KEY_BYTES`] bytes: there is no way to make one that is shorter, so the
+/// hash can never be a plain SHA-256 that a list of likely names reverses.
+#[derive(Debug, Clone)]
+pub struct NameHashKey {
+    key: Secret<Vec<u8>>,
+    source: NameHashKeySource,
+}
+
+/// Where the name-hash key came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameHashKeySource {
+    /// `NAME_HASH_KEY`.
+    Configured,
+    /// `JWT_SECRET`, which keyed the hash before `NAME_HASH_KEY` existed: existing
+    /// throttle counters and audit hashes stay as they were.
+    JwtSecret,
+    /// Random, made for this process (embedded mode only): hashes change on restart.
+    Generated,
+}
+
+impl NameHashKey {
+    /// `key`, if it is long enough; else `None`.
+    pub fn new(key: Vec<u8>, source: NameHashKeySource) -> Option<Self> {
+        (key.len() >= MIN_NAME_HASH_KEY_BYTES).then(|| Self {
+            key: Secret::new(key),
+            source,
+        })
+    }
+
+    /// A random key for this process.
+    pub fn generate() -> Self {
+        Self {
+            key: Secret::new(rand::random::<[u8; 32]>().to_vec()),
+            source: NameHashKeySource::Generated,
+        }
+    }
+
+    /// The key itself; call only where it is used.
+    pub fn expose(&self) -> &[u8] {
+        self.key.expose()
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> NameHashKeySource {
+        self.source
+    }
 }
 
 /// Password hashing settings.
@@ -488,12 +540,20 @@ pub struct Config {
     pub password_policy: PasswordPolicy,
     /// The audit trail.
     pub audit: AuditConfig,
+    /// The key of the usernames' keyed hash.
+    pub name_hash_key: NameHashKey,
+    /// Where verifiers reach the HTTP listener (`PUBLIC_URL`, else `JWT_ISSUER` when it is
+    /// an http(s) URL), without a trailing `/`: the base of the discovery document's
+    /// `jwks_uri`. `None`: built from each request, and not cacheable.
+    pub public_url: Option<String>,
 }
 
 /// The variables authd reads, exactly as named in the environment.
 #[derive(Debug, Default, Deserialize)]
 struct RawEnv {
     jwt_secret: Option<String>,
+    name_hash_key: Option<String>,
+    public_url: Option<String>,
     jwt_algorithm: Option<String>,
     jwt_private_key_file: Option<String>,
     jwt_key_id: Option<String>,
@@ -646,6 +706,8 @@ pub const SETTINGS: &[&str] = &[
     "AUDIT_RETENTION",
     "AUDIT_PURGE_INTERVAL",
     "AUDIT_QUEUE",
+    "NAME_HASH_KEY",
+    "PUBLIC_URL",
 ];
 
 /// Sessions one user may hold when `MAX_SESSIONS_PER_USER` is not set. A person has a
@@ -810,6 +872,19 @@ impl Config {
             return Err(ConfigError::new(variable, e.0));
         }
 
+        let name_hash_key = name_hash_key(&raw, embedded)?;
+        let public_url = match &raw.public_url {
+            Some(url) => Some(base_url(url).ok_or_else(|| {
+                ConfigError::new(
+                    "PUBLIC_URL",
+                    format!(
+                        "must be an http(s) URL without query or fragment, like https://auth.example.com, got {url:?}"
+                    ),
+                )
+            })?),
+            // An issuer that is a URL is where verifiers find authd (OpenID discovery).
+            None => base_url(&jwt.issuer),
+        };
         let trusted_proxies = trusted_proxies(raw.trusted_proxies.clone())?;
         let watchers = watchers(&raw)?;
         let throttle = throttle(&raw)?;
@@ -924,7 +999,54 @@ impl Config {
             throttle,
             password_policy,
             audit,
+            name_hash_key,
+            public_url,
         })
+    }
+}
+
+/// `url` without its trailing `/`, if it is an absolute http(s) URL with a host and no
+/// user info, query or fragment.
+fn base_url(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let authority = uri.authority()?;
+    let plain = uri.query().is_none() && !url.contains('#') && !authority.as_str().contains('@');
+    (scheme_ok && plain && !authority.host().is_empty())
+        .then(|| url.trim_end_matches('/').to_owned())
+}
+
+/// `NAME_HASH_KEY`; else `JWT_SECRET` (what keyed the hash before, so counters and audit
+/// hashes carry over); else, in embedded mode, a random key for this process. With MySQL
+/// or Redis (state several instances share, and hashes they must agree on) one of the two
+/// is required: an asymmetric `JWT_ALGORITHM` needs no `JWT_SECRET`, and the hash must not
+/// go unkeyed for that.
+fn name_hash_key(raw: &RawEnv, embedded: bool) -> Result<NameHashKey, ConfigError> {
+    if let Some(key) = &raw.name_hash_key {
+        return NameHashKey::new(key.clone().into_bytes(), NameHashKeySource::Configured)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "NAME_HASH_KEY",
+                    format!(
+                        "must be at least {MIN_NAME_HASH_KEY_BYTES} bytes, got {}",
+                        key.len()
+                    ),
+                )
+            });
+    }
+    let from_jwt_secret = raw
+        .jwt_secret
+        .clone()
+        .and_then(|secret| NameHashKey::new(secret.into_bytes(), NameHashKeySource::JwtSecret));
+    match from_jwt_secret {
+        Some(key) => Ok(key),
+        None if embedded => Ok(NameHashKey::generate()),
+        None => Err(ConfigError::new(
+            "NAME_HASH_KEY",
+            format!(
+                "is required with MySQL or Redis configured and no JWT_SECRET of at least {MIN_JWT_SECRET_BYTES} bytes (at least {MIN_NAME_HASH_KEY_BYTES} bytes, the same on every instance)"
+            ),
+        )),
     }
 }
 
@@ -1894,6 +2016,85 @@ mod tests {
         assert_eq!(e.variable, "JWT_PRIVATE_KEY_FILE");
         let e = Config::from_vars(vars(&[("JWT_ALGORITHM", "HS512")])).unwrap_err();
         assert_eq!(e.variable, "JWT_ALGORITHM");
+    }
+
+    #[test]
+    fn the_name_hash_key_is_never_empty() {
+        assert!(NameHashKey::new(Vec::new(), NameHashKeySource::Configured).is_none());
+        assert!(NameHashKey::new(vec![7; 31], NameHashKeySource::JwtSecret).is_none());
+        assert_eq!(NameHashKey::generate().expose().len(), 32);
+        let asymmetric = [
+            ("JWT_ALGORITHM", "EdDSA"),
+            ("JWT_PRIVATE_KEY_FILE", key("ed25519.pem").leak() as &str),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            Config::from_vars(vars(&[asymmetric.as_slice(), extra].concat()))
+        };
+        // Embedded: a random key of this process's own, never an empty one.
+        let c = with(&[]).unwrap();
+        assert_eq!(c.name_hash_key.source(), NameHashKeySource::Generated);
+        assert_eq!(c.name_hash_key.expose().len(), 32);
+        assert_ne!(
+            c.name_hash_key.expose(),
+            with(&[]).unwrap().name_hash_key.expose()
+        );
+        // Shared state: refused, naming the variable…
+        for shared in [("DB_HOST", "db"), ("REDIS_ADDR", "r:6379")] {
+            let e = with(&[shared]).unwrap_err();
+            assert_eq!(e.variable, "NAME_HASH_KEY", "{shared:?}");
+            // …also when a JWT_SECRET too short to key anything is set.
+            let e = with(&[shared, ("JWT_SECRET", "short")]).unwrap_err();
+            assert_eq!(e.variable, "NAME_HASH_KEY", "{shared:?}");
+            let c = with(&[shared, ("NAME_HASH_KEY", SECRET.1)]).unwrap();
+            assert_eq!(c.name_hash_key.source(), NameHashKeySource::Configured);
+        }
+        let e = with(&[("NAME_HASH_KEY", "short")]).unwrap_err();
+        assert_eq!(e.variable, "NAME_HASH_KEY");
+        assert!(!e.problem.contains("short"), "the key was printed: {e}");
+        // JWT_SECRET keys it when NAME_HASH_KEY is absent, as before it existed.
+        let c = Config::from_vars(vars(&[SECRET, ("DB_HOST", "db")])).unwrap();
+        assert_eq!(c.name_hash_key.source(), NameHashKeySource::JwtSecret);
+        assert_eq!(c.name_hash_key.expose(), SECRET.1.as_bytes());
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("DB_HOST", "db"),
+            ("NAME_HASH_KEY", "another-key-0123456789abcdef-0123"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.name_hash_key.expose(),
+            b"another-key-0123456789abcdef-0123"
+        );
+    }
+
+    #[test]
+    fn the_public_url_is_set_or_taken_from_an_issuer_that_is_a_url() {
+        let c = Config::from_vars(vars(&[SECRET])).unwrap();
+        assert_eq!(c.public_url, None, "the issuer `authd` is not a URL");
+        let c =
+            Config::from_vars(vars(&[SECRET, ("JWT_ISSUER", "https://id.example.com/")])).unwrap();
+        assert_eq!(c.public_url.as_deref(), Some("https://id.example.com"));
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("JWT_ISSUER", "https://id.example.com"),
+            ("PUBLIC_URL", "http://authd.internal:8080/auth/"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.public_url.as_deref(),
+            Some("http://authd.internal:8080/auth")
+        );
+        for bad in [
+            "auth.example.com",
+            "ftp://auth.example.com",
+            "https://",
+            "https://auth.example.com/?x=1",
+            "https://auth.example.com/#top",
+            "https://user@auth.example.com",
+        ] {
+            let e = Config::from_vars(vars(&[SECRET, ("PUBLIC_URL", bad)])).unwrap_err();
+            assert_eq!(e.variable, "PUBLIC_URL", "{bad}");
+        }
     }
 
     #[test]

@@ -3,16 +3,19 @@
 //! `/.well-known/openid-configuration`. [`router`] is the one place routes are added.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::config::TrustedProxies;
 
 /// What the HTTP routes read.
 #[derive(Clone)]
@@ -29,6 +32,10 @@ pub struct HttpState {
     pub issuer: String,
     /// The algorithm new tokens are signed with (`HS256`, `EdDSA`, …).
     pub algorithm: String,
+    /// Where verifiers reach this listener (`PUBLIC_URL`), the base of `jwks_uri`.
+    pub public_url: Option<String>,
+    /// Peers whose `X-Forwarded-Proto` counts when there is no `public_url`.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -55,9 +62,13 @@ pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer's address, for `X-Forwarded-Proto` from trusted proxies only.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -97,24 +108,26 @@ async fn jwks(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Discovery for verifiers: the issuer and where its keys are. The JWKS address is built
-/// from the request's own `Host` (and `X-Forwarded-Proto`), so it is right behind a proxy.
+/// Discovery for verifiers: the issuer and where its keys are. `jwks_uri` is under the
+/// configured public URL, whatever the request says, and then the document may be cached
+/// by anyone. Without one it is built from the request — its `Host`, and its
+/// `X-Forwarded-Proto` only from a `TRUSTED_PROXIES` peer — and may not be cached: a
+/// forged `Host` then misleads only the client that forged it, never a shared cache.
 async fn openid_configuration(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .filter(|p| *p == "https" || *p == "http")
-        .unwrap_or("http");
+    let (base, cache_control) = match &state.public_url {
+        Some(url) => (url.clone(), JWKS_MAX_AGE),
+        None => (
+            request_base_url(&headers, peer, &state.trusted_proxies),
+            "no-store",
+        ),
+    };
     let body = serde_json::json!({
         "issuer": state.issuer,
-        "jwks_uri": format!("{scheme}://{host}/.well-known/jwks.json"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "id_token_signing_alg_values_supported": [state.algorithm],
         "token_endpoint_auth_methods_supported": ["none"],
         "response_types_supported": ["token"],
@@ -124,8 +137,30 @@ async fn openid_configuration(
     (
         [
             (header::CONTENT_TYPE, "application/json"),
-            (header::CACHE_CONTROL, JWKS_MAX_AGE),
+            (header::CACHE_CONTROL, cache_control),
         ],
         body.to_string(),
     )
+}
+
+/// `scheme://host` as this request reached authd: the `Host` header when it is a plain
+/// `host[:port]`, the scheme from `X-Forwarded-Proto` when a trusted proxy sent it.
+fn request_base_url(
+    headers: &axum::http::HeaderMap,
+    peer: SocketAddr,
+    trusted_proxies: &TrustedProxies,
+) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .filter(|a| !a.as_str().contains('@'))
+        .map_or_else(|| "localhost".to_owned(), |a| a.as_str().to_owned());
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .filter(|_| trusted_proxies.trusts(peer.ip()))
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
 }

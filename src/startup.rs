@@ -17,7 +17,7 @@ use tonic_health::server::HealthReporter;
 use crate::auth::AuthCore;
 use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, GrpcLimits, SessionsBackend};
+use crate::config::{Config, GrpcLimits, NameHashKeySource, SessionsBackend};
 use crate::grpc::AuthGrpc;
 use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::layer::RpcLayer;
@@ -51,6 +51,7 @@ pub struct Application {
     grace: Duration,
     watch_heartbeat: Duration,
     strip_authorization: bool,
+    public_url: Option<String>,
 }
 
 impl std::fmt::Debug for Application {
@@ -107,6 +108,11 @@ impl Application {
                 "JWT_SECRET is not set: signing with a random key made for this process; tokens will not survive a restart"
             );
         }
+        if config.name_hash_key.source() == NameHashKeySource::Generated {
+            tracing::warn!(
+                "NAME_HASH_KEY is not set: usernames are hashed (throttle keys, audit rows) with a random key made for this process; audit rows from before a restart will not match later ones"
+            );
+        }
         let hasher =
             PasswordHasher::start(&config.bcrypt).context("cannot start bcrypt threads")?;
         let core = AuthCore::new(&config, users.clone(), sessions, hasher, clock)
@@ -143,6 +149,7 @@ impl Application {
             grace: config.shutdown_grace,
             watch_heartbeat: config.watch_heartbeat,
             strip_authorization: config.ext_authz_strip_authorization,
+            public_url: config.public_url,
         })
     }
 
@@ -183,6 +190,7 @@ impl Application {
             grace,
             watch_heartbeat,
             strip_authorization,
+            public_url,
         } = self;
         let max_message = limits.max_message_bytes;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -227,9 +235,17 @@ impl Application {
                 jwks: Arc::new(move || keys.jwks()),
                 issuer: core.issuer().to_owned(),
                 algorithm: core.signing_algorithm().to_owned(),
+                public_url: public_url.clone(),
+                trusted_proxies: core.trusted_proxies().clone(),
             };
             let mut stopped = background_stopped.clone();
             tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz, /.well-known/)");
+            match &public_url {
+                Some(url) => tracing::info!(public_url = %url, "discovery names the keys under PUBLIC_URL"),
+                None => tracing::info!(
+                    "PUBLIC_URL is not set and JWT_ISSUER is not a URL: discovery names the keys under each request's Host, uncacheable"
+                ),
+            }
             tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::router(state),

@@ -4,7 +4,8 @@
 //! (`authd_audit_events_total{kind}`), and is queued for the `audit_events` table,
 //! which a background task writes in batches. Writing never delays or fails the call
 //! that caused the event: a full queue or a failed insert is logged and counted
-//! (`authd_audit_dropped_total`, `authd_audit_write_failures_total`) instead.
+//! (`authd_audit_dropped_total{reason}`, `authd_audit_write_failures_total`) instead,
+//! and a row the database refuses costs only itself, not the rest of its batch.
 //!
 //! Events never carry a password, a token or a hash of either. A username that was
 //! tried appears only as a keyed hash ([`NameHasher`]), so the table does not collect
@@ -20,7 +21,8 @@ use tokio::task::JoinHandle;
 
 use super::ClientInfo;
 use crate::clock::Clock;
-use crate::config::{AuditConfig, Secret};
+use crate::config::{AuditConfig, NameHashKey};
+use crate::store::StoreError;
 use crate::store::audit::{AuditRow, AuditStore, MAX_BATCH};
 
 /// What happened.
@@ -118,11 +120,12 @@ impl AuditEvent {
 }
 
 /// A keyed hash (HMAC-SHA256) of canonical usernames. Keyed, so a list of likely
-/// names cannot be hashed to read the trail back; the key derives from `JWT_SECRET`,
-/// which every instance shares, so every instance hashes a name alike.
+/// names cannot be hashed to read the trail back; the key ([`NameHashKey`]: `NAME_HASH_KEY`,
+/// else `JWT_SECRET`) is the same on every instance, so every instance hashes a name
+/// alike, and it cannot be empty.
 #[derive(Clone)]
 pub struct NameHasher {
-    key: Secret<Vec<u8>>,
+    key: NameHashKey,
 }
 
 impl std::fmt::Debug for NameHasher {
@@ -133,10 +136,8 @@ impl std::fmt::Debug for NameHasher {
 
 impl NameHasher {
     /// Hashes with `key`.
-    pub fn new(key: &[u8]) -> Self {
-        Self {
-            key: Secret::new(key.to_vec()),
-        }
+    pub fn new(key: &NameHashKey) -> Self {
+        Self { key: key.clone() }
     }
 
     /// 64 hex digits. The input starts with a label holding a `:`, which a JWT's
@@ -221,7 +222,7 @@ impl AuditLog {
             detail: event.detail,
         };
         if self.queue.try_send(row).is_err() {
-            metrics::counter!("authd_audit_dropped_total").increment(1);
+            metrics::counter!("authd_audit_dropped_total", "reason" => "queue_full").increment(1);
             // One warning a second at most: a flood must not become a log flood too.
             let now = self.clock.unix_seconds();
             if self.last_drop_warning.swap(now, Ordering::Relaxed) != now {
@@ -237,17 +238,59 @@ impl AuditLog {
 async fn write(store: AuditStore, mut rows: mpsc::Receiver<AuditRow>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rows.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        if let Err(e) = store.insert(&batch).await {
-            let lost = u64::try_from(batch.len()).unwrap_or(u64::MAX);
-            metrics::counter!("authd_audit_write_failures_total").increment(lost);
-            tracing::warn!(
-                error = format!("{e:#}"),
-                rows = lost,
-                "audit rows not written to the table (they are in the log)"
-            );
-        }
+        write_batch(&store, &batch).await;
         batch.clear();
     }
+}
+
+/// Writes `batch` in one statement. If the database refuses it, one row may be at fault
+/// (one statement stands or falls whole): the rows are then written one by one, so only
+/// the rows it refuses are lost, and counted. If it cannot be reached, nothing is retried.
+async fn write_batch(store: &AuditStore, batch: &[AuditRow]) {
+    let refused = match store.insert(batch).await {
+        Ok(()) => return,
+        Err(StoreError::Unavailable(e)) => return unwritten(batch.len(), "unavailable", &e),
+        Err(StoreError::Internal(e)) => e,
+    };
+    if batch.len() == 1 {
+        return unwritten(1, "rejected", &refused);
+    }
+    let mut rejected = 0;
+    let mut first_refusal = None;
+    for (i, row) in batch.iter().enumerate() {
+        match store.insert(std::slice::from_ref(row)).await {
+            Ok(()) => {}
+            Err(StoreError::Internal(e)) => {
+                rejected += 1;
+                first_refusal.get_or_insert(e);
+            }
+            Err(StoreError::Unavailable(e)) => {
+                unwritten(batch.len() - i, "unavailable", &e);
+                break;
+            }
+        }
+    }
+    if let Some(e) = first_refusal {
+        unwritten(rejected, "rejected", &e);
+    }
+}
+
+/// Counts and logs `rows` rows lost for `reason`: `rejected` (the database refused those
+/// rows; the rest of their batch was written) or `unavailable` (it could not be reached).
+/// One line per batch at most, with no row's content: the events are in the log already.
+fn unwritten(rows: usize, reason: &'static str, error: &anyhow::Error) {
+    let rows = u64::try_from(rows).unwrap_or(u64::MAX);
+    if reason == "unavailable" {
+        metrics::counter!("authd_audit_write_failures_total").increment(rows);
+    } else {
+        metrics::counter!("authd_audit_dropped_total", "reason" => reason).increment(rows);
+    }
+    tracing::warn!(
+        error = format!("{error:#}"),
+        rows,
+        reason,
+        "audit rows not written to the table (they are in the log)"
+    );
 }
 
 /// Deletes rows older than the retention, now and then every purge interval.
@@ -272,8 +315,12 @@ mod tests {
 
     #[test]
     fn usernames_hash_by_key_and_name() {
-        let a = NameHasher::new(b"key-one");
-        let b = NameHasher::new(b"key-two");
+        let key = |k: &[u8]| {
+            let key = NameHashKey::new(k.to_vec(), crate::config::NameHashKeySource::Configured);
+            NameHasher::new(&key.unwrap())
+        };
+        let a = key(b"key-one-0123456789abcdef012345678");
+        let b = key(b"key-two-0123456789abcdef012345678");
         assert_eq!(a.hash("alice"), a.hash("alice"));
         assert_ne!(a.hash("alice"), a.hash("bob"));
         assert_ne!(a.hash("alice"), b.hash("alice"));

@@ -20,12 +20,11 @@ use crate::store::sessions::{
     Cursor, Event, Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
 };
 use crate::store::users::CreateUserError;
-use crate::store::{SessionStore, StoreError, UserStore};
+use crate::store::{SessionStore, StoreError, UserStore, truncate};
 
 /// The longest session id accepted, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 64;
-/// The longest user agent recorded, in bytes; longer ones are cut (at a char boundary).
-pub const MAX_USER_AGENT_BYTES: usize = 512;
+pub use crate::store::MAX_USER_AGENT_BYTES;
 /// ValidateToken records activity at most this often per session.
 pub const TOUCH_INTERVAL_SECONDS: i64 = 60;
 
@@ -177,7 +176,7 @@ impl AuthCore {
             dummy_hash,
             throttle,
             audit,
-            names: NameHasher::new(config.jwt.secret.expose()),
+            names: NameHasher::new(&config.name_hash_key),
             watchers: Watchers::new(&config.watchers),
             remembered,
         })
@@ -901,17 +900,6 @@ fn seconds(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 fn users_error(e: StoreError) -> AuthError {
     store_error(Store::Users, e)
 }
@@ -925,16 +913,5 @@ fn store_error(store: Store, e: StoreError) -> AuthError {
     match e {
         StoreError::Unavailable(source) => AuthError::Unavailable { store, source },
         StoreError::Internal(source) => AuthError::Internal(source.context(store.to_string())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("hello", 10), "hello");
     }
 }

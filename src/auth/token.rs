@@ -295,6 +295,9 @@ impl TokenKeys {
     /// Returns the claims and the last moment the key verifies anything.
     fn verify_signed(&self, token: &str, now: i64) -> Result<(Claims, Option<i64>), InvalidReason> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| InvalidReason::Malformed)?;
+        if asks_for_extensions(&header) {
+            return Err(InvalidReason::Malformed);
+        }
         let kid = header.kid.as_deref().unwrap_or(&self.kid);
         let key = self
             .verifying
@@ -388,6 +391,16 @@ impl Verified {
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
             .sum()
     }
+}
+
+/// Whether the header asks the verifier for a JWS extension. authd implements none and
+/// never writes one, and RFC 7515 §4.1.11 says a token whose `crit` names an extension the
+/// verifier does not understand must be refused — so any `crit` is (an empty one too,
+/// which the RFC forbids). `b64` (RFC 7797) would change what the signature covers;
+/// jsonwebtoken would verify as if it were absent, so it is refused in any form.
+/// The client library's fail-open path applies the same rule to the raw header.
+fn asks_for_extensions(header: &Header) -> bool {
+    header.crit.is_some() || header.extras.inner().contains_key("b64")
 }
 
 fn validation(algorithm: Algorithm, config: &JwtConfig) -> Validation {
@@ -569,6 +582,42 @@ mod tests {
         }
         // Refusals are not remembered.
         assert_eq!(k.verified.len(), 1);
+    }
+
+    #[test]
+    fn a_header_asking_for_an_extension_is_malformed_and_not_remembered() {
+        let k = keys();
+        let t = k.issue("u1", "alice", "s1", 1_000_000).unwrap();
+        let with = |edit: &dyn Fn(&mut Header)| {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some(k.active_kid().to_owned());
+            edit(&mut header);
+            let secret = b"0123456789abcdef0123456789abcdef";
+            jsonwebtoken::encode(&header, &t.claims, &EncodingKey::from_secret(secret)).unwrap()
+        };
+        let plain = with(&|_| {});
+        for forged in [
+            with(&|h| h.crit = Some(vec!["x-unknown".into()])),
+            with(&|h| h.crit = Some(Vec::new())),
+            with(&|h| {
+                h.crit = Some(vec!["b64".into()]);
+                h.extras.insert("b64", false);
+            }),
+            with(&|h| h.extras.insert("b64", false)),
+            with(&|h| h.extras.insert("b64", true)),
+        ] {
+            // Twice: a second look must not find it remembered.
+            for _ in 0..2 {
+                assert_eq!(
+                    k.verify(&forged, 1_000_000),
+                    Err(InvalidReason::Malformed),
+                    "{forged}"
+                );
+            }
+        }
+        assert_eq!(k.verified.len(), 0);
+        // The same token without them verifies.
+        assert_eq!(k.verify(&plain, 1_000_000).unwrap(), t.claims);
     }
 
     #[test]

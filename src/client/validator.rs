@@ -573,7 +573,25 @@ fn unverified_claims(token: &str) -> Option<UnverifiedClaims> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Whether the token's header asks for a JWS extension (`crit`, `b64`), which authd
+/// refuses as malformed (see `auth::token`): visibly bad even unverified.
+fn asks_for_extensions(token: &str) -> bool {
+    let header = token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Map<_, _>>(&bytes).ok());
+    header.is_none_or(|h| h.contains_key("crit") || h.contains_key("b64"))
+}
+
 fn unverified_context(token: &str) -> Option<AuthContext> {
+    if asks_for_extensions(token) {
+        return None;
+    }
     let c = unverified_claims(token)?;
     Some(AuthContext {
         user_id: c.sub?,
@@ -606,6 +624,14 @@ mod tests {
         assert_eq!(ctx.user_id, "u1");
         assert!(!ctx.token_checked);
         assert!(unverified_context("not a token").is_none());
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for header in [
+            r#"{"alg":"HS256","crit":["x-unknown"],"x-unknown":1}"#,
+            r#"{"alg":"HS256","b64":false}"#,
+        ] {
+            let token = format!("{}.{payload}.sig", b64(header));
+            assert!(unverified_context(&token).is_none(), "{header}");
+        }
     }
 
     #[test]

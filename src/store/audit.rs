@@ -2,8 +2,8 @@
 
 use sqlx::QueryBuilder;
 
-use super::StoreError;
 use super::users::{Pool, classify};
+use super::{MAX_USER_AGENT_BYTES, StoreError, truncate};
 
 /// One row of `audit_events`. Never holds a password, a token or a hash of either.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,25 @@ pub struct AuditRow {
     pub detail: String,
 }
 
+/// The widths of `audit_events`' text columns, as the MySQL migration declares them
+/// (a unit test keeps the two in step). MySQL counts characters and SQLite nothing, so a
+/// value cut to this many bytes fits both. Every value is cut here, in [`AuditStore::insert`],
+/// and nowhere else: one over-long value would fail its whole batched statement.
+mod width {
+    pub const KIND: usize = 32;
+    pub const USER_ID: usize = 36;
+    pub const USERNAME_HASH: usize = 64;
+    pub const CLIENT_IP: usize = 64;
+    pub const USER_AGENT: usize = super::MAX_USER_AGENT_BYTES;
+    pub const SESSION_ID: usize = 64;
+    pub const JTI: usize = 64;
+    pub const DETAIL: usize = 255;
+}
+
+fn cut(value: Option<&str>, width: usize) -> Option<&str> {
+    value.map(|v| truncate(v, width))
+}
+
 /// Rows inserted at most per statement.
 pub const MAX_BATCH: usize = 200;
 
@@ -46,7 +65,8 @@ impl AuditStore {
         Self { pool }
     }
 
-    /// Inserts up to [`MAX_BATCH`] rows in one statement.
+    /// Inserts up to [`MAX_BATCH`] rows in one statement, each text cut to its column's
+    /// width.
     pub async fn insert(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         if rows.is_empty() {
             return Ok(());
@@ -58,14 +78,14 @@ impl AuditStore {
             );
             query.push_values(rows, |mut row, e| {
                 row.push_bind(e.at_ms)
-                    .push_bind(e.kind)
-                    .push_bind(e.user_id.as_deref())
-                    .push_bind(e.username_hash.as_deref())
-                    .push_bind(e.client_ip.as_str())
-                    .push_bind(e.user_agent.as_str())
-                    .push_bind(e.session_id.as_deref())
-                    .push_bind(e.jti.as_deref())
-                    .push_bind(e.detail.as_str());
+                    .push_bind(truncate(e.kind, width::KIND))
+                    .push_bind(cut(e.user_id.as_deref(), width::USER_ID))
+                    .push_bind(cut(e.username_hash.as_deref(), width::USERNAME_HASH))
+                    .push_bind(truncate(&e.client_ip, width::CLIENT_IP))
+                    .push_bind(truncate(&e.user_agent, width::USER_AGENT))
+                    .push_bind(cut(e.session_id.as_deref(), width::SESSION_ID))
+                    .push_bind(cut(e.jti.as_deref(), width::JTI))
+                    .push_bind(truncate(&e.detail, width::DETAIL));
             });
             query.build().execute(pool).await.map(|_| ())
         })
@@ -102,5 +122,42 @@ impl AuditStore {
                 return Ok(total);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::width;
+
+    /// The widths above are the MySQL migration's: a column widened or added there
+    /// without its width here would let one long value fail a whole batch again.
+    #[test]
+    fn widths_match_the_mysql_migration() {
+        let migration =
+            include_str!("../../migrations/mysql/20261201000001_create_audit_events.sql");
+        let declared = |column: &str| -> usize {
+            let line = migration
+                .lines()
+                .map(str::trim)
+                .find(|l| l.split_whitespace().next() == Some(column))
+                .unwrap_or_else(|| panic!("no column {column}"));
+            let (_, rest) = line.split_once('(').unwrap_or_else(|| panic!("{line}"));
+            let (n, _) = rest.split_once(')').unwrap_or_else(|| panic!("{line}"));
+            n.parse().unwrap_or_else(|_| panic!("{line}"))
+        };
+        for (column, width) in [
+            ("kind", width::KIND),
+            ("user_id", width::USER_ID),
+            ("username_hash", width::USERNAME_HASH),
+            ("client_ip", width::CLIENT_IP),
+            ("user_agent", width::USER_AGENT),
+            ("session_id", width::SESSION_ID),
+            ("jti", width::JTI),
+            ("detail", width::DETAIL),
+        ] {
+            assert_eq!(declared(column), width, "{column}");
+        }
+        let text_columns = migration.lines().filter(|l| l.contains("CHAR(")).count();
+        assert_eq!(text_columns, 8, "a text column without a width here");
     }
 }

@@ -45,6 +45,24 @@ impl StoreError {
     }
 }
 
+/// The longest user agent kept, in bytes, in a session or an audit row; longer ones are
+/// cut by [`truncate`].
+pub const MAX_USER_AGENT_BYTES: usize = 512;
+
+/// `s` cut to at most `max_bytes` bytes, at a char boundary. What a client says about
+/// itself (its user agent, say) is kept this way rather than refused: it is data, and a
+/// column too short for it must not cost the call or the row.
+pub fn truncate(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The connections of a store's pool, for the `authd_pool_*` gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
@@ -54,4 +72,16 @@ pub struct PoolStats {
     pub idle: u32,
     /// The most the pool opens.
     pub max: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("hello", 10), "hello");
+        assert_eq!(truncate("hello", 0), "");
+    }
 }

@@ -1,11 +1,13 @@
 //! Logs, traces and metrics.
 //!
-//! - Logs: `RUST_LOG` filters (default `info`); `LOG_FORMAT` picks json or pretty.
+//! - Logs: `RUST_LOG` filters (default `info`); `LOG_FORMAT` picks json or pretty. In
+//!   either, no field can write a raw line break or terminal escape ([`escape`]).
 //! - Traces: every span goes to an OTLP/gRPC collector when
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set; [`Telemetry::shutdown`] flushes them.
 //! - Metrics: one Prometheus registry per process ([`meters::prometheus`]), served at
 //!   `/metrics` by [`crate::http`].
 
+pub mod escape;
 pub mod meters;
 
 use anyhow::Context;
@@ -13,7 +15,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Subscriber;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -44,13 +49,8 @@ impl Telemetry {
 /// Harmless if a subscriber is already installed (tests): nothing is replaced.
 pub fn init(format: LogFormat, otlp: Option<&OtlpConfig>) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let logs = match format {
-        LogFormat::Json => logs.json().with_current_span(true).boxed(),
-        LogFormat::Pretty => logs.compact().boxed(),
-    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = log_layer(format, std::io::stderr, ansi);
     let traces = otlp.map(tracer_provider).transpose()?;
     let otel = traces.as_ref().map(|provider| {
         tracing_opentelemetry::layer().with_tracer(provider.tracer(env!("CARGO_PKG_NAME")))
@@ -65,6 +65,29 @@ pub fn init(format: LogFormat, otlp: Option<&OtlpConfig>) -> anyhow::Result<Tele
         tracing::info!(endpoint = %otlp.endpoint, "exporting traces over OTLP");
     }
     Ok(Telemetry { traces })
+}
+
+/// The log lines in `format`, written to `writer` (colored when `ansi`). Every field of
+/// every event and span is escaped: `pretty` through [`escape::EscapedFields`], `json`
+/// through serde_json and [`escape::EscapedJson`].
+pub fn log_layer<S, W>(format: LogFormat, writer: W, ansi: bool) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let logs = tracing_subscriber::fmt::layer().with_ansi(ansi);
+    match format {
+        LogFormat::Json => logs
+            .with_writer(escape::EscapedJson(writer))
+            .json()
+            .with_current_span(true)
+            .boxed(),
+        LogFormat::Pretty => logs
+            .with_writer(writer)
+            .compact()
+            .fmt_fields(escape::EscapedFields)
+            .boxed(),
+    }
 }
 
 fn tracer_provider(otlp: &OtlpConfig) -> anyhow::Result<SdkTracerProvider> {

@@ -187,7 +187,7 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
 }
 
 /// The server, in `dir` with exactly `env`, its stderr piped.
-fn spawn_in(dir: &std::path::Path, env: Vec<(String, String)>) -> std::process::Child {
+pub fn spawn_in(dir: &std::path::Path, env: Vec<(String, String)>) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_authd"))
         .env_clear()
         .envs(env)
@@ -255,7 +255,7 @@ fn spawn_logging(overrides: &[(&str, &str)]) -> Running {
 }
 
 /// Reads stderr lines of a child into a channel, so a test can wait for one.
-fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {

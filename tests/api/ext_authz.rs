@@ -31,7 +31,7 @@ fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
     }
 }
 
-async fn check(app: &TestApp, headers: &[(&str, &str)]) -> CheckResponse {
+pub async fn check(app: &TestApp, headers: &[(&str, &str)]) -> CheckResponse {
     AuthorizationClient::new(app.channel.clone())
         .check(check_request(headers))
         .await
@@ -55,7 +55,7 @@ fn allowed(r: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
 }
 
 /// HTTP status, `www-authenticate` and body of a denied answer.
-fn denied(r: &CheckResponse) -> (i32, String, String) {
+pub fn denied(r: &CheckResponse) -> (i32, String, String) {
     assert_eq!(r.status.as_ref().unwrap().code, 16, "{r:?}");
     let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
         panic!("not denied: {r:?}")

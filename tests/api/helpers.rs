@@ -276,14 +276,20 @@ impl Write for LogWriter {
 }
 
 /// Sends the log of every server in this test binary to one buffer (a process has one
-/// global subscriber), so tests can look for what must never be logged.
+/// global subscriber), so tests can look for what must never be logged. Written as
+/// authd's default `pretty` format writes it.
 fn capture_logs() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("authd=debug"))
-            .with_writer(|| LogWriter)
-            .with_ansi(false)
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("authd=debug"))
+            .with(authd::telemetry::log_layer(
+                authd::config::LogFormat::Pretty,
+                || LogWriter,
+                false,
+            ))
             .try_init();
     });
 }
