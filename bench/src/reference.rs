@@ -3,7 +3,7 @@
 //! A tonic server (same tonic, same h2, same generator, same loopback) that answers
 //! AuthService/ValidateToken with the reply authd gives for the live session, built from
 //! fixed fields, after — with `--reference-redis` — the one pipelined Redis round trip
-//! that DESIGN.md §2 requires (`EXISTS` of the blacklist entry, `HMGET` of the session),
+//! that docs/design.md §2 requires (`EXISTS` of the blacklist entry, `HMGET` of the session),
 //! on one multiplexed connection. No JWT verify, no logging, no metrics, no middleware.
 //! Without `--reference-redis` it is the message exchange alone.
 //!

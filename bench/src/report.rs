@@ -338,7 +338,7 @@ impl Report {
         }
         if self.reference_redis.is_some() || self.reference_messages.is_some() {
             line(
-                "- Reference server rows: a tonic server in a process of its own (`authd-bench --serve-reference`, bench/src/reference.rs) that answers ValidateToken with authd's reply for the live session, built from fixed fields: first with no work at all (the messages alone), then after the one pipelined Redis round trip (EXISTS + HMGET of the same keys, on a multiplexed connection) that DESIGN.md §2 requires of every ValidateToken. No JWT verify, logs, metrics or middleware. Its CPU is in the authd column. It is what any server on this stack and machine would reach doing only that round trip.",
+                "- Reference server rows: a tonic server in a process of its own (`authd-bench --serve-reference`, bench/src/reference.rs) that answers ValidateToken with authd's reply for the live session, built from fixed fields: first with no work at all (the messages alone), then after the one pipelined Redis round trip (EXISTS + HMGET of the same keys, on a multiplexed connection) that docs/design.md §2 requires of every ValidateToken. No JWT verify, logs, metrics or middleware. Its CPU is in the authd column. It is what any server on this stack and machine would reach doing only that round trip.",
             );
         }
         if let Some(note) = &self.sessions_note {

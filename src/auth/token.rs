@@ -1,4 +1,4 @@
-//! Access tokens: HS256 JWTs with the claims of DESIGN.md §2. Validation pins the
+//! Access tokens: HS256 JWTs with the claims of docs/design.md §2. Validation pins the
 //! algorithm, requires `exp`, `iss`, `aud` and `sub`, and judges `exp` and `nbf`
 //! against the injected clock with an explicit leeway.
 
@@ -842,7 +842,7 @@ mod proptests {
             Value::Object(map)
         }
 
-        /// What `verify` must answer at `NOW`, written from DESIGN.md §2 rather than
+        /// What `verify` must answer at `NOW`, written from docs/design.md §2 rather than
         /// from the code: every claim present with its type, `iss` and `aud` ours,
         /// inside [nbf - leeway, exp + leeway).
         fn expected(&self) -> Result<Claims, InvalidReason> {

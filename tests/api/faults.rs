@@ -1,6 +1,6 @@
 //! Store faults on purpose (issue #9): the test's own Redis killed, hung (SIGSTOP) or
 //! restarted empty, and a TCP proxy in front of Redis or MariaDB that adds latency,
-//! stalls, resets and cuts connections. Each test asserts what DESIGN.md §4 promises:
+//! stalls, resets and cuts connections. Each test asserts what docs/design.md §4 promises:
 //! a clear UNAVAILABLE (never a false OK, never INTERNAL), deadlines kept, nothing
 //! half-written, no revoked token alive again, recovery without a restart.
 
