@@ -8,6 +8,7 @@
 
 #[cfg(feature = "server")]
 pub mod auth;
+pub mod bearer;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod clock;

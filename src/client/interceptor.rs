@@ -1,5 +1,6 @@
 //! A plain tonic interceptor, for the simplest case.
 
+use crate::bearer::bearer_token;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -31,10 +32,7 @@ impl Interceptor for AuthInterceptor {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            });
+            .and_then(bearer_token);
         let answer = match self.validator.authorize_cached(token) {
             Some(answer) => answer,
             None => {

@@ -1,5 +1,6 @@
 //! The tower layer for tonic servers.
 
+use crate::bearer::bearer_token;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -52,9 +53,7 @@ pub struct RequireAuth<S> {
 
 /// The token in `authorization: Bearer <token>`.
 pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    bearer_token(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
 }
 
 impl<S, B, R> Service<http::Request<B>> for RequireAuth<S>

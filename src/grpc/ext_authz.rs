@@ -1,6 +1,7 @@
 //! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`), on the
 //! same port and from the same validation core as ValidateToken.
 
+use crate::bearer::bearer_token;
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
@@ -44,13 +45,8 @@ impl ExtAuthz {
         let token = request
             .get_client_headers()
             .and_then(|h| h.get("authorization"))
-            .and_then(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                scheme
-                    .eq_ignore_ascii_case("bearer")
-                    .then(|| token.trim().to_owned())
-            })
-            .filter(|t| !t.is_empty());
+            .and_then(|v| bearer_token(v))
+            .map(str::to_owned);
         let Some(token) = token else {
             return Ok(denied(None));
         };

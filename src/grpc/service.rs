@@ -1,6 +1,7 @@
 //! `auth.v1.AuthService` over tonic: reads requests and metadata, calls the core,
 //! and writes responses.
 
+use crate::bearer::bearer_token;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -186,11 +187,7 @@ where
 
 /// The bearer token from `authorization: Bearer <token>`, if there is one.
 fn bearer<T>(request: &Request<T>) -> Option<String> {
-    let value = request.metadata().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
+    bearer_token(request.metadata().get("authorization")?.to_str().ok()?).map(str::to_owned)
 }
 
 /// The client's address and agent. `client_ip` (a gateway's word for the end user's
