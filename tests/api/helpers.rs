@@ -21,6 +21,8 @@ use tonic::{Code, Request, Status};
 
 /// The JWT secret every test server uses.
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+/// Register calls one address may make in the test servers' settings (see `test_env`).
+pub const REGISTER_THRESHOLD: &str = "100000";
 /// A password that meets the policy.
 pub const PASSWORD: &str = "Correct-Horse-9";
 
@@ -96,6 +98,9 @@ pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String,
         // is tested in auth::hasher and measured by authd-bench).
         ("BCRYPT_NICE", "0"),
         ("REDIS_RETRY_INTERVAL", "50ms"),
+        // Every test client calls from 127.0.0.1, and many tests register more users
+        // than one address may by default; the tests of that limit set it themselves.
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -177,6 +182,7 @@ pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
         ("HTTP_ADDR", "127.0.0.1:0"),
         ("BCRYPT_COST", "4"),
         ("BCRYPT_NICE", "0"),
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
