@@ -34,6 +34,7 @@ mod ext_authz;
 mod faults;
 mod health;
 mod hostile;
+mod hostile_accounts;
 mod instances;
 mod keys;
 mod login;
