@@ -202,9 +202,18 @@ impl AuthCore {
     ) -> Result<Registered, AuthError> {
         let share = self.pool_share(&client);
         if share.is_some() {
-            self.throttle
+            // Users live in the database: Register keeps working while the counters'
+            // store is down, held back only by the address's share of the hashing pool.
+            match self
+                .throttle
                 .admit_registration(&client.ip, self.clock.unix_millis())
-                .await?;
+                .await
+            {
+                Err(AuthError::Unavailable { source, .. }) => {
+                    tracing::warn!(error = %source, "Register not rationed: the throttle's store is unavailable");
+                }
+                admitted => admitted?,
+            }
         }
         let mut violations = Vec::new();
         let raw_username = username;
