@@ -72,6 +72,8 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
             ("BCRYPT_COST", "8"),
             ("BCRYPT_WORKERS", "2"),
             ("BCRYPT_QUEUE", "8"),
+            // The default share: a quarter of the 10 places.
+            ("BCRYPT_MAX_PER_ADDRESS", "2"),
             ("THROTTLE_ACCOUNT_THRESHOLD", "1000000"),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
         ])
