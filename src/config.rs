@@ -198,6 +198,9 @@ pub struct BcryptConfig {
     pub workers: usize,
     /// Hash jobs that may wait for a thread before Login answers RESOURCE_EXHAUSTED.
     pub queue: usize,
+    /// Jobs (running or waiting) one client address may hold at once, whatever the call,
+    /// so no address can take the whole pool from the others.
+    pub max_per_address: usize,
     /// How the hashing threads yield the CPU to the rest of authd.
     pub priority: HashPriority,
 }
@@ -439,6 +442,9 @@ pub struct ThrottleConfig {
     pub account: ThrottleLimit,
     /// Failed logins from one client address (IPv6: its /64).
     pub address: ThrottleLimit,
+    /// Register calls from one client address, successful or not: account creation
+    /// and name probing are rationed per address.
+    pub register: ThrottleLimit,
     /// The first wait past a threshold; each further failure doubles it, up to the cap.
     pub base_delay: Duration,
 }
@@ -586,6 +592,7 @@ struct RawEnv {
     bcrypt_cost: Option<String>,
     bcrypt_workers: Option<String>,
     bcrypt_queue: Option<String>,
+    bcrypt_max_per_address: Option<String>,
     bcrypt_nice: Option<String>,
     session_idle_timeout: Option<String>,
     max_sessions_per_user: Option<String>,
@@ -619,6 +626,9 @@ struct RawEnv {
     throttle_address_threshold: Option<String>,
     throttle_address_window: Option<String>,
     throttle_address_max_delay: Option<String>,
+    throttle_register_threshold: Option<String>,
+    throttle_register_window: Option<String>,
+    throttle_register_max_delay: Option<String>,
     throttle_base_delay: Option<String>,
     password_policy: Option<String>,
     password_min_length: Option<String>,
@@ -661,6 +671,7 @@ pub const SETTINGS: &[&str] = &[
     "BCRYPT_COST",
     "BCRYPT_WORKERS",
     "BCRYPT_QUEUE",
+    "BCRYPT_MAX_PER_ADDRESS",
     "BCRYPT_NICE",
     "SESSION_IDLE_TIMEOUT",
     "MAX_SESSIONS_PER_USER",
@@ -699,6 +710,9 @@ pub const SETTINGS: &[&str] = &[
     "THROTTLE_ADDRESS_THRESHOLD",
     "THROTTLE_ADDRESS_WINDOW",
     "THROTTLE_ADDRESS_MAX_DELAY",
+    "THROTTLE_REGISTER_THRESHOLD",
+    "THROTTLE_REGISTER_WINDOW",
+    "THROTTLE_REGISTER_MAX_DELAY",
     "THROTTLE_BASE_DELAY",
     "PASSWORD_POLICY",
     "PASSWORD_MIN_LENGTH",
@@ -903,10 +917,25 @@ impl Config {
         if workers == 0 {
             return Err(ConfigError::new("BCRYPT_WORKERS", "must be at least 1"));
         }
+        let queue = number("BCRYPT_QUEUE", raw.bcrypt_queue, workers * 4)?;
+        // A quarter of the pool by default: it takes four busy addresses to fill it, and
+        // everyone else still finds a slot while one address floods.
+        let max_per_address = number(
+            "BCRYPT_MAX_PER_ADDRESS",
+            raw.bcrypt_max_per_address,
+            ((workers + queue) / 4).max(1),
+        )?;
+        if max_per_address == 0 {
+            return Err(ConfigError::new(
+                "BCRYPT_MAX_PER_ADDRESS",
+                "must be at least 1",
+            ));
+        }
         let bcrypt = BcryptConfig {
             cost,
             workers,
-            queue: number("BCRYPT_QUEUE", raw.bcrypt_queue, workers * 4)?,
+            queue,
+            max_per_address,
             priority: hash_priority(raw.bcrypt_nice)?,
         };
 
@@ -1334,6 +1363,19 @@ fn throttle(raw: &RawEnv) -> Result<ThrottleConfig, ConfigError> {
                 raw.throttle_address_max_delay.clone(),
             ],
             (5, Duration::from_secs(15 * 60), Duration::from_secs(3600)),
+        )?,
+        register: limit(
+            [
+                "THROTTLE_REGISTER_THRESHOLD",
+                "THROTTLE_REGISTER_WINDOW",
+                "THROTTLE_REGISTER_MAX_DELAY",
+            ],
+            [
+                raw.throttle_register_threshold.clone(),
+                raw.throttle_register_window.clone(),
+                raw.throttle_register_max_delay.clone(),
+            ],
+            (20, Duration::from_secs(3600), Duration::from_secs(3600)),
         )?,
         base_delay,
     })
@@ -1960,6 +2002,9 @@ mod tests {
             ("THROTTLE_ADDRESS_WINDOW", "soon"),
             ("THROTTLE_ADDRESS_MAX_DELAY", "1ms"),
             ("THROTTLE_BASE_DELAY", "0s"),
+            ("THROTTLE_REGISTER_THRESHOLD", "0"),
+            ("THROTTLE_REGISTER_WINDOW", "hourly"),
+            ("BCRYPT_MAX_PER_ADDRESS", "0"),
             ("PASSWORD_POLICY", "strict"),
             ("PASSWORD_MIN_LENGTH", "7"),
             ("PASSWORD_MIN_STRENGTH", "5"),
@@ -2128,6 +2173,9 @@ mod tests {
         assert_eq!(c.throttle.address.threshold, 5);
         assert_eq!(c.throttle.address.max_delay, Duration::from_secs(3600));
         assert_eq!(c.throttle.base_delay, Duration::from_secs(1));
+        assert_eq!(c.throttle.register.threshold, 20);
+        assert_eq!(c.throttle.register.window, Duration::from_secs(3600));
+        assert_eq!(c.throttle.register.max_delay, Duration::from_secs(3600));
         assert_eq!(c.password_policy.mode, PasswordPolicyMode::Classic);
         assert_eq!(c.password_policy.min_length, 8);
         assert_eq!(c.audit.retention, Duration::from_secs(90 * 86_400));

@@ -96,6 +96,12 @@ pub enum AuthError {
         /// How long until the next attempt is allowed.
         retry_after: Duration,
     },
+    /// Register: too many calls from this address; wait and retry.
+    #[error("too many registrations from this address; retry later")]
+    RegistrationThrottled {
+        /// How long until the next call is allowed.
+        retry_after: Duration,
+    },
     /// A store the call needs cannot be reached.
     #[error("{store} unavailable")]
     Unavailable {

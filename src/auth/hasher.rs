@@ -1,9 +1,12 @@
 //! bcrypt on a bounded pool of dedicated threads, never on the async workers. A job
 //! first takes a [`Slot`] (one of `workers + queue`); when none is free it is refused at
-//! once, so a login storm is shed instead of queued. The threads run at a lower CPU
-//! priority (`BCRYPT_NICE`), so a storm cannot starve the async workers that answer
+//! once, so a login storm is shed instead of queued. One client address may hold at
+//! most `BCRYPT_MAX_PER_ADDRESS` slots, whatever calls it makes, so a flood from one
+//! address is shed while everyone else still finds a slot. The threads run at a lower
+//! CPU priority (`BCRYPT_NICE`), so a storm cannot starve the async workers that answer
 //! ValidateToken.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -19,14 +22,52 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// One job's work: bcrypt, or other CPU-heavy work on a password (the policy's strength
 /// estimate). It is given its slot, to free before it answers.
-type Work = Box<dyn FnOnce(OwnedSemaphorePermit) + Send>;
+type Work = Box<dyn FnOnce(Held) + Send>;
 
 struct Job {
     work: Work,
     span: tracing::Span,
     queued_at: Instant,
     /// Held until the work is done: a slot is free only once its job has finished.
-    _slot: OwnedSemaphorePermit,
+    _slot: Held,
+}
+
+/// A slot as a job holds it: one of the pool's, and one of its address's share.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    _share: Option<Share>,
+}
+
+/// How many slots each address holds now.
+#[derive(Debug)]
+struct Shares {
+    max_per_address: usize,
+    held: Mutex<HashMap<String, usize>>,
+}
+
+impl Shares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Every change is one insert or remove: a poisoned lock is still consistent.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One slot of an address's share; given back when dropped.
+struct Share {
+    shares: Arc<Shares>,
+    address: String,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.shares.lock();
+        if let Some(n) = held.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// A fixed set of hashing threads with a bounded queue in front.
@@ -35,6 +76,7 @@ pub struct PasswordHasher {
     queue: Sender<Job>,
     /// `workers + queue` slots: the jobs running plus those that may wait.
     slots: Arc<Semaphore>,
+    shares: Arc<Shares>,
     cost: u32,
 }
 
@@ -44,7 +86,7 @@ pub struct PasswordHasher {
 #[must_use = "a slot is only useful for hashing"]
 pub struct Slot {
     queue: Sender<Job>,
-    permit: OwnedSemaphorePermit,
+    held: Held,
     cost: u32,
 }
 
@@ -81,24 +123,54 @@ impl PasswordHasher {
         Ok(Self {
             queue,
             slots: Arc::new(Semaphore::new(config.workers + config.queue)),
+            shares: Arc::new(Shares {
+                max_per_address: config.max_per_address,
+                held: Mutex::new(HashMap::new()),
+            }),
             cost: config.cost,
         })
     }
 
-    /// A slot for one job, or RESOURCE_EXHAUSTED at once when all are taken.
-    pub fn reserve(&self) -> Result<Slot, AuthError> {
+    /// A slot for one job of the client at `address` (a key from
+    /// [`crate::auth::throttle::address_key`]; `None`: a caller with no share to keep,
+    /// such as a trusted gateway), or RESOURCE_EXHAUSTED at once when all slots are
+    /// taken or the address holds its whole share.
+    pub fn reserve(&self, address: Option<&str>) -> Result<Slot, AuthError> {
+        let overloaded = |share_full: bool| {
+            metrics::counter!("authd_bcrypt_rejected_total").increment(1);
+            if share_full {
+                metrics::counter!("authd_bcrypt_address_share_rejected_total").increment(1);
+            }
+            AuthError::Overloaded {
+                retry_after: RETRY_AFTER,
+            }
+        };
+        let share = match address {
+            Some(address) => {
+                let mut held = self.shares.lock();
+                let n = held.entry(address.to_owned()).or_insert(0);
+                if *n >= self.shares.max_per_address {
+                    return Err(overloaded(true));
+                }
+                *n += 1;
+                Some(Share {
+                    shares: Arc::clone(&self.shares),
+                    address: address.to_owned(),
+                })
+            }
+            None => None,
+        };
+        // On refusal the share (if any) is dropped, and so given back.
         match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => Ok(Slot {
                 queue: self.queue.clone(),
-                permit,
+                held: Held {
+                    _permit: permit,
+                    _share: share,
+                },
                 cost: self.cost,
             }),
-            Err(_) => {
-                metrics::counter!("authd_bcrypt_rejected_total").increment(1);
-                Err(AuthError::Overloaded {
-                    retry_after: RETRY_AFTER,
-                })
-            }
+            Err(_) => Err(overloaded(false)),
         }
     }
 
@@ -107,24 +179,30 @@ impl PasswordHasher {
         self.cost
     }
 
-    /// Hashes `password` at the configured cost.
-    pub async fn hash(&self, password: &str) -> Result<String, AuthError> {
-        self.reserve()?.hash(password).await
+    /// Hashes `password` at the configured cost, for the client at `address`.
+    pub async fn hash(&self, address: Option<&str>, password: &str) -> Result<String, AuthError> {
+        self.reserve(address)?.hash(password).await
     }
 
-    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`). A hash that
-    /// cannot be parsed verifies nothing, and is logged.
-    pub async fn verify(&self, password: &str, hash: &str) -> Result<bool, AuthError> {
-        self.reserve()?.verify(password, hash).await
+    /// Checks `password` against `hash` (any of `$2a$`, `$2b$`, `$2y$`), for the client
+    /// at `address`. A hash that cannot be parsed verifies nothing, and is logged.
+    pub async fn verify(
+        &self,
+        address: Option<&str>,
+        password: &str,
+        hash: &str,
+    ) -> Result<bool, AuthError> {
+        self.reserve(address)?.verify(password, hash).await
     }
 
-    /// Runs `f` (CPU-heavy work on a password) on the pool, shed like a hash when the
-    /// queue is full.
+    /// Runs `f` (CPU-heavy work on a password) on the pool for the client at `address`,
+    /// shed like a hash when the queue or the address's share is full.
     pub async fn run<T: Send + 'static>(
         &self,
+        address: Option<&str>,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AuthError> {
-        self.reserve()?.run(f).await
+        self.reserve(address)?.run(f).await
     }
 }
 
@@ -139,18 +217,32 @@ impl Slot {
 
     /// As [`PasswordHasher::verify`], in this slot.
     pub async fn verify(self, password: &str, hash: &str) -> Result<bool, AuthError> {
+        self.verify_timed(password, hash).await.map(|(ok, _)| ok)
+    }
+
+    /// As [`Slot::verify`], with how long the bcrypt work itself took (not the wait
+    /// for a thread).
+    pub async fn verify_timed(
+        self,
+        password: &str,
+        hash: &str,
+    ) -> Result<(bool, Duration), AuthError> {
         let (password, hash) = (
             Secret::new(password.to_owned()),
             Secret::new(hash.to_owned()),
         );
-        match self
-            .run(move || bcrypt::verify(password.expose(), hash.expose()))
-            .await?
-        {
-            Ok(ok) => Ok(ok),
+        let (verified, took) = self
+            .run(move || {
+                let started = Instant::now();
+                let verified = bcrypt::verify(password.expose(), hash.expose());
+                (verified, started.elapsed())
+            })
+            .await?;
+        match verified {
+            Ok(ok) => Ok((ok, took)),
             Err(e) => {
                 tracing::error!(error = %e, "stored password hash is not a bcrypt hash");
-                Ok(false)
+                Ok((false, took))
             }
         }
     }
@@ -179,7 +271,7 @@ impl Slot {
             work,
             span: tracing::Span::current(),
             queued_at: Instant::now(),
-            _slot: self.permit,
+            _slot: self.held,
         };
         // Counted before it is queued, so a worker's decrement never comes first.
         let depth = metrics::gauge!("authd_bcrypt_queue_depth");
@@ -284,6 +376,7 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 4,
+            max_per_address: 5,
             priority: HashPriority::Nice(0),
         })
         .unwrap();
@@ -291,15 +384,15 @@ mod tests {
         for prefix in ["$2a$", "$2b$", "$2y$"] {
             let h = h.replacen("$2b$", prefix, 1);
             assert!(
-                hasher.verify("Secret-pass-1", &h).await.unwrap(),
+                hasher.verify(None, "Secret-pass-1", &h).await.unwrap(),
                 "{prefix}"
             );
             assert!(
-                !hasher.verify("Secret-pass-2", &h).await.unwrap(),
+                !hasher.verify(None, "Secret-pass-2", &h).await.unwrap(),
                 "{prefix}"
             );
         }
-        assert!(!hasher.verify("x", "garbage").await.unwrap());
+        assert!(!hasher.verify(None, "x", "garbage").await.unwrap());
     }
 
     #[tokio::test]
@@ -308,19 +401,20 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 1,
+            max_per_address: 2,
             priority: HashPriority::Nice(0),
         })
         .unwrap();
         for _ in 0..3 {
-            let failed = hasher.run(|| -> u32 { panic!("a job panics") }).await;
+            let failed = hasher.run(None, || -> u32 { panic!("a job panics") }).await;
             assert!(matches!(failed, Err(AuthError::Internal(_))), "{failed:?}");
         }
         // The one thread still runs jobs, and every slot came back.
-        let after = tokio::time::timeout(Duration::from_secs(10), hasher.run(|| 7)).await;
+        let after = tokio::time::timeout(Duration::from_secs(10), hasher.run(None, || 7)).await;
         assert_eq!(after.expect("the thread died with the panic").unwrap(), 7);
         assert!(
             hasher
-                .verify("x", &bcrypt::hash("x", 4).unwrap())
+                .verify(None, "x", &bcrypt::hash("x", 4).unwrap())
                 .await
                 .unwrap()
         );
@@ -364,11 +458,12 @@ mod tests {
             cost: 4,
             workers: 1,
             queue: 1,
+            max_per_address: 2,
             priority: HashPriority::Nice(7), // no other test uses 7
         })
         .unwrap();
         // Once a job has run, the thread has set its priority.
-        hasher.hash("Secret-pass-1").await.unwrap();
+        hasher.hash(None, "Secret-pass-1").await.unwrap();
         let nice = stat_of_threads("bcrypt-0", NICE);
         assert!(nice.contains(&7), "bcrypt threads' niceness: {nice:?}");
     }
@@ -391,7 +486,7 @@ mod tests {
         )
         .unwrap();
         // Once a job has run, the thread has set its priority.
-        hasher.hash("Secret-pass-1").await.unwrap();
+        hasher.hash(None, "Secret-pass-1").await.unwrap();
         assert_eq!(stat_of_threads("idle-pool-0", POLICY), vec![SCHED_IDLE]);
     }
 
@@ -401,10 +496,11 @@ mod tests {
             cost: 12,
             workers: 1,
             queue: 1,
+            max_per_address: 2,
             priority: HashPriority::Nice(0),
         })
         .unwrap();
-        let calls: Vec<_> = (0..4).map(|_| hasher.hash("Secret-pass-1")).collect();
+        let calls: Vec<_> = (0..4).map(|_| hasher.hash(None, "Secret-pass-1")).collect();
         let results = futures::future::join_all(calls).await;
         let shed = results
             .iter()
@@ -412,5 +508,43 @@ mod tests {
             .count();
         assert!(shed >= 1, "no job was shed");
         assert!(results.iter().any(Result::is_ok), "no job ran");
+    }
+
+    #[tokio::test]
+    async fn one_address_holds_at_most_its_share_and_gives_it_back() {
+        let hasher = PasswordHasher::start(&BcryptConfig {
+            cost: 4,
+            workers: 1,
+            queue: 5,
+            max_per_address: 2,
+            priority: HashPriority::Nice(0),
+        })
+        .unwrap();
+        let a1 = hasher.reserve(Some("192.0.2.1")).unwrap();
+        let a2 = hasher.reserve(Some("192.0.2.1")).unwrap();
+        assert!(matches!(
+            hasher.reserve(Some("192.0.2.1")),
+            Err(AuthError::Overloaded { .. })
+        ));
+        // Others still find slots, and callers without a share are not counted in one.
+        let b = hasher.reserve(Some("192.0.2.2")).unwrap();
+        let free: Vec<Slot> = (0..3).map(|_| hasher.reserve(None).unwrap()).collect();
+        assert!(matches!(
+            hasher.reserve(Some("192.0.2.3")),
+            Err(AuthError::Overloaded { .. })
+        ));
+        drop((b, free));
+        // A slot is given back once its job has run.
+        assert!(
+            a1.verify("x", &bcrypt::hash("x", 4).unwrap())
+                .await
+                .unwrap()
+        );
+        drop(a2);
+        let again: Vec<Slot> = (0..2)
+            .map(|_| hasher.reserve(Some("192.0.2.1")).unwrap())
+            .collect();
+        assert_eq!(again.len(), 2);
+        assert!(hasher.shares.lock().len() <= 1);
     }
 }

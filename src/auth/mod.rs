@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod error;
 pub mod hasher;
+pub mod padding;
 pub mod password;
 pub mod remembered;
 pub mod service;

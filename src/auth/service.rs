@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
+use super::padding::{self, FailurePadding};
 use super::password::{NewPassword, check_size};
 use super::remembered::RememberedRevocations;
-use super::throttle::{Lockout, Subject, Throttle};
+use super::throttle::{Attempt, Lockout, Subject, Throttle, address_key};
 use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::watchers::{WatchPermit, Watchers};
@@ -113,6 +114,9 @@ pub struct AuthCore {
     /// A hash of a random password at the configured cost: unknown users pay one verify
     /// against it, so response time does not tell which usernames exist.
     dummy_hash: String,
+    /// What failed password checks are padded to, so that neither an unknown user nor
+    /// the cost of a user's hash shows in the time a failure takes.
+    padding: Arc<FailurePadding>,
     throttle: Throttle,
     audit: AuditLog,
     names: NameHasher,
@@ -138,12 +142,19 @@ impl AuthCore {
         hasher: PasswordHasher,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AuthError> {
-        // Made once at start-up, outside the queue (which may be sized 0).
+        // Made once at start-up, outside the queue (which may be sized 0); its time is the
+        // first estimate of a verify's.
         let cost = hasher.cost();
-        let dummy_hash = tokio::task::spawn_blocking(move || bcrypt::hash(random_id(), cost))
-            .await
-            .map_err(|e| AuthError::Internal(e.into()))?
-            .map_err(|e| AuthError::Internal(e.into()))?;
+        let (dummy_hash, took) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            bcrypt::hash(random_id(), cost).map(|h| (h, started.elapsed()))
+        })
+        .await
+        .map_err(|e| AuthError::Internal(e.into()))?
+        .map_err(|e| AuthError::Internal(e.into()))?;
+        let padding = Arc::new(FailurePadding::new(cost, took));
+        refresh_max_cost(&users, &padding).await;
+        tokio::spawn(keep_max_cost_fresh(users.clone(), Arc::downgrade(&padding)));
         let throttle = Throttle::new(&config.throttle, sessions.throttle_store());
         let remembered = Arc::new(RememberedRevocations::new(
             config.revocation_memory_max,
@@ -174,6 +185,7 @@ impl AuthCore {
                 trusted_proxies: config.trusted_proxies.clone(),
             },
             dummy_hash,
+            padding,
             throttle,
             audit,
             names: NameHasher::new(&config.name_hash_key),
@@ -207,22 +219,58 @@ impl AuthCore {
         &self.sessions
     }
 
-    /// Creates a user.
-    pub async fn register(&self, username: &str, password: &str) -> Result<Registered, AuthError> {
+    /// Creates a user. Register calls are rationed per client address, and a name that
+    /// is taken is answered before any hashing.
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        client: ClientInfo,
+    ) -> Result<Registered, AuthError> {
+        let share = self.pool_share(&client);
+        if share.is_some() {
+            // Users live in the database: Register keeps working while the counters'
+            // store is down, held back only by the address's share of the hashing pool.
+            match self
+                .throttle
+                .admit_registration(&client.ip, self.clock.unix_millis())
+                .await
+            {
+                Err(AuthError::Unavailable { source, .. }) => {
+                    tracing::warn!(error = %source, "Register not rationed: the throttle's store is unavailable");
+                }
+                admitted => admitted?,
+            }
+        }
         let mut violations = Vec::new();
         let raw_username = username;
         let username = Username::parse(username)
             .map_err(|v| violations.push(v))
             .ok();
+        // Register says ALREADY_EXISTS anyway, so looking first reveals nothing more, and
+        // a taken name costs no hash. The insert's unique key still settles races.
+        if let Some(name) = &username
+            && self
+                .users
+                .find_by_username(name.as_str())
+                .await
+                .map_err(users_error)?
+                .is_some()
+        {
+            return Err(AuthError::UsernameTaken);
+        }
         let password = self
-            .check_new_password("password", password, raw_username.trim())
+            .check_new_password(share.as_deref(), "password", password, raw_username.trim())
             .await?
             .map_err(|v| violations.extend(v))
             .ok();
         let (Some(username), Some(password)) = (username, password) else {
             return Err(AuthError::InvalidArgument(violations));
         };
-        let hash = self.hasher.hash(password.expose()).await?;
+        let hash = self
+            .hasher
+            .hash(share.as_deref(), password.expose())
+            .await?;
         let user_id = uuid::Uuid::new_v4().to_string();
         match self.users.create(&user_id, username.as_str(), &hash).await {
             Ok(()) => {}
@@ -236,12 +284,25 @@ impl AuthCore {
         })
     }
 
+    /// The share of the hashing pool `client`'s jobs count against: its address, or
+    /// none for a caller in `TRUSTED_PROXIES` speaking for many users (a gateway that
+    /// rations its own clients). Such a caller's Registers are not rationed either.
+    fn pool_share(&self, client: &ClientInfo) -> Option<String> {
+        let trusted = client
+            .ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| self.rules.trusted_proxies.trusts(ip.to_canonical()));
+        (!trusted).then(|| address_key(&client.ip))
+    }
+
     /// The policy's verdict on a new password. `nist` mode's zxcvbn estimate can take
     /// seconds of CPU on a crafted 72-byte password (each distinct l33t character
-    /// multiplies its work), so it runs on the hashing pool — bounded, shed when full —
-    /// and never blocks an async worker. `classic` mode is cheap and runs here.
+    /// multiplies its work), so it runs on the hashing pool — bounded, shed when full,
+    /// in the caller's share — and never blocks an async worker. `classic` mode is cheap
+    /// and runs here.
     async fn check_new_password(
         &self,
+        share: Option<&str>,
         field: &'static str,
         password: &str,
         username: &str,
@@ -252,13 +313,16 @@ impl AuthCore {
         }
         let (password, username) = (password.to_owned(), username.to_owned());
         self.hasher
-            .run(move || NewPassword::parse(field, &password, &policy, &[&username]))
+            .run(share, move || {
+                NewPassword::parse(field, &password, &policy, &[&username])
+            })
             .await
     }
 
     /// Checks a password and opens a session. Unknown user, wrong password and empty
-    /// password are one error, after the same bcrypt work. An account or address that
-    /// must wait is refused before any lookup or bcrypt, alike whether it exists.
+    /// password are one error, after the same time (see [`FailurePadding`]). An account
+    /// or address that must wait is refused before any lookup or bcrypt, alike whether
+    /// it exists; every other attempt is counted before its password is checked.
     pub async fn login(
         &self,
         username: &str,
@@ -277,27 +341,47 @@ impl AuthCore {
         let canonical = Username::canonical(username);
         let name_hash = self.names.hash(&canonical);
         let who = Subject::new(&name_hash, &client.ip);
-        self.refuse_if_throttled(&who, "login", || {
-            AuditEvent::new(AuditKind::Throttled, &client).username_hash(&name_hash)
-        })
-        .await?;
+        let attempt = self
+            .admit(&who, "login", || {
+                AuditEvent::new(AuditKind::Throttled, &client).username_hash(&name_hash)
+            })
+            .await?;
 
-        // The bcrypt slot comes before the lookup: under a storm a shed Login costs no
-        // database query, and admitted ones do not pile up on the pool. Known and unknown
-        // users take it alike, so the refusal says nothing about which names exist.
-        let slot = self.hasher.reserve()?;
-        let user = match Username::parse(&canonical) {
-            Ok(name) => self
-                .users
-                .find_by_username(name.as_str())
-                .await
-                .map_err(users_error)?,
-            Err(_) => None,
+        let checked = async {
+            // The bcrypt slot comes before the lookup: under a storm a shed Login costs no
+            // database query, and admitted ones do not pile up on the pool. Known and
+            // unknown users take it alike, so the refusal says nothing about which names
+            // exist.
+            let slot = self.hasher.reserve(self.pool_share(&client).as_deref())?;
+            let user = match Username::parse(&canonical) {
+                Ok(name) => self
+                    .users
+                    .find_by_username(name.as_str())
+                    .await
+                    .map_err(users_error)?,
+                Err(_) => None,
+            };
+            let hash = user
+                .as_ref()
+                .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+            let cost = hash_cost(hash);
+            if let Some(cost) = cost {
+                self.padding.saw_stored_cost(cost);
+            }
+            let (matches, took) = slot.verify_timed(password, hash).await?;
+            if let Some(cost) = cost {
+                self.padding.observe(cost, took);
+            }
+            Ok::<_, AuthError>((user, matches, took))
         };
-        let hash = user
-            .as_ref()
-            .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
-        let matches = slot.verify(password, hash).await?;
+        let (user, matches, took) = match checked.await {
+            Ok(checked) => checked,
+            Err(e) => {
+                // No password was checked: the attempt is no guess.
+                self.settle(&who, attempt, Settle::Withdraw).await;
+                return Err(e);
+            }
+        };
         let user = match user {
             Some(user) if matches && !password.is_empty() => user,
             user => {
@@ -315,11 +399,15 @@ impl AuthCore {
                     } else {
                         "unknown user"
                     }));
-                self.count_failure(&who, |lockout| event(AuditKind::Lockout).detail(lockout))
-                    .await;
+                self.record_lockouts(&attempt, |lockout| {
+                    event(AuditKind::Lockout).detail(lockout)
+                });
+                // An async sleep, not a hashing thread: padding costs no CPU.
+                tokio::time::sleep(self.padding.padding(took)).await;
                 return Err(AuthError::InvalidCredentials);
             }
         };
+        self.settle(&who, attempt, Settle::Succeeded).await;
 
         let now = self.clock.unix_seconds();
         let session_id = random_id();
@@ -363,8 +451,7 @@ impl AuthCore {
             )
             .await;
         }
-        self.forgive(&who, &user.id).await;
-        self.upgrade_hash_if_weak(&user.id, &user.password_hash, password)
+        self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
             .await;
         metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
         tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, "login");
@@ -381,70 +468,81 @@ impl AuthCore {
         })
     }
 
-    /// `Throttled` (recorded as such) while `who` must wait.
-    async fn refuse_if_throttled(
+    /// Counts an attempt against `who` before its password is checked, or `Throttled`
+    /// (recorded as such) while `who` must wait.
+    async fn admit(
         &self,
         who: &Subject,
         call: &str,
         throttled: impl FnOnce() -> AuditEvent,
-    ) -> Result<(), AuthError> {
-        let refused = self.throttle.check(who, self.clock.unix_millis()).await;
-        if let Err(AuthError::Throttled { retry_after }) = &refused {
+    ) -> Result<Attempt, AuthError> {
+        let admitted = self.throttle.admit(who, self.clock.unix_millis()).await;
+        if let Err(AuthError::Throttled { retry_after }) = &admitted {
             tracing::info!(retry_after = ?retry_after, "refused unchecked: too many failed attempts");
             self.audit.record(
                 throttled().detail(format!("{call}; retry after {}ms", retry_after.as_millis())),
             );
         }
-        refused
+        admitted
     }
 
-    /// Counts a failure against `who`, recording each lockout it causes. A counter
-    /// that cannot be written is logged: the answer (a refusal) stands either way.
-    async fn count_failure(&self, who: &Subject, lockout: impl Fn(String) -> AuditEvent) {
-        match self.throttle.failed(who, self.clock.unix_millis()).await {
-            Ok(lockouts) => {
-                for Lockout {
-                    scope,
-                    failures,
-                    wait,
-                } in lockouts
-                {
-                    tracing::info!(scope = scope.as_str(), failures, wait = ?wait, "lockout: attempts must wait");
-                    self.audit.record(lockout(format!(
-                        "{} after {failures} failures; wait {}ms",
-                        scope.as_str(),
-                        wait.as_millis()
-                    )));
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "failed attempt not counted"),
+    /// A failed attempt keeps its count; records each lockout it caused.
+    fn record_lockouts(&self, attempt: &Attempt, lockout: impl Fn(String) -> AuditEvent) {
+        for Lockout {
+            scope,
+            failures,
+            wait,
+        } in self.throttle.lockouts(attempt)
+        {
+            tracing::info!(scope = scope.as_str(), failures, wait = ?wait, "lockout: attempts must wait");
+            self.audit.record(lockout(format!(
+                "{} after {failures} failures; wait {}ms",
+                scope.as_str(),
+                wait.as_millis()
+            )));
         }
     }
 
-    /// After a success: the account's failure count starts again.
-    async fn forgive(&self, who: &Subject, user_id: &str) {
-        if let Err(e) = self.throttle.succeeded(who).await {
-            tracing::warn!(user_id, error = %e, "failed-attempt count not reset");
+    /// Gives back an attempt that was no failure. A counter that cannot be written is
+    /// logged: it then counts one attempt too many until its window ends, which errs on
+    /// the safe side.
+    async fn settle(&self, who: &Subject, attempt: Attempt, how: Settle) {
+        let now = self.clock.unix_millis();
+        let settled = match how {
+            Settle::Succeeded => self.throttle.succeeded(who, attempt, now).await,
+            Settle::Withdraw => self.throttle.withdraw(who, attempt, now).await,
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "attempt count not given back");
         }
     }
 
-    /// Rehashes at the configured cost a password whose stored hash is cheaper. Failure
-    /// only delays the upgrade to the next login.
-    async fn upgrade_hash_if_weak(&self, user_id: &str, old_hash: &str, password: &str) {
-        if hash_cost(old_hash).is_none_or(|cost| cost >= self.hasher.cost()) {
+    /// Rehashes at `BCRYPT_COST` a password whose stored hash has another cost: cheaper
+    /// ones are upgraded, and costlier ones (an import, or `BCRYPT_COST` lowered) come
+    /// down, so the costliest stored hash, which every failed check is padded to, goes
+    /// with them. Failure only delays this to the next login.
+    async fn rehash_at_configured_cost(
+        &self,
+        client: &ClientInfo,
+        user_id: &str,
+        old_hash: &str,
+        password: &str,
+    ) {
+        if hash_cost(old_hash).is_none_or(|cost| cost == self.hasher.cost()) {
             return;
         }
-        let upgraded = match self.hasher.hash(password).await {
+        let share = self.pool_share(client);
+        let rehashed = match self.hasher.hash(share.as_deref(), password).await {
             Ok(new_hash) => self.users.upgrade_hash(user_id, old_hash, &new_hash).await,
             Err(e) => {
-                tracing::debug!(user_id, error = %e, "password hash upgrade deferred");
+                tracing::debug!(user_id, error = %e, "password rehash deferred");
                 return;
             }
         };
-        match upgraded {
-            Ok(true) => tracing::info!(user_id, "password hash upgraded to the configured cost"),
+        match rehashed {
+            Ok(true) => tracing::info!(user_id, "password rehashed at the configured cost"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(user_id, error = %e, "password hash upgrade failed"),
+            Err(e) => tracing::warn!(user_id, error = %e, "password rehash failed"),
         }
     }
 
@@ -490,6 +588,17 @@ impl AuthCore {
     }
 
     /// Replaces the password and ends every other session of the user.
+    ///
+    /// The current password is checked against the hash read, and the new hash takes its
+    /// place only if that hash is still the stored one (one conditional update, which
+    /// also moves `sessions_valid_after`): of concurrent changes exactly one wins, and
+    /// the others, whose current password is no longer current, answer PERMISSION_DENIED
+    /// and revoke nothing. The winner then ends every session but its own, and announces
+    /// it. Should the session store fail at that point, the password has changed but the
+    /// other sessions may still be live in it, so the call answers UNAVAILABLE, never
+    /// OK: a revocation not recorded is not reported as done. Meanwhile the moved
+    /// `sessions_valid_after` refuses the old tokens wherever Redis cannot be asked
+    /// (open mode); calling again with the new password as the current one ends them.
     pub async fn change_password(
         &self,
         bearer: Option<&str>,
@@ -498,19 +607,26 @@ impl AuthCore {
         client: ClientInfo,
     ) -> Result<u32, AuthError> {
         let claims = self.authenticate(bearer).await?;
+        let share = self.pool_share(&client);
         let mut violations = Vec::new();
         if let Err(v) = check_size("current_password", current_password) {
             violations.push(v);
         }
         let new_password = self
-            .check_new_password("new_password", new_password, &claims.username)
+            .check_new_password(
+                share.as_deref(),
+                "new_password",
+                new_password,
+                &claims.username,
+            )
             .await?
             .map_err(|v| violations.extend(v))
             .ok();
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
-        // Wrong current passwords count against the same account as failed logins.
+        // Wrong current passwords count against the same account as failed logins, and
+        // are counted before they are checked, like them.
         let name_hash = self.names.hash(&claims.username);
         let who = Subject::new(&name_hash, &client.ip);
         let event = |kind| {
@@ -520,59 +636,77 @@ impl AuthCore {
                 .session(&claims.sid)
                 .jti(&claims.jti)
         };
-        self.refuse_if_throttled(&who, "change_password", || event(AuditKind::Throttled))
+        let attempt = self
+            .admit(&who, "change_password", || event(AuditKind::Throttled))
             .await?;
-        let user = self
-            .users
-            .find_by_id(&claims.sub)
-            .await
-            .map_err(users_error)?
-            .ok_or(AuthError::Unauthenticated)?;
-        if !self
+        let checked = async {
+            let user = self
+                .users
+                .find_by_id(&claims.sub)
+                .await
+                .map_err(users_error)?
+                .ok_or(AuthError::Unauthenticated)?;
+            let matches = self
+                .hasher
+                .verify(share.as_deref(), current_password, &user.password_hash)
+                .await?;
+            Ok::<_, AuthError>((user, matches))
+        };
+        let user = match checked.await {
+            Ok((user, true)) if !current_password.is_empty() => user,
+            Ok((user, _)) => {
+                tracing::info!(user_id = %user.id, "password change refused: wrong current password");
+                self.audit.record(
+                    event(AuditKind::PasswordChangeFailed).detail("wrong current password"),
+                );
+                self.record_lockouts(&attempt, |lockout| {
+                    event(AuditKind::Lockout).detail(lockout)
+                });
+                return Err(AuthError::WrongCurrentPassword);
+            }
+            Err(e) => {
+                self.settle(&who, attempt, Settle::Withdraw).await;
+                return Err(e);
+            }
+        };
+        self.settle(&who, attempt, Settle::Succeeded).await;
+        let new_hash = self
             .hasher
-            .verify(current_password, &user.password_hash)
-            .await?
-            || current_password.is_empty()
-        {
-            tracing::info!(user_id = %user.id, "password change refused: wrong current password");
-            self.audit
-                .record(event(AuditKind::PasswordChangeFailed).detail("wrong current password"));
-            self.count_failure(&who, |lockout| event(AuditKind::Lockout).detail(lockout))
-                .await;
-            return Err(AuthError::WrongCurrentPassword);
-        }
-        self.forgive(&who, &user.id).await;
-        let new_hash = self.hasher.hash(new_password.expose()).await?;
+            .hash(share.as_deref(), new_password.expose())
+            .await?;
 
-        // Sessions first: if Redis cannot record the revocations, nothing has changed and
-        // the caller can retry with the same current password.
         let now = self.clock.unix_seconds();
-        let mut revoked = self
-            .sessions
-            .revoke_others(&user.id, &claims.sid, now)
-            .await
-            .map_err(sessions_error)?;
         let changed = self
             .users
             .change_password(&user.id, &user.password_hash, &new_hash, now)
             .await
             .map_err(users_error)?;
         if !changed {
-            // Another change won the race; this one must not report success.
+            // Another change won the race: this one's current password is not current
+            // any more, and it revokes nothing.
+            tracing::info!(user_id = %user.id, "password change refused: another change came first");
+            self.audit
+                .record(event(AuditKind::PasswordChangeFailed).detail("another change came first"));
             return Err(AuthError::WrongCurrentPassword);
         }
-        // A login that raced with the change may have opened a session with the old
-        // password after the first sweep; end it too.
-        match self
+        // Only the winner gets here. A login that checked the old password before the
+        // swap has had its session created by now, or is so close to it that this sweep
+        // is the best place to end it.
+        let revoked = match self
             .sessions
             .revoke_others(&user.id, &claims.sid, now)
             .await
         {
-            Ok(n) => revoked += n,
+            Ok(n) => n,
             Err(e) => {
-                tracing::warn!(user_id = %user.id, error = %e, "second session sweep after password change failed")
+                tracing::warn!(user_id = %user.id, error = %e, "password changed, but the other sessions could not be ended");
+                self.audit.record(
+                    event(AuditKind::PasswordChanged)
+                        .detail("other sessions NOT ended: session store unavailable"),
+                );
+                return Err(sessions_error(e));
             }
-        }
+        };
         self.announce(
             Revocation::User {
                 user_id: user.id.clone(),
@@ -898,6 +1032,38 @@ fn check_token_size(field: &'static str, token: &str) -> Result<(), AuthError> {
 
 fn seconds(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 4)
+}
+
+/// How an attempt that was no failure is given back.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// The password was right.
+    Succeeded,
+    /// The password was never checked.
+    Withdraw,
+}
+
+/// Reads the highest cost among the stored hashes into `padding`; on failure the
+/// previous value stays (lookups still raise it), and the failure is logged.
+async fn refresh_max_cost(users: &UserStore, padding: &FailurePadding) {
+    match users.max_hash_cost().await {
+        Ok(max) => padding.set_stored_max(max),
+        Err(e) => {
+            tracing::warn!(error = %e, "highest stored bcrypt cost not read; failed logins are padded to the highest seen")
+        }
+    }
+}
+
+/// Every [`padding::REFRESH`], reads the highest stored cost again, until the service
+/// is gone.
+async fn keep_max_cost_fresh(users: UserStore, padding: std::sync::Weak<FailurePadding>) {
+    loop {
+        tokio::time::sleep(padding::REFRESH).await;
+        let Some(padding) = padding.upgrade() else {
+            return;
+        };
+        refresh_max_cost(&users, &padding).await;
+    }
 }
 
 fn users_error(e: StoreError) -> AuthError {

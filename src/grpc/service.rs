@@ -295,7 +295,11 @@ impl AuthService for AuthGrpc {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         rpc(async {
             let req = request.get_ref();
-            let user = self.core.register(&req.username, &req.password).await?;
+            let client = self.caller(&request)?;
+            let user = self
+                .core
+                .register(&req.username, &req.password, client)
+                .await?;
             record_user_id(&user.user_id);
             Ok(pb::RegisterResponse {
                 user_id: user.user_id,

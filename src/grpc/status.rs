@@ -123,6 +123,11 @@ impl From<AuthError> for Status {
                 "too many failed attempts; retry later",
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            AuthError::RegistrationThrottled { retry_after } => Status::with_error_details(
+                Code::ResourceExhausted,
+                "too many registrations from this address; retry later",
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             AuthError::Unavailable { store, source } => {
                 tracing::warn!(error = format!("{source:#}"), "{store} unavailable");
                 Status::unavailable(format!("{store} unavailable; retry later"))

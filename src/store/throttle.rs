@@ -1,12 +1,16 @@
-//! Failed-attempt counters for throttling: in Redis, shared by every instance, or
-//! (embedded mode) in this process with the same semantics.
+//! Attempt counters for throttling: in Redis, shared by every instance, or (embedded
+//! mode) in this process with the same semantics.
 //!
-//! A counter holds the number of failures, the time of the last one and, once the
-//! count reaches its threshold, the time until which attempts are refused. Each failure
-//! at or past the threshold sets that wait to `base × 2^(count − threshold)`, capped.
-//! The counter is forgotten once `window` passes after the last failure and any wait it
-//! set, so every key carries a TTL and nothing is kept for ever. Times are the caller's
-//! clock, in milliseconds.
+//! A counter holds the number of attempts counted, the time of the last one and, once
+//! the count reaches its threshold, the time until which attempts are refused. An
+//! attempt is counted *before* its password is checked, in the same atomic step that
+//! checks the wait ([`ThrottleStore::reserve`]): concurrent attempts, on one instance or
+//! many, can never all slip in under the threshold. An attempt that turns out not to be
+//! a failure gives its count back ([`ThrottleStore::release`]) or clears the counter
+//! ([`ThrottleStore::reset`]). Each attempt counted at or past the threshold sets the
+//! wait to `base × 2^(count − threshold)`, capped. The counter is forgotten once
+//! `window` passes after the last attempt and any wait it set, so every key carries a
+//! TTL and nothing is kept for ever. Times are the caller's clock, in milliseconds.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -19,7 +23,7 @@ use crate::store::redis_conn::RedisConn;
 /// One counter's rules, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
-    /// Failures after which attempts wait.
+    /// Attempts after which further attempts wait.
     pub threshold: u32,
     /// Quiet time after which the count is forgotten.
     pub window_ms: i64,
@@ -30,7 +34,7 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The wait the `count`-th failure sets (0 below the threshold).
+    /// The wait the `count`-th counted attempt sets (0 below the threshold).
     pub fn delay_ms(&self, count: u32) -> i64 {
         if count < self.threshold {
             return 0;
@@ -42,13 +46,27 @@ impl Limit {
     }
 }
 
-/// A counter after a failure was recorded.
+/// One counter after an attempt was counted on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counted {
-    /// Failures within the window, this one included.
+    /// Attempts within the window, this one included.
     pub count: u32,
     /// Attempts are refused before this time (ms); in the past when not locked.
     pub locked_until_ms: i64,
+    /// The wait before this attempt, restored if it is released.
+    pub previous_until_ms: i64,
+}
+
+/// The answer to [`ThrottleStore::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Counted on every counter, in order.
+    Admitted(Vec<Counted>),
+    /// A counter must wait until this time (ms); nothing was counted.
+    Refused {
+        /// The latest wait among the counters that refused.
+        until_ms: i64,
+    },
 }
 
 /// The stored state of one counter.
@@ -67,13 +85,19 @@ impl Entry {
             .saturating_add(limit_window_ms)
     }
 
-    /// The state after a failure at `now`. The same rule as [`FAILURE`] in Lua.
-    fn after_failure(self, now: i64, limit: &Limit) -> Self {
-        let mut next = if self.expires_at(limit.window_ms) <= now {
+    /// As it stands at `now`: forgotten once expired.
+    fn current(self, now: i64, limit: &Limit) -> Self {
+        if self.expires_at(limit.window_ms) <= now {
             Self::default()
         } else {
             self
-        };
+        }
+    }
+
+    /// The state after an attempt at `now` is counted (the caller has checked that it
+    /// need not wait). The same rule as [`RESERVE`] in Lua.
+    fn after_attempt(self, now: i64, limit: &Limit) -> Self {
+        let mut next = self.current(now, limit);
         next.count = next.count.saturating_add(1);
         next.last_ms = now;
         if next.count >= limit.threshold {
@@ -81,11 +105,24 @@ impl Entry {
         }
         next
     }
+
+    /// The state after `counted` is given back; `None` when nothing is left. The same
+    /// rule as [`RELEASE`] in Lua.
+    fn after_release(self, counted: &Counted) -> Option<Self> {
+        let mut next = self;
+        next.count = next.count.checked_sub(1).filter(|n| *n > 0)?;
+        // The wait this attempt set goes, unless a later attempt set another since.
+        if next.locked_until_ms == counted.locked_until_ms {
+            next.locked_until_ms = counted.previous_until_ms;
+        }
+        Some(next)
+    }
 }
 
 /// KEYS: the counter. ARGV: now, window, threshold, base delay, max delay (ms).
-/// Returns {count, locked_until}. Mirrors `Entry::after_failure`.
-const FAILURE: &str = r"
+/// Refuses ({0, n, until, until}) while the counter's wait lasts; otherwise counts the
+/// attempt and returns {1, n, until, until before}. Mirrors `Entry::after_attempt`.
+const RESERVE: &str = r"
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local threshold, base, cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local f = redis.call('HMGET', KEYS[1], 'n', 'last', 'until')
@@ -94,6 +131,10 @@ if math.max(last, untl) + window <= now then
   n = 0
   untl = 0
 end
+if untl > now then
+  return {0, n, untl, untl}
+end
+local before = untl
 n = n + 1
 if n >= threshold then
   local delay = cap
@@ -103,7 +144,26 @@ if n >= threshold then
 end
 redis.call('HSET', KEYS[1], 'n', n, 'last', now, 'until', untl)
 redis.call('PEXPIRE', KEYS[1], math.max(untl, now) - now + window)
-return {n, untl}
+return {1, n, untl, before}
+";
+
+/// KEYS: the counter. ARGV: now, window, the wait the attempt set, the wait before it.
+/// Gives one counted attempt back. Mirrors `Entry::after_release`.
+const RELEASE: &str = r"
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local set, before = tonumber(ARGV[3]), tonumber(ARGV[4])
+local f = redis.call('HMGET', KEYS[1], 'n', 'last', 'until')
+if not f[1] then return 0 end
+local n, last, untl = tonumber(f[1]) - 1, tonumber(f[2]) or 0, tonumber(f[3]) or 0
+if untl == set then untl = before end
+local ttl = math.max(untl, last) - now + window
+if n <= 0 or ttl <= 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('HSET', KEYS[1], 'n', n, 'until', untl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return n
 ";
 
 /// Where the counters live.
@@ -116,7 +176,9 @@ pub enum ThrottleStore {
 }
 
 impl ThrottleStore {
-    /// The latest `locked_until` (ms) among `keys`; 0 when none is set.
+    /// The latest `locked_until` (ms) among `keys`; 0 when none is set. A cheap look
+    /// that writes nothing, before [`ThrottleStore::reserve`]: a refused flood costs no
+    /// writes.
     pub async fn locked_until(&self, keys: &[&str]) -> Result<i64, StoreError> {
         match self {
             Self::Redis(r) => r.locked_until(keys).await,
@@ -124,15 +186,31 @@ impl ThrottleStore {
         }
     }
 
-    /// Counts a failure on each counter.
-    pub async fn record_failure(
+    /// Counts one attempt on every counter, unless one of them must wait: then none
+    /// keeps it.
+    pub async fn reserve(
         &self,
         counters: &[(&str, Limit)],
         now_ms: i64,
-    ) -> Result<Vec<Counted>, StoreError> {
+    ) -> Result<Reservation, StoreError> {
         match self {
-            Self::Redis(r) => r.record_failure(counters, now_ms).await,
-            Self::Memory(m) => Ok(m.record_failure(counters, now_ms)),
+            Self::Redis(r) => r.reserve(counters, now_ms).await,
+            Self::Memory(m) => Ok(m.reserve(counters, now_ms)),
+        }
+    }
+
+    /// Gives back attempts [`ThrottleStore::reserve`] counted, with the waits they set.
+    pub async fn release(
+        &self,
+        counted: &[(&str, Limit, Counted)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.release(counted, now_ms).await,
+            Self::Memory(m) => {
+                m.release(counted);
+                Ok(())
+            }
         }
     }
 
@@ -152,7 +230,8 @@ impl ThrottleStore {
 pub struct RedisThrottle {
     conn: RedisConn,
     prefix: String,
-    failure: Script,
+    reserve: Script,
+    release: Script,
 }
 
 impl std::fmt::Debug for RedisThrottle {
@@ -169,7 +248,8 @@ impl RedisThrottle {
         Self {
             conn,
             prefix: prefix.to_owned(),
-            failure: Script::new(FAILURE),
+            reserve: Script::new(RESERVE),
+            release: Script::new(RELEASE),
         }
     }
 
@@ -189,19 +269,19 @@ impl RedisThrottle {
         Ok(found.into_iter().flatten().max().unwrap_or(0))
     }
 
-    async fn record_failure(
+    async fn reserve(
         &self,
         counters: &[(&str, Limit)],
         now_ms: i64,
-    ) -> Result<Vec<Counted>, StoreError> {
+    ) -> Result<Reservation, StoreError> {
         // One script per key (each touches only its own key, as Redis Cluster wants),
         // sent together. A pipeline runs scripts by hash only, so it loads the script
         // first (cheap when Redis has it already).
         let mut pipe = redis::pipe();
-        pipe.load_script(&self.failure).ignore();
+        pipe.load_script(&self.reserve).ignore();
         for (key, limit) in counters {
             pipe.invoke_script(
-                self.failure
+                self.reserve
                     .key(self.key(key))
                     .arg(now_ms)
                     .arg(limit.window_ms)
@@ -210,17 +290,70 @@ impl RedisThrottle {
                     .arg(limit.max_delay_ms),
             );
         }
-        let replies: Vec<(u32, i64)> = self
+        let replies: Vec<(u8, u32, i64, i64)> = self
             .conn
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
-        Ok(replies
+        let counted: Vec<(bool, Counted)> = replies
             .into_iter()
-            .map(|(count, locked_until_ms)| Counted {
-                count,
-                locked_until_ms,
+            .map(|(admitted, count, locked_until_ms, previous_until_ms)| {
+                (
+                    admitted == 1,
+                    Counted {
+                        count,
+                        locked_until_ms,
+                        previous_until_ms,
+                    },
+                )
             })
-            .collect())
+            .collect();
+        if counted.iter().all(|(admitted, _)| *admitted) {
+            return Ok(Reservation::Admitted(
+                counted.into_iter().map(|(_, c)| c).collect(),
+            ));
+        }
+        // Another key refused: the keys that counted the attempt give it back, or a
+        // refused attempt would count.
+        let until_ms = counted
+            .iter()
+            .filter(|(admitted, _)| !admitted)
+            .map(|(_, c)| c.locked_until_ms)
+            .max()
+            .unwrap_or(0);
+        let given_back: Vec<(&str, Limit, Counted)> = counters
+            .iter()
+            .zip(&counted)
+            .filter(|(_, (admitted, _))| *admitted)
+            .map(|((key, limit), (_, c))| (*key, *limit, *c))
+            .collect();
+        self.release(&given_back, now_ms).await?;
+        Ok(Reservation::Refused { until_ms })
+    }
+
+    async fn release(
+        &self,
+        counted: &[(&str, Limit, Counted)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if counted.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.release).ignore();
+        for (key, limit, c) in counted {
+            pipe.invoke_script(
+                self.release
+                    .key(self.key(key))
+                    .arg(now_ms)
+                    .arg(limit.window_ms)
+                    .arg(c.locked_until_ms)
+                    .arg(c.previous_until_ms),
+            )
+            .ignore();
+        }
+        self.conn
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
     }
 
     async fn reset(&self, key: &str) -> Result<(), StoreError> {
@@ -290,30 +423,59 @@ impl MemoryThrottle {
             .unwrap_or(0)
     }
 
-    fn record_failure(&self, counters: &[(&str, Limit)], now: i64) -> Vec<Counted> {
+    fn reserve(&self, counters: &[(&str, Limit)], now: i64) -> Reservation {
         let mut state = self.lock();
+        let current: Vec<Entry> = counters
+            .iter()
+            .map(|(key, limit)| {
+                state
+                    .counters
+                    .get(*key)
+                    .map(|(e, _)| e.current(now, limit))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let until_ms = current.iter().map(|e| e.locked_until_ms).max().unwrap_or(0);
+        if until_ms > now {
+            return Reservation::Refused { until_ms };
+        }
         state.writes += 1;
         if state.writes.is_multiple_of(SWEEP_EVERY) || state.counters.len() >= MAX_MEMORY_COUNTERS {
             state.sweep(now);
         }
-        counters
+        let counted = counters
             .iter()
-            .map(|(key, limit)| {
-                let previous = state
-                    .counters
-                    .get(*key)
-                    .map(|(e, _)| *e)
-                    .unwrap_or_default();
-                let next = previous.after_failure(now, limit);
+            .zip(current)
+            .map(|((key, limit), entry)| {
+                let next = entry.after_attempt(now, limit);
                 state
                     .counters
                     .insert((*key).to_owned(), (next, limit.window_ms));
                 Counted {
                     count: next.count,
                     locked_until_ms: next.locked_until_ms,
+                    previous_until_ms: entry.locked_until_ms,
                 }
             })
-            .collect()
+            .collect();
+        Reservation::Admitted(counted)
+    }
+
+    fn release(&self, counted: &[(&str, Limit, Counted)]) {
+        let mut state = self.lock();
+        for (key, _, c) in counted {
+            let Some((entry, window)) = state.counters.get(*key).copied() else {
+                continue;
+            };
+            match entry.after_release(c) {
+                Some(next) => {
+                    state.counters.insert((*key).to_owned(), (next, window));
+                }
+                None => {
+                    state.counters.remove(*key);
+                }
+            }
+        }
     }
 
     fn reset(&self, key: &str) {
@@ -349,22 +511,87 @@ mod tests {
         assert_eq!(LIMIT.delay_ms(u32::MAX), 5_000);
     }
 
+    /// Counts one attempt on `key`, which must be admitted.
+    fn count(m: &MemoryThrottle, key: &str, now: i64) -> Counted {
+        match m.reserve(&[(key, LIMIT)], now) {
+            Reservation::Admitted(c) => c[0],
+            refused => panic!("{key} at {now}: {refused:?}"),
+        }
+    }
+
     #[test]
-    fn a_counter_is_forgotten_a_window_after_its_last_failure_and_wait() {
+    fn a_counter_is_forgotten_a_window_after_its_last_attempt_and_wait() {
         let m = MemoryThrottle::new();
         let now = 1_000_000;
         for i in 0..3 {
-            m.record_failure(&[("a", LIMIT)], now + i);
+            count(&m, "a", now + i);
         }
-        // Locked for 1 s from the third failure.
+        // Locked for 1 s from the third attempt.
         assert_eq!(m.locked_until(&["a", "b"]), now + 2 + 1_000);
         // Within the window after the wait: the count goes on.
-        let c = m.record_failure(&[("a", LIMIT)], now + 2 + 1_000 + 59_000);
-        assert_eq!(c[0].count, 4);
+        let c = count(&m, "a", now + 2 + 1_000 + 59_000);
+        assert_eq!(c.count, 4);
         // A whole window of quiet after the wait: forgotten.
-        let later = c[0].locked_until_ms + 60_000;
-        let c = m.record_failure(&[("a", LIMIT)], later);
-        assert_eq!(c[0].count, 1);
+        let later = c.locked_until_ms + 60_000;
+        assert_eq!(count(&m, "a", later).count, 1);
+    }
+
+    #[test]
+    fn attempts_are_counted_before_they_are_checked_and_past_the_threshold_refused() {
+        let m = MemoryThrottle::new();
+        let now = 1_000_000;
+        // However many arrive at once, only the threshold's worth are admitted.
+        let admitted = (0..50)
+            .filter(|_| matches!(m.reserve(&[("a", LIMIT)], now), Reservation::Admitted(_)))
+            .count();
+        assert_eq!(admitted, 3);
+        assert_eq!(
+            m.reserve(&[("a", LIMIT)], now),
+            Reservation::Refused {
+                until_ms: now + 1_000
+            }
+        );
+        // Each unlock admits one attempt, which doubles the wait.
+        let c = count(&m, "a", now + 1_000);
+        assert_eq!((c.count, c.locked_until_ms), (4, now + 3_000));
+        assert!(matches!(
+            m.reserve(&[("a", LIMIT)], now + 1_000),
+            Reservation::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn a_released_attempt_gives_back_its_count_and_the_wait_it_set() {
+        let m = MemoryThrottle::new();
+        let now = 1_000_000;
+        count(&m, "a", now);
+        count(&m, "a", now);
+        let third = count(&m, "a", now);
+        assert_eq!(m.locked_until(&["a"]), now + 1_000);
+        m.release(&[("a", LIMIT, third)]);
+        assert_eq!(m.locked_until(&["a"]), 0);
+        assert_eq!(count(&m, "a", now).count, 3);
+        // Releasing every attempt forgets the counter.
+        let m = MemoryThrottle::new();
+        let only = count(&m, "b", now);
+        m.release(&[("b", LIMIT, only)]);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn one_refusing_counter_means_nothing_is_counted() {
+        let m = MemoryThrottle::new();
+        let now = 1_000_000;
+        for _ in 0..3 {
+            count(&m, "locked", now);
+        }
+        let refused = m.reserve(&[("fresh", LIMIT), ("locked", LIMIT)], now);
+        assert!(
+            matches!(refused, Reservation::Refused { .. }),
+            "{refused:?}"
+        );
+        assert_eq!(m.locked_until(&["fresh"]), 0);
+        assert_eq!(count(&m, "fresh", now).count, 1);
     }
 
     #[test]
@@ -376,7 +603,7 @@ mod tests {
         };
         for i in 0..(SWEEP_EVERY * 3) {
             let now = i64::try_from(i).unwrap() * 100;
-            m.record_failure(&[(&format!("k{i}"), quick)], now);
+            m.reserve(&[(&format!("k{i}"), quick)], now);
         }
         assert!(m.len() <= SWEEP_EVERY as usize, "{}", m.len());
         let mut state = m.lock();

@@ -192,7 +192,27 @@ impl UserStore {
             .map_err(classify)
     }
 
-    /// Replaces a hash with a stronger one of the same password, unless it changed meanwhile.
+    /// The highest bcrypt cost among the stored hashes (`None` when there is none). bcrypt
+    /// writes the cost as two digits after the prefix (`$2b$10$…`), so the greatest
+    /// string is the greatest cost. Reads the whole table: at start-up and now and then.
+    pub async fn max_hash_cost(&self) -> Result<Option<u32>, StoreError> {
+        let select = async {
+            on_pool!(self, |pool| sqlx::query_scalar::<_, Option<String>>(
+                "SELECT MAX(SUBSTR(password_hash, 5, 2)) FROM users \
+                 WHERE password_hash LIKE '$2_$__$%'",
+            )
+            .fetch_one(pool)
+            .await)
+        };
+        let max = self
+            .within(select, std::convert::identity)
+            .await
+            .map_err(classify)?;
+        Ok(max.and_then(|m| m.parse().ok()))
+    }
+
+    /// Replaces a hash with another of the same password (at the configured cost),
+    /// unless it changed meanwhile.
     pub async fn upgrade_hash(
         &self,
         id: &str,

@@ -23,6 +23,10 @@ use tonic::{Code, Request, Status};
 pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
 /// The credential every test server accepts from revocation watchers.
 pub const WATCH_CREDENTIAL: &str = "test-watch-credential-0123456789abcdef";
+/// Register calls one address may make in the test servers' settings (see `test_env`).
+pub const REGISTER_THRESHOLD: &str = "100000";
+/// Hashing jobs one address may hold in the test servers' settings (see `test_env`).
+pub const MAX_PER_ADDRESS: &str = "1000";
 /// A password that meets the policy.
 pub const PASSWORD: &str = "Correct-Horse-9";
 
@@ -99,6 +103,11 @@ pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String,
         ("BCRYPT_NICE", "0"),
         ("REDIS_RETRY_INTERVAL", "50ms"),
         ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+        // Every test client calls from 127.0.0.1, and many tests register more users, or
+        // hash more at once, than one address may by default; the tests of those limits
+        // set them themselves.
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -181,6 +190,8 @@ pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
         ("BCRYPT_COST", "4"),
         ("BCRYPT_NICE", "0"),
         ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -28,6 +28,8 @@ impl Deployment {
             ("REDIS_KEY_PREFIX", &key_prefix),
             // Room for every racer's hash at once: the race is the point, not shedding.
             ("BCRYPT_QUEUE", "256"),
+            ("BCRYPT_MAX_PER_ADDRESS", "256"),
+            ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
         ];
         // One after the other: the first creates the database and migrates it.
         let a = tokio::task::block_in_place(|| Authd::start(&env));

@@ -38,6 +38,7 @@ mod hostile_audit;
 mod hostile_discovery;
 mod hostile_logs;
 mod hostile_tokens;
+mod hostile_accounts;
 mod instances;
 mod keys;
 mod login;

@@ -1,6 +1,7 @@
 //! Login's response time must not tell an unknown user from a wrong or empty password
-//! (each pays one bcrypt verify), nor a throttled account that exists from one that
-//! does not (neither pays any). Measured over a few hundred interleaved calls per class
+//! (each pays one bcrypt verify, padded to the costliest stored hash), whatever the cost
+//! of the user's hash (an imported one may cost more or less than `BCRYPT_COST`), nor a
+//! throttled account that exists from one that does not (neither pays any). Measured over a few hundred interleaved calls per class
 //! and compared with robust statistics and generous bounds (P(slower) within 0.25–0.75,
 //! medians within 50%), so a busy machine does not make it flaky, while a missing or
 //! extra bcrypt (a 10× difference in time, P near 0 or 1) would still show.
@@ -17,20 +18,31 @@ const ACCOUNTS: usize = 20;
 /// (2 × ROUNDS / ACCOUNTS).
 const THRESHOLD: usize = 25;
 
+/// `BCRYPT_COST`, and the costs of two sets of imported hashes: one cheaper, one
+/// costlier (8 times the work: without padding a wrong password for such a user would
+/// take 8 times as long as for an unknown user).
+const COST: u32 = 5;
+const CHEAP_COST: u32 = 4;
+const COSTLY_COST: u32 = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
     UnknownUser,
     WrongPassword,
     EmptyPassword,
+    WrongPasswordCheapHash,
+    WrongPasswordCostlyHash,
     OverlongPassword,
     ThrottledKnown,
     ThrottledUnknown,
 }
 
-const CLASSES: [Class; 6] = [
+const CLASSES: [Class; 8] = [
     Class::UnknownUser,
     Class::WrongPassword,
     Class::EmptyPassword,
+    Class::WrongPasswordCheapHash,
+    Class::WrongPasswordCostlyHash,
     Class::OverlongPassword,
     Class::ThrottledKnown,
     Class::ThrottledUnknown,
@@ -39,9 +51,11 @@ const CLASSES: [Class; 6] = [
 impl Class {
     fn expected(self) -> Code {
         match self {
-            Class::UnknownUser | Class::WrongPassword | Class::EmptyPassword => {
-                Code::Unauthenticated
-            }
+            Class::UnknownUser
+            | Class::WrongPassword
+            | Class::EmptyPassword
+            | Class::WrongPasswordCheapHash
+            | Class::WrongPasswordCostlyHash => Code::Unauthenticated,
             Class::OverlongPassword => Code::InvalidArgument,
             Class::ThrottledKnown | Class::ThrottledUnknown => Code::ResourceExhausted,
         }
@@ -53,6 +67,13 @@ impl Class {
             Class::UnknownUser => (format!("ghost{}", round % ACCOUNTS), PASSWORD.into()),
             Class::WrongPassword => (account, "Wrong-Horse-9".into()),
             Class::EmptyPassword => (account, String::new()),
+            Class::WrongPasswordCheapHash => {
+                (format!("cheap{}", round % ACCOUNTS), "Wrong-Horse-9".into())
+            }
+            Class::WrongPasswordCostlyHash => (
+                format!("costly{}", round % ACCOUNTS),
+                "Wrong-Horse-9".into(),
+            ),
             Class::OverlongPassword => (account, "x".repeat(73)),
             Class::ThrottledKnown => ("lockedknown".into(), PASSWORD.into()),
             Class::ThrottledUnknown => ("lockedghost".into(), PASSWORD.into()),
@@ -83,13 +104,29 @@ fn superiority(a: &[Duration], b: &[Duration]) -> f64 {
     wins / (a.len() * b.len()) as f64
 }
 
+/// Inserts users `{prefix}0..` with a hash of `PASSWORD` at `cost`, as an import would.
+async fn import_users(app: &TestApp, prefix: &str, cost: u32) {
+    let db = app.db().await;
+    let hash = bcrypt::hash(PASSWORD, cost).unwrap();
+    for i in 0..ACCOUNTS {
+        sqlx::query("INSERT INTO users (id, username, password_hash) VALUES (?, ?, ?)")
+            .bind(format!("imported-{prefix}-{i}"))
+            .bind(format!("{prefix}{i}"))
+            .bind(&hash)
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+}
+
 async fn measure(backend: Backend) {
-    // bcrypt cost 7 (about 6 ms on an idle core): far above a no-work call (a few hundred
-    // µs) even when other tests share the two cores, and 600 verifies still take seconds.
+    // Failures are padded to the costliest hash, cost 8 (about 15 ms on an idle core):
+    // far above a no-work call (a few hundred µs) even when other tests share the two
+    // cores, and 1,000 padded failures still take seconds.
     let threshold = THRESHOLD.to_string();
     let app = backend
         .spawn_with(&[
-            ("BCRYPT_COST", "7"),
+            ("BCRYPT_COST", &COST.to_string()),
             ("THROTTLE_ACCOUNT_THRESHOLD", &threshold),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
         ])
@@ -97,6 +134,8 @@ async fn measure(backend: Backend) {
     for i in 0..ACCOUNTS {
         app.register(&format!("timer{i}"), PASSWORD).await.unwrap();
     }
+    import_users(&app, "cheap", CHEAP_COST).await;
+    import_users(&app, "costly", COSTLY_COST).await;
     app.register("lockedknown", PASSWORD).await.unwrap();
     for name in ["lockedknown", "lockedghost"] {
         for _ in 0..THRESHOLD {
@@ -126,8 +165,8 @@ async fn measure(backend: Backend) {
     for (class, m) in CLASSES.iter().zip(&medians) {
         eprintln!("  {class:?}: {m:?}");
     }
-    let bcrypt_classes = [0, 1, 2];
-    let no_work_classes = [3, 4, 5];
+    let bcrypt_classes = [0, 1, 2, 3, 4];
+    let no_work_classes = [5, 6, 7];
     let compare = |a: usize, b: usize| {
         let p = superiority(&times[a], &times[b]);
         let (ma, mb) = (medians[a].as_secs_f64(), medians[b].as_secs_f64());
@@ -158,7 +197,7 @@ async fn measure(backend: Backend) {
         }
     }
     // A throttled account that exists and one that does not: the same no work.
-    let (p, gap) = compare(4, 5);
+    let (p, gap) = compare(6, 7);
     assert!(
         (0.25..=0.75).contains(&p),
         "throttled known vs unknown: P = {p}"
@@ -167,7 +206,7 @@ async fn measure(backend: Backend) {
         gap < 0.5,
         "throttled known vs unknown: medians {gap:.2} apart"
     );
-    let _ = compare(3, 4);
+    let _ = compare(5, 6);
     // No bcrypt at all: every no-work class is well under any bcrypt class.
     let fastest_bcrypt = bcrypt_classes.iter().map(|&i| medians[i]).min().unwrap();
     for &i in &no_work_classes {
