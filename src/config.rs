@@ -333,6 +333,21 @@ pub struct GrpcLimits {
     pub keepalive_timeout: Duration,
 }
 
+/// Limits on connections themselves, before and beside the calls they carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From accept to a complete start: the TLS handshake (if any) and the HTTP/2 client
+    /// preface on the gRPC port, a whole request head on the HTTP port (and, there, each
+    /// later head on a kept-alive connection). Slower connections are closed.
+    pub preface_timeout: Duration,
+    /// Open gRPC connections; more are closed as soon as accepted. `None`: derived from
+    /// the process's file descriptor limit at start-up.
+    pub max_connections: Option<usize>,
+    /// Open HTTP (`/metrics`, `/healthz`) connections; more are closed as soon as
+    /// accepted. `None`: derived likewise.
+    pub http_max_connections: Option<usize>,
+}
+
 /// OpenTelemetry trace export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtlpConfig {
@@ -506,6 +521,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Limits on what callers may cost.
     pub limits: GrpcLimits,
+    /// Limits on connections: how many, and how soon they must start.
+    pub connections: ConnectionLimits,
     /// Trace export; `None` when `OTEL_EXPORTER_OTLP_ENDPOINT` is unset.
     pub otlp: Option<OtlpConfig>,
     /// Users.
@@ -610,6 +627,9 @@ struct RawEnv {
     grpc_request_timeout: Option<String>,
     grpc_keepalive_interval: Option<String>,
     grpc_keepalive_timeout: Option<String>,
+    connection_preface_timeout: Option<String>,
+    max_connections: Option<String>,
+    http_max_connections: Option<String>,
     otel_exporter_otlp_endpoint: Option<String>,
     otel_service_name: Option<String>,
     revocation_log_max_len: Option<String>,
@@ -689,6 +709,9 @@ pub const SETTINGS: &[&str] = &[
     "GRPC_REQUEST_TIMEOUT",
     "GRPC_KEEPALIVE_INTERVAL",
     "GRPC_KEEPALIVE_TIMEOUT",
+    "CONNECTION_PREFACE_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "HTTP_MAX_CONNECTIONS",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_SERVICE_NAME",
     "JWT_ALGORITHM",
@@ -772,6 +795,7 @@ impl Config {
         };
         let tls = tls(&raw)?;
         let limits = limits(&raw)?;
+        let connections = connections(&raw)?;
         let otlp = otlp(&raw)?;
         let users = users(&raw)?;
         let sessions = match redis(&raw)? {
@@ -960,6 +984,7 @@ impl Config {
             http_addr,
             tls,
             limits,
+            connections,
             otlp,
             users,
             sessions,
@@ -1168,6 +1193,26 @@ fn limits(raw: &RawEnv) -> Result<GrpcLimits, ConfigError> {
             raw.grpc_keepalive_timeout.clone(),
             Duration::from_secs(10),
         )?,
+    })
+}
+
+fn connections(raw: &RawEnv) -> Result<ConnectionLimits, ConfigError> {
+    let preface_timeout = positive_duration(
+        "CONNECTION_PREFACE_TIMEOUT",
+        raw.connection_preface_timeout.clone(),
+        Duration::from_secs(5),
+    )?;
+    let cap = |variable: &'static str, value: &Option<String>| match value {
+        None => Ok(None),
+        Some(v) => match number(variable, Some(v.clone()), 0usize)? {
+            0 => Err(ConfigError::new(variable, "must be at least 1")),
+            n => Ok(Some(n)),
+        },
+    };
+    Ok(ConnectionLimits {
+        preface_timeout,
+        max_connections: cap("MAX_CONNECTIONS", &raw.max_connections)?,
+        http_max_connections: cap("HTTP_MAX_CONNECTIONS", &raw.http_max_connections)?,
     })
 }
 
@@ -2223,6 +2268,43 @@ mod tests {
                 keepalive_timeout: Duration::from_secs(10),
             }
         );
+        assert_eq!(
+            c.connections,
+            ConnectionLimits {
+                preface_timeout: Duration::from_secs(5),
+                max_connections: None,
+                http_max_connections: None,
+            }
+        );
+    }
+
+    #[test]
+    fn connection_limits_are_read_and_zero_is_refused() {
+        let c = Config::from_vars(vars(&[
+            SECRET,
+            ("CONNECTION_PREFACE_TIMEOUT", "750ms"),
+            ("MAX_CONNECTIONS", "300"),
+            ("HTTP_MAX_CONNECTIONS", "8"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.connections,
+            ConnectionLimits {
+                preface_timeout: Duration::from_millis(750),
+                max_connections: Some(300),
+                http_max_connections: Some(8),
+            }
+        );
+        for (name, value) in [
+            ("CONNECTION_PREFACE_TIMEOUT", "0s"),
+            ("CONNECTION_PREFACE_TIMEOUT", "soon"),
+            ("MAX_CONNECTIONS", "0"),
+            ("MAX_CONNECTIONS", "lots"),
+            ("HTTP_MAX_CONNECTIONS", "0"),
+        ] {
+            let e = Config::from_vars(vars(&[SECRET, (name, value)])).unwrap_err();
+            assert!(e.to_string().contains(name), "{name}={value}: {e}");
+        }
     }
 
     #[test]

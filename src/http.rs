@@ -5,17 +5,22 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::TrustedProxies;
+use crate::transport::Admission;
 
 /// What the HTTP routes read.
 #[derive(Clone)]
@@ -57,18 +62,114 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
-pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std::io::Result<()>
+/// Serves `router` on `listener` until `shutdown` resolves, then lets the requests under
+/// way finish. HTTP/1.1 only. `admission` caps the open connections and bounds how long
+/// a client may take to send its first byte, and then each request head (the first, and
+/// each later one on a kept-alive connection): a client that connects and stays silent,
+/// trickles a head, or idles between requests is closed after `admission.preface_timeout`.
+pub async fn serve<F>(
+    listener: TcpListener,
+    router: Router,
+    admission: Admission,
+    shutdown: F,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    // The peer's address, for `X-Forwarded-Proto` from trusted proxies only.
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let service = TowerToHyperService::new(router);
+    let (stop, stopping) = watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote_addr, slot) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = admission.accept(&listener) => accepted,
+        };
+        let admission = admission.clone();
+        let mut stopping = stopping.clone();
+        let service = service.clone();
+        let task = async move {
+            // Nothing is allocated for a connection until its first bytes arrive: a
+            // silent one costs its socket and this small task, not hyper's state.
+            let mut first = [0u8; 1];
+            let first_bytes =
+                tokio::time::timeout(admission.preface_timeout, stream.peek(&mut first));
+            let stopped = async {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                first = first_bytes => if first.is_err() {
+                    admission.timed_out(remote_addr);
+                    return;
+                },
+                () = stopped => return,
+            }
+            // Boxed in a statement of its own, so the task's state holds only the box.
+            let served = Box::pin(serve_connection(
+                stream,
+                remote_addr,
+                service,
+                &admission,
+                stopping,
+            ));
+            served.await;
+            drop(slot);
+        };
+        tokio::spawn(task);
+    }
+    drop(listener);
+    // Each connection's task holds a receiver: once none is left, all have ended.
+    stop.send_replace(true);
+    drop(stopping);
+    stop.closed().await;
+    Ok(())
+}
+
+/// One HTTP connection, from its first bytes until it ends or, once `stopping`, its
+/// request under way is answered.
+async fn serve_connection(
+    stream: TcpStream,
+    remote_addr: SocketAddr,
+    service: TowerToHyperService<Router>,
+    admission: &Admission,
+    mut stopping: watch::Receiver<bool>,
+) {
+    // A connection that times out after a request was only idle between requests; one
+    // that never got a request head through is what the timeout is for.
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = {
+        let requested = Arc::clone(&requested);
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            requested.store(true, Ordering::Relaxed);
+            // The peer's address, for `X-Forwarded-Proto` from trusted proxies only.
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(remote_addr));
+            service.call(request)
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(admission.preface_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let stopped = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = stopped => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match served {
+        Err(e) if e.is_timeout() && !requested.load(Ordering::Relaxed) => {
+            admission.timed_out(remote_addr);
+        }
+        Err(e) => tracing::debug!(%remote_addr, error = %e, "HTTP connection ended"),
+        Ok(()) => {}
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

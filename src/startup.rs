@@ -17,14 +17,14 @@ use tonic_health::server::HealthReporter;
 use crate::auth::AuthCore;
 use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, GrpcLimits, NameHashKeySource, SessionsBackend};
+use crate::config::{Config, GrpcLimits, NameHashKeySource, SessionsBackend, UsersBackend};
 use crate::grpc::AuthGrpc;
 use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::layer::RpcLayer;
 use crate::http::HttpState;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
 use crate::store::{PoolStats, SessionStore, UserStore};
-use crate::transport::TlsReloader;
+use crate::transport::{Admission, TlsReloader};
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The name health checks use for the auth service.
@@ -47,6 +47,10 @@ pub struct Application {
     health: HealthReporter,
     reflection: bool,
     limits: GrpcLimits,
+    /// The gRPC listener's connections.
+    grpc_admission: Admission,
+    /// The HTTP listener's connections.
+    http_admission: Admission,
     traces: bool,
     grace: Duration,
     watch_heartbeat: Duration,
@@ -119,20 +123,19 @@ impl Application {
             .await
             .context("cannot prepare the password hasher")?;
 
-        let listener = TcpListener::bind(config.grpc_addr)
-            .await
+        let listener = crate::transport::listen(config.grpc_addr)
             .with_context(|| format!("cannot listen on GRPC_ADDR {}", config.grpc_addr))?;
         let addr = listener.local_addr()?;
         let http = match config.http_addr {
             Some(http_addr) => {
-                let listener = TcpListener::bind(http_addr)
-                    .await
+                let listener = crate::transport::listen(http_addr)
                     .with_context(|| format!("cannot listen on HTTP_ADDR {http_addr}"))?;
                 let bound = listener.local_addr()?;
                 Some((listener, bound))
             }
             None => None,
         };
+        let (grpc_admission, http_admission) = admissions(&config);
         let (health, _) = tonic_health::server::health_reporter();
         Ok(Self {
             listener,
@@ -145,6 +148,8 @@ impl Application {
             health,
             reflection: config.grpc_reflection,
             limits: config.limits,
+            grpc_admission,
+            http_admission,
             traces: config.otlp.is_some(),
             grace: config.shutdown_grace,
             watch_heartbeat: config.watch_heartbeat,
@@ -186,6 +191,8 @@ impl Application {
             health,
             reflection,
             limits,
+            grpc_admission,
+            http_admission,
             traces,
             grace,
             watch_heartbeat,
@@ -249,6 +256,7 @@ impl Application {
             tokio::spawn(crate::http::serve(
                 listener,
                 crate::http::router(state),
+                http_admission,
                 async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 },
@@ -272,8 +280,12 @@ impl Application {
         };
 
         let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
-        let incoming =
-            crate::transport::incoming(listener, tls.clone(), limits.connection_concurrency);
+        let incoming = crate::transport::incoming(
+            listener,
+            tls.clone(),
+            grpc_admission,
+            limits.connection_concurrency,
+        );
         let core_for_ext_authz = Arc::clone(&core);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
@@ -347,6 +359,41 @@ impl Application {
         tracing::info!("authd stopped");
         Ok(())
     }
+}
+
+/// How many connections each listener takes, and how soon each must start. Unless set,
+/// the caps share what the file descriptor limit leaves after the store pools: an eighth
+/// to the HTTP listener (probes and scrapes need few), the rest to gRPC.
+fn admissions(config: &Config) -> (Admission, Admission) {
+    let limits = config.connections;
+    let users = match &config.users {
+        UsersBackend::MySql(db) => u64::from(db.pool_size),
+        UsersBackend::Sqlite { .. } => 0,
+    };
+    let sessions = match &config.sessions {
+        SessionsBackend::Redis(redis) => u64::from(redis.pool_size),
+        SessionsBackend::Memory => 0,
+    };
+    let fd_limit = crate::transport::fd_limit();
+    let budget = crate::transport::connection_budget(fd_limit, users.saturating_add(sessions));
+    let http = limits
+        .http_max_connections
+        .unwrap_or_else(|| (budget / 8).max(1));
+    let http_share = if config.http_addr.is_some() { http } else { 0 };
+    let grpc = limits
+        .max_connections
+        .unwrap_or_else(|| budget.saturating_sub(http_share).max(1));
+    tracing::info!(
+        max_connections = grpc,
+        http_max_connections = http,
+        fd_limit,
+        preface_timeout = ?limits.preface_timeout,
+        "connection limits"
+    );
+    (
+        Admission::new("grpc", grpc, limits.preface_timeout),
+        Admission::new("http", http, limits.preface_timeout),
+    )
 }
 
 /// Samples the store pools into `authd_pool_connections` and `authd_pool_max_connections`.

@@ -20,8 +20,8 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -30,10 +30,145 @@ use tonic::transport::server::Connected;
 
 use crate::config::TlsConfig;
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (out of file descriptors, say) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// What every HTTP/2 client sends first (RFC 9113 §3.4), before its SETTINGS frame.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An HTTP/2 frame header: length (3 bytes), type, flags, stream (4 bytes).
+const FRAME_HEADER: usize = 9;
+const SETTINGS_FRAME: u8 = 0x4;
+/// The largest frame a peer may send before it has seen our SETTINGS (RFC 9113 §4.2).
+const INITIAL_MAX_FRAME: usize = 16_384;
+/// File descriptors kept out of the connection budget beside the store pools: the
+/// listeners, the runtime's own, the log, OTLP, files read at start-up, and a margin.
+const FD_RESERVE: u64 = 64;
+/// The limit assumed where the process's is not read.
+#[cfg(not(target_os = "linux"))]
+const FALLBACK_FD_LIMIT: u64 = 1024;
+
+/// The connections both listeners may hold by default, together: what the file
+/// descriptor limit leaves after `reserved` (the store pools) and [`FD_RESERVE`]. A
+/// flood of connections then runs into a cap, refused one by one, before it runs the
+/// process out of descriptors and every store connection and every accept fails.
+pub fn connection_budget(fd_limit: u64, reserved: u64) -> usize {
+    let left = fd_limit.saturating_sub(reserved.saturating_add(FD_RESERVE));
+    usize::try_from(left).unwrap_or(usize::MAX).max(2)
+}
+
+/// Connections the kernel may hold completed for a listener before it accepts them.
+/// tokio's own bind asks for 128, and a burst beyond it (clients reconnecting together,
+/// say) is dropped by the kernel after the client believes it connected.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr`, with a [`LISTEN_BACKLOG`] long queue.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As tokio's bind: a restarted server rebinds at once, past old connections'
+    // TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The process's soft limit on open files (`u64::MAX` when unlimited).
+pub fn fd_limit() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        FALLBACK_FD_LIMIT
+    }
+}
+
+/// Which connections a listener takes: at most so many open at once (more are closed as
+/// soon as accepted, so the excess costs a moment, not a descriptor each), each given
+/// so long to start.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// `grpc` or `http`: the metrics' `listener` label.
+    listener: &'static str,
+    slots: Arc<Semaphore>,
+    /// From accept to a complete start (handshake, preface or request head).
+    pub preface_timeout: Duration,
+}
+
+impl Admission {
+    /// `max_connections` open at once on the `listener` (`grpc`, `http`) port.
+    pub fn new(listener: &'static str, max_connections: usize, preface_timeout: Duration) -> Self {
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+            preface_timeout,
+        }
+    }
+
+    /// The next connection a place is free for. Connections over the cap are closed
+    /// here at once and counted; a failed `accept` (no descriptor left, say) waits
+    /// [`ACCEPT_BACKOFF`] so it does not spin.
+    pub async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, Slot) {
+        loop {
+            let (stream, remote_addr) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(listener = self.listener, error = %e, "cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
+                metrics::counter!("authd_connections_refused_total", "listener" => self.listener)
+                    .increment(1);
+                tracing::debug!(listener = self.listener, %remote_addr, "connection limit reached; connection closed");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            metrics::counter!("authd_connections_accepted_total", "listener" => self.listener)
+                .increment(1);
+            metrics::gauge!("authd_connections", "listener" => self.listener).increment(1.0);
+            let slot = Slot {
+                _permit: permit,
+                listener: self.listener,
+            };
+            return (stream, remote_addr, slot);
+        }
+    }
+
+    /// Counts and logs a connection closed because it did not start in time.
+    pub fn timed_out(&self, remote_addr: SocketAddr) {
+        closed(self.listener, "timeout");
+        tracing::debug!(listener = self.listener, %remote_addr, timeout = ?self.preface_timeout, "connection closed: it did not start in time");
+    }
+}
+
+/// Counts a connection closed before it was served, by `reason`.
+fn closed(listener: &'static str, reason: &'static str) {
+    metrics::counter!("authd_connections_closed_total", "listener" => listener, "reason" => reason)
+        .increment(1);
+}
+
+/// A connection's place under its listener's cap, given back when the connection is
+/// dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    listener: &'static str,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("authd_connections", "listener" => self.listener).decrement(1.0);
+    }
+}
 
 /// What a call learns about its connection (tonic puts it in the request extensions).
 #[derive(Debug, Clone)]
@@ -54,11 +189,16 @@ impl Peer {
     }
 }
 
-/// An accepted connection, plaintext or TLS.
+/// An accepted connection, plaintext or TLS, that has sent its HTTP/2 preface.
 #[derive(Debug)]
 pub struct Conn {
     io: Io,
+    /// What was read to see the preface, given to tonic before anything else.
+    started: Vec<u8>,
+    /// How much of `started` tonic has read.
+    replayed: usize,
     peer: Peer,
+    _slot: Slot,
 }
 
 #[derive(Debug)]
@@ -81,7 +221,29 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.replayed < this.started.len() {
+            let rest = &this.started[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            if this.replayed == this.started.len() {
+                this.started = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -134,72 +296,104 @@ impl AsyncWrite for Conn {
 }
 
 /// Accepts connections on `listener` until the returned stream is dropped (tonic drops
-/// it when shutdown begins, which closes the listening socket). With `tls`, only
-/// connections that complete a handshake are yielded.
+/// it when shutdown begins, which closes the listening socket), as `admission` allows.
+/// A connection is yielded once it has completed the TLS handshake (with `tls`) and sent
+/// the HTTP/2 client preface; one that has not within `admission.preface_timeout` is
+/// closed. Each starts in a task of its own, so a slow client holds up no one else, and
+/// those tasks are bounded by the cap and the timeout.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<TlsReloader>>,
+    admission: Admission,
     connection_concurrency: usize,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let (stream, remote_addr, slot) = tokio::select! {
                 () = tx.closed() => return,
-                accepted = listener.accept() => accepted,
+                accepted = admission.accept(&listener) => accepted,
             };
-            let (stream, remote_addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a connection");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
             let peer = Peer {
                 remote_addr: Some(remote_addr),
                 calls: Arc::new(Semaphore::new(connection_concurrency)),
             };
-            match &tls {
-                None => {
-                    let conn = Conn {
-                        io: Io::Plain(stream),
-                        peer,
-                    };
-                    if tx.send(Ok(conn)).await.is_err() {
-                        return;
+            let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+            let tx = tx.clone();
+            let admission = admission.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::timeout(
+                    admission.preface_timeout,
+                    start(stream, remote_addr, acceptor, admission.listener),
+                )
+                .await;
+                match started {
+                    Ok(Some((io, started))) => {
+                        let conn = Conn {
+                            io,
+                            started,
+                            replayed: 0,
+                            peer,
+                            _slot: slot,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
+                    Ok(None) => {}
+                    Err(_) => admission.timed_out(remote_addr),
                 }
-                Some(tls) => {
-                    // Handshakes run beside the accept loop, so a slow client holds up
-                    // no one else.
-                    let acceptor = tls.acceptor();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let handshake =
-                            tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                        match handshake {
-                            Ok(Ok(stream)) => {
-                                let conn = Conn {
-                                    io: Io::Tls(Box::new(stream)),
-                                    peer,
-                                };
-                                let _ = tx.send(Ok(conn)).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%remote_addr, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                tracing::debug!(%remote_addr, "TLS handshake timed out");
-                            }
-                        }
-                    });
-                }
-            }
+            });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The TLS handshake (with `acceptor`), then the client's first bytes up to the end of
+/// its preface: what was read, to be replayed. `None` when the handshake fails or the
+/// client leaves first.
+async fn start(
+    stream: TcpStream,
+    remote_addr: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    listener: &'static str,
+) -> Option<(Io, Vec<u8>)> {
+    let mut io = match acceptor {
+        None => Io::Plain(stream),
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(stream) => Io::Tls(Box::new(stream)),
+            Err(e) => {
+                closed(listener, "tls_handshake");
+                tracing::debug!(%remote_addr, error = %e, "TLS handshake failed");
+                return None;
+            }
+        },
+    };
+    let mut started = Vec::new();
+    while preface_needs_more(&started) {
+        match io.read_buf(&mut started).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    Some((io, started))
+}
+
+/// Whether `read`, a connection's first bytes, falls short of a complete start: the
+/// preface and the SETTINGS frame that must follow it. Bytes that cannot become one need
+/// no more; hyper refuses them as it always has.
+fn preface_needs_more(read: &[u8]) -> bool {
+    let magic = read.len().min(PREFACE.len());
+    if read[..magic] != PREFACE[..magic] {
+        return false;
+    }
+    let Some(header) = read.get(PREFACE.len()..PREFACE.len() + FRAME_HEADER) else {
+        return true;
+    };
+    let length =
+        usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    if header[3] != SETTINGS_FRAME || length > INITIAL_MAX_FRAME {
+        return false;
+    }
+    read.len() < PREFACE.len() + FRAME_HEADER + length
 }
 
 /// The TLS configuration in force, and what it was built from.
@@ -394,4 +588,57 @@ fn server_config(files: &TlsConfig, contents: &Contents) -> anyhow::Result<Serve
         .map_err(|e| anyhow::anyhow!("TLS_CERT_FILE/TLS_KEY_FILE: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(payload_len: usize) -> Vec<u8> {
+        let mut bytes = PREFACE.to_vec();
+        let len = u32::try_from(payload_len).unwrap().to_be_bytes();
+        bytes.extend_from_slice(&[len[1], len[2], len[3], SETTINGS_FRAME, 0, 0, 0, 0, 0]);
+        bytes.extend(std::iter::repeat_n(0u8, payload_len));
+        bytes
+    }
+
+    #[test]
+    fn a_start_is_complete_with_the_preface_and_its_whole_settings_frame() {
+        let full = settings(12);
+        for cut in 0..full.len() {
+            assert!(
+                preface_needs_more(&full[..cut]),
+                "complete after {cut} bytes"
+            );
+        }
+        assert!(!preface_needs_more(&full));
+        // Frames sent along with it are read too, and replayed.
+        let mut more = full.clone();
+        more.extend_from_slice(b"headers");
+        assert!(!preface_needs_more(&more));
+        assert!(!preface_needs_more(&settings(0)));
+    }
+
+    #[test]
+    fn bytes_that_cannot_start_http2_need_no_more() {
+        assert!(!preface_needs_more(b"GET / HTTP/1.1\r\n"));
+        assert!(!preface_needs_more(b"PRX"));
+        // The preface, then a frame that is not SETTINGS.
+        let mut ping = PREFACE.to_vec();
+        ping.extend_from_slice(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0]);
+        assert!(!preface_needs_more(&ping));
+        // A SETTINGS frame larger than any peer may send first.
+        let mut huge = PREFACE.to_vec();
+        huge.extend_from_slice(&[0, 0x40, 0x01, SETTINGS_FRAME, 0, 0, 0, 0, 0]);
+        assert!(!preface_needs_more(&huge));
+    }
+
+    #[test]
+    fn the_connection_budget_leaves_room_for_the_stores_and_the_rest() {
+        assert_eq!(connection_budget(1024, 11), 1024 - 11 - 64);
+        // Unlimited: no cap worth speaking of.
+        assert!(connection_budget(u64::MAX, 11) > 1 << 40);
+        // A limit below the reserve still admits someone on each listener.
+        assert_eq!(connection_budget(100, 500), 2);
+    }
 }

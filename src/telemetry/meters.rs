@@ -129,4 +129,20 @@ fn describe() {
         "authd_tls_reloads_total",
         "TLS certificate reloads, by outcome (ok, error)"
     );
+    describe_gauge!(
+        "authd_connections",
+        "open connections, by listener (grpc, http)"
+    );
+    describe_counter!(
+        "authd_connections_accepted_total",
+        "connections accepted under the listener's cap, by listener"
+    );
+    describe_counter!(
+        "authd_connections_refused_total",
+        "connections closed as soon as accepted because the listener's cap was reached"
+    );
+    describe_counter!(
+        "authd_connections_closed_total",
+        "connections closed before they were served, by listener and reason (timeout, tls_handshake)"
+    );
 }

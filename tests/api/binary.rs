@@ -188,7 +188,25 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
 
 /// The server, in `dir` with exactly `env`, its stderr piped.
 pub fn spawn_in(dir: &std::path::Path, env: Vec<(String, String)>) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_authd"))
+    spawn_under(&[], dir, env)
+}
+
+/// [`spawn_in`], run by `wrapper` (like `prlimit --nofile=200:200 --`) when not empty.
+fn spawn_under(
+    wrapper: &[&str],
+    dir: &std::path::Path,
+    env: Vec<(String, String)>,
+) -> std::process::Child {
+    let authd = env!("CARGO_BIN_EXE_authd");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(authd);
+            c
+        }
+        None => Command::new(authd),
+    };
+    command
         .env_clear()
         .envs(env)
         .current_dir(dir)
@@ -398,6 +416,11 @@ impl Drop for TempDir {
 impl Authd {
     /// Starts on embedded storage and 127.0.0.1:0, with `env` added; waits until it serves.
     pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_under(&[], env)
+    }
+
+    /// [`Authd::start`], run by `wrapper` (like `prlimit --nofile=200:200 --`).
+    pub fn start_under(wrapper: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("authd-bin-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut vars = owned(&[
@@ -408,7 +431,7 @@ impl Authd {
             ("LOG_FORMAT", "json"),
         ]);
         vars.extend(owned(env));
-        let mut child = spawn_in(&dir, vars);
+        let mut child = spawn_under(wrapper, &dir, vars);
         let lines = stderr_lines(&mut child);
         let mut authd = Self {
             child,

@@ -29,6 +29,7 @@ mod audit;
 pub mod binary;
 mod change_password;
 mod client_layer;
+mod connections;
 mod deploy;
 mod ext_authz;
 mod faults;
