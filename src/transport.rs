@@ -1,5 +1,7 @@
-//! The gRPC listener's connections: accepted here (so each carries its own call limit
-//! and, with TLS, goes through a handshake first) and handed to tonic as a stream.
+//! The listeners' connections. Both listeners admit them here, up to a cap, and close
+//! those that do not start within `CONNECTION_PREFACE_TIMEOUT`. gRPC connections are then
+//! accepted here in full (each carries its own call limit and, with TLS, goes through a
+//! handshake first) and handed to tonic as a stream once their HTTP/2 preface is in.
 //!
 //! TLS is rustls. The server configuration sits behind a lock and is replaced whole when
 //! the certificate, key or client CA files change (checked every `TLS_RELOAD_INTERVAL`)
