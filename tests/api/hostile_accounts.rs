@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use authd::proto::auth::v1 as pb;
+use authd::proto::auth::v1::RevocationKind;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
-use authd::proto::auth::v1::{RevocationKind, WatchRevocationsRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -270,13 +270,9 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
         logins.push(app.login("racer", PASSWORD).await.unwrap());
     }
     let (_, bystander) = app.user_with_session("bystander").await;
-    let mut events = app
-        .client
-        .clone()
-        .watch_revocations(WatchRevocationsRequest { after: String::new() })
+    let mut events = crate::watch::try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
 
     let changes: Vec<_> = logins
         .iter()
