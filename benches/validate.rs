@@ -11,7 +11,6 @@
 
 use std::time::{Duration, Instant};
 
-use authd::auth::token::TokenKeys;
 use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use authd::{Application, Config};
@@ -144,7 +143,7 @@ async fn run() -> anyhow::Result<()> {
     println!("|---|---|");
     for (alg, file) in algorithms {
         let config = config(alg, file, &dir)?;
-        let keys = TokenKeys::new(&config.jwt)?;
+        let keys = std::sync::Arc::clone(&config.keys);
         let now = authd::clock::unix_seconds(std::time::SystemTime::now());
         let token = keys.issue("user", "bench", "session", now)?.token;
         let n = 20_000;

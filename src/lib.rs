@@ -24,6 +24,8 @@ pub mod healthcheck;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]
+pub mod secret;
+#[cfg(feature = "server")]
 pub mod startup;
 #[cfg(feature = "server")]
 pub mod store;

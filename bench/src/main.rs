@@ -904,7 +904,7 @@ fn reference_settings(
             .with_context(|| format!("{name} is not among authd's settings"))
     };
     let config = authd::Config::from_vars(env.iter().cloned())?;
-    let keys = authd::auth::token::TokenKeys::new(&config.jwt)?;
+    let keys = std::sync::Arc::clone(&config.keys);
     let now = authd::clock::unix_seconds(std::time::SystemTime::now());
     let claims = keys
         .verify(token, now)
@@ -940,7 +940,7 @@ async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<
         config.revocation_log_max_len,
         config.jwt.ttl,
     )?;
-    let keys = authd::auth::token::TokenKeys::new(&config.jwt)?;
+    let keys = std::sync::Arc::clone(&config.keys);
     let idle = i64::try_from(config.session_idle_timeout.as_secs())?;
     let store = Arc::new(store);
     let keys = Arc::new(keys);

@@ -10,6 +10,7 @@ pub mod remembered;
 pub mod service;
 pub mod throttle;
 pub mod token;
+pub mod token_config;
 pub mod username;
 pub mod watchers;
 

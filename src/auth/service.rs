@@ -108,7 +108,7 @@ pub struct AuthCore {
     users: UserStore,
     sessions: SessionStore,
     hasher: PasswordHasher,
-    tokens: TokenKeys,
+    tokens: Arc<TokenKeys>,
     clock: Arc<dyn Clock>,
     rules: Rules,
     /// A hash of a random password at the configured cost: unknown users pay one verify
@@ -175,7 +175,7 @@ impl AuthCore {
             users,
             sessions,
             hasher,
-            tokens: TokenKeys::new(&config.jwt).map_err(|e| AuthError::Internal(e.into()))?,
+            tokens: Arc::clone(&config.keys),
             clock,
             rules: Rules {
                 idle_timeout: seconds(config.session_idle_timeout),

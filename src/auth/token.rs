@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::AuthError;
-use crate::config::JwtConfig;
+use super::token_config::JwtConfig;
 
 /// The longest token accepted, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -125,8 +125,19 @@ pub struct IssuedToken {
 
 /// A key file that could not be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct KeyError(pub String);
+pub enum KeyError {
+    /// The signing key (`JWT_PRIVATE_KEY_FILE`).
+    #[error("{0}")]
+    SigningKey(String),
+    /// A retired key (`JWT_RETIRED_KEYS`).
+    #[error("{}: {reason}", path.display())]
+    RetiredKey {
+        /// Where it was read from.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
 
 impl TokenKeys {
     /// Keys and rules from the configuration: reads and checks every key.
@@ -135,20 +146,22 @@ impl TokenKeys {
         let (encoding, public) = match &config.private_key {
             None => (EncodingKey::from_secret(config.secret.expose()), None),
             Some(pem) => {
-                let encoding = encoding_from_pem(algorithm, pem.expose())?;
-                let jwk = Jwk::from_encoding_key(&encoding, algorithm)
-                    .map_err(|e| KeyError(format!("cannot derive the public key: {e}")))?;
+                let encoding =
+                    encoding_from_pem(algorithm, pem.expose()).map_err(KeyError::SigningKey)?;
+                let jwk = Jwk::from_encoding_key(&encoding, algorithm).map_err(|e| {
+                    KeyError::SigningKey(format!("cannot derive the public key: {e}"))
+                })?;
                 (encoding, Some(jwk))
             }
         };
         let decoding = match &public {
             None => DecodingKey::from_secret(config.secret.expose()),
             Some(jwk) => DecodingKey::from_jwk(jwk)
-                .map_err(|e| KeyError(format!("cannot use the public key: {e}")))?,
+                .map_err(|e| KeyError::SigningKey(format!("cannot use the public key: {e}")))?,
         };
         let kid = match (&config.key_id, &public) {
             (Some(kid), _) => kid.clone(),
-            (None, Some(jwk)) => thumbprint(jwk)?,
+            (None, Some(jwk)) => thumbprint(jwk).map_err(KeyError::SigningKey)?,
             // A stable name for the secret that reveals nothing useful about it.
             (None, None) => {
                 let digest = Sha256::digest(config.secret.expose());
@@ -159,11 +172,14 @@ impl TokenKeys {
         let ttl_and_leeway =
             i64::try_from((config.ttl + config.leeway).as_secs()).unwrap_or(i64::MAX / 2);
         for retired in &config.retired_keys {
-            let (alg, decoding) = decoding_from_pem(&retired.pem)
-                .map_err(|e| KeyError(format!("{}: {}", retired.path.display(), e.0)))?;
+            let retired_error = |reason: String| KeyError::RetiredKey {
+                path: retired.path.clone(),
+                reason,
+            };
+            let (alg, decoding) = decoding_from_pem(&retired.pem).map_err(retired_error)?;
             let mut jwk = Jwk::from_decoding_key(&decoding, Some(alg))
-                .map_err(|e| KeyError(format!("{}: {e}", retired.path.display())))?;
-            let kid = thumbprint(&jwk)?;
+                .map_err(|e| retired_error(e.to_string()))?;
+            let kid = thumbprint(&jwk).map_err(retired_error)?;
             jwk.common.key_id = Some(kid.clone());
             jwk.common.public_key_use = Some(PublicKeyUse::Signature);
             verifying.insert(
@@ -415,26 +431,26 @@ fn validation(algorithm: Algorithm, config: &JwtConfig) -> Validation {
     validation
 }
 
-fn encoding_from_pem(algorithm: Algorithm, pem: &[u8]) -> Result<EncodingKey, KeyError> {
+fn encoding_from_pem(algorithm: Algorithm, pem: &[u8]) -> Result<EncodingKey, String> {
     let key = match algorithm {
         Algorithm::EdDSA => EncodingKey::from_ed_pem(pem),
         Algorithm::ES256 => EncodingKey::from_ec_pem(pem),
         Algorithm::RS256 => EncodingKey::from_rsa_pem(pem),
-        other => return Err(KeyError(format!("{other:?} keys are not read from files"))),
+        other => return Err(format!("{other:?} keys are not read from files")),
     };
-    key.map_err(|e| KeyError(format!("not a {algorithm:?} private key in PEM: {e}")))
+    key.map_err(|e| format!("not a {algorithm:?} private key in PEM: {e}"))
 }
 
 /// A retired key's algorithm and verifying key, from its PEM (public or private).
-fn decoding_from_pem(pem: &[u8]) -> Result<(Algorithm, DecodingKey), KeyError> {
+fn decoding_from_pem(pem: &[u8]) -> Result<(Algorithm, DecodingKey), String> {
     let text = String::from_utf8_lossy(pem);
     if text.contains("PRIVATE KEY") {
         for alg in [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256] {
             if let Ok(encoding) = encoding_from_pem(alg, pem) {
                 let jwk = Jwk::from_encoding_key(&encoding, alg)
-                    .map_err(|e| KeyError(format!("cannot derive the public key: {e}")))?;
+                    .map_err(|e| format!("cannot derive the public key: {e}"))?;
                 let decoding = DecodingKey::from_jwk(&jwk)
-                    .map_err(|e| KeyError(format!("cannot use the public key: {e}")))?;
+                    .map_err(|e| format!("cannot use the public key: {e}"))?;
                 return Ok((alg, decoding));
             }
         }
@@ -449,15 +465,13 @@ fn decoding_from_pem(pem: &[u8]) -> Result<(Algorithm, DecodingKey), KeyError> {
             return Ok((Algorithm::RS256, key));
         }
     }
-    Err(KeyError(
-        "not an Ed25519, P-256 or RSA key in PEM".to_owned(),
-    ))
+    Err("not an Ed25519, P-256 or RSA key in PEM".to_owned())
 }
 
 /// RFC 7638 thumbprint: the `kid` a key gets unless one is configured.
-fn thumbprint(jwk: &Jwk) -> Result<String, KeyError> {
+fn thumbprint(jwk: &Jwk) -> Result<String, String> {
     jwk.thumbprint(ThumbprintHash::SHA256)
-        .map_err(|e| KeyError(format!("cannot compute the key's thumbprint: {e}")))
+        .map_err(|e| format!("cannot compute the key's thumbprint: {e}"))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -491,11 +505,11 @@ pub fn random_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::Secret;
 
     fn keys() -> TokenKeys {
         TokenKeys::new(&JwtConfig {
-            algorithm: crate::config::SigningAlgorithm::Hs256,
+            algorithm: crate::auth::token_config::SigningAlgorithm::Hs256,
             private_key: None,
             key_id: None,
             retired_keys: Vec::new(),
@@ -677,7 +691,7 @@ mod proptests {
     use serde_json::{Map, Value, json};
 
     use super::*;
-    use crate::config::SigningAlgorithm;
+    use crate::auth::token_config::SigningAlgorithm;
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
     const LEEWAY: i64 = 30;

@@ -118,7 +118,7 @@ fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::Secret;
 
     fn watchers(per_connection: usize, total: usize) -> Watchers {
         Watchers::new(&WatchersConfig {
