@@ -144,7 +144,7 @@ async fn run() -> anyhow::Result<()> {
     for (alg, file) in algorithms {
         let config = config(alg, file, &dir)?;
         let keys = std::sync::Arc::clone(&config.keys);
-        let now = authd::clock::unix_seconds(std::time::SystemTime::now());
+        let now = authd::clock::Clock::unix_seconds(&authd::clock::SystemClock);
         let token = keys.issue("user", "bench", "session", now)?.token;
         let n = 20_000;
         let t = Instant::now();

@@ -27,11 +27,8 @@ use crate::store::{PoolStats, SessionStore, UserStore};
 use crate::transport::{Admission, TlsReloader};
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
-/// The name health checks use for the auth service.
-pub const AUTH_SERVICE_NAME: &str = "auth.v1.AuthService";
-
-/// How often histogram samples are folded into the registry when nobody scrapes.
-const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// The name health checks use for the auth service (the generated one).
+pub use crate::proto::auth::v1::auth_service_server::SERVICE_NAME as AUTH_SERVICE_NAME;
 /// How long the HTTP listener gets to finish its requests after the gRPC server stopped.
 const HTTP_GRACE: Duration = Duration::from_secs(1);
 
@@ -211,27 +208,18 @@ impl Application {
         let (serving_tx, serving) = watch::channel(true);
 
         let (reflection_v1, reflection_v1alpha) = if reflection {
-            let v1 = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
-                .build_v1()?
-                .max_decoding_message_size(max_message);
-            let v1alpha = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
-                .build_v1alpha()?
-                .max_decoding_message_size(max_message);
-            (Some(v1), Some(v1alpha))
+            let (v1, v1alpha) = reflection_services()?;
+            (
+                Some(v1.max_decoding_message_size(max_message)),
+                Some(v1alpha.max_decoding_message_size(max_message)),
+            )
         } else {
             (None, None)
         };
 
-        // Background work that ends with the server: the HTTP listener, the TLS file
-        // watcher, histogram upkeep.
+        // Background work that ends with the server: the HTTP listener and the TLS file
+        // watcher. (Histogram upkeep runs beside the metrics recorder, once a process:
+        // `telemetry::meters`.)
         let (background_stop, background_stopped) = watch::channel(false);
         let http_task = http.map(|(listener, http_addr)| {
             let keys = Arc::clone(&core);
@@ -245,39 +233,17 @@ impl Application {
                 public_url: public_url.clone(),
                 trusted_proxies: core.trusted_proxies().clone(),
             };
-            let mut stopped = background_stopped.clone();
-            tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz, /.well-known/)");
-            match &public_url {
-                Some(url) => tracing::info!(public_url = %url, "discovery names the keys under PUBLIC_URL"),
-                None => tracing::info!(
-                    "PUBLIC_URL is not set and JWT_ISSUER is not a URL: discovery names the keys under each request's Host, uncacheable"
-                ),
-            }
-            tokio::spawn(crate::http::serve(
+            spawn_http(
                 listener,
-                crate::http::router(state),
+                http_addr,
+                state,
                 http_admission,
-                async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                },
-            ))
+                background_stopped.clone(),
+            )
         });
         if let Some(tls) = &tls {
             tokio::spawn(Arc::clone(tls).watch(background_stopped.clone()));
         }
-        let upkeep = {
-            let metrics = metrics.clone();
-            let mut stopped = background_stopped.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(METRICS_UPKEEP);
-                loop {
-                    tokio::select! {
-                        _ = stopped.wait_for(|stop| *stop) => return,
-                        _ = tick.tick() => metrics.run_upkeep(),
-                    }
-                }
-            })
-        };
 
         let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
         let incoming = crate::transport::incoming(
@@ -321,40 +287,22 @@ impl Application {
             });
         tracing::info!(%addr, reflection, tls = tls.is_some(), "authd serving gRPC");
 
-        tokio::pin!(server);
-        let result = tokio::select! {
-            result = &mut server => result.context("gRPC server failed"),
-            () = shutdown => {
-                tracing::info!(grace = ?grace, "shutting down: NOT_SERVING, finishing in-flight calls");
-                let _ = serving_tx.send(false);
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
-                // Long-lived WatchRevocations streams end now; their watchers resume
-                // elsewhere.
-                let _ = stopping_tx.send(true);
-                let _ = stop_tx.send(());
-                match tokio::time::timeout(grace, server).await {
-                    Ok(result) => result.context("gRPC server failed"),
-                    Err(_) => {
-                        tracing::warn!("grace period over; exiting with calls still in flight");
-                        Ok(())
-                    }
-                }
-            }
-        };
+        let result = serve_then_drain(
+            server,
+            shutdown,
+            Drain {
+                grace,
+                health: &health,
+                serving: serving_tx,
+                stopping: stopping_tx,
+                stop: stop_tx,
+            },
+        )
+        .await;
         let _ = background_stop.send(true);
         if let Some(http_task) = http_task {
-            match tokio::time::timeout(HTTP_GRACE, http_task).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP listener failed"),
-                Ok(_) => {}
-                Err(_) => tracing::warn!("HTTP listener still busy; leaving it"),
-            }
+            finish_http(http_task).await;
         }
-        upkeep.abort();
         result?;
         tracing::info!("authd stopped");
         Ok(())
@@ -414,6 +362,110 @@ fn pool_gauges(users: UserStore, core: Arc<AuthCore>) -> Arc<dyn Fn() + Send + S
             metrics::gauge!("authd_pool_max_connections", "pool" => pool).set(f64::from(max));
         }
     })
+}
+
+/// Serves `/metrics`, `/healthz` and `/.well-known/` on `listener` until `stopped`.
+fn spawn_http(
+    listener: TcpListener,
+    http_addr: SocketAddr,
+    state: HttpState,
+    admission: Admission,
+    mut stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tracing::info!(%http_addr, "authd serving HTTP (/metrics, /healthz, /.well-known/)");
+    match &state.public_url {
+        Some(url) => tracing::info!(public_url = %url, "discovery names the keys under PUBLIC_URL"),
+        None => tracing::info!(
+            "PUBLIC_URL is not set and JWT_ISSUER is not a URL: discovery names the keys under each request's Host, uncacheable"
+        ),
+    }
+    tokio::spawn(crate::http::serve(
+        listener,
+        crate::http::router(state),
+        admission,
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        },
+    ))
+}
+
+/// Lets the HTTP listener finish its requests, for at most [`HTTP_GRACE`].
+async fn finish_http(task: tokio::task::JoinHandle<std::io::Result<()>>) {
+    match tokio::time::timeout(HTTP_GRACE, task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP listener failed"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("HTTP listener still busy; leaving it"),
+    }
+}
+
+/// The reflection services (v1 and v1alpha: grpcurl of every age asks one or the
+/// other), describing authd's protos, health, the `google.rpc` error details and Envoy's
+/// Check.
+fn reflection_services() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    const SETS: [&[u8]; 4] = [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+        crate::proto::ENVOY_FILE_DESCRIPTOR_SET,
+    ];
+    let builder = || {
+        SETS.iter().fold(
+            tonic_reflection::server::Builder::configure(),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// What stopping needs: how long calls in flight get, and whom to tell.
+struct Drain<'a> {
+    grace: Duration,
+    health: &'a HealthReporter,
+    /// `/healthz`'s view.
+    serving: watch::Sender<bool>,
+    /// WatchRevocations streams end when this turns true.
+    stopping: watch::Sender<bool>,
+    /// Stops the gRPC server accepting.
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Serves until `shutdown`; then reports NOT_SERVING everywhere, ends the revocation
+/// streams (their watchers resume elsewhere), stops accepting, and gives the calls in
+/// flight `grace` to finish.
+async fn serve_then_drain<S, F>(server: S, shutdown: F, drain: Drain<'_>) -> anyhow::Result<()>
+where
+    S: Future<Output = Result<(), tonic::transport::Error>>,
+    F: Future<Output = ()>,
+{
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("gRPC server failed"),
+        () = shutdown => {
+            tracing::info!(grace = ?drain.grace, "shutting down: NOT_SERVING, finishing in-flight calls");
+            let _ = drain.serving.send(false);
+            drain.health.set_service_status("", ServingStatus::NotServing).await;
+            drain
+                .health
+                .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            let _ = drain.stopping.send(true);
+            let _ = drain.stop.send(());
+            match tokio::time::timeout(drain.grace, server).await {
+                Ok(result) => result.context("gRPC server failed"),
+                Err(_) => {
+                    tracing::warn!("grace period over; exiting with calls still in flight");
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

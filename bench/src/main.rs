@@ -555,10 +555,7 @@ async fn run_in(
     // Users (bcrypt at the configured cost, so a few) and the two single tokens.
     let stamp = format!(
         "b{}{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            % 100_000_000,
+        authd::clock::Clock::unix_seconds(&authd::clock::SystemClock) % 100_000_000,
         std::process::id() % 10_000
     );
     let users: Vec<String> = (0..8).map(|i| format!("{stamp}u{i}")).collect();
@@ -905,7 +902,7 @@ fn reference_settings(
     };
     let config = authd::Config::from_vars(env.iter().cloned())?;
     let keys = std::sync::Arc::clone(&config.keys);
-    let now = authd::clock::unix_seconds(std::time::SystemTime::now());
+    let now = authd::clock::Clock::unix_seconds(&authd::clock::SystemClock);
     let claims = keys
         .verify(token, now)
         .map_err(|r| anyhow::anyhow!("the live token does not verify: {}", r.as_str()))?;
@@ -949,7 +946,7 @@ async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<
             let store = Arc::clone(&store);
             let keys = Arc::clone(&keys);
             async move {
-                let now = authd::clock::unix_seconds(std::time::SystemTime::now());
+                let now = authd::clock::Clock::unix_seconds(&authd::clock::SystemClock);
                 let user_id = format!("bench-user-{i}");
                 let session_id = authd::auth::token::random_id();
                 let issued = keys.issue(&user_id, &user_id, &session_id, now)?;

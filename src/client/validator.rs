@@ -11,6 +11,8 @@ use futures::future::{BoxFuture, Shared};
 use moka::sync::Cache;
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
+
+use crate::clock::{Clock as _, SystemClock};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -130,7 +132,7 @@ impl moka::Expiry<Key, Arc<Entry>> for Lifetime {
         Some(match &entry.answer {
             Answer::Valid(ctx) => ctx
                 .expires_at
-                .duration_since(SystemTime::now())
+                .duration_since(SystemClock.now())
                 .unwrap_or_default()
                 .min(self.ttl),
             Answer::Invalid(_) => self.negative_ttl,
@@ -321,7 +323,7 @@ impl AuthValidator {
         // Fail-open, by explicit choice: read the claims without verifying them, and
         // still refuse what is visibly bad.
         match unverified_context(token) {
-            Some(ctx) if ctx.expires_at > SystemTime::now() => {
+            Some(ctx) if ctx.expires_at > SystemClock.now() => {
                 tracing::warn!(user_id = %ctx.user_id, "authd unreachable: admitting an unchecked token (fail-open)");
                 Ok(ctx)
             }

@@ -20,12 +20,13 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::status::{ShedScope, code_name, deadline_exceeded, overloaded};
+use crate::proto::auth::v1::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
 use crate::transport::Peer;
 
 /// Services whose names may appear as metric labels; any other path is `unknown`, so a
 /// client cannot grow the label set.
 const KNOWN_SERVICES: &[&str] = &[
-    "auth.v1.AuthService",
+    AUTH_SERVICE,
     "envoy.service.auth.v3.Authorization",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
@@ -304,7 +305,7 @@ impl Drop for CallRecord {
 fn is_hot(service: &str, method: &str) -> bool {
     matches!(
         (service, method),
-        ("auth.v1.AuthService", "ValidateToken")
+        (AUTH_SERVICE, "ValidateToken")
             | ("envoy.service.auth.v3.Authorization", "Check")
             | ("grpc.health.v1.Health", "Check")
     )

@@ -2,6 +2,7 @@
 //! and writes responses.
 
 use crate::bearer::bearer_token;
+use crate::clock::{Clock as _, SystemClock};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::config::TrustedProxies;
 use crate::proto::auth::v1 as pb;
-use crate::proto::auth::v1::auth_service_server::AuthService;
+use crate::proto::auth::v1::auth_service_server::{self, AuthService};
 use crate::store::sessions::{Event, Feed, Revocation};
 use crate::telemetry::record_user_id;
 use crate::transport::Peer;
@@ -245,9 +246,7 @@ fn client_info<T>(
 /// a gateway missing from `TRUSTED_PROXIES` makes all its users one address.
 fn warn_untrusted_client_ip(peer: Option<IpAddr>) {
     static LAST_MINUTE: AtomicU64 = AtomicU64::new(u64::MAX);
-    let minute = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 60);
+    let minute = u64::try_from(SystemClock.unix_seconds() / 60).unwrap_or_default();
     if LAST_MINUTE.swap(minute, Ordering::Relaxed) != minute {
         tracing::warn!(
             peer = peer.map(|p| p.to_string()).unwrap_or_default(),
@@ -466,7 +465,7 @@ impl AuthService for AuthGrpc {
         &self,
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
-        hot_rpc("auth.v1.AuthService", "ValidateToken", async {
+        hot_rpc(auth_service_server::SERVICE_NAME, "ValidateToken", async {
             Ok(match self.core.validate(&request.get_ref().token).await? {
                 Validation::Valid(v) => {
                     record_user_id(&v.claims.sub);
