@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::config::{JwtConfig, Secret, SigningAlgorithm};
 
-/// Every `reason` a password violation may carry, as README.md lists them.
+/// Every `reason` a password violation may carry, as docs/security.md lists them.
 pub const PASSWORD_RULES: [&str; 8] = [
     "PASSWORD_TOO_SHORT",
     "PASSWORD_TOO_LONG",
