@@ -51,10 +51,18 @@ async fn rows_with(app: &TestApp, kinds: &[&str], at_least: usize) -> Vec<Row> {
     }
 }
 
-on_every_backend! {
+on_every_backend!(
+    every_event_is_a_row_and_a_log_line_without_a_secret,
+    rows_older_than_the_retention_are_deleted,
+    a_failed_audit_write_does_not_fail_the_login
+);
+
 async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) {
     let app = backend
-        .spawn_with(&[("THROTTLE_ACCOUNT_THRESHOLD", "2"), ("THROTTLE_BASE_DELAY", "1s")])
+        .spawn_with(&[
+            ("THROTTLE_ACCOUNT_THRESHOLD", "2"),
+            ("THROTTLE_BASE_DELAY", "1s"),
+        ])
         .await;
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
     let password = format!("Audit-Pass-{tag}!");
@@ -68,20 +76,33 @@ async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) 
         password: password.clone(),
         ..Default::default()
     });
-    request.metadata_mut().insert("user-agent", "audit-tests/1.0".parse().unwrap());
-    let first = app.client.clone().login(request).await.unwrap().into_inner();
+    request
+        .metadata_mut()
+        .insert("user-agent", "audit-tests/1.0".parse().unwrap());
+    let first = app
+        .client
+        .clone()
+        .login(request)
+        .await
+        .unwrap()
+        .into_inner();
     for _ in 0..2 {
         assert_code(app.login("quinn", &wrong).await, Code::Unauthenticated);
     }
     assert_code(app.login("quinn", &password).await, Code::ResourceExhausted);
     advance(&app, Duration::from_secs(1));
     let second = app.login("quinn", &password).await.unwrap();
-    app.revoke_session(&second.access_token, &first.session_id).await.unwrap();
+    app.revoke_session(&second.access_token, &first.session_id)
+        .await
+        .unwrap();
     assert_code(
-        app.change_password(&second.access_token, &wrong, &new).await,
+        app.change_password(&second.access_token, &wrong, &new)
+            .await,
         Code::PermissionDenied,
     );
-    app.change_password(&second.access_token, &password, &new).await.unwrap();
+    app.change_password(&second.access_token, &password, &new)
+        .await
+        .unwrap();
     app.logout(&second.access_token).await.unwrap();
     assert_code(app.login(&ghost, &wrong).await, Code::Unauthenticated);
 
@@ -97,13 +118,22 @@ async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) 
     ];
     // 2 successes, 3 failures and one row for each other kind.
     let all = rows_with(&app, &kinds, 11).await;
-    let of = |kind: &str| all.iter().filter(|r| r.0 == kind).cloned().collect::<Vec<_>>();
+    let of = |kind: &str| {
+        all.iter()
+            .filter(|r| r.0 == kind)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
 
     let succeeded = of("login_succeeded");
     assert_eq!(succeeded.len(), 2, "{all:#?}");
     assert_eq!(succeeded[0].1.as_deref(), Some(user.user_id.as_str()));
     assert_eq!(succeeded[0].3, "127.0.0.1");
-    assert!(succeeded[0].4.starts_with("audit-tests/1.0"), "{:?}", succeeded[0].4);
+    assert!(
+        succeeded[0].4.starts_with("audit-tests/1.0"),
+        "{:?}",
+        succeeded[0].4
+    );
     assert_eq!(succeeded[0].5.as_deref(), Some(first.session_id.as_str()));
     assert_eq!(succeeded[0].6.as_ref().map(String::len), Some(32), "a jti");
     let hash = succeeded[0].2.clone().expect("a username hash");
@@ -111,16 +141,29 @@ async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) 
 
     let failed = of("login_failed");
     assert_eq!(failed.len(), 3, "{all:#?}");
-    assert!(failed[..2].iter().all(|r| r.1.as_deref() == Some(user.user_id.as_str()) && r.2.as_deref() == Some(hash.as_str())));
+    assert!(
+        failed[..2]
+            .iter()
+            .all(|r| r.1.as_deref() == Some(user.user_id.as_str())
+                && r.2.as_deref() == Some(hash.as_str()))
+    );
     // The unknown name: no user, its hash only.
     assert_eq!(failed[2].1, None);
-    assert!(failed[2].2.as_ref().is_some_and(|h| h.len() == 64 && *h != hash));
+    assert!(
+        failed[2]
+            .2
+            .as_ref()
+            .is_some_and(|h| h.len() == 64 && *h != hash)
+    );
 
     let lockout = of("lockout");
     assert_eq!(lockout.len(), 1, "{all:#?}");
     assert!(lockout[0].7.contains("account"), "{:?}", lockout[0].7);
     assert_eq!(of("throttled")[0].2.as_deref(), Some(hash.as_str()));
-    assert_eq!(of("session_revoked")[0].5.as_deref(), Some(first.session_id.as_str()));
+    assert_eq!(
+        of("session_revoked")[0].5.as_deref(),
+        Some(first.session_id.as_str())
+    );
     for kind in ["password_change_failed", "password_changed", "logout"] {
         let row = &of(kind)[0];
         assert_eq!(row.1.as_deref(), Some(user.user_id.as_str()), "{kind}");
@@ -155,9 +198,15 @@ async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) 
         .lines()
         .filter(|l| l.contains("authd::audit") && l.contains(&user.user_id))
         .collect();
-    for kind in kinds.iter().filter(|k| **k != "lockout" && **k != "throttled") {
+    for kind in kinds
+        .iter()
+        .filter(|k| **k != "lockout" && **k != "throttled")
+    {
         assert!(
-            audit_lines.iter().any(|l| l.contains(&format!("kind=\"{kind}\"")) || l.contains(&format!("kind={kind}"))),
+            audit_lines
+                .iter()
+                .any(|l| l.contains(&format!("kind=\"{kind}\""))
+                    || l.contains(&format!("kind={kind}"))),
             "no {kind} audit log line for this user"
         );
     }
@@ -167,7 +216,10 @@ async fn rows_older_than_the_retention_are_deleted(backend: Backend) {
     let app = backend
         .spawn_with(&[("AUDIT_RETENTION", "1h"), ("AUDIT_PURGE_INTERVAL", "20ms")])
         .await;
-    assert_code(app.login("oldname", "Wrong-Horse-9").await, Code::Unauthenticated);
+    assert_code(
+        app.login("oldname", "Wrong-Horse-9").await,
+        Code::Unauthenticated,
+    );
     rows_with(&app, &["login_failed"], 1).await;
     advance(&app, Duration::from_secs(2 * 3600));
     app.register("fresh", PASSWORD).await.unwrap();
@@ -194,5 +246,4 @@ async fn a_failed_audit_write_does_not_fail_the_login(backend: Backend) {
     })
     .await;
     assert!(logged, "the failed write was not logged");
-}
 }

@@ -5,7 +5,12 @@ use crate::helpers::*;
 
 const NEW: &str = "Brand-New-Pass-7";
 
-on_every_backend! {
+on_every_backend!(
+    change_password_ends_the_other_sessions_and_keeps_the_callers,
+    a_wrong_current_password_is_permission_denied_and_changes_nothing,
+    a_weak_new_password_or_a_missing_bearer_is_refused
+);
+
 async fn change_password_ends_the_other_sessions_and_keeps_the_callers(backend: Backend) {
     let app = backend.spawn().await;
     let (user, other) = app.user_with_session("yara").await;
@@ -40,7 +45,6 @@ async fn change_password_ends_the_other_sessions_and_keeps_the_callers(backend: 
     assert_eq!(valid_after, unix(&app.clock));
 }
 
-
 async fn a_wrong_current_password_is_permission_denied_and_changes_nothing(backend: Backend) {
     let app = backend.spawn().await;
     let (_, other) = app.user_with_session("zack").await;
@@ -58,7 +62,6 @@ async fn a_wrong_current_password_is_permission_denied_and_changes_nothing(backe
     assert!(app.login("zack", PASSWORD).await.is_ok());
 }
 
-
 async fn a_weak_new_password_or_a_missing_bearer_is_refused(backend: Backend) {
     let app = backend.spawn().await;
     let (_, caller) = app.user_with_session("amy").await;
@@ -73,5 +76,4 @@ async fn a_weak_new_password_or_a_missing_bearer_is_refused(backend: Backend) {
         Code::Unauthenticated,
     );
     assert!(app.login("amy", PASSWORD).await.is_ok());
-}
 }

@@ -70,23 +70,41 @@ pub fn denied(r: &CheckResponse) -> (i32, String, String) {
     (d.status.as_ref().unwrap().code, challenge, d.body.clone())
 }
 
-on_every_backend! {
+on_every_backend!(
+    check_allows_a_valid_token_with_headers_for_the_upstream,
+    check_denies_missing_malformed_expired_and_revoked_tokens_with_401
+);
+
 async fn check_allows_a_valid_token_with_headers_for_the_upstream(backend: Backend) {
     let app = backend.spawn().await;
     let (user, login) = app.user_with_session("lena").await;
     let bearer = format!("Bearer {}", login.access_token);
-    let r = check(&app, &[("authorization", &bearer), ("x-auth-user-id", "spoofed")]).await;
+    let r = check(
+        &app,
+        &[("authorization", &bearer), ("x-auth-user-id", "spoofed")],
+    )
+    .await;
     let (set, removed) = allowed(&r);
     assert_eq!(set["x-auth-user-id"], user.user_id);
     assert_eq!(set["x-auth-username"], "lena");
     assert_eq!(set["x-auth-session-id"], login.session_id);
     assert!(!set.contains_key("x-auth-degraded"));
-    assert!(removed.contains(&"x-auth-degraded".to_owned()), "{removed:?}");
+    assert!(
+        removed.contains(&"x-auth-degraded".to_owned()),
+        "{removed:?}"
+    );
     // Kept by default.
     assert!(!removed.contains(&"authorization".to_owned()));
     // Overwrites a client's own x-auth-* header rather than appending to it.
-    let ok = match &r.http_response { Some(HttpResponse::OkResponse(ok)) => ok, _ => unreachable!() };
-    assert!(ok.headers.iter().all(|h| h.append_action == 2), "{:?}", ok.headers);
+    let ok = match &r.http_response {
+        Some(HttpResponse::OkResponse(ok)) => ok,
+        _ => unreachable!(),
+    };
+    assert!(
+        ok.headers.iter().all(|h| h.append_action == 2),
+        "{:?}",
+        ok.headers
+    );
 }
 
 async fn check_denies_missing_malformed_expired_and_revoked_tokens_with_401(backend: Backend) {
@@ -100,20 +118,35 @@ async fn check_denies_missing_malformed_expired_and_revoked_tokens_with_401(back
 
     let (status, challenge, _) = denied(&check(&app, &[("authorization", "Bearer garbage")]).await);
     assert_eq!(status, 401);
-    assert!(challenge.contains(r#"error="invalid_token""#), "{challenge}");
+    assert!(
+        challenge.contains(r#"error="invalid_token""#),
+        "{challenge}"
+    );
     assert!(challenge.contains("malformed"), "{challenge}");
 
     let now = unix(&app.clock);
-    let expired = RawClaims { exp: Some(now - 120), iat: Some(now - 600), nbf: Some(now - 600), ..RawClaims::good(now) }.sign(SECRET);
-    let (_, challenge, _) = denied(&check(&app, &[("authorization", &format!("Bearer {expired}"))]).await);
+    let expired = RawClaims {
+        exp: Some(now - 120),
+        iat: Some(now - 600),
+        nbf: Some(now - 600),
+        ..RawClaims::good(now)
+    }
+    .sign(SECRET);
+    let (_, challenge, _) =
+        denied(&check(&app, &[("authorization", &format!("Bearer {expired}"))]).await);
     assert!(challenge.contains("expired"), "{challenge}");
 
     app.logout(&login.access_token).await.unwrap();
-    let (status, challenge, body) = denied(&check(&app, &[("authorization", &format!("Bearer {}", login.access_token))]).await);
+    let (status, challenge, body) = denied(
+        &check(
+            &app,
+            &[("authorization", &format!("Bearer {}", login.access_token))],
+        )
+        .await,
+    );
     assert_eq!(status, 401);
     assert!(challenge.contains("revoked"), "{challenge}");
     assert!(body.contains("revoked"));
-}
 }
 
 #[tokio::test]

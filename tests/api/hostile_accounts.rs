@@ -61,7 +61,16 @@ async fn insert_user(app: &TestApp, name: &str) {
         .unwrap();
 }
 
-on_every_backend! {
+on_every_backend!(
+    a_hashing_flood_from_one_address_leaves_the_pool_to_the_others,
+    a_taken_name_is_answered_without_hashing,
+    register_calls_are_rationed_per_address,
+    concurrent_password_changes_have_one_winner_that_keeps_its_session,
+    a_burst_of_guesses_gets_exactly_the_threshold_checked_and_one_per_unlock,
+    a_burst_spread_over_many_names_gets_exactly_the_address_threshold_checked,
+    wrong_current_passwords_and_failed_logins_share_one_bound
+);
+
 // Finding: 32 threads registering from one address left legitimate Logins from
 // elsewhere with RESOURCE_EXHAUSTED. The Register limit is out of the way here (the
 // test settings): what protects the others is the flooder's share of the bcrypt pool.
@@ -89,8 +98,12 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
     // Register (a full hash each) and Login (a verify each), 32 at a time.
     let flood: Vec<_> = (0..32)
         .map(|t| {
-            let (mut client, stop, flooded, shed) =
-                (attacker.clone(), stop.clone(), flooded.clone(), shed.clone());
+            let (mut client, stop, flooded, shed) = (
+                attacker.clone(),
+                stop.clone(),
+                flooded.clone(),
+                shed.clone(),
+            );
             tokio::spawn(async move {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -98,12 +111,19 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
                     let name = format!("flood_{t}_{i}");
                     let answer = if t % 2 == 0 {
                         client
-                            .register(pb::RegisterRequest { username: name, password: PASSWORD.into() })
+                            .register(pb::RegisterRequest {
+                                username: name,
+                                password: PASSWORD.into(),
+                            })
                             .await
                             .map(|_| ())
                     } else {
                         client
-                            .login(pb::LoginRequest { username: name, password: WRONG.into(), ..Default::default() })
+                            .login(pb::LoginRequest {
+                                username: name,
+                                password: WRONG.into(),
+                                ..Default::default()
+                            })
                             .await
                             .map(|_| ())
                     };
@@ -117,7 +137,10 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
         .collect();
     // Wait until the flood is being shed: the pool is contended.
     assert!(
-        eventually(Duration::from_secs(30), || async { shed.load(Ordering::Relaxed) >= 32 }).await,
+        eventually(Duration::from_secs(30), || async {
+            shed.load(Ordering::Relaxed) >= 32
+        })
+        .await,
         "the flood was never shed ({} calls)",
         flooded.load(Ordering::Relaxed)
     );
@@ -189,7 +212,10 @@ async fn a_taken_name_is_answered_without_hashing(backend: Backend) {
     }
     stop.store(true, Ordering::Relaxed);
     holder.await.unwrap();
-    assert_code(answer.expect("never caught the slot held"), Code::AlreadyExists);
+    assert_code(
+        answer.expect("never caught the slot held"),
+        Code::AlreadyExists,
+    );
 }
 
 // Finding: the same flood created 4,636 accounts in 6 s. Register calls are rationed
@@ -209,21 +235,40 @@ async fn register_calls_are_rationed_per_address(backend: Backend) {
     for name in ["reg_a1", "reg_a2", "reg_a3"] {
         register_on(&a, name, PASSWORD).await.unwrap();
     }
-    assert_code(register_on(&a, "taken", PASSWORD).await, Code::AlreadyExists);
-    assert_code(register_on(&a, "a b", PASSWORD).await, Code::InvalidArgument);
-    let s = assert_code(register_on(&a, "reg_a4", PASSWORD).await, Code::ResourceExhausted);
+    assert_code(
+        register_on(&a, "taken", PASSWORD).await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        register_on(&a, "a b", PASSWORD).await,
+        Code::InvalidArgument,
+    );
+    let s = assert_code(
+        register_on(&a, "reg_a4", PASSWORD).await,
+        Code::ResourceExhausted,
+    );
     assert!(s.message().contains("registrations"), "{}", s.message());
-    let retry = s.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+    let retry = s
+        .get_details_retry_info()
+        .expect("RetryInfo")
+        .retry_delay
+        .unwrap();
     assert_eq!(retry, Duration::from_secs(1));
     // A refused name is not even looked up: a taken one is refused alike.
-    assert_code(register_on(&a, "taken", PASSWORD).await, Code::ResourceExhausted);
+    assert_code(
+        register_on(&a, "taken", PASSWORD).await,
+        Code::ResourceExhausted,
+    );
     // Another address is not held up.
     let b = client_from(&app, "127.0.0.3").await;
     register_on(&b, "reg_b1", PASSWORD).await.unwrap();
     // Once the wait is over, one more call, and the next wait is twice as long.
     advance(&app, Duration::from_secs(1));
     register_on(&a, "reg_a4", PASSWORD).await.unwrap();
-    let s = assert_code(register_on(&a, "reg_a5", PASSWORD).await, Code::ResourceExhausted);
+    let s = assert_code(
+        register_on(&a, "reg_a5", PASSWORD).await,
+        Code::ResourceExhausted,
+    );
     assert_eq!(
         s.get_details_retry_info().unwrap().retry_delay.unwrap(),
         Duration::from_secs(2)
@@ -241,10 +286,11 @@ async fn register_calls_are_rationed_per_address(backend: Backend) {
     let counts = tally(&answers);
     assert_eq!(counts.get("OK"), Some(&5), "{counts:?}");
     assert_eq!(counts.get("ResourceExhausted"), Some(&27), "{counts:?}");
-    let created: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE username LIKE 'burst%'")
-        .fetch_one(&app.db().await)
-        .await
-        .unwrap();
+    let created: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE username LIKE 'burst%'")
+            .fetch_one(&app.db().await)
+            .await
+            .unwrap();
     assert_eq!(created, 5);
 }
 
@@ -288,13 +334,23 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
     let answers = futures::future::join_all(changes).await;
     let counts = tally(&answers);
     assert_eq!(counts.get("OK"), Some(&1), "{counts:?}");
-    assert_eq!(counts.get("PermissionDenied"), Some(&(SESSIONS - 1)), "{counts:?}");
+    assert_eq!(
+        counts.get("PermissionDenied"),
+        Some(&(SESSIONS - 1)),
+        "{counts:?}"
+    );
     let winner = answers.iter().position(Result::is_ok).unwrap();
-    assert_eq!(answers[winner].as_ref().unwrap().revoked_sessions, SESSIONS as u32 - 1);
+    assert_eq!(
+        answers[winner].as_ref().unwrap().revoked_sessions,
+        SESSIONS as u32 - 1
+    );
 
     // The winner's session lives; every other one has ended.
     let v = app.validate(&logins[winner].access_token).await.unwrap();
-    assert!(v.valid && v.revocation_checked, "the winner's session ended: {v:?}");
+    assert!(
+        v.valid && v.revocation_checked,
+        "the winner's session ended: {v:?}"
+    );
     for (i, l) in logins.iter().enumerate().filter(|(i, _)| *i != winner) {
         assert_eq!(
             app.reason(&l.access_token).await,
@@ -303,7 +359,11 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
         );
     }
     // The winner's new password is the password.
-    assert!(app.login("racer", &format!("Brand-New-Pass-{winner}")).await.is_ok());
+    assert!(
+        app.login("racer", &format!("Brand-New-Pass-{winner}"))
+            .await
+            .is_ok()
+    );
     assert_code(app.login("racer", PASSWORD).await, Code::Unauthenticated);
 
     // Events up to a marker: one USER revocation, sparing the winner's session.
@@ -329,7 +389,9 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
 // Finding: with a threshold of 10, a burst had 19 guesses checked, and each unlock
 // admitted a new burst. Attempts are now counted before they are checked: a burst of
 // 64 gets exactly the threshold's worth checked, and each unlock exactly one more.
-async fn a_burst_of_guesses_gets_exactly_the_threshold_checked_and_one_per_unlock(backend: Backend) {
+async fn a_burst_of_guesses_gets_exactly_the_threshold_checked_and_one_per_unlock(
+    backend: Backend,
+) {
     let app = backend.spawn_with(&burst_settings()).await;
     app.register("target", PASSWORD).await.unwrap();
     let mut checked = Vec::new();
@@ -345,7 +407,9 @@ async fn a_burst_of_guesses_gets_exactly_the_threshold_checked_and_one_per_unloc
     assert_code(app.login("target", WRONG).await, Code::Unauthenticated);
 }
 
-async fn a_burst_spread_over_many_names_gets_exactly_the_address_threshold_checked(backend: Backend) {
+async fn a_burst_spread_over_many_names_gets_exactly_the_address_threshold_checked(
+    backend: Backend,
+) {
     let app = backend
         .spawn_with(&[
             ("THROTTLE_ADDRESS_THRESHOLD", "5"),
@@ -357,7 +421,10 @@ async fn a_burst_spread_over_many_names_gets_exactly_the_address_threshold_check
     let burst: Vec<_> = (0..64)
         .map(|i| {
             let app = &app;
-            async move { app.login_from(&format!("spread{i}"), WRONG, "198.51.100.9").await }
+            async move {
+                app.login_from(&format!("spread{i}"), WRONG, "198.51.100.9")
+                    .await
+            }
         })
         .collect();
     let counts = tally(&futures::future::join_all(burst).await);
@@ -373,17 +440,19 @@ async fn wrong_current_passwords_and_failed_logins_share_one_bound(backend: Back
         let token = session.access_token.clone();
         async move {
             if i % 2 == 0 {
-                app.change_password(&token, WRONG, "Brand-New-Pass-7").await.map(|_| ())
+                app.change_password(&token, WRONG, "Brand-New-Pass-7")
+                    .await
+                    .map(|_| ())
             } else {
                 app.login("shared", WRONG).await.map(|_| ())
             }
         }
     });
     let counts = tally(&futures::future::join_all(calls).await);
-    let checked = counts.get("Unauthenticated").unwrap_or(&0) + counts.get("PermissionDenied").unwrap_or(&0);
+    let checked =
+        counts.get("Unauthenticated").unwrap_or(&0) + counts.get("PermissionDenied").unwrap_or(&0);
     assert_eq!(checked, 10, "{counts:?}");
     assert_eq!(counts.get("ResourceExhausted"), Some(&54), "{counts:?}");
-}
 }
 
 /// An account waits after 10 failures; the address limit and the pool stay out of the

@@ -61,26 +61,40 @@ async fn failed_login_agents(app: &TestApp, expected: usize) -> Vec<String> {
     read().await
 }
 
-on_every_backend! {
+on_every_backend!(
+    long_user_agents_cost_no_other_event_its_row,
+    a_row_the_database_refuses_costs_only_itself
+);
+
 async fn long_user_agents_cost_no_other_event_its_row(backend: Backend) {
     let app = backend.spawn_with(UNTHROTTLED).await;
     let long = format!("Mozilla/5.0 {}", "A".repeat(1_000));
     // One call in ten carries a user agent longer than the column.
     failed_logins(&app, 200, |i| {
-        if i % 10 == 0 { long.clone() } else { format!("curl/8.{i}") }
+        if i % 10 == 0 {
+            long.clone()
+        } else {
+            format!("curl/8.{i}")
+        }
     })
     .await;
 
     let agents = failed_login_agents(&app, 200).await;
     assert_eq!(agents.len(), 200, "audit rows missing");
-    let cut: Vec<&String> = agents.iter().filter(|a| a.starts_with("Mozilla/5.0 ")).collect();
+    let cut: Vec<&String> = agents
+        .iter()
+        .filter(|a| a.starts_with("Mozilla/5.0 "))
+        .collect();
     assert_eq!(cut.len(), 20, "the long agents' own rows");
     assert!(
         agents.iter().all(|a| a.len() <= 512),
         "a user agent longer than its column was stored"
     );
     // Cut as sessions cut it: the first 512 bytes.
-    assert!(cut.iter().all(|a| long.starts_with(a.as_str()) && a.len() == 512));
+    assert!(
+        cut.iter()
+            .all(|a| long.starts_with(a.as_str()) && a.len() == 512)
+    );
 }
 
 async fn a_row_the_database_refuses_costs_only_itself(backend: Backend) {
@@ -100,22 +114,36 @@ async fn a_row_the_database_refuses_costs_only_itself(backend: Backend) {
         }
     };
     sqlx::raw_sql(trigger).execute(&db).await.unwrap();
-    let dropped_before = metric(&app.scrape().await, "authd_audit_dropped_total", &[("reason", "rejected")]);
+    let dropped_before = metric(
+        &app.scrape().await,
+        "authd_audit_dropped_total",
+        &[("reason", "rejected")],
+    );
 
     failed_logins(&app, 200, |i| {
-        if i % 10 == 0 { format!("poison/{i}") } else { format!("curl/8.{i}") }
+        if i % 10 == 0 {
+            format!("poison/{i}")
+        } else {
+            format!("curl/8.{i}")
+        }
     })
     .await;
 
     let agents = failed_login_agents(&app, 180).await;
     assert_eq!(agents.len(), 180, "rows lost beside the refused ones");
     assert!(agents.iter().all(|a| a.starts_with("curl/8.")));
-    let dropped = metric(&app.scrape().await, "authd_audit_dropped_total", &[("reason", "rejected")]);
+    let dropped = metric(
+        &app.scrape().await,
+        "authd_audit_dropped_total",
+        &[("reason", "rejected")],
+    );
     // The registry is the process's: another test may add to it, never take away.
-    assert!(dropped - dropped_before >= 20.0, "refused rows not counted: {dropped_before} -> {dropped}");
+    assert!(
+        dropped - dropped_before >= 20.0,
+        "refused rows not counted: {dropped_before} -> {dropped}"
+    );
     assert!(
         captured_logs().contains("audit rows not written to the table"),
         "the refused rows were not logged"
     );
-}
 }

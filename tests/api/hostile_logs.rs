@@ -66,7 +66,8 @@ fn assert_no_forged_line(log: &[String], tag: &str) {
     }
 }
 
-on_every_backend! {
+on_every_backend!(a_hostile_user_agent_and_username_forge_no_log_line);
+
 async fn a_hostile_user_agent_and_username_forge_no_log_line(backend: Backend) {
     let app = backend.spawn().await;
     let tag = format!("tag{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -79,10 +80,12 @@ async fn a_hostile_user_agent_and_username_forge_no_log_line(backend: Backend) {
     // Every line of every test so far: the formatter escapes for all of them.
     let log: Vec<String> = captured_logs().split('\n').map(str::to_owned).collect();
     assert_no_forged_line(&log, &tag);
-    let line = log.iter().find(|l| l.contains("authd::audit") && l.contains(&tag)).unwrap();
+    let line = log
+        .iter()
+        .find(|l| l.contains("authd::audit") && l.contains(&tag))
+        .unwrap();
     assert!(line.contains(r"\r\n"), "{line}");
     assert!(line.contains(r"\u{1b}[31m"), "{line}");
-}
 }
 
 /// The binary on embedded storage, logging in `format` to a pipe; its gRPC address.

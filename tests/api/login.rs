@@ -6,7 +6,17 @@ use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
-on_every_backend! {
+on_every_backend!(
+    login_answers_a_bearer_token_for_a_new_session,
+    unknown_user_wrong_password_and_empty_password_look_the_same,
+    login_records_the_peer_address_and_user_agent_metadata,
+    login_records_a_trusted_gateways_client_ip_and_user_agent_without_port,
+    an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded,
+    logins_beyond_the_bcrypt_queue_are_shed_with_retry_info,
+    an_overlong_username_is_invalid_argument_on_login,
+    a_padded_name_of_the_longest_length_is_the_same_account
+);
+
 async fn login_answers_a_bearer_token_for_a_new_session(backend: Backend) {
     let app = backend.spawn().await;
     let user = app.register("dave", PASSWORD).await.unwrap();
@@ -28,7 +38,6 @@ async fn login_answers_a_bearer_token_for_a_new_session(backend: Backend) {
     assert_eq!(v.expires_at.unwrap().seconds, now + 24 * 3600);
 }
 
-
 async fn unknown_user_wrong_password_and_empty_password_look_the_same(backend: Backend) {
     let app = backend.spawn().await;
     app.register("erin", PASSWORD).await.unwrap();
@@ -48,7 +57,6 @@ async fn unknown_user_wrong_password_and_empty_password_look_the_same(backend: B
     }
     assert!(!unknown.message().contains("erin"));
 }
-
 
 async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend) {
     let app = backend.spawn().await;
@@ -77,9 +85,10 @@ async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend
     );
 }
 
-
 async fn login_records_a_trusted_gateways_client_ip_and_user_agent_without_port(backend: Backend) {
-    let app = backend.spawn_with(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")]).await;
+    let app = backend
+        .spawn_with(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")])
+        .await;
     app.register("grace", PASSWORD).await.unwrap();
     let login = app
         .client
@@ -111,7 +120,6 @@ async fn login_records_a_trusted_gateways_client_ip_and_user_agent_without_port(
     );
     assert!(s.message().contains("client_ip"));
 }
-
 
 async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded(backend: Backend) {
     let app = backend.spawn_with(&[("BCRYPT_COST", "5")]).await;
@@ -146,15 +154,15 @@ async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded(backend: Bac
     );
 }
 
-
 async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info(backend: Backend) {
     // One hashing thread, no queue, and a cost that keeps it busy for tens of ms.
-    let app = backend.spawn_with(&[
-        ("BCRYPT_COST", "10"),
-        ("BCRYPT_WORKERS", "1"),
-        ("BCRYPT_QUEUE", "0"),
-    ])
-    .await;
+    let app = backend
+        .spawn_with(&[
+            ("BCRYPT_COST", "10"),
+            ("BCRYPT_WORKERS", "1"),
+            ("BCRYPT_QUEUE", "0"),
+        ])
+        .await;
     app.register("hank", PASSWORD).await.unwrap();
     let calls: Vec<_> = (0..6).map(|_| app.login("hank", PASSWORD)).collect();
     let results = futures::future::join_all(calls).await;
@@ -176,7 +184,6 @@ async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info(backend: Backen
     );
 }
 
-
 async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
     let app = backend.spawn().await;
     let s = assert_code(
@@ -185,7 +192,6 @@ async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
     );
     assert!(s.get_details_bad_request().is_some());
 }
-
 
 // Found by the username property tests: the size limit counted the padding, so a
 // padded 32-character name was refused while a padded 31-character one logged in.
@@ -199,5 +205,4 @@ async fn a_padded_name_of_the_longest_length_is_the_same_account(backend: Backen
     let v = app.validate(&login.access_token).await.unwrap();
     assert_eq!(v.user_id, user.user_id);
     assert_eq!(v.username, name);
-}
 }

@@ -4,7 +4,12 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-on_every_backend! {
+on_every_backend!(
+    after_logout_the_token_is_revoked_and_its_session_gone,
+    logout_is_idempotent_for_a_correctly_signed_token,
+    logout_without_a_good_bearer_is_unauthenticated
+);
+
 async fn after_logout_the_token_is_revoked_and_its_session_gone(backend: Backend) {
     let app = backend.spawn().await;
     let (_, login) = app.user_with_session("kate").await;
@@ -21,7 +26,6 @@ async fn after_logout_the_token_is_revoked_and_its_session_gone(backend: Backend
     assert_eq!(list.sessions[0].session_id, other.session_id);
 }
 
-
 async fn logout_is_idempotent_for_a_correctly_signed_token(backend: Backend) {
     let app = backend.spawn().await;
     let (_, login) = app.user_with_session("liam").await;
@@ -32,7 +36,6 @@ async fn logout_is_idempotent_for_a_correctly_signed_token(backend: Backend) {
         InvalidReason::Revoked
     );
 }
-
 
 async fn logout_without_a_good_bearer_is_unauthenticated(backend: Backend) {
     let app = backend.spawn().await;
@@ -45,7 +48,6 @@ async fn logout_without_a_good_bearer_is_unauthenticated(backend: Backend) {
     assert_code(app.logout("not-a-token").await, Code::Unauthenticated);
     let forged = RawClaims::good(unix(&app.clock)).sign("another-secret-0123456789abcdef01234");
     assert_code(app.logout(&forged).await, Code::Unauthenticated);
-}
 }
 
 #[tokio::test]

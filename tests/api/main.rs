@@ -1,24 +1,24 @@
 //! authd end to end: real gRPC on 127.0.0.1:0, real MariaDB and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-/// Writes each test once and runs it on every storage backend, so they cannot drift:
-/// `mod mysql_redis` and `mod embedded` each get a `#[tokio::test]` per function.
+/// Runs each listed test on every storage backend, so the two cannot drift. Each name is
+/// an ordinary `async fn name(backend: Backend)` in the same module (formatted and
+/// documented like any function); `mod mysql_redis` and `mod embedded` each get a
+/// `#[tokio::test]` of that name calling it. Use it once per module.
 macro_rules! on_every_backend {
-    ($($(#[$meta:meta])* async fn $name:ident($backend:ident: Backend) $body:block)*) => {
-        $($(#[$meta])* async fn $name($backend: crate::helpers::Backend) $body)*
-
+    ($($name:ident),+ $(,)?) => {
         mod mysql_redis {
             $(#[tokio::test]
             async fn $name() {
                 super::$name(crate::helpers::Backend::MySqlRedis).await
-            })*
+            })+
         }
 
         mod embedded {
             $(#[tokio::test]
             async fn $name() {
                 super::$name(crate::helpers::Backend::Embedded).await
-            })*
+            })+
         }
     };
 }

@@ -48,11 +48,19 @@ async fn failed_login_hash(app: &TestApp, name: &str) -> String {
         .expect("a login_failed row with a username hash")
 }
 
-on_every_backend! {
+on_every_backend!(
+    without_a_jwt_secret_usernames_are_still_hashed_with_a_key,
+    with_jwt_secret_and_no_name_hash_key_hashes_stay_as_they_were
+);
+
 async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Backend) {
     let pem = key("ed25519.pem");
     // `JWT_SECRET=` (empty) counts as unset.
-    let asymmetric = [("JWT_ALGORITHM", "EdDSA"), ("JWT_PRIVATE_KEY_FILE", pem.as_str()), ("JWT_SECRET", "")];
+    let asymmetric = [
+        ("JWT_ALGORITHM", "EdDSA"),
+        ("JWT_PRIVATE_KEY_FILE", pem.as_str()),
+        ("JWT_SECRET", ""),
+    ];
     let unkeyed = keyed_hash(b"", "victim");
     match backend {
         Backend::Embedded => {
@@ -65,9 +73,17 @@ async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Bac
         Backend::MySqlRedis => {
             // Shared state: start-up refused, naming the setting to give.
             let (db_name, prefix) = fresh_names();
-            let mut vars = test_env(&format!("{}/{db_name}", mysql_base()), &redis_base(), &prefix);
+            let mut vars = test_env(
+                &format!("{}/{db_name}", mysql_base()),
+                &redis_base(),
+                &prefix,
+            );
             vars.retain(|(k, _)| asymmetric.iter().all(|(o, _)| o != k));
-            vars.extend(asymmetric.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+            vars.extend(
+                asymmetric
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            );
             let refused = Config::from_vars(vars).map(|_| ()).unwrap_err();
             assert_eq!(refused.variable, "NAME_HASH_KEY", "{refused}");
 
@@ -85,7 +101,6 @@ async fn with_jwt_secret_and_no_name_hash_key_hashes_stay_as_they_were(backend: 
     let app = backend.spawn().await;
     let hash = failed_login_hash(&app, "victim").await;
     assert_eq!(hash, keyed_hash(SECRET.as_bytes(), "victim"));
-}
 }
 
 #[tokio::test]

@@ -3,7 +3,14 @@ use tonic_types::StatusExt;
 
 use crate::helpers::*;
 
-on_every_backend! {
+on_every_backend!(
+    register_returns_an_id_and_the_lower_cased_username,
+    a_taken_username_is_already_exists_whatever_its_case,
+    a_bad_username_and_a_weak_password_are_each_named_in_bad_request,
+    common_and_overlong_passwords_are_refused_not_truncated,
+    username_length_limits_hold_on_register
+);
+
 async fn register_returns_an_id_and_the_lower_cased_username(backend: Backend) {
     let app = backend.spawn().await;
     let user = app.register("Alice_1", PASSWORD).await.unwrap();
@@ -21,14 +28,12 @@ async fn register_returns_an_id_and_the_lower_cased_username(backend: Backend) {
     assert_eq!(stored, (user.user_id, "alice_1".to_owned()));
 }
 
-
 async fn a_taken_username_is_already_exists_whatever_its_case(backend: Backend) {
     let app = backend.spawn().await;
     app.register("bob", PASSWORD).await.unwrap();
     let s = assert_code(app.register("BoB", PASSWORD).await, Code::AlreadyExists);
     assert!(!s.message().contains(PASSWORD));
 }
-
 
 async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request(backend: Backend) {
     let app = backend.spawn().await;
@@ -57,7 +62,6 @@ async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request(backen
     assert_eq!(n, 0);
 }
 
-
 async fn common_and_overlong_passwords_are_refused_not_truncated(backend: Backend) {
     let app = backend.spawn().await;
     let s = assert_code(
@@ -81,7 +85,6 @@ async fn common_and_overlong_passwords_are_refused_not_truncated(backend: Backen
     assert!(s.message().contains("72 bytes"));
 }
 
-
 async fn username_length_limits_hold_on_register(backend: Backend) {
     let app = backend.spawn().await;
     assert_code(app.register("ab", PASSWORD).await, Code::InvalidArgument);
@@ -91,5 +94,4 @@ async fn username_length_limits_hold_on_register(backend: Backend) {
     );
     app.register(&"a".repeat(32), PASSWORD).await.unwrap();
     app.register("abc", PASSWORD).await.unwrap();
-}
 }

@@ -221,7 +221,15 @@ async fn hostile_watchers(
     }
 }
 
-on_every_backend! {
+on_every_backend!(
+    only_a_watcher_credential_opens_the_revocation_stream,
+    watchers_are_capped_per_connection_and_per_instance,
+    a_cursor_behind_the_trimmed_log_gets_a_reset_and_garbage_is_refused,
+    repeating_a_logout_records_only_the_first,
+    list_sessions_pages_through_hundreds_of_sessions,
+    sessions_per_user_are_bounded_by_default
+);
+
 /// Finding 6: the stream names every user, session and token revoked. Only a holder of
 /// a watcher credential may follow it; a user's own access token is not one.
 async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend) {
@@ -249,7 +257,8 @@ async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend)
     // Each refusal is in the log, under the call's name and with its code.
     let logs = captured_logs();
     assert!(
-        logs.lines().any(|l| l.contains("WatchRevocations") && l.contains("PERMISSION_DENIED")),
+        logs.lines()
+            .any(|l| l.contains("WatchRevocations") && l.contains("PERMISSION_DENIED")),
         "no log line for a refused watcher"
     );
 }
@@ -258,18 +267,27 @@ async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend)
 /// stream ends.
 async fn watchers_are_capped_per_connection_and_per_instance(backend: Backend) {
     let app = backend
-        .spawn_with(&[("WATCH_MAX_STREAMS_PER_CONNECTION", "2"), ("WATCH_MAX_STREAMS", "3")])
+        .spawn_with(&[
+            ("WATCH_MAX_STREAMS_PER_CONNECTION", "2"),
+            ("WATCH_MAX_STREAMS", "3"),
+        ])
         .await;
     let one = channel_to(app.addr).await;
     let _a = try_watch(&one, Some(WATCH_CREDENTIAL), "").await.unwrap();
     let b = try_watch(&one, Some(WATCH_CREDENTIAL), "").await.unwrap();
-    let s = assert_code(try_watch(&one, Some(WATCH_CREDENTIAL), "").await, Code::ResourceExhausted);
+    let s = assert_code(
+        try_watch(&one, Some(WATCH_CREDENTIAL), "").await,
+        Code::ResourceExhausted,
+    );
     assert!(s.get_details_retry_info().is_some(), "no RetryInfo: {s:?}");
 
     let two = channel_to(app.addr).await;
     let _c = try_watch(&two, Some(WATCH_CREDENTIAL), "").await.unwrap();
     let three = channel_to(app.addr).await;
-    assert_code(try_watch(&three, Some(WATCH_CREDENTIAL), "").await, Code::ResourceExhausted);
+    assert_code(
+        try_watch(&three, Some(WATCH_CREDENTIAL), "").await,
+        Code::ResourceExhausted,
+    );
 
     drop(b);
     let freed = eventually(Duration::from_secs(5), || async {
@@ -285,14 +303,19 @@ async fn watchers_are_capped_per_connection_and_per_instance(backend: Backend) {
 /// parsed is INVALID_ARGUMENT.
 async fn a_cursor_behind_the_trimmed_log_gets_a_reset_and_garbage_is_refused(backend: Backend) {
     let app = backend
-        .spawn_with(&[("REVOCATION_LOG_MAX_LEN", "5"), ("MAX_SESSIONS_PER_USER", "0")])
+        .spawn_with(&[
+            ("REVOCATION_LOG_MAX_LEN", "5"),
+            ("MAX_SESSIONS_PER_USER", "0"),
+        ])
         .await;
     let (_, first) = app.user_with_session("xena").await;
     let mut logins = Vec::new();
     for _ in 0..149 {
         logins.push(app.login("xena", PASSWORD).await.unwrap());
     }
-    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "").await.unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
     app.logout(&first.access_token).await.unwrap();
     let seen = next_event(&mut stream).await;
     assert_eq!(seen.kind(), RevocationKind::Token);
@@ -302,11 +325,27 @@ async fn a_cursor_behind_the_trimmed_log_gets_a_reset_and_garbage_is_refused(bac
     }
 
     for cursor in [seen.cursor.as_str(), "0-0", "1-1", "99999999999999-0"] {
-        let mut resumed = try_watch(&app.client, Some(WATCH_CREDENTIAL), cursor).await.unwrap();
+        let mut resumed = try_watch(&app.client, Some(WATCH_CREDENTIAL), cursor)
+            .await
+            .unwrap();
         let e = next_event(&mut resumed).await;
-        assert_eq!(e.kind(), RevocationKind::Reset, "resuming from {cursor:?}: {e:?}");
+        assert_eq!(
+            e.kind(),
+            RevocationKind::Reset,
+            "resuming from {cursor:?}: {e:?}"
+        );
     }
-    for cursor in ["0", "abc", "$", "-1", "+", "1-", "-1-1", "18446744073709551616-0", " 1-1"] {
+    for cursor in [
+        "0",
+        "abc",
+        "$",
+        "-1",
+        "+",
+        "1-",
+        "-1-1",
+        "18446744073709551616-0",
+        " 1-1",
+    ] {
         let s = assert_code(
             try_watch(&app.client, Some(WATCH_CREDENTIAL), cursor).await,
             Code::InvalidArgument,
@@ -322,7 +361,9 @@ async fn repeating_a_logout_records_only_the_first(backend: Backend) {
     let app = backend.spawn().await;
     let (_, login) = app.user_with_session("yuri").await;
     let (_, marker) = app.user_with_session("zeke").await;
-    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "").await.unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
     let jti = jti_of(&login.access_token);
 
     let mut tasks = Vec::new();
@@ -355,7 +396,10 @@ async fn repeating_a_logout_records_only_the_first(backend: Backend) {
         }
     }
     assert_eq!(ours, 1, "events for one token logged out 200 times");
-    assert_eq!(app.reason(&login.access_token).await, InvalidReason::Revoked);
+    assert_eq!(
+        app.reason(&login.access_token).await,
+        InvalidReason::Revoked
+    );
 
     let rows = eventually(Duration::from_secs(5), || async {
         audit_logouts(&app, &marker.session_id).await == 1
@@ -399,9 +443,16 @@ async fn list_sessions_pages_through_hundreds_of_sessions(backend: Backend) {
     let mut page_token = String::new();
     let mut pages = 0;
     loop {
-        let page = app.list_sessions_page(&token, 1000, &page_token).await.unwrap();
+        let page = app
+            .list_sessions_page(&token, 1000, &page_token)
+            .await
+            .unwrap();
         assert_eq!(page.active_count, 750);
-        assert!(page.sessions.len() <= 50, "a page of {}", page.sessions.len());
+        assert!(
+            page.sessions.len() <= 50,
+            "a page of {}",
+            page.sessions.len()
+        );
         seen.extend(page.sessions.into_iter().map(|s| s.session_id));
         pages += 1;
         if page.next_page_token.is_empty() {
@@ -414,9 +465,15 @@ async fn list_sessions_pages_through_hundreds_of_sessions(backend: Backend) {
     let default = app.list_sessions(&token).await.unwrap();
     assert_eq!(default.sessions.len(), 20);
 
-    assert_code(app.list_sessions_page(&token, -1, "").await, Code::InvalidArgument);
+    assert_code(
+        app.list_sessions_page(&token, -1, "").await,
+        Code::InvalidArgument,
+    );
     for bad in ["abc", "-5", "99999999999999999999999", "+1"] {
-        assert_code(app.list_sessions_page(&token, 10, bad).await, Code::InvalidArgument);
+        assert_code(
+            app.list_sessions_page(&token, 10, bad).await,
+            Code::InvalidArgument,
+        );
     }
 }
 
@@ -428,10 +485,15 @@ async fn sessions_per_user_are_bounded_by_default(backend: Backend) {
     for _ in 0..100 {
         last = Some(app.login("bert", PASSWORD).await.unwrap());
     }
-    assert_eq!(app.reason(&first.access_token).await, InvalidReason::Revoked);
-    let page = app.list_sessions(&last.unwrap().access_token).await.unwrap();
+    assert_eq!(
+        app.reason(&first.access_token).await,
+        InvalidReason::Revoked
+    );
+    let page = app
+        .list_sessions(&last.unwrap().access_token)
+        .await
+        .unwrap();
     assert_eq!(page.active_count, 100);
-}
 }
 
 /// The `logout` audit rows of one session.

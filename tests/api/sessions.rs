@@ -6,7 +6,17 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-on_every_backend! {
+on_every_backend!(
+    list_sessions_shows_live_sessions_and_marks_the_current_one,
+    idle_sessions_are_pruned_from_the_list,
+    an_idle_session_expires_and_activity_extends_it,
+    revoke_session_ends_another_of_the_callers_sessions,
+    someone_elses_session_and_an_unknown_one_are_the_same_not_found,
+    revoke_session_checks_its_input_and_the_bearer,
+    past_max_sessions_the_oldest_session_ends,
+    activity_is_recorded_at_most_once_a_minute
+);
+
 async fn list_sessions_shows_live_sessions_and_marks_the_current_one(backend: Backend) {
     let app = backend.spawn().await;
     let (_, first) = app.user_with_session("nina").await;
@@ -36,7 +46,6 @@ async fn list_sessions_shows_live_sessions_and_marks_the_current_one(backend: Ba
     assert_eq!(list.active_count, 1);
 }
 
-
 async fn idle_sessions_are_pruned_from_the_list(backend: Backend) {
     let app = backend.spawn().await;
     let (_, old) = app.user_with_session("paul").await;
@@ -52,7 +61,6 @@ async fn idle_sessions_are_pruned_from_the_list(backend: Backend) {
     );
 }
 
-
 async fn an_idle_session_expires_and_activity_extends_it(backend: Backend) {
     let app = backend.spawn().await; // idle timeout 1 h
     let (_, login) = app.user_with_session("quinn").await;
@@ -66,7 +74,6 @@ async fn an_idle_session_expires_and_activity_extends_it(backend: Backend) {
         InvalidReason::SessionNotFound
     );
 }
-
 
 async fn revoke_session_ends_another_of_the_callers_sessions(backend: Backend) {
     let app = backend.spawn().await;
@@ -90,7 +97,6 @@ async fn revoke_session_ends_another_of_the_callers_sessions(backend: Backend) {
     );
 }
 
-
 async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found(backend: Backend) {
     let app = backend.spawn().await;
     let (_, mine) = app.user_with_session("tara").await;
@@ -110,7 +116,6 @@ async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found(backend
     // Theirs is untouched.
     assert!(app.validate(&theirs.access_token).await.unwrap().valid);
 }
-
 
 async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
     let app = backend.spawn().await;
@@ -142,7 +147,6 @@ async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
         Code::Unauthenticated,
     );
 }
-
 
 async fn past_max_sessions_the_oldest_session_ends(backend: Backend) {
     let app = backend.spawn_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
@@ -182,8 +186,6 @@ async fn activity_is_recorded_at_most_once_a_minute(backend: Backend) {
     assert!(app.validate(&login.access_token).await.unwrap().valid);
     let seen = first(app.list_sessions(&observer.access_token).await.unwrap());
     assert_eq!(seen, (t0 + 60, t0 + 60 + 3600));
-}
-
 }
 
 #[tokio::test]

@@ -35,8 +35,19 @@ fn retry_after(status: &Status) -> Duration {
         .expect("a delay")
 }
 
-on_every_backend! {
-async fn past_the_threshold_even_the_right_password_waits_alike_for_unknown_accounts(backend: Backend) {
+on_every_backend!(
+    past_the_threshold_even_the_right_password_waits_alike_for_unknown_accounts,
+    a_lockout_ends_by_itself_and_its_backoff_doubles_up_to_the_cap,
+    a_success_resets_the_accounts_count,
+    case_and_padding_variants_of_a_name_share_one_count,
+    an_address_failing_across_many_usernames_is_held_off_alone,
+    a_spoofed_client_ip_from_an_untrusted_caller_is_ignored,
+    wrong_current_passwords_on_change_password_count_against_the_account
+);
+
+async fn past_the_threshold_even_the_right_password_waits_alike_for_unknown_accounts(
+    backend: Backend,
+) {
     let app = backend.spawn_with(SMALL).await;
     app.register("ivan", PASSWORD).await.unwrap();
     for _ in 0..3 {
@@ -124,32 +135,55 @@ async fn an_address_failing_across_many_usernames_is_held_off_alone(backend: Bac
     }
     // No account reached its own threshold, but the address did: even a right
     // password from there waits.
-    let s = assert_code(app.login_from("mona", PASSWORD, attacker).await, Code::ResourceExhausted);
+    let s = assert_code(
+        app.login_from("mona", PASSWORD, attacker).await,
+        Code::ResourceExhausted,
+    );
     assert_eq!(retry_after(&s), Duration::from_secs(1));
-    assert_code(app.login_from("user9", WRONG, attacker).await, Code::ResourceExhausted);
+    assert_code(
+        app.login_from("user9", WRONG, attacker).await,
+        Code::ResourceExhausted,
+    );
     // Mona, elsewhere, is not locked out by someone else's guessing.
-    assert!(app.login_from("mona", PASSWORD, "198.51.100.7").await.is_ok());
+    assert!(
+        app.login_from("mona", PASSWORD, "198.51.100.7")
+            .await
+            .is_ok()
+    );
     // An IPv6 client is one address across its /64.
     for i in 0..5 {
         let ip = format!("2001:db8:7:7::{i}");
-        assert_code(app.login_from(&format!("v6user{i}"), WRONG, &ip).await, Code::Unauthenticated);
+        assert_code(
+            app.login_from(&format!("v6user{i}"), WRONG, &ip).await,
+            Code::Unauthenticated,
+        );
     }
     assert_code(
-        app.login_from("mona", PASSWORD, "2001:db8:7:7:ffff::1").await,
+        app.login_from("mona", PASSWORD, "2001:db8:7:7:ffff::1")
+            .await,
         Code::ResourceExhausted,
     );
 }
 
 async fn a_spoofed_client_ip_from_an_untrusted_caller_is_ignored(backend: Backend) {
-    let app = backend.spawn_with(&with(&[("THROTTLE_ADDRESS_THRESHOLD", "3")])).await;
+    let app = backend
+        .spawn_with(&with(&[("THROTTLE_ADDRESS_THRESHOLD", "3")]))
+        .await;
     app.register("nora", PASSWORD).await.unwrap();
-    let login = app.login_from("nora", PASSWORD, "203.0.113.50").await.unwrap();
+    let login = app
+        .login_from("nora", PASSWORD, "203.0.113.50")
+        .await
+        .unwrap();
     let list = app.list_sessions(&login.access_token).await.unwrap();
-    assert_eq!(list.sessions[0].ip, "127.0.0.1", "the claimed address was recorded");
+    assert_eq!(
+        list.sessions[0].ip, "127.0.0.1",
+        "the claimed address was recorded"
+    );
     // A new claimed address per guess does not escape the per-address limit.
     for i in 0..3 {
         assert_code(
-            app.login_from(&format!("guess{i}"), WRONG, &format!("203.0.113.{i}")).await,
+            app.login_from(&format!("guess{i}"), WRONG, &format!("203.0.113.{i}"))
+                .await,
             Code::Unauthenticated,
         );
     }
@@ -158,7 +192,10 @@ async fn a_spoofed_client_ip_from_an_untrusted_caller_is_ignored(backend: Backen
         Code::ResourceExhausted,
     );
     // A malformed claim is still a malformed request.
-    assert_code(app.login_from("nora", PASSWORD, "not-an-ip").await, Code::InvalidArgument);
+    assert_code(
+        app.login_from("nora", PASSWORD, "not-an-ip").await,
+        Code::InvalidArgument,
+    );
 }
 
 async fn wrong_current_passwords_on_change_password_count_against_the_account(backend: Backend) {
@@ -166,7 +203,8 @@ async fn wrong_current_passwords_on_change_password_count_against_the_account(ba
     let (_, login) = app.user_with_session("otto").await;
     for _ in 0..2 {
         assert_code(
-            app.change_password(&login.access_token, WRONG, "Brand-New-Pass-7").await,
+            app.change_password(&login.access_token, WRONG, "Brand-New-Pass-7")
+                .await,
             Code::PermissionDenied,
         );
     }
@@ -174,13 +212,17 @@ async fn wrong_current_passwords_on_change_password_count_against_the_account(ba
     // Three failures on the account, from either call: both now wait, unchecked.
     assert_code(app.login("otto", PASSWORD).await, Code::ResourceExhausted);
     let s = assert_code(
-        app.change_password(&login.access_token, PASSWORD, "Brand-New-Pass-7").await,
+        app.change_password(&login.access_token, PASSWORD, "Brand-New-Pass-7")
+            .await,
         Code::ResourceExhausted,
     );
     assert_eq!(retry_after(&s), Duration::from_secs(1));
     advance(&app, Duration::from_secs(1));
-    assert!(app.change_password(&login.access_token, PASSWORD, "Brand-New-Pass-7").await.is_ok());
-}
+    assert!(
+        app.change_password(&login.access_token, PASSWORD, "Brand-New-Pass-7")
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]

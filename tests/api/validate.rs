@@ -7,7 +7,12 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-on_every_backend! {
+on_every_backend!(
+    hand_made_bad_tokens_get_their_reason,
+    an_empty_or_oversized_token_is_invalid_argument,
+    a_token_expires_with_its_ttl_judged_by_the_clock
+);
+
 async fn hand_made_bad_tokens_get_their_reason(backend: Backend) {
     let app = backend.spawn().await;
     let (_, login) = app.user_with_session("ivan").await;
@@ -129,7 +134,6 @@ async fn hand_made_bad_tokens_get_their_reason(backend: Backend) {
     assert!(app.validate(&login.access_token).await.unwrap().valid);
 }
 
-
 async fn an_empty_or_oversized_token_is_invalid_argument(backend: Backend) {
     let app = backend.spawn().await;
     assert_code(app.validate("").await, Code::InvalidArgument);
@@ -145,9 +149,10 @@ async fn an_empty_or_oversized_token_is_invalid_argument(backend: Backend) {
     );
 }
 
-
 async fn a_token_expires_with_its_ttl_judged_by_the_clock(backend: Backend) {
-    let app = backend.spawn_with(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")]).await;
+    let app = backend
+        .spawn_with(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")])
+        .await;
     let (_, login) = app.user_with_session("judy").await;
     assert_eq!(login.expires_in, 7200);
     // Keep the session active so only the absolute lifetime can end it.
@@ -165,7 +170,6 @@ async fn a_token_expires_with_its_ttl_judged_by_the_clock(backend: Backend) {
         app.reason(&login.access_token).await,
         InvalidReason::Expired
     );
-}
 }
 
 fn b64(s: &str) -> String {
