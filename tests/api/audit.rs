@@ -8,7 +8,7 @@ use std::time::Duration;
 use authd::proto::auth::v1 as pb;
 use tonic::{Code, Request};
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// Every row, oldest first: (kind, user_id, username_hash, client_ip, user_agent,
 /// session_id, jti, detail).

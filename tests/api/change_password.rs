@@ -1,7 +1,7 @@
 use authd::proto::auth::v1::InvalidReason;
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const NEW: &str = "Brand-New-Pass-7";
 

@@ -15,8 +15,8 @@ use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
-use crate::proxy::Proxy;
+use crate::support::proxy::Proxy;
+use crate::support::*;
 
 /// Greets the caller the layer let in.
 #[derive(Debug, Default)]

@@ -19,10 +19,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::binary::Authd;
-use crate::helpers::*;
-use crate::raw::{RawConn, VALIDATE, field, message};
-use crate::tls::{Ca, PemDir, health_over_tls};
+use crate::support::binary::Authd;
+use crate::support::raw::{RawConn, VALIDATE, field, message};
+use crate::support::tls::{Ca, PemDir, health_over_tls};
+use crate::support::*;
 
 /// How long a normal call or probe may take here: generous, so a loaded machine
 /// does not fail the test; a starved server never answers at all.

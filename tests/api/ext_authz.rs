@@ -1,74 +1,8 @@
 //! Envoy's Check, over real gRPC.
 
-use std::collections::HashMap;
+use envoy_types::ext_authz::v3::pb::HttpResponse;
 
-use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse, HttpResponse};
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as AttrRequest,
-};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-
-use crate::helpers::*;
-
-fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    method: "GET".into(),
-                    path: "/orders".into(),
-                    headers: headers
-                        .iter()
-                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                        .collect(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
-pub async fn check(app: &TestApp, headers: &[(&str, &str)]) -> CheckResponse {
-    AuthorizationClient::new(app.channel.clone())
-        .check(check_request(headers))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// The headers an allowed answer sets, and those it removes.
-fn allowed(r: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
-    assert_eq!(r.status.as_ref().unwrap().code, 0, "{r:?}");
-    let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
-        panic!("not allowed: {r:?}")
-    };
-    let set = ok
-        .headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .map(|h| (h.key.clone(), h.value.clone()))
-        .collect();
-    (set, ok.headers_to_remove.clone())
-}
-
-/// HTTP status, `www-authenticate` and body of a denied answer.
-pub fn denied(r: &CheckResponse) -> (i32, String, String) {
-    assert_eq!(r.status.as_ref().unwrap().code, 16, "{r:?}");
-    let Some(HttpResponse::DeniedResponse(d)) = &r.http_response else {
-        panic!("not denied: {r:?}")
-    };
-    let challenge = d
-        .headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .find(|h| h.key == "www-authenticate")
-        .map(|h| h.value.clone())
-        .unwrap_or_default();
-    (d.status.as_ref().unwrap().code, challenge, d.body.clone())
-}
+use crate::support::*;
 
 on_every_backend!(
     check_allows_a_valid_token_with_headers_for_the_upstream,
@@ -177,7 +111,11 @@ async fn reflection_alone_is_enough_to_call_check() {
     let app = spawn_app().await;
     let (_, login) = app.user_with_session("rhea").await;
     let python = tokio::task::spawn_blocking(|| {
-        crate::python::python_with(&["grpcio>=1.60", "grpcio-reflection>=1.60", "protobuf>=4.25"])
+        crate::support::python::python_with(&[
+            "grpcio>=1.60",
+            "grpcio-reflection>=1.60",
+            "protobuf>=4.25",
+        ])
     })
     .await
     .unwrap();

@@ -14,9 +14,9 @@ use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::helpers::*;
-use crate::proxy::Proxy;
-use crate::raw::*;
+use crate::support::proxy::Proxy;
+use crate::support::raw::*;
+use crate::support::*;
 
 /// A bound on any one call while a store is broken: far above the 250 ms store timeouts,
 /// far below the 10 s request timeout that would hide a hang.

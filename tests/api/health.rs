@@ -6,7 +6,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn status(app: &TestApp, service: &str) -> ServingStatus {
     HealthClient::new(app.channel.clone())

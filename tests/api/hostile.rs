@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::binary::Authd;
-use crate::helpers::*;
-use crate::raw::*;
+use crate::support::binary::Authd;
+use crate::support::raw::*;
+use crate::support::*;
 
 /// The server still answers a normal call.
 async fn still_serving(app: &TestApp) {

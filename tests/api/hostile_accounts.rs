@@ -14,7 +14,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const WRONG: &str = "Wrong-Horse-9";
 
@@ -316,7 +316,7 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
         logins.push(app.login("racer", PASSWORD).await.unwrap());
     }
     let (_, bystander) = app.user_with_session("bystander").await;
-    let mut events = crate::watch::try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+    let mut events = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
         .await
         .unwrap();
 

@@ -7,7 +7,7 @@ use authd::proto::auth::v1 as pb;
 use futures::StreamExt;
 use tonic::{Code, Request};
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// Settings under which no failed login is throttled, so every attempt is a
 /// `login_failed` row, and a burst is hashed rather than shed.

@@ -4,7 +4,7 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// `GET /.well-known/openid-configuration` from 127.0.0.1 with `host` and
 /// `X-Forwarded-Proto: forwarded_proto`: `jwks_uri` and `cache-control`.

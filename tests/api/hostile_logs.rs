@@ -9,8 +9,8 @@ use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use tonic::Code;
 
-use crate::binary::{spawn_in, stderr_lines};
-use crate::helpers::*;
+use crate::support::binary::{spawn_in, stderr_lines};
+use crate::support::*;
 
 /// A fake timestamp that starts the forged line, so a forged line is easy to spot.
 const FAKE_TIME: &str = "2020-01-01T00:00:00.000000Z";

@@ -7,8 +7,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-use crate::ext_authz::{check, denied};
-use crate::helpers::*;
+use crate::support::*;
 
 /// The claims of `token`, signed again with the test secret under a header `edit`ed.
 fn resigned(token: &str, edit: impl Fn(&mut Header)) -> String {

@@ -7,8 +7,8 @@ use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::binary::Authd;
-use crate::helpers::*;
+use crate::support::binary::Authd;
+use crate::support::*;
 
 /// Two `authd` processes on one fresh database and key prefix; the database is
 /// dropped with it.

@@ -6,11 +6,7 @@ use authd::proto::auth::v1::InvalidReason;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::helpers::*;
-
-pub fn key(name: &str) -> String {
-    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
-}
+use crate::support::*;
 
 fn header(token: &str) -> serde_json::Value {
     let part = token.split('.').next().unwrap();
@@ -159,7 +155,7 @@ async fn verify_with_pyjwt(jwks_url: &str, tokens: &[&str]) -> Vec<serde_json::V
         env!("CARGO_MANIFEST_DIR")
     );
     let python = tokio::task::spawn_blocking(|| {
-        crate::python::python_with(&["pyjwt>=2.8,<3", "cryptography>=42"])
+        crate::support::python::python_with(&["pyjwt>=2.8,<3", "cryptography>=42"])
     })
     .await
     .unwrap();

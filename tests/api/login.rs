@@ -4,7 +4,7 @@ use authd::proto::auth::v1 as pb;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 on_every_backend!(
     login_answers_a_bearer_token_for_a_new_session,

@@ -2,7 +2,7 @@ use authd::proto::auth::v1::InvalidReason;
 use redis::AsyncCommands;
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 on_every_backend!(
     after_logout_the_token_is_revoked_and_its_session_gone,

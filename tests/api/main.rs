@@ -10,23 +10,23 @@ macro_rules! on_every_backend {
         mod mysql_redis {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::Backend::MySqlRedis).await
+                super::$name(crate::support::Backend::MySqlRedis).await
             })+
         }
 
         mod embedded {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(crate::helpers::Backend::Embedded).await
+                super::$name(crate::support::Backend::Embedded).await
             })+
         }
     };
 }
 
-mod helpers;
+mod support;
 
 mod audit;
-pub mod binary;
+mod binary;
 mod change_password;
 mod client_layer;
 mod connections;
@@ -48,15 +48,12 @@ mod name_hash;
 mod ops;
 mod otlp;
 mod password_policy;
-mod proxy;
-mod python;
-mod raw;
 mod redis_outage;
 mod register;
 mod revocation_integrity;
 mod sessions;
 mod throttle;
 mod timing;
-pub mod tls;
+mod tls;
 mod validate;
 mod watch;

@@ -9,8 +9,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tonic::Code;
 
-use crate::helpers::*;
-use crate::keys::key;
+use crate::support::*;
 
 const NAME_HASH_KEY: &str = "name-hash-key-0123456789abcdef-0123";
 
@@ -115,7 +114,7 @@ async fn with_shared_state_and_no_key_the_binary_refuses_to_start_with_one_line(
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    let (code, stderr) = crate::binary::run_authd(&[], env).await;
+    let (code, stderr) = crate::support::binary::run_authd(&[], env).await;
     assert_ne!(code, 0, "started: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "not one line: {stderr}");

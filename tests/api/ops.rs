@@ -12,7 +12,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// A ValidateToken call whose request message never comes: the server holds it in
 /// flight (it waits for the message) until the client gives up or the deadline passes.

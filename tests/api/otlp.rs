@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio::sync::mpsc;
 
-use crate::binary::Authd;
+use crate::support::binary::Authd;
 
 /// An OTLP trace collector that hands every export to the test.
 struct Collector(mpsc::UnboundedSender<ExportTraceServiceRequest>);

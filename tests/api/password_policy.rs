@@ -4,7 +4,7 @@
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// The (field, reason) of every violation in an INVALID_ARGUMENT.
 #[track_caller]

@@ -3,7 +3,7 @@ use std::time::Duration;
 use authd::proto::auth::v1::InvalidReason;
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn open_mode_validates_without_redis_and_refuses_writes_then_recovers() {

@@ -1,7 +1,7 @@
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 on_every_backend!(
     register_returns_an_id_and_the_lower_cased_username,

@@ -15,9 +15,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
-use crate::proxy::Proxy;
-use crate::watch::{next_event, try_watch};
+use crate::support::proxy::Proxy;
+use crate::support::*;
 
 async fn channel_to(addr: SocketAddr) -> AuthServiceClient<Channel> {
     let channel = Channel::from_shared(format!("http://{addr}"))

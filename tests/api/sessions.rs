@@ -4,7 +4,7 @@ use authd::proto::auth::v1::InvalidReason;
 use redis::AsyncCommands;
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 on_every_backend!(
     list_sessions_shows_live_sessions_and_marks_the_current_one,

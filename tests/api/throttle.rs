@@ -7,7 +7,7 @@ use futures::StreamExt;
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const WRONG: &str = "Wrong-Horse-9";
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const ROUNDS: usize = 200;
 const ACCOUNTS: usize = 20;

@@ -5,7 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tonic::Code;
 
-use crate::helpers::*;
+use crate::support::*;
 
 on_every_backend!(
     hand_made_bad_tokens_get_their_reason,

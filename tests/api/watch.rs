@@ -2,51 +2,15 @@
 
 use std::time::Duration;
 
-use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
-use authd::proto::auth::v1::{RevocationEvent, RevocationKind, WatchRevocationsRequest};
-use tonic::transport::Channel;
-use tonic::{Request, Status, Streaming};
+use authd::proto::auth::v1::{RevocationEvent, RevocationKind};
+use tonic::Streaming;
 
-use crate::helpers::*;
+use crate::support::*;
 
 async fn watch(app: &TestApp, after: &str) -> Streaming<RevocationEvent> {
     try_watch(&app.client, Some(WATCH_CREDENTIAL), after)
         .await
         .unwrap()
-}
-
-/// Opens a stream on `client`, with `credential` as the bearer if there is one.
-pub async fn try_watch(
-    client: &AuthServiceClient<Channel>,
-    credential: Option<&str>,
-    after: &str,
-) -> Result<Streaming<RevocationEvent>, Status> {
-    let request = WatchRevocationsRequest {
-        after: after.into(),
-    };
-    let request = match credential {
-        Some(credential) => bearer(credential, request),
-        None => Request::new(request),
-    };
-    Ok(client
-        .clone()
-        .watch_revocations(request)
-        .await?
-        .into_inner())
-}
-
-/// The next event that is not a heartbeat.
-pub async fn next_event(stream: &mut Streaming<RevocationEvent>) -> RevocationEvent {
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .expect("an event within 5 s")
-            .unwrap()
-            .expect("stream open");
-        if event.kind() != RevocationKind::Heartbeat {
-            return event;
-        }
-    }
 }
 
 on_every_backend!(

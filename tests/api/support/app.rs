@@ -1,0 +1,382 @@
+//! authd served in-process on 127.0.0.1:0 against the real MariaDB and Redis (or
+//! embedded storage), with a fresh database and a fresh Redis key prefix per test, and a
+//! clock the test moves by hand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use authd::Application;
+use authd::clock::ManualClock;
+use authd::config::Config;
+use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use super::logs::capture_logs;
+
+/// The JWT secret every test server uses.
+pub const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+/// The credential every test server accepts from revocation watchers.
+pub const WATCH_CREDENTIAL: &str = "test-watch-credential-0123456789abcdef";
+/// Register calls one address may make in the test servers' settings (see `test_env`).
+pub const REGISTER_THRESHOLD: &str = "100000";
+/// Hashing jobs one address may hold in the test servers' settings (see `test_env`).
+pub const MAX_PER_ADDRESS: &str = "1000";
+/// A password that meets the policy.
+pub const PASSWORD: &str = "Correct-Horse-9";
+
+/// Where the shared MariaDB is; override with AUTHD_TEST_MYSQL.
+pub fn mysql_base() -> String {
+    std::env::var("AUTHD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// Where the shared Redis is; override with AUTHD_TEST_REDIS.
+pub fn redis_base() -> String {
+    std::env::var("AUTHD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// The storage a test server runs on. Tests that hold for both are written once and
+/// run on each (see `on_every_backend!`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// MySQL (MariaDB) users, Redis sessions.
+    MySqlRedis,
+    /// SQLite users, in-process sessions.
+    Embedded,
+}
+
+impl Backend {
+    pub async fn spawn(self) -> TestApp {
+        self.spawn_with(&[]).await
+    }
+
+    pub async fn spawn_with(self, overrides: &[(&str, &str)]) -> TestApp {
+        match self {
+            Backend::MySqlRedis => spawn_app_with(overrides).await,
+            Backend::Embedded => spawn_embedded_with(overrides).await,
+        }
+    }
+}
+
+/// A running authd for one test.
+pub struct TestApp {
+    pub backend: Backend,
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    pub client: AuthServiceClient<Channel>,
+    pub channel: Channel,
+    /// The HTTP listener (`/metrics`, `/healthz`), unless the test turned it off.
+    pub http_addr: Option<SocketAddr>,
+    pub clock: Arc<ManualClock>,
+    /// The MySQL database name, or the SQLite file's folder.
+    pub db_name: String,
+    /// A sqlx URL for the users database, whichever it is.
+    pub db_url: String,
+    pub redis_url: String,
+    pub key_prefix: String,
+    stop: Option<oneshot::Sender<()>>,
+    pub server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The settings it was started with.
+    vars: Vec<(String, String)>,
+    /// False for a sibling, which shares another app's database and must not drop it.
+    owns_db: bool,
+}
+
+/// The settings a test server gets unless the test overrides them.
+pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String, String)> {
+    [
+        ("JWT_SECRET", SECRET),
+        ("DATABASE_URL", db_url),
+        ("REDIS_URL", redis_url),
+        ("REDIS_KEY_PREFIX", key_prefix),
+        ("GRPC_ADDR", "127.0.0.1:0"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
+        ("BCRYPT_COST", "4"),
+        // Many apps share the two cores during the suite: hashing at normal priority keeps
+        // one test's Logins from waiting out another test's CPU (SCHED_IDLE, the default,
+        // is tested in auth::hasher and measured by authd-bench).
+        ("BCRYPT_NICE", "0"),
+        ("REDIS_RETRY_INTERVAL", "50ms"),
+        ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+        // Every test client calls from 127.0.0.1, and many tests register more users, or
+        // hash more at once, than one address may by default; the tests of those limits
+        // set them themselves.
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Settings as owned pairs, as `Config::from_vars` and `Command::envs` take them.
+pub fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// A fresh database name and key prefix.
+pub fn fresh_names() -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    (format!("authd_t_{}", &id[..16]), format!("t{}:", &id[..16]))
+}
+
+/// authd with the default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// authd on MySQL and Redis with some settings overridden (`REDIS_URL` included).
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    spawn_app_reaching_mysql_at(None, overrides).await
+}
+
+/// The shared MariaDB's `host:port`.
+pub fn mysql_addr() -> SocketAddr {
+    let base = mysql_base();
+    let host = base.rsplit_once('@').map_or(base.as_str(), |(_, h)| h);
+    let host = host.trim_start_matches("mysql://").trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(host)
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// Like [`spawn_app_with`], with authd reaching MariaDB at `via` (a proxy) while the
+/// test's own [`TestApp::db`] goes straight to it.
+pub async fn spawn_app_reaching_mysql_at(
+    via: Option<SocketAddr>,
+    overrides: &[(&str, &str)],
+) -> TestApp {
+    let (db_name, key_prefix) = fresh_names();
+    let db_url = format!("{}/{db_name}", mysql_base());
+    let served_url = match via {
+        Some(via) => {
+            let base = mysql_base();
+            let credentials = base.rsplit_once('@').map_or("mysql://", |(c, _)| c);
+            let at = if credentials.ends_with("//") { "" } else { "@" };
+            format!("{credentials}{at}{via}/{db_name}")
+        }
+        None => db_url.clone(),
+    };
+    let vars = with_overrides(test_env(&served_url, &redis_base(), &key_prefix), overrides);
+    let redis_url = vars
+        .iter()
+        .find(|(k, _)| k == "REDIS_URL")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    start(
+        Backend::MySqlRedis,
+        vars,
+        db_name,
+        db_url,
+        redis_url,
+        key_prefix,
+        fresh_clock(),
+    )
+    .await
+}
+
+/// authd on an SQLite file and in-process sessions, as with nothing configured.
+pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
+    let (db_name, _) = fresh_names();
+    let dir = std::env::temp_dir().join(&db_name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users.db");
+    let vars: Vec<(String, String)> = [
+        ("JWT_SECRET", SECRET),
+        ("SQLITE_PATH", path.to_str().unwrap()),
+        ("GRPC_ADDR", "127.0.0.1:0"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
+        ("BCRYPT_COST", "4"),
+        ("BCRYPT_NICE", "0"),
+        ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let vars = with_overrides(vars, overrides);
+    let db_url = format!("sqlite://{}", path.display());
+    start(
+        Backend::Embedded,
+        vars,
+        dir.display().to_string(),
+        db_url,
+        String::new(),
+        String::new(),
+        fresh_clock(),
+    )
+    .await
+}
+
+/// A test clock standing at the current time.
+fn fresh_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::now()))
+}
+
+/// `vars` with each of `overrides` in place of the setting of that name.
+pub fn with_overrides(
+    mut vars: Vec<(String, String)>,
+    overrides: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    for (k, v) in overrides {
+        vars.retain(|(name, _)| name != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    vars
+}
+
+async fn start(
+    backend: Backend,
+    vars: Vec<(String, String)>,
+    db_name: String,
+    db_url: String,
+    redis_url: String,
+    key_prefix: String,
+    clock: Arc<ManualClock>,
+) -> TestApp {
+    capture_logs();
+    let config = Config::from_vars(vars.clone()).expect("test config");
+    let app = Application::build_with_clock(config, clock.clone())
+        .await
+        .expect("authd builds");
+    let addr = app.local_addr();
+    let http_addr = app.http_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    // Lazy: a TLS server refuses this plaintext channel, and TLS tests check just that.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    TestApp {
+        backend,
+        addr,
+        client: AuthServiceClient::new(channel.clone()),
+        channel,
+        http_addr,
+        clock,
+        db_name,
+        db_url,
+        redis_url,
+        key_prefix,
+        stop: Some(stop),
+        server: Some(server),
+        vars,
+        owns_db: true,
+    }
+}
+
+impl TestApp {
+    /// A second authd on the same database, Redis, key prefix and clock: another
+    /// instance of the same deployment.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        self.spawn_sibling_with(&[]).await
+    }
+
+    /// [`TestApp::spawn_sibling`] with some settings overridden (a `REDIS_URL` through a
+    /// proxy, say).
+    pub async fn spawn_sibling_with(&self, overrides: &[(&str, &str)]) -> TestApp {
+        let mut sibling = start(
+            self.backend,
+            with_overrides(self.vars.clone(), overrides),
+            self.db_name.clone(),
+            self.db_url.clone(),
+            self.redis_url.clone(),
+            self.key_prefix.clone(),
+            self.clock.clone(),
+        )
+        .await;
+        sibling.owns_db = false;
+        sibling
+    }
+
+    /// A connection to this test's users database, MySQL or SQLite alike (queries
+    /// with `?` placeholders and plain types read the same on both).
+    pub async fn db(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(&self.db_url).await.expect("db")
+    }
+
+    /// A connection to this test's Redis.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
+    /// Starts shutting down (as on SIGTERM) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops serving (as on SIGTERM) and waits for the server to finish.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => server.await.expect("server task"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        if !self.owns_db {
+            return;
+        }
+        if self.backend == Backend::Embedded {
+            let _ = std::fs::remove_dir_all(&self.db_name);
+            return;
+        }
+        drop_database(&self.db_name);
+    }
+}
+
+/// Drops a test's MySQL database, from a `Drop`: on a runtime of its own, since Drop
+/// cannot await and the test's runtime may be ending.
+pub fn drop_database(name: &str) {
+    let name = name.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(pool) = sqlx::MySqlPool::connect(&mysql_base()).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS `{name}`"
+                )))
+                .execute(&pool)
+                .await;
+            }
+        });
+    })
+    .join();
+}
+
+/// The current unix time of the test clock.
+pub fn unix(clock: &ManualClock) -> i64 {
+    use authd::clock::Clock;
+    clock.unix_seconds()
+}
+
+/// Moves the test clock.
+pub fn advance(app: &TestApp, by: Duration) {
+    app.clock.advance(by);
+}
