@@ -59,10 +59,12 @@ on_every_backend!(
 
 async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) {
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("THROTTLE_ACCOUNT_THRESHOLD", "2"),
             ("THROTTLE_BASE_DELAY", "1s"),
         ])
+        .spawn()
         .await;
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..10];
     let password = format!("Audit-Pass-{tag}!");
@@ -214,7 +216,9 @@ async fn every_event_is_a_row_and_a_log_line_without_a_secret(backend: Backend) 
 
 async fn rows_older_than_the_retention_are_deleted(backend: Backend) {
     let app = backend
-        .spawn_with(&[("AUDIT_RETENTION", "1h"), ("AUDIT_PURGE_INTERVAL", "20ms")])
+        .app()
+        .envs(&[("AUDIT_RETENTION", "1h"), ("AUDIT_PURGE_INTERVAL", "20ms")])
+        .spawn()
         .await;
     assert_code(
         app.login("oldname", "Wrong-Horse-9").await,
@@ -233,7 +237,7 @@ async fn rows_older_than_the_retention_are_deleted(backend: Backend) {
 }
 
 async fn a_failed_audit_write_does_not_fail_the_login(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     app.register("rita", PASSWORD).await.unwrap();
     sqlx::query("DROP TABLE audit_events")
         .execute(&app.db().await)

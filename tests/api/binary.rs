@@ -246,7 +246,7 @@ async fn with_an_empty_environment_in_an_empty_directory_it_serves_from_embedded
 
 #[tokio::test]
 async fn healthcheck_exits_0_while_the_server_serves_and_1_once_it_is_gone() {
-    let mut app = spawn_embedded_with(&[]).await;
+    let mut app = Backend::Embedded.app().spawn().await;
     let addr = app.addr.to_string();
     let env = owned(&[("GRPC_ADDR", &addr), ("HTTP_ADDR", "")]);
 

@@ -12,7 +12,7 @@ on_every_backend!(
 );
 
 async fn change_password_ends_the_other_sessions_and_keeps_the_callers(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (user, other) = app.user_with_session("yara").await;
     let third = app.login("yara", PASSWORD).await.unwrap();
     let caller = app.login("yara", PASSWORD).await.unwrap();
@@ -46,7 +46,7 @@ async fn change_password_ends_the_other_sessions_and_keeps_the_callers(backend: 
 }
 
 async fn a_wrong_current_password_is_permission_denied_and_changes_nothing(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, other) = app.user_with_session("zack").await;
     let caller = app.login("zack", PASSWORD).await.unwrap();
     assert_code(
@@ -63,7 +63,7 @@ async fn a_wrong_current_password_is_permission_denied_and_changes_nothing(backe
 }
 
 async fn a_weak_new_password_or_a_missing_bearer_is_refused(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, caller) = app.user_with_session("amy").await;
     let s = assert_code(
         app.change_password(&caller.access_token, PASSWORD, "short")

@@ -127,7 +127,7 @@ fn assert_reason(result: Result<HelloReply, Status>, reason: &str) {
 
 #[tokio::test]
 async fn a_valid_token_reaches_the_handler_with_its_context() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (user, login) = app.user_with_session("alma").await;
     let svc = protected(&app, AuthConfig::default()).await;
     let reply = svc.hello(Some(&login.access_token)).await.unwrap();
@@ -145,7 +145,7 @@ async fn a_valid_token_reaches_the_handler_with_its_context() {
 
 #[tokio::test]
 async fn missing_malformed_expired_and_revoked_tokens_are_rejected_with_their_reason() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("bert").await;
     let svc = protected(&app, long_cache()).await;
 
@@ -176,7 +176,7 @@ async fn missing_malformed_expired_and_revoked_tokens_are_rejected_with_their_re
 async fn a_repeated_token_is_served_from_the_cache() {
     let redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let app = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let (_, login) = app.user_with_session("cleo").await;
     let svc = protected(&app, long_cache()).await;
     let checks_before = redis.command_calls("hmget").await;
@@ -192,7 +192,7 @@ async fn a_repeated_token_is_served_from_the_cache() {
 
 #[tokio::test]
 async fn concurrent_requests_with_one_uncached_token_make_one_call() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("dina").await;
     let svc = protected(&app, long_cache()).await;
     let calls: Vec<_> = (0..32)
@@ -222,7 +222,7 @@ async fn rejected_within_100ms(svc: &Protected, token: &str) -> Duration {
 
 #[tokio::test]
 async fn after_logout_the_cached_token_is_rejected_within_100_ms() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("emil").await;
     let svc = protected(&app, long_cache()).await;
     svc.wait_watching().await;
@@ -234,7 +234,10 @@ async fn after_logout_the_cached_token_is_rejected_within_100_ms() {
 
 #[tokio::test]
 async fn after_a_password_change_the_other_sessions_are_rejected_within_100_ms() {
-    let app = spawn_app_with(&[("WATCH_HEARTBEAT", "100ms")]).await;
+    let app = TestApp::builder()
+        .env("WATCH_HEARTBEAT", "100ms")
+        .spawn()
+        .await;
     let (_, phone) = app.user_with_session("fern").await;
     let laptop = app.login("fern", PASSWORD).await.unwrap();
     let svc = protected(&app, long_cache()).await;
@@ -253,7 +256,7 @@ async fn after_a_password_change_the_other_sessions_are_rejected_within_100_ms()
 
 #[tokio::test]
 async fn with_authd_stopped_the_default_is_unavailable_and_fail_open_admits_unchecked() {
-    let mut app = spawn_app().await;
+    let mut app = TestApp::builder().spawn().await;
     let (user, login) = app.user_with_session("gina").await;
     let addr = app.addr;
     let closed = protected_at(addr, AuthConfig::default()).await;
@@ -311,7 +314,7 @@ async fn cached_then_cut(app: &TestApp, token: &str, stale_after: Duration) -> (
 
 #[tokio::test]
 async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("hugo").await;
     // Only the stream can drop this cached answer: no staleness bound to hide a loss.
     let (proxy, svc) = cached_then_cut(&app, &login.access_token, Duration::from_secs(3600)).await;
@@ -340,7 +343,7 @@ async fn a_revocation_issued_while_the_stream_is_down_is_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_interceptor_admits_valid_tokens_and_rejects_bad_ones() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (user, login) = app.user_with_session("ines").await;
     let authd = Channel::from_shared(format!("http://{}", app.addr))
         .unwrap()
@@ -383,13 +386,15 @@ async fn the_interceptor_admits_valid_tokens_and_rejects_bad_ones() {
 
 #[tokio::test]
 async fn a_logout_on_another_authd_instance_reaches_the_layer_too() {
-    let a = spawn_app().await;
+    let a = TestApp::builder().spawn().await;
     // A second instance on the same database and Redis keys.
-    let b = spawn_app_with(&[
-        ("DATABASE_URL", &a.db_url),
-        ("REDIS_KEY_PREFIX", &a.key_prefix),
-    ])
-    .await;
+    let b = TestApp::builder()
+        .envs(&[
+            ("DATABASE_URL", &a.db_url),
+            ("REDIS_KEY_PREFIX", &a.key_prefix),
+        ])
+        .spawn()
+        .await;
     let (_, login) = a.user_with_session("jona").await;
     let svc = protected(&a, long_cache()).await;
     svc.wait_watching().await;
@@ -400,7 +405,7 @@ async fn a_logout_on_another_authd_instance_reaches_the_layer_too() {
 
 #[tokio::test]
 async fn while_the_stream_is_down_old_cached_answers_are_not_trusted() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("kurt").await;
     let (proxy, svc) = cached_then_cut(&app, &login.access_token, Duration::from_millis(300)).await;
     // Past the bound, the answer is checked again, and authd cannot be reached.

@@ -299,7 +299,11 @@ async fn ten_thousand_silent_sockets_are_closed_and_the_service_answers_meanwhil
 
 #[tokio::test]
 async fn a_silent_or_half_started_connection_is_closed_after_the_preface_timeout() {
-    let app = spawn_embedded_with(&[("CONNECTION_PREFACE_TIMEOUT", "1s")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("CONNECTION_PREFACE_TIMEOUT", "1s")
+        .spawn()
+        .await;
     let http = app.http_addr.unwrap();
     let timed_out_before = metric(
         &app.scrape().await,
@@ -356,12 +360,15 @@ async fn a_tls_connection_that_stays_silent_after_or_during_the_handshake_is_clo
     let ca = Ca::new("authd test CA");
     let dir = PemDir::new();
     let (cert, key) = dir.server(&ca.server());
-    let app = spawn_embedded_with(&[
-        ("TLS_CERT_FILE", &cert),
-        ("TLS_KEY_FILE", &key),
-        ("CONNECTION_PREFACE_TIMEOUT", "1s"),
-    ])
-    .await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("TLS_CERT_FILE", &cert),
+            ("TLS_KEY_FILE", &key),
+            ("CONNECTION_PREFACE_TIMEOUT", "1s"),
+        ])
+        .spawn()
+        .await;
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(
@@ -408,12 +415,15 @@ async fn a_tls_connection_that_stays_silent_after_or_during_the_handshake_is_clo
 #[tokio::test]
 async fn connections_over_the_cap_are_closed_at_once_and_the_service_recovers() {
     // A long preface timeout: here only the cap closes anything.
-    let app = spawn_embedded_with(&[
-        ("MAX_CONNECTIONS", "20"),
-        ("HTTP_MAX_CONNECTIONS", "4"),
-        ("CONNECTION_PREFACE_TIMEOUT", "60s"),
-    ])
-    .await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("MAX_CONNECTIONS", "20"),
+            ("HTTP_MAX_CONNECTIONS", "4"),
+            ("CONNECTION_PREFACE_TIMEOUT", "60s"),
+        ])
+        .spawn()
+        .await;
     let http = app.http_addr.unwrap();
     let refused = |page: &str, listener| {
         metric(

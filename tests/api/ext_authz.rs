@@ -10,7 +10,7 @@ on_every_backend!(
 );
 
 async fn check_allows_a_valid_token_with_headers_for_the_upstream(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (user, login) = app.user_with_session("lena").await;
     let bearer = format!("Bearer {}", login.access_token);
     let r = check(
@@ -42,7 +42,7 @@ async fn check_allows_a_valid_token_with_headers_for_the_upstream(backend: Backe
 }
 
 async fn check_denies_missing_malformed_expired_and_revoked_tokens_with_401(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("mona").await;
 
     let (status, challenge, body) = denied(&check(&app, &[]).await);
@@ -87,11 +87,13 @@ async fn check_denies_missing_malformed_expired_and_revoked_tokens_with_401(back
 async fn check_can_strip_the_bearer_and_says_when_revocation_was_not_checked() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[
-        ("REDIS_URL", &url),
-        ("EXT_AUTHZ_STRIP_AUTHORIZATION", "true"),
-    ])
-    .await;
+    let app = TestApp::builder()
+        .envs(&[
+            ("REDIS_URL", &url),
+            ("EXT_AUTHZ_STRIP_AUTHORIZATION", "true"),
+        ])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("nils").await;
     let bearer = format!("Bearer {}", login.access_token);
     let (_, removed) = allowed(&check(&app, &[("authorization", &bearer)]).await);
@@ -108,7 +110,7 @@ async fn check_can_strip_the_bearer_and_says_when_revocation_was_not_checked() {
 /// calls it from JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_alone_is_enough_to_call_check() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("rhea").await;
     let python = tokio::task::spawn_blocking(|| {
         crate::support::python::python_with(&[

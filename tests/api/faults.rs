@@ -54,9 +54,11 @@ async fn redis_behind_proxy(overrides: &[(&str, &str)]) -> (OwnRedis, Proxy, Tes
     let redis = OwnRedis::start().await;
     let proxy = Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
     let url = format!("redis://{}/", proxy.addr);
-    let mut all = vec![("REDIS_URL", url.as_str())];
-    all.extend_from_slice(overrides);
-    let app = spawn_app_with(&all).await;
+    let app = TestApp::builder()
+        .env("REDIS_URL", &url)
+        .envs(overrides)
+        .spawn()
+        .await;
     (redis, proxy, app)
 }
 
@@ -64,7 +66,10 @@ async fn killed_before_traffic(mode: &str) {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
     redis.kill();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", mode)]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", mode)])
+        .spawn()
+        .await;
     // Users live in MariaDB: registering works without Redis.
     let user = app.register("early", PASSWORD).await.unwrap();
     assert_code(app.login("early", PASSWORD).await, Code::Unavailable);
@@ -131,7 +136,10 @@ struct Seen {
 async fn killed_during_traffic(mode: &str) {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", mode)]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", mode)])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("busy").await;
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(std::sync::Mutex::new(Vec::<Seen>::new()));
@@ -282,14 +290,16 @@ async fn hung_redis(mode: &str) {
     let redis = OwnRedis::start().await;
     let url = redis.url();
     // No circuit breaker: every call goes to the hung Redis and waits its timeouts.
-    let app = spawn_app_with(&[
-        ("REDIS_URL", &url),
-        ("REDIS_FAILURE_MODE", mode),
-        ("REDIS_RETRY_INTERVAL", "0s"),
-        ("REDIS_CONNECT_TIMEOUT", "250ms"),
-        ("REDIS_COMMAND_TIMEOUT", "250ms"),
-    ])
-    .await;
+    let app = TestApp::builder()
+        .envs(&[
+            ("REDIS_URL", &url),
+            ("REDIS_FAILURE_MODE", mode),
+            ("REDIS_RETRY_INTERVAL", "0s"),
+            ("REDIS_CONNECT_TIMEOUT", "250ms"),
+            ("REDIS_COMMAND_TIMEOUT", "250ms"),
+        ])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("frozen").await;
     assert!(app.validate(&login.access_token).await.unwrap().valid);
     let clients_before = connected_clients(&redis).await;
@@ -358,7 +368,10 @@ async fn a_hung_redis_in_closed_mode_fails_within_the_timeout_and_piles_nothing_
 async fn after_redis_restarts_empty_no_revoked_or_vanished_session_validates() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")])
+        .spawn()
+        .await;
     let (_, logged_out) = app.user_with_session("phoenix").await;
     let revoked = app.login("phoenix", PASSWORD).await.unwrap();
     let swept = app.login("phoenix", PASSWORD).await.unwrap();
@@ -500,12 +513,13 @@ async fn the_redis_pool_recovers_from_reset_and_refused_connections_without_a_re
 
 /// An app whose MariaDB is reached through `proxy`, with short database timeouts.
 async fn app_behind(proxy: &Proxy, overrides: &[(&str, &str)]) -> TestApp {
-    let mut all = vec![
-        ("DB_QUERY_TIMEOUT", "300ms"),
-        ("DB_ACQUIRE_TIMEOUT", "300ms"),
-    ];
-    all.extend_from_slice(overrides);
-    spawn_app_reaching_mysql_at(Some(proxy.addr), &all).await
+    TestApp::builder()
+        .mysql_at(proxy.addr)
+        .env("DB_QUERY_TIMEOUT", "300ms")
+        .env("DB_ACQUIRE_TIMEOUT", "300ms")
+        .envs(overrides)
+        .spawn()
+        .await
 }
 
 /// Login for a known user (right and wrong password) and an unknown one, with MariaDB
@@ -817,7 +831,10 @@ async fn tokens_of(app: &TestApp, users: usize, each: usize) -> Vec<String> {
 async fn logouts_answered_ok_before_redis_was_killed_stay_revoked_after_it_returns_empty() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")])
+        .spawn()
+        .await;
     let tokens = tokens_of(&app, 10, 4).await;
     let answers = logout_burst(&app, tokens, 15, || redis.kill()).await;
     redis.restart().await;

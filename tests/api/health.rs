@@ -21,7 +21,7 @@ async fn status(app: &TestApp, service: &str) -> ServingStatus {
 
 #[tokio::test]
 async fn health_reports_serving_overall_and_for_the_auth_service() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     assert_eq!(status(&app, "").await, ServingStatus::Serving);
     assert_eq!(
         status(&app, "auth.v1.AuthService").await,
@@ -63,7 +63,7 @@ async fn reflect_v1(
 #[tokio::test]
 async fn reflection_v1_and_v1alpha_list_the_services() {
     use tokio_stream::StreamExt;
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
 
     let answer = reflect_v1(
         &app,
@@ -108,7 +108,10 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
 
 #[tokio::test]
 async fn reflection_can_be_switched_off() {
-    let app = spawn_app_with(&[("GRPC_REFLECTION", "false")]).await;
+    let app = TestApp::builder()
+        .env("GRPC_REFLECTION", "false")
+        .spawn()
+        .await;
     let result = reflect_v1(
         &app,
         r1::server_reflection_request::MessageRequest::ListServices(String::new()),
@@ -120,7 +123,7 @@ async fn reflection_can_be_switched_off() {
 #[tokio::test]
 async fn stopping_reports_not_serving_and_lets_in_flight_calls_finish() {
     // Cost 12: a login takes a couple of hundred ms, long enough to stop mid-call.
-    let mut app = spawn_app_with(&[("BCRYPT_COST", "12")]).await;
+    let mut app = TestApp::builder().env("BCRYPT_COST", "12").spawn().await;
     app.register("tina", PASSWORD).await.unwrap();
     let mut watch = HealthClient::new(app.channel.clone())
         .watch(HealthCheckRequest {

@@ -32,7 +32,7 @@ async fn still_serving(app: &TestApp) {
 
 #[tokio::test]
 async fn invalid_utf8_in_string_fields_is_invalid_argument_not_internal() {
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     let mut conn = RawConn::open(app.addr).await;
     let not_utf8: &[u8] = b"ab\xff\xfecd";
     for (path, payload) in [
@@ -80,7 +80,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn garbage_and_truncated_grpc_frames_get_a_clear_status_never_internal() {
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     let token = field(1, b"not-a-token");
     let cases: Vec<(&str, Bytes, &[Code])> = vec![
         (
@@ -142,7 +142,11 @@ async fn garbage_and_truncated_grpc_frames_get_a_clear_status_never_internal() {
 
 #[tokio::test]
 async fn connections_closed_mid_frame_leave_the_server_serving() {
-    let app = spawn_embedded_with(&[("GRPC_CONCURRENCY_LIMIT", "4")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_CONCURRENCY_LIMIT", "4")
+        .spawn()
+        .await;
     // More abandoned calls than the server admits at once: if any stayed in flight,
     // the later ones (and the check after) would be shed.
     for _ in 0..12 {
@@ -183,7 +187,7 @@ async fn closed_after(addr: SocketAddr, bytes: &[u8]) {
 
 #[tokio::test]
 async fn bytes_that_are_not_http2_are_refused_and_the_server_keeps_serving() {
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     closed_after(app.addr, b"GET / HTTP/1.1\r\nHost: authd\r\n\r\n").await;
     closed_after(app.addr, &noise(7, 4096)).await;
     // The HTTP/2 preface, then garbage where frames belong.
@@ -197,7 +201,7 @@ async fn bytes_that_are_not_http2_are_refused_and_the_server_keeps_serving() {
 async fn a_64_kib_authorization_header_gets_a_clear_refusal() {
     let big = format!("Bearer {}", "a".repeat(64 * 1024));
     // The default header list limit (16 KiB) refuses it before authd reads it...
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     let mut request = tonic::Request::new(pb::LogoutRequest {});
     request
         .metadata_mut()
@@ -221,7 +225,11 @@ async fn a_64_kib_authorization_header_gets_a_clear_refusal() {
     still_serving(&app).await;
 
     // ...and with a limit that lets it through, the token's own limit (8 KiB) does.
-    let app = spawn_embedded_with(&[("GRPC_MAX_HEADER_LIST_SIZE", "128KiB")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_MAX_HEADER_LIST_SIZE", "128KiB")
+        .spawn()
+        .await;
     let mut request = tonic::Request::new(pb::LogoutRequest {});
     request
         .metadata_mut()
@@ -236,7 +244,7 @@ async fn a_64_kib_authorization_header_gets_a_clear_refusal() {
 
 #[tokio::test]
 async fn oversize_fields_are_invalid_argument_before_any_work() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, login) = app.user_with_session("sizes").await;
     let long_name = "n".repeat(10_000);
     let long_password = format!("Aa1!{}", "p".repeat(100));
@@ -370,7 +378,7 @@ async fn ten_thousand_concurrent_validations_get_clear_answers_in_bounded_memory
 
 #[tokio::test]
 async fn odd_session_ids_and_client_details_are_plain_data() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (_, mine) = app.user_with_session("odd_one").await;
     let (_, theirs) = app.user_with_session("odd_two").await;
     // Key syntax, patterns and other users' hash tags are just an unknown session.

@@ -77,7 +77,8 @@ on_every_backend!(
 async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend: Backend) {
     // Cost 8 (about 15 ms a hash here): the flood keeps both threads and the queue busy.
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("BCRYPT_COST", "8"),
             ("BCRYPT_WORKERS", "2"),
             ("BCRYPT_QUEUE", "8"),
@@ -86,6 +87,7 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
             ("THROTTLE_ACCOUNT_THRESHOLD", "1000000"),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
         ])
+        .spawn()
         .await;
     let users = ["legit_a", "legit_b", "legit_c"];
     for name in users {
@@ -172,13 +174,15 @@ async fn a_hashing_flood_from_one_address_leaves_the_pool_to_the_others(backend:
 async fn a_taken_name_is_answered_without_hashing(backend: Backend) {
     // One slot, and a cost that holds it for a while (about half a second).
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("BCRYPT_COST", "13"),
             ("BCRYPT_WORKERS", "1"),
             ("BCRYPT_QUEUE", "0"),
             ("THROTTLE_ACCOUNT_THRESHOLD", "1000000"),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
         ])
+        .spawn()
         .await;
     insert_user(&app, "taken").await;
     let busy = client_from(&app, "127.0.0.2").await;
@@ -222,12 +226,14 @@ async fn a_taken_name_is_answered_without_hashing(backend: Backend) {
 // per address, successful or not, and a burst gets no more than the limit.
 async fn register_calls_are_rationed_per_address(backend: Backend) {
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("THROTTLE_REGISTER_THRESHOLD", "5"),
             ("THROTTLE_REGISTER_MAX_DELAY", "4s"),
             ("BCRYPT_QUEUE", "64"),
             ("BCRYPT_MAX_PER_ADDRESS", "64"),
         ])
+        .spawn()
         .await;
     insert_user(&app, "taken").await;
     let a = client_from(&app, "127.0.0.2").await;
@@ -303,12 +309,14 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
     // Nothing but the race decides: neither the pool nor the throttle (which counts
     // the attempts in flight) refuses any of them.
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("BCRYPT_QUEUE", "64"),
             ("BCRYPT_MAX_PER_ADDRESS", "64"),
             ("THROTTLE_ACCOUNT_THRESHOLD", "1000"),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000"),
         ])
+        .spawn()
         .await;
     let (user, first) = app.user_with_session("racer").await;
     let mut logins = vec![first];
@@ -392,7 +400,7 @@ async fn concurrent_password_changes_have_one_winner_that_keeps_its_session(back
 async fn a_burst_of_guesses_gets_exactly_the_threshold_checked_and_one_per_unlock(
     backend: Backend,
 ) {
-    let app = backend.spawn_with(&burst_settings()).await;
+    let app = backend.app().envs(&burst_settings()).spawn().await;
     app.register("target", PASSWORD).await.unwrap();
     let mut checked = Vec::new();
     for round in 0..5 {
@@ -411,12 +419,14 @@ async fn a_burst_spread_over_many_names_gets_exactly_the_address_threshold_check
     backend: Backend,
 ) {
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("THROTTLE_ADDRESS_THRESHOLD", "5"),
             ("TRUSTED_PROXIES", "127.0.0.1"),
             ("BCRYPT_QUEUE", "128"),
             ("BCRYPT_MAX_PER_ADDRESS", "128"),
         ])
+        .spawn()
         .await;
     let burst: Vec<_> = (0..64)
         .map(|i| {
@@ -433,7 +443,7 @@ async fn a_burst_spread_over_many_names_gets_exactly_the_address_threshold_check
 }
 
 async fn wrong_current_passwords_and_failed_logins_share_one_bound(backend: Backend) {
-    let app = backend.spawn_with(&burst_settings()).await;
+    let app = backend.app().envs(&burst_settings()).spawn().await;
     let (_, session) = app.user_with_session("shared").await;
     let calls = (0..64).map(|i| {
         let app = &app;
@@ -494,8 +504,8 @@ async fn guess_burst(apps: &[&TestApp], name: &str, n: usize) -> (usize, Duratio
 
 #[tokio::test]
 async fn a_burst_across_two_instances_gets_exactly_the_threshold_checked() {
-    let a = spawn_app_with(&burst_settings()).await;
-    let b = a.spawn_sibling().await;
+    let a = TestApp::builder().envs(&burst_settings()).spawn().await;
+    let b = a.sibling().spawn().await;
     a.register("twins", PASSWORD).await.unwrap();
     let mut checked = Vec::new();
     for _ in 0..3 {

@@ -67,7 +67,7 @@ on_every_backend!(
 );
 
 async fn long_user_agents_cost_no_other_event_its_row(backend: Backend) {
-    let app = backend.spawn_with(UNTHROTTLED).await;
+    let app = backend.app().envs(UNTHROTTLED).spawn().await;
     let long = format!("Mozilla/5.0 {}", "A".repeat(1_000));
     // One call in ten carries a user agent longer than the column.
     failed_logins(&app, 200, |i| {
@@ -98,7 +98,7 @@ async fn long_user_agents_cost_no_other_event_its_row(backend: Backend) {
 }
 
 async fn a_row_the_database_refuses_costs_only_itself(backend: Backend) {
-    let app = backend.spawn_with(UNTHROTTLED).await;
+    let app = backend.app().envs(UNTHROTTLED).spawn().await;
     // Whatever the database may refuse one day (a constraint, a trigger, a character
     // set), simulated by a trigger that refuses one user agent.
     let db = app.db().await;

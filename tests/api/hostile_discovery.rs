@@ -38,7 +38,11 @@ async fn discover(app: &TestApp, host: &str, forwarded_proto: &str) -> (String, 
 
 #[tokio::test]
 async fn with_a_public_url_a_forged_host_and_proto_change_nothing() {
-    let app = spawn_embedded_with(&[("PUBLIC_URL", "https://auth.example.com/")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("PUBLIC_URL", "https://auth.example.com/")
+        .spawn()
+        .await;
     let (jwks_uri, cache_control) = discover(&app, "evil.example", "http").await;
     assert_eq!(jwks_uri, "https://auth.example.com/.well-known/jwks.json");
     assert!(cache_control.contains("public"), "{cache_control}");
@@ -46,7 +50,11 @@ async fn with_a_public_url_a_forged_host_and_proto_change_nothing() {
 
 #[tokio::test]
 async fn an_issuer_that_is_a_url_is_the_public_url() {
-    let app = spawn_embedded_with(&[("JWT_ISSUER", "https://id.example.com")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("JWT_ISSUER", "https://id.example.com")
+        .spawn()
+        .await;
     let (jwks_uri, _) = discover(&app, "evil.example", "http").await;
     assert_eq!(jwks_uri, "https://id.example.com/.well-known/jwks.json");
 }
@@ -54,7 +62,7 @@ async fn an_issuer_that_is_a_url_is_the_public_url() {
 #[tokio::test]
 async fn without_a_public_url_the_answer_follows_the_request_and_is_not_cacheable() {
     // 127.0.0.1 is not a trusted proxy: its X-Forwarded-Proto is ignored.
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     let (jwks_uri, cache_control) = discover(&app, "evil.example", "https").await;
     assert_eq!(jwks_uri, "http://evil.example/.well-known/jwks.json");
     assert!(
@@ -64,7 +72,11 @@ async fn without_a_public_url_the_answer_follows_the_request_and_is_not_cacheabl
     assert!(cache_control.contains("no-store"), "{cache_control}");
 
     // From a trusted proxy it counts.
-    let app = spawn_embedded_with(&[("TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .spawn()
+        .await;
     let (jwks_uri, _) = discover(&app, "auth.example.com", "https").await;
     assert_eq!(jwks_uri, "https://auth.example.com/.well-known/jwks.json");
 }

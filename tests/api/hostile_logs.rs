@@ -69,7 +69,7 @@ fn assert_no_forged_line(log: &[String], tag: &str) {
 on_every_backend!(a_hostile_user_agent_and_username_forge_no_log_line);
 
 async fn a_hostile_user_agent_and_username_forge_no_log_line(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let tag = format!("tag{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     failed_logins(&app.client, &tag).await;
     let logged = eventually(Duration::from_secs(5), || async {

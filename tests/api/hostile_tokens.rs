@@ -29,7 +29,7 @@ fn resigned(token: &str, edit: impl Fn(&mut Header)) -> String {
 on_every_backend!(a_token_asking_for_an_unknown_extension_is_malformed_everywhere);
 
 async fn a_token_asking_for_an_unknown_extension_is_malformed_everywhere(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("crit").await;
     let token = &login.access_token;
     // Re-signed with no extension, the same claims are good: only the header differs.

@@ -26,7 +26,7 @@ async fn every_algorithm_signs_tokens_that_carry_a_kid_and_validate() {
         if !file.is_empty() {
             settings.push(("JWT_PRIVATE_KEY_FILE", path.as_str()));
         }
-        let app = spawn_embedded_with(&settings).await;
+        let app = Backend::Embedded.app().envs(&settings).spawn().await;
         let (_, login) = app.user_with_session("olaf").await;
         let h = header(&login.access_token);
         assert_eq!(h["alg"], alg, "{h}");
@@ -41,7 +41,7 @@ async fn every_algorithm_signs_tokens_that_carry_a_kid_and_validate() {
 
 #[tokio::test]
 async fn an_unknown_kid_is_a_bad_signature() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let now = unix(&app.clock);
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     h.kid = Some("someone-elses-key".into());
@@ -57,11 +57,14 @@ async fn an_unknown_kid_is_a_bad_signature() {
 
 #[tokio::test]
 async fn an_hs256_token_signed_with_the_public_key_is_refused() {
-    let app = spawn_embedded_with(&[
-        ("JWT_ALGORITHM", "RS256"),
-        ("JWT_PRIVATE_KEY_FILE", &key("rsa.pem")),
-    ])
-    .await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("JWT_ALGORITHM", "RS256"),
+            ("JWT_PRIVATE_KEY_FILE", &key("rsa.pem")),
+        ])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("pia").await;
     let kid = header(&login.access_token)["kid"]
         .as_str()
@@ -93,27 +96,31 @@ async fn an_hs256_token_signed_with_the_public_key_is_refused() {
 /// The old deployment (signing with the old Ed25519 key, 1 h tokens) with a user logged
 /// in, and the next one on the same stores: a new signing key, the old one retired now.
 async fn rotation(username: &str) -> (TestApp, TestApp, authd::proto::auth::v1::LoginResponse) {
-    let old = spawn_app_with(&[
-        ("JWT_ALGORITHM", "EdDSA"),
-        ("JWT_PRIVATE_KEY_FILE", &key("ed25519-old.pem")),
-        ("JWT_TTL", "1h"),
-    ])
-    .await;
+    let old = TestApp::builder()
+        .envs(&[
+            ("JWT_ALGORITHM", "EdDSA"),
+            ("JWT_PRIVATE_KEY_FILE", &key("ed25519-old.pem")),
+            ("JWT_TTL", "1h"),
+        ])
+        .spawn()
+        .await;
     let (_, before) = old.user_with_session(username).await;
     let retired = format!(
         "{}@{}",
         key("ed25519-old-public.pem"),
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
-    let new = spawn_app_with(&[
-        ("DATABASE_URL", &old.db_url),
-        ("REDIS_KEY_PREFIX", &old.key_prefix),
-        ("JWT_ALGORITHM", "EdDSA"),
-        ("JWT_PRIVATE_KEY_FILE", &key("ed25519.pem")),
-        ("JWT_RETIRED_KEYS", &retired),
-        ("JWT_TTL", "1h"),
-    ])
-    .await;
+    let new = TestApp::builder()
+        .envs(&[
+            ("DATABASE_URL", &old.db_url),
+            ("REDIS_KEY_PREFIX", &old.key_prefix),
+            ("JWT_ALGORITHM", "EdDSA"),
+            ("JWT_PRIVATE_KEY_FILE", &key("ed25519.pem")),
+            ("JWT_RETIRED_KEYS", &retired),
+            ("JWT_TTL", "1h"),
+        ])
+        .spawn()
+        .await;
     (old, new, before)
 }
 
@@ -184,9 +191,11 @@ async fn tokens_of_every_asymmetric_algorithm_verify_with_pyjwt_against_the_jwks
         ("ES256", "p256.pem", "EC"),
         ("RS256", "rsa.pem", "RSA"),
     ] {
-        let app =
-            spawn_embedded_with(&[("JWT_ALGORITHM", alg), ("JWT_PRIVATE_KEY_FILE", &key(file))])
-                .await;
+        let app = Backend::Embedded
+            .app()
+            .envs(&[("JWT_ALGORITHM", alg), ("JWT_PRIVATE_KEY_FILE", &key(file))])
+            .spawn()
+            .await;
         let (user, login) = app.user_with_session("rafa").await;
 
         let (status, body) = app.http_get("/.well-known/jwks.json").await;
@@ -224,7 +233,7 @@ async fn tokens_of_every_asymmetric_algorithm_verify_with_pyjwt_against_the_jwks
 
 #[tokio::test]
 async fn hs256_keys_are_never_published() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (status, body) = app.http_get("/.well-known/jwks.json").await;
     assert_eq!(status, 200);
     assert_eq!(body, r#"{"keys":[]}"#);

@@ -18,7 +18,7 @@ on_every_backend!(
 );
 
 async fn login_answers_a_bearer_token_for_a_new_session(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let user = app.register("dave", PASSWORD).await.unwrap();
     let now = unix(&app.clock);
     let login = app.login("DAVE", PASSWORD).await.unwrap();
@@ -39,7 +39,7 @@ async fn login_answers_a_bearer_token_for_a_new_session(backend: Backend) {
 }
 
 async fn unknown_user_wrong_password_and_empty_password_look_the_same(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     app.register("erin", PASSWORD).await.unwrap();
     let unknown = assert_code(app.login("nobody", PASSWORD).await, Code::Unauthenticated);
     let wrong = assert_code(
@@ -59,7 +59,7 @@ async fn unknown_user_wrong_password_and_empty_password_look_the_same(backend: B
 }
 
 async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     app.register("frank", PASSWORD).await.unwrap();
     let mut request = Request::new(pb::LoginRequest {
         username: "frank".into(),
@@ -87,7 +87,9 @@ async fn login_records_the_peer_address_and_user_agent_metadata(backend: Backend
 
 async fn login_records_a_trusted_gateways_client_ip_and_user_agent_without_port(backend: Backend) {
     let app = backend
-        .spawn_with(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")])
+        .app()
+        .env("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")
+        .spawn()
         .await;
     app.register("grace", PASSWORD).await.unwrap();
     let login = app
@@ -122,7 +124,7 @@ async fn login_records_a_trusted_gateways_client_ip_and_user_agent_without_port(
 }
 
 async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded(backend: Backend) {
-    let app = backend.spawn_with(&[("BCRYPT_COST", "5")]).await;
+    let app = backend.app().env("BCRYPT_COST", "5").spawn().await;
     let db = app.db().await;
     // As PHP's password_hash writes it: $2y$, cost 4.
     let imported = bcrypt::hash("Imported-Pass-1", 4)
@@ -157,11 +159,13 @@ async fn an_imported_2y_hash_logs_in_and_a_cheaper_hash_is_upgraded(backend: Bac
 async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info(backend: Backend) {
     // One hashing thread, no queue, and a cost that keeps it busy for tens of ms.
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("BCRYPT_COST", "10"),
             ("BCRYPT_WORKERS", "1"),
             ("BCRYPT_QUEUE", "0"),
         ])
+        .spawn()
         .await;
     app.register("hank", PASSWORD).await.unwrap();
     let calls: Vec<_> = (0..6).map(|_| app.login("hank", PASSWORD)).collect();
@@ -185,7 +189,7 @@ async fn logins_beyond_the_bcrypt_queue_are_shed_with_retry_info(backend: Backen
 }
 
 async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let s = assert_code(
         app.login(&"a".repeat(33), PASSWORD).await,
         Code::InvalidArgument,
@@ -196,7 +200,7 @@ async fn an_overlong_username_is_invalid_argument_on_login(backend: Backend) {
 // Found by the username property tests: the size limit counted the padding, so a
 // padded 32-character name was refused while a padded 31-character one logged in.
 async fn a_padded_name_of_the_longest_length_is_the_same_account(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let name = format!("long_{}", "n".repeat(27));
     assert_eq!(name.len(), 32);
     let user = app.register(&name, PASSWORD).await.unwrap();

@@ -11,7 +11,7 @@ on_every_backend!(
 );
 
 async fn after_logout_the_token_is_revoked_and_its_session_gone(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("kate").await;
     let other = app.login("kate", PASSWORD).await.unwrap();
     app.logout(&login.access_token).await.unwrap();
@@ -27,7 +27,7 @@ async fn after_logout_the_token_is_revoked_and_its_session_gone(backend: Backend
 }
 
 async fn logout_is_idempotent_for_a_correctly_signed_token(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("liam").await;
     app.logout(&login.access_token).await.unwrap();
     app.logout(&login.access_token).await.unwrap();
@@ -38,7 +38,7 @@ async fn logout_is_idempotent_for_a_correctly_signed_token(backend: Backend) {
 }
 
 async fn logout_without_a_good_bearer_is_unauthenticated(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let no_bearer = app
         .client
         .clone()
@@ -52,7 +52,10 @@ async fn logout_without_a_good_bearer_is_unauthenticated(backend: Backend) {
 
 #[tokio::test]
 async fn the_blacklist_entry_lives_as_long_as_the_token_could_verify() {
-    let app = spawn_app_with(&[("JWT_TTL", "10m"), ("JWT_LEEWAY", "30s")]).await;
+    let app = TestApp::builder()
+        .envs(&[("JWT_TTL", "10m"), ("JWT_LEEWAY", "30s")])
+        .spawn()
+        .await;
     let (user, login) = app.user_with_session("mia").await;
     let claims: serde_json::Value = {
         use base64::Engine;

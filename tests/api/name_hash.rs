@@ -64,7 +64,7 @@ async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Bac
     match backend {
         Backend::Embedded => {
             // One instance, nothing shared: a random key of the process's own.
-            let app = backend.spawn_with(&asymmetric).await;
+            let app = backend.app().envs(&asymmetric).spawn().await;
             let hash = failed_login_hash(&app, "victim").await;
             assert_ne!(hash, unkeyed, "the username was hashed without a key");
             assert_eq!(hash.len(), 64);
@@ -87,7 +87,7 @@ async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Bac
             assert_eq!(refused.variable, "NAME_HASH_KEY", "{refused}");
 
             let with_key = [asymmetric.as_slice(), &[("NAME_HASH_KEY", NAME_HASH_KEY)]].concat();
-            let app = backend.spawn_with(&with_key).await;
+            let app = backend.app().envs(&with_key).spawn().await;
             let hash = failed_login_hash(&app, "victim").await;
             assert_ne!(hash, unkeyed, "the username was hashed without a key");
             assert_eq!(hash, keyed_hash(NAME_HASH_KEY.as_bytes(), "victim"));
@@ -97,7 +97,7 @@ async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Bac
 
 async fn with_jwt_secret_and_no_name_hash_key_hashes_stay_as_they_were(backend: Backend) {
     // Existing deployments keep their throttle counters and audit hashes.
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let hash = failed_login_hash(&app, "victim").await;
     assert_eq!(hash, keyed_hash(SECRET.as_bytes(), "victim"));
 }

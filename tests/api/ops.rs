@@ -66,7 +66,7 @@ async fn new_connection(app: &TestApp) -> Channel {
 
 #[tokio::test]
 async fn metrics_after_a_few_calls_show_the_counters_moved() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let before = app.scrape().await;
 
     let (_, login) = app.user_with_session("mia").await;
@@ -147,7 +147,7 @@ async fn metrics_after_a_few_calls_show_the_counters_moved() {
 
 #[tokio::test]
 async fn an_oversize_request_is_refused_and_the_server_keeps_serving() {
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     let huge = "x".repeat(65 * 1024);
     let refused = assert_code(app.validate(&huge).await, Code::OutOfRange);
     assert!(refused.message().contains("too large"), "{refused:?}");
@@ -163,7 +163,11 @@ async fn an_oversize_request_is_refused_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn oversize_metadata_is_refused_and_the_server_keeps_serving() {
-    let app = spawn_embedded_with(&[("GRPC_MAX_HEADER_LIST_SIZE", "8KiB")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_MAX_HEADER_LIST_SIZE", "8KiB")
+        .spawn()
+        .await;
     let mut request = tonic::Request::new(pb::ValidateTokenRequest {
         token: "not-a-token".into(),
     });
@@ -179,7 +183,11 @@ async fn oversize_metadata_is_refused_and_the_server_keeps_serving() {
 
 #[tokio::test]
 async fn calls_over_the_server_concurrency_limit_are_shed_with_retry_advice() {
-    let app = spawn_embedded_with(&[("GRPC_CONCURRENCY_LIMIT", "1")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_CONCURRENCY_LIMIT", "1")
+        .spawn()
+        .await;
     let before = app.scrape().await;
     let held = hold_a_call(app.channel.clone(), None);
 
@@ -206,7 +214,11 @@ async fn calls_over_the_server_concurrency_limit_are_shed_with_retry_advice() {
 
 #[tokio::test]
 async fn one_connection_over_its_limit_is_shed_while_others_are_served() {
-    let app = spawn_embedded_with(&[("GRPC_CONNECTION_CONCURRENCY_LIMIT", "1")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_CONNECTION_CONCURRENCY_LIMIT", "1")
+        .spawn()
+        .await;
     let busy = new_connection(&app).await;
     let held = hold_a_call(busy.clone(), None);
 
@@ -221,7 +233,11 @@ async fn one_connection_over_its_limit_is_shed_while_others_are_served() {
 
 #[tokio::test]
 async fn a_call_past_the_request_timeout_ends_deadline_exceeded() {
-    let app = spawn_embedded_with(&[("GRPC_REQUEST_TIMEOUT", "100ms")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("GRPC_REQUEST_TIMEOUT", "100ms")
+        .spawn()
+        .await;
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
         hold_a_call(app.channel.clone(), None),
@@ -236,7 +252,7 @@ async fn a_call_past_the_request_timeout_ends_deadline_exceeded() {
 #[tokio::test]
 async fn a_shorter_client_grpc_timeout_wins_over_the_server_timeout() {
     use http_body_util::BodyExt;
-    let app = spawn_embedded_with(&[]).await;
+    let app = Backend::Embedded.app().spawn().await;
     // A bare HTTP/2 client, so that only the server keeps time.
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
@@ -280,11 +296,14 @@ async fn a_shorter_client_grpc_timeout_wins_over_the_server_timeout() {
 
 #[tokio::test]
 async fn healthz_says_not_serving_while_in_flight_calls_finish() {
-    let mut app = spawn_embedded_with(&[
-        ("GRPC_CONNECTION_CONCURRENCY_LIMIT", "1"),
-        ("SHUTDOWN_GRACE", "10s"),
-    ])
-    .await;
+    let mut app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("GRPC_CONNECTION_CONCURRENCY_LIMIT", "1"),
+            ("SHUTDOWN_GRACE", "10s"),
+        ])
+        .spawn()
+        .await;
     let busy = new_connection(&app).await;
     let held = hold_a_call(busy.clone(), None);
     assert!(shed_on(&busy, Duration::from_secs(5)).await.is_some());
@@ -305,7 +324,10 @@ async fn healthz_says_not_serving_while_in_flight_calls_finish() {
 
 #[tokio::test]
 async fn a_stuck_users_database_answers_unavailable_within_the_query_timeout() {
-    let app = spawn_app_with(&[("DB_QUERY_TIMEOUT", "200ms")]).await;
+    let app = TestApp::builder()
+        .env("DB_QUERY_TIMEOUT", "200ms")
+        .spawn()
+        .await;
     app.register("stuck", PASSWORD).await.unwrap();
 
     // Another session holds the table: every query on it waits.

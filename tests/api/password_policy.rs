@@ -29,7 +29,7 @@ on_every_backend!(
 );
 
 async fn classic_policy_at_its_boundaries(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     assert_eq!(
         rules(app.register("cl1", "Ab1!xyz").await),
         only("password", "PASSWORD_TOO_SHORT")
@@ -59,7 +59,7 @@ async fn classic_policy_at_its_boundaries(backend: Backend) {
 }
 
 async fn nist_policy_at_its_boundaries(backend: Backend) {
-    let app = backend.spawn_with(&[("PASSWORD_POLICY", "nist")]).await;
+    let app = backend.app().env("PASSWORD_POLICY", "nist").spawn().await;
     // 14 and 15 characters, no composition rules.
     let s = assert_code(
         app.register("ni1", "zq8 vlk3 mtr9x").await,
@@ -126,7 +126,9 @@ async fn nist_policy_at_its_boundaries(backend: Backend) {
 
 async fn nist_minimum_length_is_configurable(backend: Backend) {
     let app = backend
-        .spawn_with(&[("PASSWORD_POLICY", "nist"), ("PASSWORD_MIN_LENGTH", "20")])
+        .app()
+        .envs(&[("PASSWORD_POLICY", "nist"), ("PASSWORD_MIN_LENGTH", "20")])
+        .spawn()
         .await;
     assert_eq!(
         rules(app.register("nl1", "zq8 vlk3 mtr9xw 12c").await),
@@ -142,7 +144,11 @@ async fn nist_minimum_length_is_configurable(backend: Backend) {
 /// single-threaded test runtime, where work on the async worker would hold everything up.
 #[tokio::test]
 async fn a_slow_strength_estimate_holds_up_no_other_call() {
-    let app = spawn_embedded_with(&[("PASSWORD_POLICY", "nist")]).await;
+    let app = Backend::Embedded
+        .app()
+        .env("PASSWORD_POLICY", "nist")
+        .spawn()
+        .await;
     let crafted = "4@8({[<3691!|70$5+%2Qz4@8({[<36";
     let started = std::time::Instant::now();
     let (registered, (validated, validated_after)) = tokio::join!(

@@ -9,7 +9,10 @@ use crate::support::*;
 async fn open_mode_validates_without_redis_and_refuses_writes_then_recovers() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "open")])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("olga").await;
     let second = app.login("olga", PASSWORD).await.unwrap();
 
@@ -63,7 +66,7 @@ async fn open_mode_validates_without_redis_and_refuses_writes_then_recovers() {
 async fn open_mode_refuses_tokens_older_than_the_last_password_change() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let app = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let (_, caller) = app.user_with_session("pete").await;
     advance(&app, Duration::from_secs(5));
     app.change_password(&caller.access_token, PASSWORD, "Brand-New-Pass-7")
@@ -90,7 +93,10 @@ async fn open_mode_refuses_tokens_older_than_the_last_password_change() {
 async fn closed_mode_answers_unavailable_without_redis() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "closed")]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_FAILURE_MODE", "closed")])
+        .spawn()
+        .await;
     let (_, login) = app.user_with_session("quincy").await;
     redis.kill();
     let s = assert_code(app.validate(&login.access_token).await, Code::Unavailable);
@@ -114,7 +120,7 @@ async fn closed_mode_answers_unavailable_without_redis() {
 async fn validate_token_costs_one_redis_round_trip_and_no_ping() {
     let redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let app = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let (_, login) = app.user_with_session("rosa").await;
     let pings = redis.command_calls("ping").await;
     let hmgets = redis.command_calls("hmget").await;

@@ -12,7 +12,7 @@ on_every_backend!(
 );
 
 async fn register_returns_an_id_and_the_lower_cased_username(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let user = app.register("Alice_1", PASSWORD).await.unwrap();
     assert_eq!(user.username, "alice_1");
     assert!(
@@ -29,14 +29,14 @@ async fn register_returns_an_id_and_the_lower_cased_username(backend: Backend) {
 }
 
 async fn a_taken_username_is_already_exists_whatever_its_case(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     app.register("bob", PASSWORD).await.unwrap();
     let s = assert_code(app.register("BoB", PASSWORD).await, Code::AlreadyExists);
     assert!(!s.message().contains(PASSWORD));
 }
 
 async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let s = assert_code(app.register("a b", "weak").await, Code::InvalidArgument);
     let bad = s.get_details_bad_request().expect("BadRequest detail");
     let fields: Vec<_> = bad
@@ -63,7 +63,7 @@ async fn a_bad_username_and_a_weak_password_are_each_named_in_bad_request(backen
 }
 
 async fn common_and_overlong_passwords_are_refused_not_truncated(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let s = assert_code(
         app.register("carol", "P@ssw0rd123!").await,
         Code::InvalidArgument,
@@ -86,7 +86,7 @@ async fn common_and_overlong_passwords_are_refused_not_truncated(backend: Backen
 }
 
 async fn username_length_limits_hold_on_register(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     assert_code(app.register("ab", PASSWORD).await, Code::InvalidArgument);
     assert_code(
         app.register(&"a".repeat(33), PASSWORD).await,

@@ -92,7 +92,10 @@ async fn a_hundred_hostile_watchers_on_a_full_log_never_make_a_revoked_token_pas
     // A generous command timeout: on two shared cores a slow *schedule* must not pass for
     // a slow Redis. A stalled Redis (50 reads of the whole log queued: seconds) still
     // exceeds it.
-    let app = spawn_app_with(&[("REDIS_URL", &url), ("REDIS_COMMAND_TIMEOUT", "2s")]).await;
+    let app = TestApp::builder()
+        .envs(&[("REDIS_URL", &url), ("REDIS_COMMAND_TIMEOUT", "2s")])
+        .spawn()
+        .await;
     let (_, live) = app.user_with_session("vera").await;
     let revoked = app.login("vera", PASSWORD).await.unwrap();
     app.logout(&revoked.access_token).await.unwrap();
@@ -232,7 +235,7 @@ on_every_backend!(
 /// Finding 6: the stream names every user, session and token revoked. Only a holder of
 /// a watcher credential may follow it; a user's own access token is not one.
 async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("wendy").await;
     let client = app.client.clone();
     assert_code(try_watch(&client, None, "").await, Code::Unauthenticated);
@@ -248,7 +251,7 @@ async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend)
     assert!(try_watch(&client, Some(WATCH_CREDENTIAL), "").await.is_ok());
 
     // With no credential configured, nobody may watch.
-    let closed = backend.spawn_with(&[("WATCH_CREDENTIALS", "")]).await;
+    let closed = backend.app().env("WATCH_CREDENTIALS", "").spawn().await;
     assert_code(
         try_watch(&closed.client, Some(WATCH_CREDENTIAL), "").await,
         Code::PermissionDenied,
@@ -266,10 +269,12 @@ async fn only_a_watcher_credential_opens_the_revocation_stream(backend: Backend)
 /// stream ends.
 async fn watchers_are_capped_per_connection_and_per_instance(backend: Backend) {
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("WATCH_MAX_STREAMS_PER_CONNECTION", "2"),
             ("WATCH_MAX_STREAMS", "3"),
         ])
+        .spawn()
         .await;
     let one = channel_to(app.addr).await;
     let _a = try_watch(&one, Some(WATCH_CREDENTIAL), "").await.unwrap();
@@ -302,10 +307,12 @@ async fn watchers_are_capped_per_connection_and_per_instance(backend: Backend) {
 /// parsed is INVALID_ARGUMENT.
 async fn a_cursor_behind_the_trimmed_log_gets_a_reset_and_garbage_is_refused(backend: Backend) {
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("REVOCATION_LOG_MAX_LEN", "5"),
             ("MAX_SESSIONS_PER_USER", "0"),
         ])
+        .spawn()
         .await;
     let (_, first) = app.user_with_session("xena").await;
     let mut logins = Vec::new();
@@ -357,7 +364,7 @@ async fn a_cursor_behind_the_trimmed_log_gets_a_reset_and_garbage_is_refused(bac
 /// more — no event, no audit row, no info line — however often and however
 /// concurrently it is sent.
 async fn repeating_a_logout_records_only_the_first(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("yuri").await;
     let (_, marker) = app.user_with_session("zeke").await;
     let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
@@ -418,7 +425,11 @@ async fn repeating_a_logout_records_only_the_first(backend: Backend) {
 /// message limit). It is paged now: every session once, in login order, each page
 /// within the limit even with the longest user agents.
 async fn list_sessions_pages_through_hundreds_of_sessions(backend: Backend) {
-    let app = backend.spawn_with(&[("MAX_SESSIONS_PER_USER", "0")]).await;
+    let app = backend
+        .app()
+        .env("MAX_SESSIONS_PER_USER", "0")
+        .spawn()
+        .await;
     let (_, first) = app.user_with_session("abel").await;
     let long_agent = "A".repeat(2000);
     let mut ids = vec![first.session_id.clone()];
@@ -478,7 +489,7 @@ async fn list_sessions_pages_through_hundreds_of_sessions(backend: Backend) {
 
 /// Sessions per user are bounded by default: the 101st login ends the oldest.
 async fn sessions_per_user_are_bounded_by_default(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, first) = app.user_with_session("bert").await;
     let mut last = None;
     for _ in 0..100 {
@@ -512,7 +523,7 @@ async fn audit_logouts(app: &TestApp, session_id: &str) -> i64 {
 async fn open_mode_refuses_tokens_revoked_before_the_outage() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let app = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let (_, logged_out) = app.user_with_session("carl").await;
     let revoked = app.login("carl", PASSWORD).await.unwrap();
     let kept = app.login("carl", PASSWORD).await.unwrap();
@@ -540,8 +551,8 @@ async fn open_mode_refuses_tokens_revoked_before_the_outage() {
 async fn open_mode_refuses_tokens_another_instance_revoked_before_the_outage() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let a = spawn_app_with(&[("REDIS_URL", &url)]).await;
-    let b = a.spawn_sibling().await;
+    let a = TestApp::builder().env("REDIS_URL", &url).spawn().await;
+    let b = a.sibling().spawn().await;
     let (_, login) = a.user_with_session("dora").await;
     let mut stream = try_watch(&a.client, Some(WATCH_CREDENTIAL), "")
         .await
@@ -562,14 +573,14 @@ async fn open_mode_refuses_tokens_another_instance_revoked_before_the_outage() {
 async fn open_mode_refuses_sessions_ended_by_a_password_change_in_the_same_second() {
     let mut redis = OwnRedis::start().await;
     let url = redis.url();
-    let app = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let app = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let (_, other) = app.user_with_session("emil").await;
     let caller = app.login("emil", PASSWORD).await.unwrap();
     // The test clock stands still: all of this happens in one second.
     app.change_password(&caller.access_token, PASSWORD, "Brand-New-Pass-7")
         .await
         .unwrap();
-    let fresh = app.spawn_sibling().await;
+    let fresh = app.sibling().spawn().await;
 
     redis.kill();
     assert_eq!(
@@ -586,10 +597,10 @@ async fn open_mode_refuses_sessions_ended_by_a_password_change_in_the_same_secon
 async fn a_revocation_made_elsewhere_during_a_partition_is_unknown_here_until_it_heals() {
     let redis = OwnRedis::start().await;
     let url = redis.url();
-    let a = spawn_app_with(&[("REDIS_URL", &url)]).await;
+    let a = TestApp::builder().env("REDIS_URL", &url).spawn().await;
     let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
     let proxied = format!("redis://{}/", proxy.addr);
-    let b = a.spawn_sibling_with(&[("REDIS_URL", &proxied)]).await;
+    let b = a.sibling().env("REDIS_URL", &proxied).spawn().await;
     let (_, login) = a.user_with_session("fern").await;
     assert!(
         b.validate(&login.access_token)

@@ -18,7 +18,7 @@ on_every_backend!(
 );
 
 async fn list_sessions_shows_live_sessions_and_marks_the_current_one(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, first) = app.user_with_session("nina").await;
     advance(&app, Duration::from_secs(5));
     let second = app.login("nina", PASSWORD).await.unwrap();
@@ -47,7 +47,7 @@ async fn list_sessions_shows_live_sessions_and_marks_the_current_one(backend: Ba
 }
 
 async fn idle_sessions_are_pruned_from_the_list(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, old) = app.user_with_session("paul").await;
     advance(&app, Duration::from_secs(50 * 60));
     let fresh = app.login("paul", PASSWORD).await.unwrap();
@@ -62,7 +62,7 @@ async fn idle_sessions_are_pruned_from_the_list(backend: Backend) {
 }
 
 async fn an_idle_session_expires_and_activity_extends_it(backend: Backend) {
-    let app = backend.spawn().await; // idle timeout 1 h
+    let app = backend.app().spawn().await; // idle timeout 1 h
     let (_, login) = app.user_with_session("quinn").await;
     advance(&app, Duration::from_secs(59 * 60));
     assert!(app.validate(&login.access_token).await.unwrap().valid);
@@ -76,7 +76,7 @@ async fn an_idle_session_expires_and_activity_extends_it(backend: Backend) {
 }
 
 async fn revoke_session_ends_another_of_the_callers_sessions(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, phone) = app.user_with_session("sam").await;
     let laptop = app.login("sam", PASSWORD).await.unwrap();
     app.revoke_session(&laptop.access_token, &phone.session_id)
@@ -98,7 +98,7 @@ async fn revoke_session_ends_another_of_the_callers_sessions(backend: Backend) {
 }
 
 async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, mine) = app.user_with_session("tara").await;
     let (_, theirs) = app.user_with_session("umar").await;
     let foreign = assert_code(
@@ -118,7 +118,7 @@ async fn someone_elses_session_and_an_unknown_one_are_the_same_not_found(backend
 }
 
 async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("vera").await;
     assert_code(
         app.revoke_session(&login.access_token, "").await,
@@ -149,7 +149,11 @@ async fn revoke_session_checks_its_input_and_the_bearer(backend: Backend) {
 }
 
 async fn past_max_sessions_the_oldest_session_ends(backend: Backend) {
-    let app = backend.spawn_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
+    let app = backend
+        .app()
+        .env("MAX_SESSIONS_PER_USER", "2")
+        .spawn()
+        .await;
     let (_, first) = app.user_with_session("wade").await;
     let second = app.login("wade", PASSWORD).await.unwrap();
     let third = app.login("wade", PASSWORD).await.unwrap();
@@ -165,7 +169,7 @@ async fn past_max_sessions_the_oldest_session_ends(backend: Backend) {
 }
 
 async fn activity_is_recorded_at_most_once_a_minute(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("rita").await;
     // A second session lists the first without touching it.
     let observer = app.login("rita", PASSWORD).await.unwrap();
@@ -190,7 +194,7 @@ async fn activity_is_recorded_at_most_once_a_minute(backend: Backend) {
 
 #[tokio::test]
 async fn all_of_a_users_keys_share_one_hash_slot_and_expire() {
-    let app = spawn_app().await;
+    let app = TestApp::builder().spawn().await;
     let (user, login) = app.user_with_session("xena").await;
     let mut r = app.redis().await;
     let keys: Vec<String> = r.keys(format!("{}*", app.key_prefix)).await.unwrap();

@@ -20,10 +20,6 @@ const SMALL: &[(&str, &str)] = &[
     ("THROTTLE_BASE_DELAY", "1s"),
 ];
 
-fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    SMALL.iter().copied().chain(extra.iter().copied()).collect()
-}
-
 /// The wait a throttled call advises.
 #[track_caller]
 fn retry_after(status: &Status) -> Duration {
@@ -48,7 +44,7 @@ on_every_backend!(
 async fn past_the_threshold_even_the_right_password_waits_alike_for_unknown_accounts(
     backend: Backend,
 ) {
-    let app = backend.spawn_with(SMALL).await;
+    let app = backend.app().envs(SMALL).spawn().await;
     app.register("ivan", PASSWORD).await.unwrap();
     for _ in 0..3 {
         assert_code(app.login("ivan", WRONG).await, Code::Unauthenticated);
@@ -64,7 +60,7 @@ async fn past_the_threshold_even_the_right_password_waits_alike_for_unknown_acco
 }
 
 async fn a_lockout_ends_by_itself_and_its_backoff_doubles_up_to_the_cap(backend: Backend) {
-    let app = backend.spawn_with(SMALL).await;
+    let app = backend.app().envs(SMALL).spawn().await;
     app.register("kate", PASSWORD).await.unwrap();
     for _ in 0..3 {
         assert_code(app.login("kate", WRONG).await, Code::Unauthenticated);
@@ -91,7 +87,7 @@ async fn a_lockout_ends_by_itself_and_its_backoff_doubles_up_to_the_cap(backend:
 }
 
 async fn a_success_resets_the_accounts_count(backend: Backend) {
-    let app = backend.spawn_with(SMALL).await;
+    let app = backend.app().envs(SMALL).spawn().await;
     app.register("liam", PASSWORD).await.unwrap();
     for _ in 0..2 {
         assert_code(app.login("liam", WRONG).await, Code::Unauthenticated);
@@ -105,7 +101,7 @@ async fn a_success_resets_the_accounts_count(backend: Backend) {
 }
 
 async fn case_and_padding_variants_of_a_name_share_one_count(backend: Backend) {
-    let app = backend.spawn_with(SMALL).await;
+    let app = backend.app().envs(SMALL).spawn().await;
     app.register("judy", PASSWORD).await.unwrap();
     for variant in ["Judy", " JUDY ", "judy\t"] {
         assert_code(app.login(variant, WRONG).await, Code::Unauthenticated);
@@ -120,10 +116,11 @@ async fn case_and_padding_variants_of_a_name_share_one_count(backend: Backend) {
 
 async fn an_address_failing_across_many_usernames_is_held_off_alone(backend: Backend) {
     let app = backend
-        .spawn_with(&with(&[
-            ("THROTTLE_ADDRESS_THRESHOLD", "5"),
-            ("TRUSTED_PROXIES", "127.0.0.1"),
-        ]))
+        .app()
+        .envs(SMALL)
+        .env("THROTTLE_ADDRESS_THRESHOLD", "5")
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .spawn()
         .await;
     app.register("mona", PASSWORD).await.unwrap();
     let attacker = "198.51.100.66";
@@ -167,7 +164,10 @@ async fn an_address_failing_across_many_usernames_is_held_off_alone(backend: Bac
 
 async fn a_spoofed_client_ip_from_an_untrusted_caller_is_ignored(backend: Backend) {
     let app = backend
-        .spawn_with(&with(&[("THROTTLE_ADDRESS_THRESHOLD", "3")]))
+        .app()
+        .envs(SMALL)
+        .env("THROTTLE_ADDRESS_THRESHOLD", "3")
+        .spawn()
         .await;
     app.register("nora", PASSWORD).await.unwrap();
     let login = app
@@ -199,7 +199,7 @@ async fn a_spoofed_client_ip_from_an_untrusted_caller_is_ignored(backend: Backen
 }
 
 async fn wrong_current_passwords_on_change_password_count_against_the_account(backend: Backend) {
-    let app = backend.spawn_with(SMALL).await;
+    let app = backend.app().envs(SMALL).spawn().await;
     let (_, login) = app.user_with_session("otto").await;
     for _ in 0..2 {
         assert_code(
@@ -227,8 +227,8 @@ async fn wrong_current_passwords_on_change_password_count_against_the_account(ba
 
 #[tokio::test]
 async fn two_instances_sharing_redis_share_the_counts() {
-    let a = spawn_app_with(SMALL).await;
-    let b = a.spawn_sibling().await;
+    let a = TestApp::builder().envs(SMALL).spawn().await;
+    let b = a.sibling().spawn().await;
     a.register("pia", PASSWORD).await.unwrap();
     assert_code(a.login("pia", WRONG).await, Code::Unauthenticated);
     assert_code(b.login("PIA", WRONG).await, Code::Unauthenticated);
@@ -281,7 +281,10 @@ async fn keys_with_ttls(app: &TestApp) -> Vec<(String, i64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_unknown_usernames_leave_few_keys_and_all_expire() {
     // Default limits: an address waits after 5 failures, at most 1 h; the window is 15 m.
-    let app = spawn_app_with(&[("TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let app = TestApp::builder()
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .spawn()
+        .await;
     let results: Vec<Code> = futures::stream::iter(0..10_000)
         .map(|i| {
             let mut client = app.client.clone();

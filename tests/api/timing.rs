@@ -125,11 +125,13 @@ async fn measure(backend: Backend) {
     // cores, and 1,000 padded failures still take seconds.
     let threshold = THRESHOLD.to_string();
     let app = backend
-        .spawn_with(&[
+        .app()
+        .envs(&[
             ("BCRYPT_COST", &COST.to_string()),
             ("THROTTLE_ACCOUNT_THRESHOLD", &threshold),
             ("THROTTLE_ADDRESS_THRESHOLD", "1000000"),
         ])
+        .spawn()
         .await;
     for i in 0..ACCOUNTS {
         app.register(&format!("timer{i}"), PASSWORD).await.unwrap();

@@ -12,7 +12,11 @@ async fn tls_serves_clients_that_trust_its_ca_and_refuses_plaintext() {
     let ca = Ca::new("authd test CA");
     let dir = PemDir::new();
     let (cert, key) = dir.server(&ca.server());
-    let app = spawn_embedded_with(&[("TLS_CERT_FILE", &cert), ("TLS_KEY_FILE", &key)]).await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[("TLS_CERT_FILE", &cert), ("TLS_KEY_FILE", &key)])
+        .spawn()
+        .await;
 
     assert_eq!(
         health_over_tls(app.addr, &ca.pem(), None).await,
@@ -47,12 +51,15 @@ async fn mtls_refuses_clients_without_a_certificate_from_the_client_ca() {
     let dir = PemDir::new();
     let (cert, key) = dir.server(&server_ca.server());
     let clients = dir.write("clients.pem", &client_ca.pem());
-    let app = spawn_embedded_with(&[
-        ("TLS_CERT_FILE", &cert),
-        ("TLS_KEY_FILE", &key),
-        ("TLS_CLIENT_CA_FILE", &clients),
-    ])
-    .await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("TLS_CERT_FILE", &cert),
+            ("TLS_KEY_FILE", &key),
+            ("TLS_CLIENT_CA_FILE", &clients),
+        ])
+        .spawn()
+        .await;
 
     let no_certificate = health_over_tls(app.addr, &server_ca.pem(), None).await;
     assert!(no_certificate.is_err(), "{no_certificate:?}");
@@ -72,12 +79,15 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     let new_ca = Ca::new("new CA");
     let dir = PemDir::new();
     let (cert, key) = dir.server(&old_ca.server());
-    let app = spawn_embedded_with(&[
-        ("TLS_CERT_FILE", &cert),
-        ("TLS_KEY_FILE", &key),
-        ("TLS_RELOAD_INTERVAL", "50ms"),
-    ])
-    .await;
+    let app = Backend::Embedded
+        .app()
+        .envs(&[
+            ("TLS_CERT_FILE", &cert),
+            ("TLS_KEY_FILE", &key),
+            ("TLS_RELOAD_INTERVAL", "50ms"),
+        ])
+        .spawn()
+        .await;
     assert!(
         health_over_tls(app.addr, &new_ca.pem(), None)
             .await

@@ -14,7 +14,7 @@ on_every_backend!(
 );
 
 async fn hand_made_bad_tokens_get_their_reason(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("ivan").await;
     let now = unix(&app.clock);
     let good = RawClaims::good(now);
@@ -135,7 +135,7 @@ async fn hand_made_bad_tokens_get_their_reason(backend: Backend) {
 }
 
 async fn an_empty_or_oversized_token_is_invalid_argument(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     assert_code(app.validate("").await, Code::InvalidArgument);
     let s = assert_code(
         app.validate(&"a".repeat(8 * 1024 + 1)).await,
@@ -151,7 +151,9 @@ async fn an_empty_or_oversized_token_is_invalid_argument(backend: Backend) {
 
 async fn a_token_expires_with_its_ttl_judged_by_the_clock(backend: Backend) {
     let app = backend
-        .spawn_with(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")])
+        .app()
+        .envs(&[("JWT_TTL", "2h"), ("SESSION_IDLE_TIMEOUT", "1h")])
+        .spawn()
         .await;
     let (_, login) = app.user_with_session("judy").await;
     assert_eq!(login.expires_in, 7200);

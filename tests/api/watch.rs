@@ -21,7 +21,11 @@ on_every_backend!(
 );
 
 async fn every_kind_of_revocation_is_streamed_as_it_happens(backend: Backend) {
-    let app = backend.spawn_with(&[("MAX_SESSIONS_PER_USER", "3")]).await;
+    let app = backend
+        .app()
+        .env("MAX_SESSIONS_PER_USER", "3")
+        .spawn()
+        .await;
     let (user, first) = app.user_with_session("ivy").await;
     let second = app.login("ivy", PASSWORD).await.unwrap();
     let mut stream = watch(&app, "").await;
@@ -61,7 +65,7 @@ async fn every_kind_of_revocation_is_streamed_as_it_happens(backend: Backend) {
 }
 
 async fn a_watcher_resuming_from_its_cursor_gets_what_it_missed(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let (_, a) = app.user_with_session("jade").await;
     let b = app.login("jade", PASSWORD).await.unwrap();
     let c = app.login("jade", PASSWORD).await.unwrap();
@@ -85,14 +89,14 @@ async fn a_watcher_resuming_from_its_cursor_gets_what_it_missed(backend: Backend
 }
 
 async fn a_cursor_authd_cannot_vouch_for_gets_a_reset(backend: Backend) {
-    let app = backend.spawn().await;
+    let app = backend.app().spawn().await;
     let mut stream = watch(&app, "99999999999999-0").await;
     let e = next_event(&mut stream).await;
     assert_eq!(e.kind(), RevocationKind::Reset);
 }
 
 async fn a_quiet_stream_sends_heartbeats(backend: Backend) {
-    let app = backend.spawn_with(&[("WATCH_HEARTBEAT", "50ms")]).await;
+    let app = backend.app().env("WATCH_HEARTBEAT", "50ms").spawn().await;
     let mut stream = watch(&app, "").await;
     for _ in 0..2 {
         let e = tokio::time::timeout(Duration::from_secs(5), stream.message())

@@ -37,6 +37,17 @@ pub fn redis_base() -> String {
     std::env::var("AUTHD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
+/// The shared MariaDB's `host:port`.
+pub fn mysql_addr() -> SocketAddr {
+    let base = mysql_base();
+    let host = base.rsplit_once('@').map_or(base.as_str(), |(_, h)| h);
+    let host = host.trim_start_matches("mysql://").trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(host)
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
 /// The storage a test server runs on. Tests that hold for both are written once and
 /// run on each (see `on_every_backend!`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,15 +59,9 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub async fn spawn(self) -> TestApp {
-        self.spawn_with(&[]).await
-    }
-
-    pub async fn spawn_with(self, overrides: &[(&str, &str)]) -> TestApp {
-        match self {
-            Backend::MySqlRedis => spawn_app_with(overrides).await,
-            Backend::Embedded => spawn_embedded_with(overrides).await,
-        }
+    /// [`TestApp::builder`] on this backend.
+    pub fn app(self) -> AppBuilder<'static> {
+        TestApp::builder().backend(self)
     }
 }
 
@@ -84,219 +89,30 @@ pub struct TestApp {
     owns_db: bool,
 }
 
-/// The settings a test server gets unless the test overrides them.
-pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String, String)> {
-    [
-        ("JWT_SECRET", SECRET),
-        ("DATABASE_URL", db_url),
-        ("REDIS_URL", redis_url),
-        ("REDIS_KEY_PREFIX", key_prefix),
-        ("GRPC_ADDR", "127.0.0.1:0"),
-        ("HTTP_ADDR", "127.0.0.1:0"),
-        ("BCRYPT_COST", "4"),
-        // Many apps share the two cores during the suite: hashing at normal priority keeps
-        // one test's Logins from waiting out another test's CPU (SCHED_IDLE, the default,
-        // is tested in auth::hasher and measured by authd-bench).
-        ("BCRYPT_NICE", "0"),
-        ("REDIS_RETRY_INTERVAL", "50ms"),
-        ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
-        // Every test client calls from 127.0.0.1, and many tests register more users, or
-        // hash more at once, than one address may by default; the tests of those limits
-        // set them themselves.
-        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
-        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
-}
-
-/// Settings as owned pairs, as `Config::from_vars` and `Command::envs` take them.
-pub fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
-    env.iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
-
-/// A fresh database name and key prefix.
-pub fn fresh_names() -> (String, String) {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    (format!("authd_t_{}", &id[..16]), format!("t{}:", &id[..16]))
-}
-
-/// authd with the default test settings.
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(&[]).await
-}
-
-/// authd on MySQL and Redis with some settings overridden (`REDIS_URL` included).
-pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
-    spawn_app_reaching_mysql_at(None, overrides).await
-}
-
-/// The shared MariaDB's `host:port`.
-pub fn mysql_addr() -> SocketAddr {
-    let base = mysql_base();
-    let host = base.rsplit_once('@').map_or(base.as_str(), |(_, h)| h);
-    let host = host.trim_start_matches("mysql://").trim_end_matches('/');
-    std::net::ToSocketAddrs::to_socket_addrs(host)
-        .unwrap()
-        .next()
-        .unwrap()
-}
-
-/// Like [`spawn_app_with`], with authd reaching MariaDB at `via` (a proxy) while the
-/// test's own [`TestApp::db`] goes straight to it.
-pub async fn spawn_app_reaching_mysql_at(
-    via: Option<SocketAddr>,
-    overrides: &[(&str, &str)],
-) -> TestApp {
-    let (db_name, key_prefix) = fresh_names();
-    let db_url = format!("{}/{db_name}", mysql_base());
-    let served_url = match via {
-        Some(via) => {
-            let base = mysql_base();
-            let credentials = base.rsplit_once('@').map_or("mysql://", |(c, _)| c);
-            let at = if credentials.ends_with("//") { "" } else { "@" };
-            format!("{credentials}{at}{via}/{db_name}")
+impl TestApp {
+    /// A test app on MySQL and Redis, the deployed shape, with the test settings
+    /// ([`test_env`]): choose its backend and settings, then [`AppBuilder::spawn`] it.
+    pub fn builder() -> AppBuilder<'static> {
+        AppBuilder {
+            backend: Backend::MySqlRedis,
+            env: Vec::new(),
+            mysql_at: None,
+            sibling_of: None,
         }
-        None => db_url.clone(),
-    };
-    let vars = with_overrides(test_env(&served_url, &redis_base(), &key_prefix), overrides);
-    let redis_url = vars
-        .iter()
-        .find(|(k, _)| k == "REDIS_URL")
-        .map(|(_, v)| v.clone())
-        .unwrap();
-    start(
-        Backend::MySqlRedis,
-        vars,
-        db_name,
-        db_url,
-        redis_url,
-        key_prefix,
-        fresh_clock(),
-    )
-    .await
-}
-
-/// authd on an SQLite file and in-process sessions, as with nothing configured.
-pub async fn spawn_embedded_with(overrides: &[(&str, &str)]) -> TestApp {
-    let (db_name, _) = fresh_names();
-    let dir = std::env::temp_dir().join(&db_name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("users.db");
-    let vars: Vec<(String, String)> = [
-        ("JWT_SECRET", SECRET),
-        ("SQLITE_PATH", path.to_str().unwrap()),
-        ("GRPC_ADDR", "127.0.0.1:0"),
-        ("HTTP_ADDR", "127.0.0.1:0"),
-        ("BCRYPT_COST", "4"),
-        ("BCRYPT_NICE", "0"),
-        ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
-        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
-        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let vars = with_overrides(vars, overrides);
-    let db_url = format!("sqlite://{}", path.display());
-    start(
-        Backend::Embedded,
-        vars,
-        dir.display().to_string(),
-        db_url,
-        String::new(),
-        String::new(),
-        fresh_clock(),
-    )
-    .await
-}
-
-/// A test clock standing at the current time.
-fn fresh_clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(SystemTime::now()))
-}
-
-/// `vars` with each of `overrides` in place of the setting of that name.
-pub fn with_overrides(
-    mut vars: Vec<(String, String)>,
-    overrides: &[(&str, &str)],
-) -> Vec<(String, String)> {
-    for (k, v) in overrides {
-        vars.retain(|(name, _)| name != k);
-        vars.push(((*k).to_owned(), (*v).to_owned()));
     }
-    vars
-}
 
-async fn start(
-    backend: Backend,
-    vars: Vec<(String, String)>,
-    db_name: String,
-    db_url: String,
-    redis_url: String,
-    key_prefix: String,
-    clock: Arc<ManualClock>,
-) -> TestApp {
-    capture_logs();
-    let config = Config::from_vars(vars.clone()).expect("test config");
-    let app = Application::build_with_clock(config, clock.clone())
-        .await
-        .expect("authd builds");
-    let addr = app.local_addr();
-    let http_addr = app.http_addr();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = stopped.await;
-    }));
-    // Lazy: a TLS server refuses this plaintext channel, and TLS tests check just that.
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    TestApp {
-        backend,
-        addr,
-        client: AuthServiceClient::new(channel.clone()),
-        channel,
-        http_addr,
-        clock,
-        db_name,
-        db_url,
-        redis_url,
-        key_prefix,
-        stop: Some(stop),
-        server: Some(server),
-        vars,
-        owns_db: true,
+    /// Another instance of this app's deployment: the same database, Redis, key prefix,
+    /// clock and settings, which `env` may override (a `REDIS_URL` through a proxy, say).
+    pub fn sibling(&self) -> AppBuilder<'_> {
+        AppBuilder {
+            backend: self.backend,
+            sibling_of: Some(self),
+            ..TestApp::builder()
+        }
     }
 }
 
 impl TestApp {
-    /// A second authd on the same database, Redis, key prefix and clock: another
-    /// instance of the same deployment.
-    pub async fn spawn_sibling(&self) -> TestApp {
-        self.spawn_sibling_with(&[]).await
-    }
-
-    /// [`TestApp::spawn_sibling`] with some settings overridden (a `REDIS_URL` through a
-    /// proxy, say).
-    pub async fn spawn_sibling_with(&self, overrides: &[(&str, &str)]) -> TestApp {
-        let mut sibling = start(
-            self.backend,
-            with_overrides(self.vars.clone(), overrides),
-            self.db_name.clone(),
-            self.db_url.clone(),
-            self.redis_url.clone(),
-            self.key_prefix.clone(),
-            self.clock.clone(),
-        )
-        .await;
-        sibling.owns_db = false;
-        sibling
-    }
-
     /// A connection to this test's users database, MySQL or SQLite alike (queries
     /// with `?` placeholders and plain types read the same on both).
     pub async fn db(&self) -> sqlx::AnyPool {
@@ -346,6 +162,232 @@ impl Drop for TestApp {
         }
         drop_database(&self.db_name);
     }
+}
+
+/// A test app to be: what the test chose, on top of the test settings. The one place
+/// a [`TestApp`] is made ([`AppBuilder::spawn`]).
+#[must_use = "an app starts with `spawn`"]
+pub struct AppBuilder<'a> {
+    backend: Backend,
+    /// Settings in place of the test settings of those names, the last one winning.
+    env: Vec<(String, String)>,
+    /// Where authd reaches MariaDB (a proxy), when not at [`mysql_base`].
+    mysql_at: Option<SocketAddr>,
+    /// The app whose storage, clock and settings this one shares.
+    sibling_of: Option<&'a TestApp>,
+}
+
+impl AppBuilder<'_> {
+    /// Which storage it runs on ([`Backend::MySqlRedis`] unless told).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets `name` to `value`, in place of the test setting.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets each of `vars`, as [`AppBuilder::env`] does.
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        self.env.extend(owned(vars));
+        self
+    }
+
+    /// authd reaches MariaDB at `via` (a proxy) while the test's own [`TestApp::db`]
+    /// goes straight to it.
+    pub fn mysql_at(mut self, via: SocketAddr) -> Self {
+        self.mysql_at = Some(via);
+        self
+    }
+
+    /// Starts serving, and returns once it listens.
+    pub async fn spawn(self) -> TestApp {
+        let (storage, clock) = match self.sibling_of {
+            Some(app) => {
+                assert!(
+                    self.backend == app.backend && self.mysql_at.is_none(),
+                    "a sibling runs on its app's storage"
+                );
+                (Storage::of(app), app.clock.clone())
+            }
+            None => {
+                let storage = match self.backend {
+                    Backend::MySqlRedis => Storage::mysql_redis(self.mysql_at),
+                    Backend::Embedded => Storage::embedded(),
+                };
+                (storage, fresh_clock())
+            }
+        };
+        let vars = with_overrides(storage.vars, &self.env);
+        // A sibling keeps its app's Redis (the test's view of it) whatever it reaches it by.
+        let redis_url = match self.sibling_of {
+            Some(app) => app.redis_url.clone(),
+            None => vars
+                .iter()
+                .find(|(k, _)| k == "REDIS_URL")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+        };
+
+        capture_logs();
+        let config = Config::from_vars(vars.clone()).expect("test config");
+        let app = Application::build_with_clock(config, clock.clone())
+            .await
+            .expect("authd builds");
+        let addr = app.local_addr();
+        let http_addr = app.http_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        // Lazy: a TLS server refuses this plaintext channel, and TLS tests check just that.
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        TestApp {
+            backend: self.backend,
+            addr,
+            client: AuthServiceClient::new(channel.clone()),
+            channel,
+            http_addr,
+            clock,
+            db_name: storage.db_name,
+            db_url: storage.db_url,
+            redis_url,
+            key_prefix: storage.key_prefix,
+            stop: Some(stop),
+            server: Some(server),
+            vars,
+            owns_db: self.sibling_of.is_none(),
+        }
+    }
+}
+
+/// A fresh app's storage and the test settings that point authd at it.
+struct Storage {
+    vars: Vec<(String, String)>,
+    /// The MySQL database name, or the SQLite file's folder.
+    db_name: String,
+    /// The test's own way into the users database.
+    db_url: String,
+    key_prefix: String,
+}
+
+impl Storage {
+    /// A fresh database and key prefix on the shared MariaDB and Redis, MariaDB reached
+    /// at `via` when there is one.
+    fn mysql_redis(via: Option<SocketAddr>) -> Self {
+        let (db_name, key_prefix) = fresh_names();
+        let db_url = format!("{}/{db_name}", mysql_base());
+        let served_url = match via {
+            Some(via) => {
+                let base = mysql_base();
+                let credentials = base.rsplit_once('@').map_or("mysql://", |(c, _)| c);
+                let at = if credentials.ends_with("//") { "" } else { "@" };
+                format!("{credentials}{at}{via}/{db_name}")
+            }
+            None => db_url.clone(),
+        };
+        Self {
+            vars: test_env(&served_url, &redis_base(), &key_prefix),
+            db_name,
+            db_url,
+            key_prefix,
+        }
+    }
+
+    /// A fresh SQLite file and in-process sessions, as with nothing configured.
+    fn embedded() -> Self {
+        let (db_name, _) = fresh_names();
+        let dir = std::env::temp_dir().join(&db_name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users.db");
+        let vars = owned(&[
+            ("JWT_SECRET", SECRET),
+            ("SQLITE_PATH", path.to_str().unwrap()),
+            ("GRPC_ADDR", "127.0.0.1:0"),
+            ("HTTP_ADDR", "127.0.0.1:0"),
+            ("BCRYPT_COST", "4"),
+            ("BCRYPT_NICE", "0"),
+            ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+            ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+            ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
+        ]);
+        Self {
+            vars,
+            db_name: dir.display().to_string(),
+            db_url: format!("sqlite://{}", path.display()),
+            key_prefix: String::new(),
+        }
+    }
+
+    /// What `app` runs on, for a sibling to share.
+    fn of(app: &TestApp) -> Self {
+        Self {
+            vars: app.vars.clone(),
+            db_name: app.db_name.clone(),
+            db_url: app.db_url.clone(),
+            key_prefix: app.key_prefix.clone(),
+        }
+    }
+}
+
+/// The settings a test server gets unless the test overrides them.
+pub fn test_env(db_url: &str, redis_url: &str, key_prefix: &str) -> Vec<(String, String)> {
+    owned(&[
+        ("JWT_SECRET", SECRET),
+        ("DATABASE_URL", db_url),
+        ("REDIS_URL", redis_url),
+        ("REDIS_KEY_PREFIX", key_prefix),
+        ("GRPC_ADDR", "127.0.0.1:0"),
+        ("HTTP_ADDR", "127.0.0.1:0"),
+        ("BCRYPT_COST", "4"),
+        // Many apps share the two cores during the suite: hashing at normal priority keeps
+        // one test's Logins from waiting out another test's CPU (SCHED_IDLE, the default,
+        // is tested in auth::hasher and measured by authd-bench).
+        ("BCRYPT_NICE", "0"),
+        ("REDIS_RETRY_INTERVAL", "50ms"),
+        ("WATCH_CREDENTIALS", WATCH_CREDENTIAL),
+        // Every test client calls from 127.0.0.1, and many tests register more users, or
+        // hash more at once, than one address may by default; the tests of those limits
+        // set them themselves.
+        ("THROTTLE_REGISTER_THRESHOLD", REGISTER_THRESHOLD),
+        ("BCRYPT_MAX_PER_ADDRESS", MAX_PER_ADDRESS),
+    ])
+}
+
+/// Settings as owned pairs, as `Config::from_vars` and `Command::envs` take them.
+pub fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// `vars` with each of `overrides` in place of the setting of that name.
+pub fn with_overrides(
+    mut vars: Vec<(String, String)>,
+    overrides: &[(impl AsRef<str>, impl AsRef<str>)],
+) -> Vec<(String, String)> {
+    for (k, v) in overrides {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        vars.retain(|(name, _)| name != k);
+        vars.push((k.to_owned(), v.to_owned()));
+    }
+    vars
+}
+
+/// A fresh database name and key prefix.
+pub fn fresh_names() -> (String, String) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    (format!("authd_t_{}", &id[..16]), format!("t{}:", &id[..16]))
+}
+
+/// A test clock standing at the current time.
+fn fresh_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemTime::now()))
 }
 
 /// Drops a test's MySQL database, from a `Drop`: on a runtime of its own, since Drop
