@@ -108,7 +108,7 @@ async fn rotation(username: &str) -> (TestApp, TestApp, authd::proto::auth::v1::
     let retired = format!(
         "{}@{}",
         key("ed25519-old-public.pem"),
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        humantime::format_rfc3339_seconds(authd::clock::Clock::now(&authd::clock::SystemClock))
     );
     let new = TestApp::builder()
         .envs(&[

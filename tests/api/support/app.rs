@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use authd::Application;
-use authd::clock::ManualClock;
+use authd::clock::{Clock as _, ManualClock, SystemClock};
 use authd::config::Config;
 use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
 use tokio::sync::oneshot;
@@ -387,7 +387,7 @@ pub fn fresh_names() -> (String, String) {
 
 /// A test clock standing at the current time.
 fn fresh_clock() -> Arc<ManualClock> {
-    Arc::new(ManualClock::new(SystemTime::now()))
+    Arc::new(ManualClock::new(SystemClock.now()))
 }
 
 /// Drops a test's MySQL database, from a `Drop`: on a runtime of its own, since Drop
