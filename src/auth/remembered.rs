@@ -10,7 +10,10 @@
 //! Bounded twice: an entry is dropped once no token it covers can still verify (the
 //! longest token lifetime, plus the leeway, after the revocation), and past
 //! `capacity` entries the oldest go first (counted in
-//! `authd_revocation_memory_evictions_total`).
+//! `authd_revocation_memory_evictions_total`). What is forgotten early is not forgotten
+//! quietly: every token issued no later than the newest revocation evicted is refused
+//! (and so, after a `Reset` of the stream, is every token issued before it). A flood of
+//! revocations can thus make open mode stricter, never laxer.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -39,11 +42,15 @@ struct Inner {
     users: HashMap<String, (i64, String, i64)>,
     /// What to forget, oldest first: (kept until, which entry).
     order: VecDeque<(i64, Key)>,
+    /// Tokens issued at or before this (unix seconds) may be covered by a revocation
+    /// that was evicted or never seen: refused. Cleared once no such token can verify.
+    forgotten: Option<(i64, i64)>,
 }
 
 #[derive(Debug)]
 enum Key {
-    Token(String),
+    /// A token, and the session it ended with it.
+    Token(String, String, String),
     Session(String, String),
     User(String),
 }
@@ -63,7 +70,8 @@ impl RememberedRevocations {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Remembers a revocation recorded at `at` (unix seconds).
+    /// Remembers a revocation recorded at `at` (unix seconds). One already held (this
+    /// instance's own, read back from the stream) is not held twice.
     pub fn remember(&self, revocation: &Revocation, at: i64) {
         let until = at.saturating_add(self.keep_for);
         let mut inner = self.lock();
@@ -73,38 +81,41 @@ impl RememberedRevocations {
                 session_id,
                 jti,
             } => {
-                // A logout ends the session too.
+                if inner.tokens.get(jti).is_some_and(|u| *u >= until) {
+                    return;
+                }
+                // A logout ends the session too: the session's entry covers the token.
                 inner
                     .sessions
                     .insert((user_id.clone(), session_id.clone()), until);
-                inner
-                    .order
-                    .push_back((until, Key::Session(user_id.clone(), session_id.clone())));
                 inner.tokens.insert(jti.clone(), until);
-                Key::Token(jti.clone())
+                Key::Token(jti.clone(), user_id.clone(), session_id.clone())
             }
             Revocation::Session {
                 user_id,
                 session_id,
             } => {
-                inner
-                    .sessions
-                    .insert((user_id.clone(), session_id.clone()), until);
+                let id = (user_id.clone(), session_id.clone());
+                if inner.sessions.get(&id).is_some_and(|u| *u >= until) {
+                    return;
+                }
+                inner.sessions.insert(id, until);
                 Key::Session(user_id.clone(), session_id.clone())
             }
             Revocation::User {
                 user_id,
                 except_session_id,
             } => {
-                let newer = inner
+                if inner
                     .users
                     .get(user_id)
-                    .is_none_or(|(earlier, ..)| *earlier <= at);
-                if newer {
-                    inner
-                        .users
-                        .insert(user_id.clone(), (at, except_session_id.clone(), until));
+                    .is_some_and(|(earlier, ..)| *earlier >= at)
+                {
+                    return;
                 }
+                inner
+                    .users
+                    .insert(user_id.clone(), (at, except_session_id.clone(), until));
                 Key::User(user_id.clone())
             }
         };
@@ -113,6 +124,8 @@ impl RememberedRevocations {
         while inner.order.len() > self.capacity {
             if let Some((until, key)) = inner.order.pop_front() {
                 inner.forget(until, &key);
+                // The evicted revocation was made at `until - keep_for`.
+                inner.forget_before(until.saturating_sub(self.keep_for), until);
                 evicted += 1;
             }
         }
@@ -122,13 +135,30 @@ impl RememberedRevocations {
         metrics::gauge!("authd_revocations_remembered").set(inner.order.len() as f64);
     }
 
-    /// Whether the token is one this instance knows to be revoked, at `now`.
+    /// Events may have been lost (the stream said `Reset` at `at`): every token issued
+    /// no later than that is refused until it could no longer verify anyway.
+    pub fn lost_track(&self, at: i64) {
+        let until = at.saturating_add(self.keep_for);
+        self.lock().forget_before(at, until);
+    }
+
+    /// Whether the token is one this instance knows to be revoked, or may have been
+    /// revoked without this instance knowing, at `now`.
     pub fn revokes(&self, claims: &Claims, now: i64) -> bool {
         let mut inner = self.lock();
         while inner.order.front().is_some_and(|(until, _)| *until <= now) {
             if let Some((until, key)) = inner.order.pop_front() {
                 inner.forget(until, &key);
             }
+        }
+        if inner.forgotten.is_some_and(|(_, until)| until <= now) {
+            inner.forgotten = None;
+        }
+        if inner
+            .forgotten
+            .is_some_and(|(before, _)| claims.iat <= before)
+        {
+            return true;
         }
         if inner.tokens.contains_key(&claims.jti)
             || inner
@@ -157,13 +187,26 @@ impl RememberedRevocations {
 }
 
 impl Inner {
+    /// Refuses every token issued at or before `at` until `until`.
+    fn forget_before(&mut self, at: i64, until: i64) {
+        let (before, until) = match self.forgotten {
+            Some((b, u)) => (b.max(at), u.max(until)),
+            None => (at, until),
+        };
+        self.forgotten = Some((before, until));
+    }
+
     /// Drops the entry `key` if it is still the one that expires at `until` (a later
     /// revocation of the same thing keeps it longer).
     fn forget(&mut self, until: i64, key: &Key) {
         match key {
-            Key::Token(jti) => {
+            Key::Token(jti, user, session) => {
                 if self.tokens.get(jti) == Some(&until) {
                     self.tokens.remove(jti);
+                }
+                let id = (user.clone(), session.clone());
+                if self.sessions.get(&id) == Some(&until) {
+                    self.sessions.remove(&id);
                 }
             }
             Key::Session(user, session) => {
@@ -250,6 +293,33 @@ mod tests {
         }
         assert_eq!(m.len(), 10);
         assert!(m.revokes(&claims("u", "s49", "j", 900), 1001));
-        assert!(!m.revokes(&claims("u", "s0", "j", 900), 1001));
+        // What was evicted is refused all the same: every token issued no later than
+        // the newest revocation evicted (1000), known or not.
+        assert!(m.revokes(&claims("u", "s0", "j", 900), 1001));
+        assert!(m.revokes(&claims("u", "never-revoked", "j", 1000), 1001));
+        assert!(!m.revokes(&claims("u", "never-revoked", "j", 1001), 1001));
+        // Once no such token could verify, the rule lapses.
+        assert!(!m.revokes(&claims("u", "never-revoked", "j", 4600), 4600));
+    }
+
+    #[test]
+    fn a_revocation_seen_twice_is_held_once() {
+        let m = RememberedRevocations::new(100, 3600);
+        let logout = Revocation::Token {
+            user_id: "u".into(),
+            session_id: "s".into(),
+            jti: "j".into(),
+        };
+        m.remember(&logout, 1000);
+        m.remember(&logout, 1000);
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn after_lost_track_older_tokens_are_refused() {
+        let m = RememberedRevocations::new(100, 3600);
+        m.lost_track(2000);
+        assert!(m.revokes(&claims("u", "s", "j", 2000), 2001));
+        assert!(!m.revokes(&claims("u", "s", "j", 2001), 2001));
     }
 }

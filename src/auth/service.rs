@@ -164,6 +164,7 @@ impl AuthCore {
             tokio::spawn(remember_from_stream(
                 Arc::clone(redis.log()),
                 Arc::downgrade(&remembered),
+                Arc::clone(&clock),
             ));
         }
         let audit = AuditLog::start(
@@ -559,24 +560,24 @@ impl AuthCore {
             .map_err(|_| AuthError::Unauthenticated)?;
         crate::telemetry::record_user_id(&claims.sub);
         let ttl = blacklist_ttl(claims.exp, now, self.tokens.leeway_seconds());
-        let first = self
+        let revocation = Revocation::Token {
+            user_id: claims.sub.clone(),
+            session_id: claims.sid.clone(),
+            jti: claims.jti.clone(),
+        };
+        // Remembered before it is recorded: should the store record it and its answer be
+        // lost, open mode here refuses the token all the same (the safe side).
+        self.remembered.remember(&revocation, now);
+        let unannounced = self
             .sessions
             .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
             .await
             .map_err(sessions_error)?;
-        if !first {
+        if !unannounced {
             tracing::debug!(user_id = %claims.sub, jti = %claims.jti, "logout of a token already revoked");
             return Ok(());
         }
-        self.announce(
-            Revocation::Token {
-                user_id: claims.sub.clone(),
-                session_id: claims.sid.clone(),
-                jti: claims.jti.clone(),
-            },
-            now,
-        )
-        .await;
+        self.announce(revocation, now).await;
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
         self.audit.record(
             AuditEvent::new(AuditKind::Logout, &client)
@@ -972,12 +973,19 @@ impl AuthCore {
 async fn remember_from_stream(
     log: Arc<RedisLog>,
     remembered: std::sync::Weak<RememberedRevocations>,
+    clock: Arc<dyn Clock>,
 ) {
     const CHECK_EVERY: Duration = Duration::from_secs(2);
     let mut after: Option<Cursor> = None;
     let mut backoff = Duration::from_millis(100);
     while remembered.strong_count() > 0 {
-        let mut feed = match log.subscribe(after).await {
+        // The first time, everything the log still holds: a fresh instance starts with
+        // the revocations made before it, not with none.
+        let subscribed = match after {
+            None => log.subscribe_from_oldest().await,
+            Some(_) => log.subscribe(after).await,
+        };
+        let mut feed = match subscribed {
             Ok(feed) => feed,
             Err(e) => {
                 tracing::debug!(error = %e, "revocation stream not followed; retrying");
@@ -997,8 +1005,10 @@ async fn remember_from_stream(
                     let Some(memory) = remembered.upgrade() else {
                         return;
                     };
-                    if let Event::Revoked { revocation, at, .. } = &event {
-                        memory.remember(revocation, *at);
+                    match &event {
+                        Event::Revoked { revocation, at, .. } => memory.remember(revocation, *at),
+                        // Events may have been lost: refuse what they could have covered.
+                        Event::Reset { .. } => memory.lost_track(clock.unix_seconds()),
                     }
                     after = Cursor::parse(&feed.cursor());
                 }

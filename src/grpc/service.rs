@@ -132,7 +132,12 @@ async fn pump(
             () = out.closed() => return,
         };
         let failed = message.is_err();
-        if out.send(message).await.is_err() || failed {
+        // A watcher that stops reading must not hold its place, nor delay shutdown.
+        let sent = tokio::select! {
+            sent = out.send(message) => sent.is_ok(),
+            _ = stopping.wait_for(|stop| *stop) => false,
+        };
+        if !sent || failed {
             return;
         }
     }

@@ -170,12 +170,18 @@ fn bare(c: char) -> bool {
 }
 
 /// Whether `c` is written as an escape: control characters (CR, LF, ESC, C1…), line and
-/// paragraph separators, and the marks that reorder text on screen.
+/// paragraph separators, the marks that reorder text on screen (Trojan Source's set,
+/// U+061C included), and the zero-width characters that hide text in plain sight.
 fn escaped(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
         )
 }
 
@@ -215,8 +221,7 @@ mod tests {
 
     #[test]
     fn nothing_that_moves_the_cursor_or_restyles_is_written_raw() {
-        let hostile =
-            "a\r\nERROR authd::audit: x user_id=admin\u{1b}[31m\u{9b}\u{2028}\u{202e}\t\0";
+        let hostile = "a\r\nERROR authd::audit: x user_id=admin\u{1b}[31m\u{9b}\u{2028}\u{202e}\t\0\u{61c}\u{200b}\u{feff}";
         for out in [quoted(hostile), {
             let mut s = String::new();
             write_escaped(&mut s, hostile).unwrap();

@@ -580,6 +580,12 @@ async fn open_mode_refuses_sessions_ended_by_a_password_change_in_the_same_secon
     app.change_password(&caller.access_token, PASSWORD, "Brand-New-Pass-7")
         .await
         .unwrap();
+    // Nothing for a fresh instance to read on the stream: only the durable check is left.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}revocations", app.key_prefix))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
     let fresh = app.sibling().spawn().await;
 
     redis.kill();
@@ -587,6 +593,74 @@ async fn open_mode_refuses_sessions_ended_by_a_password_change_in_the_same_secon
         fresh.reason(&other.access_token).await,
         InvalidReason::Revoked
     );
+}
+
+/// Review finding: an instance started after a revocation (a rolling deploy, a crash
+/// loop) remembered nothing from before it. It now reads what the stream still holds.
+#[tokio::test]
+async fn an_instance_started_after_a_revocation_refuses_it_in_open_mode() {
+    let mut redis = OwnRedis::start().await;
+    let url = redis.url();
+    let a = TestApp::builder().env("REDIS_URL", &url).spawn().await;
+    let (_, login) = a.user_with_session("fiona").await;
+    a.logout(&login.access_token).await.unwrap();
+    let fresh = a.sibling().spawn().await;
+    // Its follower reads the stream from the oldest entry as it starts; give that
+    // background read a moment (an ordering, not a timing, requirement).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    redis.kill();
+    assert_eq!(
+        fresh.reason(&login.access_token).await,
+        InvalidReason::Revoked
+    );
+}
+
+/// Review finding: a Logout recorded in Redis whose answer was lost (a timeout) was,
+/// when the client retried, answered OK with nothing announced — callers' caches and the
+/// other instances never heard of it. The blacklist entry now says whether the
+/// revocation was announced, and a retry announces it if not; once only.
+#[tokio::test]
+async fn a_logout_whose_answer_was_lost_is_announced_when_retried() {
+    let app = TestApp::builder().spawn().await;
+    let (user, login) = app.user_with_session("gale").await;
+    let (_, marker) = app.user_with_session("hugo").await;
+    let jti = jti_of(&login.access_token);
+    // What the Logout script leaves when its answer never reaches authd: the token
+    // blacklisted (not yet announced) and its session gone.
+    let tag = format!("{}{{user:{}}}", app.key_prefix, user.user_id);
+    let mut redis = app.redis().await;
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(format!("{tag}:revoked:{jti}"))
+        .arg("0")
+        .arg("EX")
+        .arg(3600)
+        .ignore()
+        .cmd("DEL")
+        .arg(format!("{tag}:session:{}", login.session_id))
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
+
+    app.logout(&login.access_token).await.unwrap();
+    app.logout(&login.access_token).await.unwrap();
+    app.logout(&marker.access_token).await.unwrap();
+    let mut ours = 0;
+    loop {
+        let e = next_event(&mut stream).await;
+        if e.session_id == marker.session_id {
+            break;
+        }
+        if e.jti == jti {
+            ours += 1;
+        }
+    }
+    assert_eq!(ours, 1, "the retried Logout's announcements");
 }
 
 /// What open mode still cannot know, measured: a revocation recorded by another

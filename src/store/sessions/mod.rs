@@ -230,8 +230,8 @@ impl SessionStore {
     }
 
     /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it). False when the token was already blacklisted: nothing
-    /// changed, and there is nothing new to record.
+    /// session still holds it). False when the token was already revoked and that
+    /// announced (or being announced): nothing changed, there is nothing new to record.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -242,7 +242,7 @@ impl SessionStore {
     ) -> Result<bool, StoreError> {
         match self {
             Self::Redis(r) => {
-                r.logout(user_id, session_id, jti, blacklist_ttl_seconds)
+                r.logout(user_id, session_id, jti, now, blacklist_ttl_seconds)
                     .await
             }
             Self::Memory(m) => Ok(m.logout(user_id, session_id, jti, now, blacklist_ttl_seconds)),

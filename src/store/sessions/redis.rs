@@ -121,11 +121,21 @@ end
 return 0
 ";
 
-/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s. Returns -1 when the
-/// token was already blacklisted (nothing changes), else 1 or 0: whether its session
-/// was still live.
+/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s, now (unix s). The
+/// blacklist entry holds the time its announcement was claimed until the revocation is
+/// announced on the log, then `1`. Returns -1 when nothing is left to do (announced, or
+/// claimed less than [`ANNOUNCE_LEASE_SECONDS`] ago by a Logout still under way), -2 when
+/// it was claimed longer ago and never announced (a Logout whose answer was lost: this
+/// call claims it and announces it), else 1 or 0: whether the session was still live.
 const LOGOUT: &str = r"
-if not redis.call('SET', KEYS[3], '1', 'EX', ARGV[3], 'NX') then return -1 end
+if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
+  local claimed = tonumber(redis.call('GET', KEYS[3]))
+  if claimed == 1 or claimed == nil or tonumber(ARGV[4]) - claimed < tonumber(ARGV[5]) then
+    return -1
+  end
+  redis.call('SET', KEYS[3], ARGV[4], 'XX', 'KEEPTTL')
+  return -2
+end
 if redis.call('HGET', KEYS[1], 'jti') == ARGV[2] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
@@ -133,6 +143,10 @@ if redis.call('HGET', KEYS[1], 'jti') == ARGV[2] then
 end
 return 0
 ";
+
+/// How long a Logout that claimed a revocation's announcement has to make it before a
+/// retry takes the claim over.
+const ANNOUNCE_LEASE_SECONDS: i64 = 5;
 
 /// KEYS: session. ARGV: tag, sid, now, leeway.
 const REVOKE_BODY: &str = r"
@@ -224,9 +238,18 @@ impl RedisSessions {
         self.conn.ping().await
     }
 
-    /// Appends a revocation to the log watchers follow.
+    /// Appends a revocation to the log watchers follow; a logged-out token's blacklist
+    /// entry is then marked announced (see `LOGOUT`).
     pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
-        let pipe = self.log.append_command(revocation, at);
+        let mut pipe = self.log.append_command(revocation, at);
+        if let Revocation::Token { user_id, jti, .. } = revocation {
+            pipe.cmd("SET")
+                .arg(format!("{}:revoked:{jti}", self.tag(user_id)))
+                .arg("1")
+                .arg("XX")
+                .arg("KEEPTTL")
+                .ignore();
+        }
         self.conn
             .run(|mut c| async move { pipe.query_async::<(String,)>(&mut c).await })
             .await
@@ -323,12 +346,14 @@ impl RedisSessions {
     }
 
     /// Blacklists the token and ends its session (if the session still holds it).
-    /// False when the token was already blacklisted: nothing was changed.
+    /// False when the token was already blacklisted and that announced: nothing was
+    /// changed, nothing is left to do.
     pub async fn logout(
         &self,
         user_id: &str,
         session_id: &str,
         jti: &str,
+        now: i64,
         blacklist_ttl_seconds: i64,
     ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
@@ -338,11 +363,13 @@ impl RedisSessions {
             .key(format!("{tag}:revoked:{jti}"))
             .arg(session_id)
             .arg(jti)
-            .arg(blacklist_ttl_seconds.max(1));
+            .arg(blacklist_ttl_seconds.max(1))
+            .arg(now)
+            .arg(ANNOUNCE_LEASE_SECONDS);
         self.conn
             .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
-            .map(|n| n >= 0)
+            .map(|n| n != -1)
     }
 
     /// Ends one of the user's sessions. False when it did not exist (or had already ended).

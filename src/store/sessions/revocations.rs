@@ -84,7 +84,11 @@ pub struct Feed {
     source: Option<Source>,
     /// Live events; those at or before `last` are skipped (already replayed).
     live: broadcast::Receiver<Event>,
+    /// The position of the last event handed out.
     last: Cursor,
+    /// How far the replay has read, events that could not be decoded included: the
+    /// next page starts after it.
+    read_to: Cursor,
 }
 
 #[derive(Debug)]
@@ -109,16 +113,11 @@ impl Feed {
             }
             if let Some(source) = &self.source {
                 let page = match source {
-                    Source::Memory(log) => Ok(log.page(self.last)),
-                    Source::Redis(log) => log.page(self.last).await,
+                    Source::Memory(log) => Ok(log.page(self.read_to)),
+                    Source::Redis(log) => log.page(self.read_to, false).await,
                 };
                 match page {
-                    Ok(Page::Events(events)) => {
-                        if events.len() < REPLAY_PAGE {
-                            self.source = None;
-                        }
-                        self.pending.extend(events);
-                    }
+                    Ok(Page::Events { events, read, to }) => self.take(events, read, to),
                     Ok(Page::Lost { now }) => {
                         self.source = None;
                         self.pending.push_back(Event::Reset {
@@ -174,7 +173,20 @@ impl Feed {
             source,
             live,
             last,
+            read_to: last,
         }
+    }
+
+    /// Queues a page's events. A page of fewer than [`REPLAY_PAGE`] entries read (not
+    /// decoded: an entry this version cannot decode still counts) ends the replay.
+    fn take(&mut self, events: Vec<Event>, read: usize, to: Option<Cursor>) {
+        if read < REPLAY_PAGE {
+            self.source = None;
+        }
+        if let Some(to) = to {
+            self.read_to = self.read_to.max(to);
+        }
+        self.pending.extend(events);
     }
 
     fn reset(live: broadcast::Receiver<Event>, now: Cursor) -> Self {
@@ -185,14 +197,20 @@ impl Feed {
             source: None,
             live,
             last: now,
+            read_to: now,
         }
     }
 }
 
 /// One page of a replay.
 enum Page {
-    /// The events after the position asked for (fewer than a page: the replay is done).
-    Events(Vec<Event>),
+    /// The events after the position asked for, how many entries were read, and the id
+    /// of the last one (fewer than a page read: the replay is done).
+    Events {
+        events: Vec<Event>,
+        read: usize,
+        to: Option<Cursor>,
+    },
     /// Events after the position are gone: the watcher must reset.
     Lost {
         /// The log's head.
@@ -237,6 +255,9 @@ pub struct MemoryLog {
 
 #[derive(Debug)]
 struct MemoryInner {
+    /// This log's lifetime (the process's start, in unix ms): the first half of every
+    /// cursor, so a cursor from before a restart is never taken for one of now.
+    epoch: u64,
     seq: u64,
     ring: VecDeque<Event>,
     tx: broadcast::Sender<Event>,
@@ -244,23 +265,30 @@ struct MemoryInner {
 
 impl MemoryInner {
     fn head(&self) -> Cursor {
-        Cursor(0, self.seq)
+        Cursor(self.epoch, self.seq)
     }
 
     /// Whether the events after `after` are all still in the ring. A cursor of another
     /// log (a Redis id, one past the head) cannot be vouched for either.
     fn holds_after(&self, after: Cursor) -> bool {
         let oldest_kept = self.seq + 1 - self.ring.len() as u64;
-        after.0 == 0 && after <= self.head() && after.1 + 1 >= oldest_kept
+        after.0 == self.epoch && after <= self.head() && after.1 + 1 >= oldest_kept
     }
 }
 
 impl MemoryLog {
     /// Keeps the last `max_len` events for watchers that resume.
     pub fn new(max_len: usize) -> Arc<Self> {
+        use crate::clock::Clock as _;
+        let epoch = u64::try_from(crate::clock::SystemClock.unix_millis()).unwrap_or(1);
+        Self::with_epoch(max_len, epoch)
+    }
+
+    fn with_epoch(max_len: usize, epoch: u64) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         Arc::new(Self {
             inner: Mutex::new(MemoryInner {
+                epoch,
                 seq: 0,
                 ring: VecDeque::new(),
                 tx,
@@ -278,7 +306,7 @@ impl MemoryLog {
         let mut inner = self.lock();
         inner.seq += 1;
         let event = Event::Revoked {
-            cursor: Cursor(0, inner.seq).to_string(),
+            cursor: inner.head().to_string(),
             revocation,
             at,
         };
@@ -311,15 +339,22 @@ impl MemoryLog {
         let oldest_kept = inner.seq + 1 - inner.ring.len() as u64;
         // `holds_after` makes this index at most the ring's length.
         let skip = usize::try_from(after.1 + 1 - oldest_kept).unwrap_or(usize::MAX);
-        Page::Events(
-            inner
-                .ring
-                .iter()
-                .skip(skip)
-                .take(REPLAY_PAGE)
-                .cloned()
-                .collect(),
-        )
+        let events: Vec<Event> = inner
+            .ring
+            .iter()
+            .skip(skip)
+            .take(REPLAY_PAGE)
+            .cloned()
+            .collect();
+        let to = events.last().and_then(|e| match e {
+            Event::Revoked { cursor, .. } => Cursor::parse(cursor),
+            Event::Reset { .. } => None,
+        });
+        Page::Events {
+            read: events.len(),
+            events,
+            to,
+        }
     }
 }
 
@@ -439,6 +474,21 @@ impl RedisLog {
     /// Missed events after `after` (or none, from now), then live ones. A cursor from
     /// before the oldest entry kept, or past the newest, starts with a `Reset`.
     pub async fn subscribe(self: &Arc<Self>, after: Option<Cursor>) -> Result<Feed, StoreError> {
+        self.subscribe_at(after, false).await
+    }
+
+    /// Everything the log still holds, however much was trimmed before it, then live
+    /// events: for this instance's own memory of revocations, which wants what it can
+    /// get rather than a `Reset`.
+    pub async fn subscribe_from_oldest(self: &Arc<Self>) -> Result<Feed, StoreError> {
+        self.subscribe_at(Some(Cursor(0, 0)), true).await
+    }
+
+    async fn subscribe_at(
+        self: &Arc<Self>,
+        after: Option<Cursor>,
+        from_oldest: bool,
+    ) -> Result<Feed, StoreError> {
         let live = self.tx.subscribe();
         let mut started = self.tail_from.subscribe();
         self.ensure_tail();
@@ -463,12 +513,9 @@ impl RedisLog {
         };
         // The first page decides whether the cursor can be vouched for.
         let mut feed = Feed::new(Some(Source::Redis(Arc::clone(self))), live, after);
-        match self.page(after).await? {
-            Page::Events(events) => {
-                if events.len() < REPLAY_PAGE {
-                    feed.source = None;
-                }
-                feed.pending.extend(events);
+        match self.page(after, from_oldest).await? {
+            Page::Events { events, read, to } => {
+                feed.take(events, read, to);
                 Ok(feed)
             }
             Page::Lost { now } => Ok(Feed::reset(feed.live, now.max(tail_from))),
@@ -477,7 +524,9 @@ impl RedisLog {
 
     /// Up to a page of entries after `after`, read in the same round trip (one script)
     /// as the stream's marks, so a trim between two pages is seen.
-    async fn page(&self, after: Cursor) -> Result<Page, StoreError> {
+    /// With `from_oldest`, entries trimmed before the oldest kept one are not a reason
+    /// to answer `Lost`.
+    async fn page(&self, after: Cursor, from_oldest: bool) -> Result<Page, StoreError> {
         let _permit = self
             .replay_reads
             .acquire()
@@ -502,12 +551,18 @@ impl RedisLog {
             }
             _ => (None, StreamRangeReply::default()),
         };
-        if !holds_after(marks, after) {
+        let vouched = holds_after(marks, after)
+            || (from_oldest && marks.is_none_or(|m| after <= m.last_generated));
+        if !vouched {
             return Ok(Page::Lost {
                 now: marks.map_or(Cursor(0, 0), |m| m.last_generated),
             });
         }
-        Ok(Page::Events(range.ids.iter().filter_map(decode).collect()))
+        Ok(Page::Events {
+            events: range.ids.iter().filter_map(decode).collect(),
+            read: range.ids.len(),
+            to: range.ids.last().and_then(|e| Cursor::parse(&e.id)),
+        })
     }
 
     fn ensure_tail(self: &Arc<Self>) {
@@ -541,8 +596,8 @@ async fn tail(log: Arc<RedisLog>) {
             }
         };
         // Where the stream stands now.
-        let head = match stream_head(&mut conn, &log.key).await {
-            Ok(head) => head,
+        let marks = match stream_marks(&mut conn, &log.key).await {
+            Ok(marks) => marks,
             Err(e) => {
                 tracing::debug!(error = %e, "revocation log: cannot read the stream");
                 tokio::time::sleep(backoff).await;
@@ -550,10 +605,13 @@ async fn tail(log: Arc<RedisLog>) {
                 continue;
             }
         };
+        let head = marks.map_or(Cursor(0, 0), |m| m.last_generated);
         match from {
             None => from = Some(head),
-            Some(prev) if head < prev => {
-                // The stream went back in time: Redis restarted empty.
+            // The stream went back in time (Redis restarted empty), or entries after
+            // where the tail stopped were trimmed while it was away: what the watchers
+            // missed is gone.
+            Some(prev) if !holds_after(marks, prev) => {
                 let _ = log.tx.send(Event::Reset {
                     cursor: head.to_string(),
                 });
@@ -668,21 +726,21 @@ fn holds_after(marks: Option<Marks>, after: Cursor) -> bool {
     }
 }
 
-/// The newest id of the stream, or `0-0` when there is none.
-async fn stream_head(
+/// Where the stream stands; `None` when there is none.
+async fn stream_marks(
     conn: &mut redis::aio::MultiplexedConnection,
     key: &str,
-) -> redis::RedisResult<Cursor> {
+) -> redis::RedisResult<Option<Marks>> {
     let exists: bool = conn.exists(key).await?;
     if !exists {
-        return Ok(Cursor(0, 0));
+        return Ok(None);
     }
     let info: Value = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(key)
         .query_async(conn)
         .await?;
-    Ok(Marks::from_info(&info).map_or(Cursor(0, 0), |m| m.last_generated))
+    Ok(Marks::from_info(&info))
 }
 
 fn text(v: &Value) -> String {
@@ -780,7 +838,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_memory_log_replays_what_a_watcher_missed_then_goes_live() {
-        let log = MemoryLog::new(100);
+        let log = MemoryLog::with_epoch(100, 0);
         log.publish(token(1), 1);
         let first = log.subscribe(None);
         let after = cursor(&first.cursor());
@@ -802,7 +860,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_replay_comes_in_pages_without_a_gap_or_a_repeat() {
         let n = REPLAY_PAGE * 3 + 7;
-        let log = MemoryLog::new(n);
+        let log = MemoryLog::with_epoch(n, 0);
         for i in 0..n {
             log.publish(token(u32::try_from(i).unwrap()), 0);
         }
@@ -826,7 +884,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cursor_older_than_the_ring_or_not_of_this_log_gets_a_reset() {
-        let log = MemoryLog::new(2);
+        let log = MemoryLog::with_epoch(2, 0);
         let start = cursor(&log.subscribe(None).cursor());
         for n in 0..5 {
             log.publish(token(n), 0);
@@ -850,7 +908,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replay_overtaken_by_the_ring_ends_in_a_reset() {
-        let log = MemoryLog::new(REPLAY_PAGE + 1);
+        let log = MemoryLog::with_epoch(REPLAY_PAGE + 1, 0);
         for n in 0..=REPLAY_PAGE {
             log.publish(token(u32::try_from(n).unwrap()), 0);
         }
