@@ -40,6 +40,25 @@ fn jti_of(token: &str) -> String {
     claims["jti"].as_str().unwrap().to_owned()
 }
 
+/// How many events on `stream` name `jti`, up to the event that ends `marker_session`
+/// (a revocation made after the ones counted, so everything they caused comes first).
+async fn events_naming(
+    stream: &mut tonic::Streaming<authd::proto::auth::v1::RevocationEvent>,
+    jti: &str,
+    marker_session: &str,
+) -> usize {
+    let mut ours = 0;
+    loop {
+        let e = next_event(stream).await;
+        if e.session_id == marker_session {
+            return ours;
+        }
+        if e.jti == jti {
+            ours += 1;
+        }
+    }
+}
+
 /// Info lines in the captured log that name `jti`.
 fn info_lines_naming(jti: &str) -> usize {
     captured_logs()
@@ -391,16 +410,7 @@ async fn repeating_a_logout_records_only_the_first(backend: Backend) {
     }
     // A marker revocation after them: everything they caused is on the stream before it.
     app.logout(&marker.access_token).await.unwrap();
-    let mut ours = 0;
-    loop {
-        let e = next_event(&mut stream).await;
-        if e.session_id == marker.session_id {
-            break;
-        }
-        if e.jti == jti {
-            ours += 1;
-        }
-    }
+    let ours = events_naming(&mut stream, &jti, &marker.session_id).await;
     assert_eq!(ours, 1, "events for one token logged out 200 times");
     assert_eq!(
         app.reason(&login.access_token).await,
@@ -650,16 +660,7 @@ async fn a_logout_whose_answer_was_lost_is_announced_when_retried() {
     app.logout(&login.access_token).await.unwrap();
     app.logout(&login.access_token).await.unwrap();
     app.logout(&marker.access_token).await.unwrap();
-    let mut ours = 0;
-    loop {
-        let e = next_event(&mut stream).await;
-        if e.session_id == marker.session_id {
-            break;
-        }
-        if e.jti == jti {
-            ours += 1;
-        }
-    }
+    let ours = events_naming(&mut stream, &jti, &marker.session_id).await;
     assert_eq!(ours, 1, "the retried Logout's announcements");
 }
 
