@@ -1,13 +1,12 @@
 //! `authorization: Bearer <token>`, read the same way by every part of authd that takes
 //! one: the gRPC service, Envoy's Check, and the client layer and interceptor.
 
-/// The token of an `authorization` value: the scheme `Bearer` in any case, one space,
-/// then the token, with surrounding white space ignored. `None` for another scheme or an
-/// empty token.
+/// The token of an `authorization` value: the scheme `Bearer` in any case, a space,
+/// then the token, with surrounding white space ignored. `None` for another scheme, or
+/// for the scheme alone (`Bearer` followed by nothing but spaces).
 pub fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 #[cfg(test)]
@@ -15,7 +14,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_scheme_is_case_insensitive_required_and_the_token_non_empty() {
+    fn the_scheme_is_case_insensitive_and_required() {
         assert_eq!(bearer_token("Bearer abc"), Some("abc"));
         assert_eq!(bearer_token("  bearer   abc  "), Some("abc"));
         assert_eq!(bearer_token("BEARER abc"), Some("abc"));

@@ -1,11 +1,11 @@
 //! A plain tonic interceptor, for the simplest case.
 
-use crate::bearer::bearer_token;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use super::AuthValidator;
+use crate::bearer::bearer_token;
 
 /// Like [`super::AuthLayer`], as an interceptor for one service:
 /// `MyServer::with_interceptor(svc, AuthInterceptor::new(validator))`.

@@ -1,6 +1,5 @@
 //! The tower layer for tonic servers.
 
-use crate::bearer::bearer_token;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -8,6 +7,7 @@ use tonic::transport::Channel;
 use tower::{Layer, Service};
 
 use super::{AuthConfig, AuthValidator};
+use crate::bearer::bearer_token;
 
 /// Requires a valid authd bearer token on every request but the exempt paths, and puts
 /// the caller's [`super::AuthContext`] into the request extensions.

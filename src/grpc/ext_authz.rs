@@ -1,7 +1,6 @@
 //! Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`), on the
 //! same port and from the same validation core as ValidateToken.
 
-use crate::bearer::bearer_token;
 use std::sync::Arc;
 
 use envoy_types::ext_authz::v3::pb::{
@@ -15,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::service::{hot_rpc, log_refusal};
 use crate::auth::service::Validation;
 use crate::auth::{AuthCore, AuthError, InvalidReason};
+use crate::bearer::bearer_token;
 
 /// Headers authd sets on an allowed request for the upstream.
 pub const USER_ID_HEADER: &str = "x-auth-user-id";

@@ -1,8 +1,6 @@
 //! `auth.v1.AuthService` over tonic: reads requests and metadata, calls the core,
 //! and writes responses.
 
-use crate::bearer::bearer_token;
-use crate::clock::{Clock as _, SystemClock};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::auth::service::{SessionList, Validation, sessions_error};
 use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
+use crate::bearer::bearer_token;
+use crate::clock::{Clock as _, SystemClock};
 use crate::config::TrustedProxies;
 use crate::proto::auth::v1 as pb;
 use crate::proto::auth::v1::auth_service_server::{self, AuthService};

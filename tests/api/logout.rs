@@ -48,6 +48,8 @@ async fn logout_without_a_good_bearer_is_unauthenticated(backend: Backend) {
     assert_code(app.logout("not-a-token").await, Code::Unauthenticated);
     let forged = RawClaims::good(unix(&app.clock)).sign("another-secret-0123456789abcdef01234");
     assert_code(app.logout(&forged).await, Code::Unauthenticated);
+    // The scheme with nothing after it is no bearer at all.
+    assert_code(app.logout("").await, Code::Unauthenticated);
 }
 
 #[tokio::test]
