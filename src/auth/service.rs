@@ -570,7 +570,13 @@ impl AuthCore {
         self.remembered.remember(&revocation, now);
         let unannounced = self
             .sessions
-            .logout(&claims.sub, &claims.sid, &claims.jti, now, ttl)
+            .logout(
+                &claims.sub,
+                &claims.sid,
+                &claims.jti,
+                self.clock.unix_millis(),
+                ttl,
+            )
             .await
             .map_err(sessions_error)?;
         if !unannounced {

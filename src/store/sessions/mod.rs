@@ -237,15 +237,21 @@ impl SessionStore {
         user_id: &str,
         session_id: &str,
         jti: &str,
-        now: i64,
+        now_ms: i64,
         blacklist_ttl_seconds: i64,
     ) -> Result<bool, StoreError> {
         match self {
             Self::Redis(r) => {
-                r.logout(user_id, session_id, jti, now, blacklist_ttl_seconds)
+                r.logout(user_id, session_id, jti, now_ms, blacklist_ttl_seconds)
                     .await
             }
-            Self::Memory(m) => Ok(m.logout(user_id, session_id, jti, now, blacklist_ttl_seconds)),
+            Self::Memory(m) => Ok(m.logout(
+                user_id,
+                session_id,
+                jti,
+                now_ms.div_euclid(1000),
+                blacklist_ttl_seconds,
+            )),
         }
     }
 

@@ -121,10 +121,11 @@ end
 return 0
 ";
 
-/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s, now (unix s). The
+/// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s, now (unix ms), lease
+/// (ms). The
 /// blacklist entry holds the time its announcement was claimed until the revocation is
 /// announced on the log, then `1`. Returns -1 when nothing is left to do (announced, or
-/// claimed less than [`ANNOUNCE_LEASE_SECONDS`] ago by a Logout still under way), -2 when
+/// claimed less than [`ANNOUNCE_LEASE_MS`] ago by a Logout still under way), -2 when
 /// it was claimed longer ago and never announced (a Logout whose answer was lost: this
 /// call claims it and announces it), else 1 or 0: whether the session was still live.
 const LOGOUT: &str = r"
@@ -145,8 +146,10 @@ return 0
 ";
 
 /// How long a Logout that claimed a revocation's announcement has to make it before a
-/// retry takes the claim over.
-const ANNOUNCE_LEASE_SECONDS: i64 = 5;
+/// retry takes the claim over: long enough for the announcement that follows the
+/// recording (one command, bounded by the command timeout), short enough that a client
+/// retrying a Logout whose answer was lost is unlikely to come sooner.
+const ANNOUNCE_LEASE_MS: i64 = 1000;
 
 /// KEYS: session. ARGV: tag, sid, now, leeway.
 const REVOKE_BODY: &str = r"
@@ -353,7 +356,7 @@ impl RedisSessions {
         user_id: &str,
         session_id: &str,
         jti: &str,
-        now: i64,
+        now_ms: i64,
         blacklist_ttl_seconds: i64,
     ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
@@ -364,8 +367,8 @@ impl RedisSessions {
             .arg(session_id)
             .arg(jti)
             .arg(blacklist_ttl_seconds.max(1))
-            .arg(now)
-            .arg(ANNOUNCE_LEASE_SECONDS);
+            .arg(now_ms)
+            .arg(ANNOUNCE_LEASE_MS);
         self.conn
             .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
