@@ -44,6 +44,10 @@ pub enum AuditKind {
     PasswordChangeFailed,
     /// A session was ended by RevokeSession or by the session limit.
     SessionRevoked,
+    /// An AdminService call; the detail names the method and the caller.
+    AdminAction,
+    /// An AdminService call refused: not an administrator.
+    AdminDenied,
 }
 
 impl AuditKind {
@@ -58,8 +62,24 @@ impl AuditKind {
             Self::PasswordChanged => "password_changed",
             Self::PasswordChangeFailed => "password_change_failed",
             Self::SessionRevoked => "session_revoked",
+            Self::AdminAction => "admin_action",
+            Self::AdminDenied => "admin_denied",
         }
     }
+
+    /// Every kind's name, for ListAuditEvents' filter.
+    pub const NAMES: &[&str] = &[
+        "login_succeeded",
+        "login_failed",
+        "throttled",
+        "lockout",
+        "logout",
+        "password_changed",
+        "password_change_failed",
+        "session_revoked",
+        "admin_action",
+        "admin_denied",
+    ];
 }
 
 /// One event, before it is stamped with the time.

@@ -7,6 +7,7 @@ pub mod hasher;
 pub mod padding;
 pub mod password;
 pub mod remembered;
+pub mod roles;
 pub mod service;
 pub mod throttle;
 pub mod token;

@@ -96,6 +96,10 @@ fn event_message(event: Event) -> pb::RevocationEvent {
                     m.user_id = user_id;
                     m.except_session_id = except_session_id;
                 }
+                Revocation::UserUpdated { user_id } => {
+                    m.kind = pb::RevocationKind::UserUpdated.into();
+                    m.user_id = user_id;
+                }
             }
             m
         }
@@ -192,7 +196,7 @@ where
 }
 
 /// The bearer token from `authorization: Bearer <token>`, if there is one.
-fn bearer<T>(request: &Request<T>) -> Option<String> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<String> {
     bearer_token(request.metadata().get("authorization")?.to_str().ok()?).map(str::to_owned)
 }
 
@@ -201,7 +205,7 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
 /// from anyone else it is ignored, or a client could pick the address it is throttled
 /// and audited by. Without it: the peer address. The agent is the request's field when
 /// filled, else the `user-agent` metadata.
-fn client_info<T>(
+pub(crate) fn client_info<T>(
     request: &Request<T>,
     trusted: &TrustedProxies,
     client_ip: &str,
@@ -272,7 +276,7 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
-fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: unix_seconds,
         nanos: 0,
@@ -336,6 +340,7 @@ impl AuthService for AuthGrpc {
                 expires_at: Some(timestamp(done.claims.exp)),
                 expires_in: done.claims.exp - done.claims.iat,
                 session_id: done.claims.sid,
+                password_change_required: done.password_change_required,
             })
         })
         .await
@@ -483,6 +488,7 @@ impl AuthService for AuthGrpc {
                         issued_at: Some(timestamp(v.claims.iat)),
                         expires_at: Some(timestamp(v.claims.exp)),
                         revocation_checked: v.revocation_checked,
+                        roles: v.roles,
                     }
                 }
                 Validation::Invalid(r) => {

@@ -7,7 +7,9 @@
 //! - `<prefix>{user:<id>}:sessions`: sorted set of the user's session ids, by login order;
 //! - `<prefix>{user:<id>}:seq`: the login counter that orders that set;
 //! - `<prefix>{user:<id>}:revoked:<jti>`: blacklist entry, expiring `exp − now + leeway`
-//!   (at least 1 s) from the revocation.
+//!   (at least 1 s) from the revocation;
+//! - `<prefix>{user:<id>}:roles`: a mirror of the user's roles (comma-framed), read with
+//!   the session in ValidateToken's one round trip; the users table is the truth.
 //!
 //! Every change that revokes is one Lua script, so it is recorded whole or not at all.
 //! Calls go through [`RedisConn`]: a short timeout each, and a circuit breaker.
@@ -310,12 +312,18 @@ impl RedisSessions {
     ) -> Result<SessionState, StoreError> {
         let tag = self.tag(user_id);
         let mut pipe = redis::pipe();
-        pipe.exists(format!("{tag}:revoked:{jti}")).hmget(
-            format!("{tag}:session:{session_id}"),
-            &["jti", "seen", "idle"],
+        pipe.exists(format!("{tag}:revoked:{jti}"))
+            .hmget(
+                format!("{tag}:session:{session_id}"),
+                &["jti", "seen", "idle"],
+            )
+            .get(format!("{tag}:roles"));
+        type Reply = (
+            bool,
+            (Option<String>, Option<i64>, Option<i64>),
+            Option<String>,
         );
-        type Reply = (bool, (Option<String>, Option<i64>, Option<i64>));
-        let (revoked, (stored_jti, seen, idle)) = self
+        let (revoked, (stored_jti, seen, idle), roles) = self
             .conn
             .run(|mut c| async move { pipe.query_async::<Reply>(&mut c).await })
             .await?;
@@ -325,10 +333,42 @@ impl RedisSessions {
                 SessionState::Live {
                     last_seen,
                     idle_expires_at,
+                    roles,
                 }
             }
             _ => SessionState::Missing,
         })
+    }
+
+    /// See [`super::SessionStore::mirror_roles`].
+    pub async fn mirror_roles(
+        &self,
+        user_id: &str,
+        roles: &str,
+        only_if_missing: bool,
+        ttl_seconds: i64,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}:roles", self.tag(user_id)))
+            .arg(roles)
+            .arg("EX")
+            .arg(ttl_seconds.max(1));
+        if only_if_missing {
+            cmd.arg("NX");
+        }
+        self.conn
+            .run(|mut c| async move { cmd.query_async::<Option<String>>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// See [`super::SessionStore::forget_roles`].
+    pub async fn forget_roles(&self, user_id: &str) -> Result<(), StoreError> {
+        let key = format!("{}:roles", self.tag(user_id));
+        self.conn
+            .run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
     }
 
     /// Records activity: moves `seen` to `now` and the idle expiry forward.
