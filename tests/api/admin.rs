@@ -30,6 +30,9 @@ on_every_backend!(
     replays_and_unknown_users_answer_plainly,
     a_login_racing_a_disable_never_keeps_a_session,
     every_admin_call_is_audited_with_its_caller,
+    an_mtls_client_with_a_listed_san_may_call_without_a_token,
+    a_user_stored_before_the_migration_keeps_working,
+    admin_service_is_described_by_reflection_and_reported_by_health,
 );
 
 /// An AdminService client on `app`.
@@ -1005,4 +1008,187 @@ async fn protected(app: &TestApp) -> Protected {
     Protected {
         client: GreeterClient::new(channel),
     }
+}
+
+/// A TLS channel to `app`, trusting `ca`, presenting `identity`.
+async fn tls_channel(
+    app: &TestApp,
+    ca: &str,
+    identity: Option<&crate::support::tls::Leaf>,
+) -> Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    }
+    Channel::from_shared(format!("https://{}", app.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn an_mtls_client_with_a_listed_san_may_call_without_a_token(backend: Backend) {
+    use crate::support::tls::{Ca, PemDir};
+    use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let dir = PemDir::new();
+    let (cert, key) = dir.server(&server_ca.server());
+    let clients = dir.write("clients.pem", &client_ca.pem());
+    let app = backend
+        .app()
+        .envs(&[
+            ("TLS_CERT_FILE", &cert),
+            ("TLS_KEY_FILE", &key),
+            ("TLS_CLIENT_CA_FILE", &clients),
+            (
+                "ADMIN_CLIENT_SANS",
+                "ops.example.com, spiffe://example.org/ops",
+            ),
+        ])
+        .spawn()
+        .await;
+    let ops = client_ca.client("ops.example.com");
+    let gateway = client_ca.client("gateway.example.com");
+    let listed = tls_channel(&app, &server_ca.pem(), Some(&ops)).await;
+    let unlisted = tls_channel(&app, &server_ca.pem(), Some(&gateway)).await;
+    register_on(&AuthServiceClient::new(unlisted.clone()), "lou", PASSWORD)
+        .await
+        .unwrap();
+
+    // A listed SAN: no token needed, and the audit row names the certificate.
+    let user = AdminServiceClient::new(listed.clone())
+        .set_roles(pb::SetRolesRequest {
+            user: "lou".into(),
+            roles: vec!["admin".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(user.roles, ["admin"]);
+    // Another certificate of the same CA: PERMISSION_DENIED without a token…
+    let denied = AdminServiceClient::new(unlisted.clone())
+        .get_user(pb::GetUserRequest { user: "lou".into() })
+        .await;
+    assert_code(denied, Code::PermissionDenied);
+    // …and an admin's token still works over it.
+    let token = login_on(&AuthServiceClient::new(unlisted.clone()), "lou", PASSWORD)
+        .await
+        .unwrap()
+        .access_token;
+    AdminServiceClient::new(unlisted)
+        .get_user(user_req(&token, pb::GetUserRequest { user: "lou".into() }))
+        .await
+        .unwrap();
+    let named = eventually(Duration::from_secs(5), || async {
+        AdminServiceClient::new(listed.clone())
+            .list_audit_events(pb::ListAuditEventsRequest {
+                kind: "admin_action".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .iter()
+            .any(|e| e.detail.contains("by certificate ops.example.com"))
+    })
+    .await;
+    assert!(named, "no audit row names the certificate");
+
+    // The CLI over mTLS, with no token.
+    let ops_cert = dir.write("ops.pem", &ops.cert);
+    let ops_key = dir.write("ops-key.pem", &ops.key);
+    let ca = dir.write("server-ca.pem", &server_ca.pem());
+    let addr = app.addr.to_string();
+    let (code, err) = crate::support::binary::run_authd(
+        &[
+            "admin",
+            "--addr",
+            &addr,
+            "--ca-file",
+            &ca,
+            "--cert-file",
+            &ops_cert,
+            "--key-file",
+            &ops_key,
+            "--tls-server-name",
+            "localhost",
+            "get-user",
+            "lou",
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+}
+
+async fn a_user_stored_before_the_migration_keeps_working(backend: Backend) {
+    let app = backend.app().spawn().await;
+    // A row written with only the columns the users table had before (as an older
+    // authd wrote it): the new columns take their defaults.
+    sqlx::query(
+        "INSERT INTO users (id, username, password_hash, sessions_valid_after) VALUES (?, ?, ?, 0)",
+    )
+    .bind("0b6c3d5e-0000-4000-8000-000000000001")
+    .bind("olduser")
+    .bind(bcrypt::hash(PASSWORD, 4).unwrap())
+    .execute(&app.db().await)
+    .await
+    .unwrap();
+    let login = app.login("olduser", PASSWORD).await.unwrap();
+    assert!(!login.password_change_required);
+    let v = app.validate(&login.access_token).await.unwrap();
+    assert!(v.valid);
+    assert!(v.roles.is_empty());
+}
+
+async fn admin_service_is_described_by_reflection_and_reported_by_health(backend: Backend) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let app = backend.app().spawn().await;
+    let status = HealthClient::new(app.channel.clone())
+        .check(HealthCheckRequest {
+            service: "auth.v1.AdminService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1 as r1;
+    let mut c = r1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let request = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            r1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "auth.v1.AdminService".into(),
+            ),
+        ),
+    };
+    let mut answers = c
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.next().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            answer.message_response,
+            Some(r1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "AdminService is not described: {answer:?}"
+    );
 }
