@@ -514,8 +514,14 @@ async fn roles_are_in_every_answer_and_change_without_a_new_login(backend: Backe
     assert_eq!(svc.hello(Some(token)).await.unwrap().message, "ops");
 
     // A change, with no new login: ValidateToken at once, Check at once, the cached
-    // answer behind the layer within a second.
+    // answer behind the layer within a second (a USER_UPDATED event told it).
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
     set_roles(&app, &root, "fay", &["admin", "ops"]).await;
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.kind(), pb::RevocationKind::UserUpdated);
+    assert_eq!(event.user_id, app.validate(token).await.unwrap().user_id);
     assert_eq!(app.validate(token).await.unwrap().roles, ["admin", "ops"]);
     let r = check(&app, &[("authorization", &bearer_header)]).await;
     assert_eq!(allowed(&r).0["x-auth-roles"], "admin,ops");
@@ -1190,5 +1196,124 @@ async fn admin_service_is_described_by_reflection_and_reported_by_health(backend
             Some(r1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
         ),
         "AdminService is not described: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_redis_down_a_disable_fails_safe_and_open_mode_refuses_the_disabled() {
+    use crate::support::tls::{Ca, PemDir};
+    use authd::proto::auth::v1::auth_service_client::AuthServiceClient;
+
+    let mut redis = OwnRedis::start().await;
+    let url = redis.url();
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let dir = PemDir::new();
+    let (cert, key) = dir.server(&server_ca.server());
+    let clients = dir.write("clients.pem", &client_ca.pem());
+    let app = TestApp::builder()
+        .envs(&[
+            ("REDIS_URL", &url),
+            ("REDIS_FAILURE_MODE", "open"),
+            ("TLS_CERT_FILE", &cert),
+            ("TLS_KEY_FILE", &key),
+            ("TLS_CLIENT_CA_FILE", &clients),
+            ("ADMIN_CLIENT_SANS", "ops.example.com"),
+        ])
+        .spawn()
+        .await;
+    let ops = tls_channel(
+        &app,
+        &server_ca.pem(),
+        Some(&client_ca.client("ops.example.com")),
+    )
+    .await;
+    let users = AuthServiceClient::new(ops.clone());
+    let mut admin = AdminServiceClient::new(ops);
+    register_on(&users, "mia", PASSWORD).await.unwrap();
+    register_on(&users, "max", PASSWORD).await.unwrap();
+    admin
+        .set_roles(pb::SetRolesRequest {
+            user: "max".into(),
+            roles: vec!["ops".into()],
+        })
+        .await
+        .unwrap();
+    let mia = login_on(&users, "mia", PASSWORD)
+        .await
+        .unwrap()
+        .access_token;
+    let max = login_on(&users, "max", PASSWORD)
+        .await
+        .unwrap()
+        .access_token;
+    let validate = |token: String| {
+        let mut users = users.clone();
+        async move {
+            users
+                .validate_token(pb::ValidateTokenRequest { token })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    advance(&app, Duration::from_secs(2));
+
+    redis.kill();
+    // The users table is written first; the sessions cannot be ended: UNAVAILABLE, not OK.
+    assert_code(
+        admin
+            .disable_user(pb::DisableUserRequest { user: "mia".into() })
+            .await,
+        Code::Unavailable,
+    );
+    assert!(
+        admin
+            .get_user(pb::GetUserRequest { user: "mia".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+            .disabled
+    );
+    // Open mode answers from the users table: mia's token is refused, max keeps his
+    // roles.
+    let v = validate(mia.clone()).await;
+    assert!(!v.valid, "{v:?}");
+    let v = validate(max.clone()).await;
+    assert!(v.valid && !v.revocation_checked, "{v:?}");
+    assert_eq!(v.roles, ["ops"]);
+    // A delete half-way leaves a disabled user, not one who can log in.
+    assert_code(
+        admin
+            .delete_user(pb::DeleteUserRequest { user: "max".into() })
+            .await,
+        Code::Unavailable,
+    );
+    assert!(!validate(max.clone()).await.valid);
+
+    redis.restart().await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        login_on(&users, "mia", PASSWORD)
+            .await
+            .is_err_and(|s| s.code() == Code::FailedPrecondition)
+    })
+    .await;
+    assert!(refused, "a disabled user logged in after the failure");
+    assert_code(
+        login_on(&users, "max", PASSWORD).await,
+        Code::FailedPrecondition,
+    );
+    // Run again, the delete finishes.
+    admin
+        .delete_user(pb::DeleteUserRequest { user: "max".into() })
+        .await
+        .unwrap();
+    assert_code(
+        admin
+            .get_user(pb::GetUserRequest { user: "max".into() })
+            .await,
+        Code::NotFound,
     );
 }
