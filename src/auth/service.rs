@@ -973,16 +973,11 @@ impl AuthCore {
     async fn mirror_roles(&self, user_id: &str, roles: &str, only_if_missing: bool) {
         if let Err(e) = self
             .sessions
-            .mirror_roles(user_id, roles, only_if_missing, self.tokens_lifetime())
+            .mirror_roles(user_id, roles, only_if_missing, self.rules.token_lifetime)
             .await
         {
             tracing::warn!(user_id, error = %e, "roles not mirrored beside the sessions");
         }
-    }
-
-    /// The longest a token of this deployment can verify: its TTL and the leeway.
-    fn tokens_lifetime(&self) -> i64 {
-        self.rules.token_lifetime
     }
 
     /// After a Login created its session: the user as stored now. A user disabled or
