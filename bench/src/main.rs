@@ -922,6 +922,7 @@ fn reference_settings(
             issued_at: time(claims.iat),
             expires_at: time(claims.exp),
             revocation_checked: true,
+            roles: Vec::new(),
         },
     })
 }

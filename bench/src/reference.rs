@@ -89,6 +89,7 @@ impl Settings {
                 expires_at: Some(time(exp)?),
                 // authd's bytes, also without Redis: the same messages either way.
                 revocation_checked: true,
+                roles: Vec::new(),
             },
         })
     }
