@@ -70,7 +70,8 @@ impl PasswordArgs {
 /// The AdminService calls.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Create a user with a password (prompted, or --password-stdin/--password-env).
+    /// Create a user with a password (prompted, or --password-stdin/--password-env), or
+    /// with an existing bcrypt hash (--password-hash-env).
     CreateUser {
         /// Username.
         username: String,
@@ -80,6 +81,9 @@ pub enum AdminCommand {
         /// Ask the user for a new password at the first login.
         #[arg(long)]
         require_password_change: bool,
+        /// Store this variable's bcrypt hash ($2a$, $2b$, $2y$) instead of a password.
+        #[arg(long, value_name = "VAR", conflicts_with_all = ["password_stdin", "password_env"])]
+        password_hash_env: Option<String>,
         #[command(flatten)]
         password: PasswordArgs,
     },
@@ -306,14 +310,24 @@ impl Caller {
                 username,
                 roles,
                 require_password_change,
+                password_hash_env,
                 password,
             } => {
-                let password = super::users::read_password(&password.source())?;
+                let (password, password_hash) = match password_hash_env {
+                    Some(var) => (
+                        String::new(),
+                        super::users::read_password(&PasswordSource::Env(var))?,
+                    ),
+                    None => (
+                        super::users::read_password(&password.source())?,
+                        String::new(),
+                    ),
+                };
                 let r = c
                     .create_user(self.request(pb::CreateUserRequest {
                         username,
                         password,
-                        password_hash: String::new(),
+                        password_hash,
                         roles,
                         require_password_change,
                     })?)

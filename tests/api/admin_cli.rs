@@ -191,6 +191,27 @@ async fn users_create_bootstraps_an_admin_that_admin_commands_then_use(backend: 
     )
     .await;
     assert_eq!(audit.code, 0, "{}", audit.stderr);
+    // A user from an existing hash, read from a variable.
+    let mut hashed = admin_env(Some(&token));
+    hashed.push((
+        "LEGACY_HASH".into(),
+        bcrypt::hash("Legacy-Pass-2019", 4)
+            .unwrap()
+            .replacen("$2b$", "$2a$", 1),
+    ));
+    let from_hash = authd(
+        &admin(&[
+            "create-user",
+            "legacy",
+            "--password-hash-env",
+            "LEGACY_HASH",
+        ]),
+        hashed,
+        "",
+    )
+    .await;
+    assert_eq!(from_hash.code, 0, "{}", from_hash.stderr);
+    app.login("legacy", "Legacy-Pass-2019").await.unwrap();
     // Exit codes scripts can tell apart.
     let missing = authd(&admin(&["get-user", "nobody"]), admin_env(Some(&token)), "").await;
     assert_eq!(missing.code, 3, "{}", missing.stderr);
