@@ -456,7 +456,23 @@ impl AuthCore {
             )
             .await
             .map_err(sessions_error)?;
-        let user = self.recheck_after_login(&user.id, &session_id, now).await?;
+        let user = match self.recheck_after_login(&user.id, &session_id, now).await {
+            Ok(user) => user,
+            Err(e) => {
+                self.audit.record(
+                    AuditEvent::new(AuditKind::LoginFailed, &client)
+                        .user(&user.id)
+                        .username_hash(&name_hash)
+                        .session(&session_id)
+                        .detail(match &e {
+                            AuthError::AccountDisabled => "disabled during login; session ended",
+                            AuthError::InvalidCredentials => "deleted during login; session ended",
+                            _ => "user not read again after login; session ended",
+                        }),
+                );
+                return Err(e);
+            }
+        };
         if !evicted.is_empty() {
             tracing::info!(user_id = %user.id, ended = evicted.len(), "oldest sessions ended: MAX_SESSIONS_PER_USER");
         }
