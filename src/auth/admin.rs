@@ -420,7 +420,7 @@ impl AuthCore {
         }
         // The token is the last username of the previous page.
         if !page_token.is_empty()
-            && Username::parse(page_token).map(|n| n.as_str() == page_token) != Ok(true)
+            && !Username::parse(page_token).is_ok_and(|n| n.as_str() == page_token)
         {
             return Err(AuthError::invalid(
                 "page_token",
