@@ -50,10 +50,12 @@ pub enum Actor {
 }
 
 impl Actor {
-    /// For audit rows and logs: `user <id> (<name>)` or `certificate <san>`.
+    /// For audit rows and logs: `user <id>` or `certificate <san>`. Never a username:
+    /// audit rows name users by id and a keyed hash only, so deleting a user leaves no
+    /// name behind.
     pub fn describe(&self) -> String {
         match self {
-            Actor::User { user_id, username } => format!("user {user_id} ({username})"),
+            Actor::User { user_id, .. } => format!("user {user_id}"),
             Actor::Certificate { san } => format!("certificate {san}"),
         }
     }
@@ -369,7 +371,7 @@ impl AuthCore {
             actor,
             client,
             Some(&user.id),
-            format!("CreateUser {} roles [{}]", user.username, roles.join(",")),
+            format!("CreateUser roles [{}]", roles.join(",")),
         );
         Ok(UserView {
             user_id: user.id,
@@ -538,13 +540,7 @@ impl AuthCore {
             Ok(ended)
         }
         .await;
-        self.finish(
-            actor,
-            client,
-            &user.id,
-            &format!("DeleteUser {}", user.username),
-            ended,
-        )
+        self.finish(actor, client, &user.id, "DeleteUser", ended)
     }
 
     /// SetPassword: a new password (checked against the policy), every session ended,
