@@ -201,16 +201,25 @@ impl RedisCluster {
         cluster
     }
 
-    /// Every running node says `cluster_state:ok` and knows the expected replicas.
+    /// Every running node says `cluster_state:ok`, and every replica is linked to its
+    /// primary.
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
             let ok = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
                 let mut c = n.sync();
-                redis::cmd("CLUSTER")
+                let state = redis::cmd("CLUSTER")
                     .arg("INFO")
                     .query::<String>(&mut c)
-                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+                    .is_ok_and(|info| info.contains("cluster_state:ok"));
+                // A replica counts once it is linked to its primary.
+                let linked = redis::cmd("INFO")
+                    .arg("replication")
+                    .query::<String>(&mut c)
+                    .is_ok_and(|i| {
+                        i.contains("role:master") || i.contains("master_link_status:up")
+                    });
+                state && linked
             });
             if ok {
                 return;
