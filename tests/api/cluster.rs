@@ -416,6 +416,30 @@ async fn with_a_replica_per_primary_revocations_wait_and_succeed() {
         app.reason(&second.access_token).await,
         InvalidReason::Revoked
     );
+
+    // What the wait costs a Logout: the same Logouts with and without it (a figure).
+    let without = app_on(&ha, &[]).await;
+    let mut figures = Vec::new();
+    for (name, app) in [("on", &app), ("off", &without)] {
+        let user = format!("cost{name}");
+        app.register(&user, PASSWORD).await.unwrap();
+        let mut tokens = Vec::new();
+        for _ in 0..30 {
+            tokens.push(app.login(&user, PASSWORD).await.unwrap().access_token);
+        }
+        let mut took: Vec<Duration> = Vec::new();
+        for token in &tokens {
+            let t = Instant::now();
+            app.logout(token).await.unwrap();
+            took.push(t.elapsed());
+        }
+        took.sort();
+        figures.push(format!(
+            "wait {name}: median {:?}, max {:?}",
+            took[15], took[29]
+        ));
+    }
+    println!("FIGURE Logout latency on a cluster with replicas: {figures:?}");
 }
 
 /// Two instances on the shared cluster: a Logout on one is refused by the other at
