@@ -122,10 +122,10 @@ pub enum SessionsBackend {
 
 impl SessionsBackend {
     /// Where, for log lines and messages.
-    pub fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            SessionsBackend::Redis(_) => "Redis",
-            SessionsBackend::Memory => "in-process memory",
+            SessionsBackend::Redis(r) => r.topology.describe(),
+            SessionsBackend::Memory => "in-process memory".to_owned(),
         }
     }
 
