@@ -471,3 +471,58 @@ async fn on_a_cluster_a_revocation_on_one_instance_reaches_the_other_and_every_w
     }
     println!("FIGURE watchers on a cluster: Logout to each of 4 watchers {latencies:?}");
 }
+
+/// A failover by hand (`SENTINEL FAILOVER`): the old primary stays up as a replica, and
+/// authd's open connection to it now gets READONLY for every write. authd drops that
+/// connection and asks the sentinels again, so writes reach the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sentinel_failover_a_connection_to_the_demoted_primary_is_dropped() {
+    let ha = Ha::sentinel();
+    let Ha::Sentinel(setup) = &ha else {
+        unreachable!()
+    };
+    let app = app_on(&ha, &[]).await;
+    let (_, login) = app.user_with_session("dee").await;
+    tokio::task::block_in_place(|| {
+        let _: redis::Value = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(SENTINEL_MASTER)
+            .query(&mut setup.sentinels[0].sync())
+            .unwrap();
+    });
+    let demoted = eventually(Duration::from_secs(30), || async {
+        setup.named_primary() == Some(setup.replica.port)
+            && redis::cmd("ROLE")
+                .query::<Vec<redis::Value>>(&mut setup.primary.sync())
+                .is_ok_and(|role| {
+                    role.first() == Some(&redis::Value::BulkString(b"slave".to_vec()))
+                })
+    })
+    .await;
+    assert!(demoted, "the sentinels did not fail over");
+    // The first write may meet the stale connection; the next ones go to the new
+    // primary, without a restart.
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    let wrote = eventually(Duration::from_secs(10), || async {
+        let ok = app.login("dee", PASSWORD).await.is_ok();
+        refused.fetch_add(usize::from(!ok), Ordering::Relaxed);
+        ok
+    })
+    .await;
+    let refused = refused.into_inner();
+    assert!(wrote, "writes never reached the new primary");
+    app.logout(&login.access_token).await.unwrap();
+    assert_eq!(
+        app.reason(&login.access_token).await,
+        InvalidReason::Revoked
+    );
+    // The revocation is on the new primary.
+    let on_new: Vec<String> = tokio::task::block_in_place(|| {
+        redis::cmd("KEYS")
+            .arg(format!("{}*:revoked:*", app.key_prefix))
+            .query(&mut setup.replica.sync())
+            .unwrap()
+    });
+    assert_eq!(on_new.len(), 1, "{on_new:?}");
+    println!("FIGURE demoted primary: {refused} Login(s) refused before writes moved");
+}
