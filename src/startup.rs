@@ -101,7 +101,7 @@ impl Application {
         }
         tracing::info!(
             users = %config.users.describe(),
-            sessions = config.sessions.describe(),
+            sessions = %config.sessions.describe(),
             "storage backends"
         );
         if matches!(config.sessions, SessionsBackend::Memory) {

@@ -95,7 +95,8 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Only these scenarios (comma-separated: health,live,revoked,reference,login,storm,
-    /// open,memory); BENCHMARKS.md is then left alone.
+    /// open,memory; and failover, which only runs when named, on --redis-cluster of our
+    /// own); BENCHMARKS.md is then left alone.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra authd setting, KEY=VALUE (repeatable), e.g. --env RUST_LOG=warn.
@@ -115,6 +116,11 @@ struct Args {
     /// The redis-server program to start.
     #[arg(long, default_value = "redis-server")]
     redis_server: String,
+    /// Run authd on a Redis Cluster: the given nodes (host:port,…), or, with no value,
+    /// a 3-primary cluster of our own (with a replica each when the failover scenario
+    /// runs). The reference scenario is skipped (it reads one server's keys).
+    #[arg(long, num_args = 0..=1, default_missing_value = "start", value_name = "NODES")]
+    redis_cluster: Option<String>,
     /// Do not rewrite BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
@@ -176,6 +182,8 @@ struct Server {
     /// authd's settings (secret included), for preparing sessions through the library.
     env: Vec<(String, String)>,
     log: Option<PathBuf>,
+    /// The nodes (port, pid) of a Redis Cluster we started, for the failover.
+    cluster_ports: Vec<(u16, u32)>,
     _owned: Vec<Owned>,
 }
 
@@ -187,11 +195,35 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
             redis_pid: None,
             env: Vec::new(),
             log: None,
+            cluster_ports: Vec::new(),
             _owned: Vec::new(),
         });
     }
     let binary = procs::authd_binary(args.authd.as_deref())?;
-    let (redis, redis_port) = procs::start_redis(&args.redis_server, dir)?;
+    let mut owned = Vec::new();
+    let mut cluster_ports = Vec::new();
+    let (redis_setting, redis_pid) = match args.redis_cluster.as_deref() {
+        None => {
+            let (redis, redis_port) = procs::start_redis(&args.redis_server, dir)?;
+            let pid = redis.pid();
+            owned.push(redis);
+            (("REDIS_ADDR", format!("127.0.0.1:{redis_port}")), Some(pid))
+        }
+        Some("start") => {
+            let replicas = usize::from(args.only.iter().any(|s| s == "failover"));
+            let (nodes, ports) = procs::start_cluster(&args.redis_server, dir, 3, replicas)?;
+            let pids: Vec<u32> = nodes.iter().map(Owned::pid).collect();
+            owned.extend(nodes);
+            let seeds = ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            cluster_ports = ports.iter().copied().zip(pids).collect();
+            (("REDIS_CLUSTER_NODES", seeds), None)
+        }
+        Some(nodes) => (("REDIS_CLUSTER_NODES", nodes.to_owned()), None),
+    };
     let grpc_port = procs::free_port()?;
     let mut env: Vec<(String, String)> = vec![
         (
@@ -206,7 +238,7 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
         ("DB_PORT".into(), args.db_port.to_string()),
         ("DB_USER".into(), args.db_user.clone()),
         ("DB_NAME".into(), args.db_name.clone()),
-        ("REDIS_ADDR".into(), format!("127.0.0.1:{redis_port}")),
+        (redis_setting.0.into(), redis_setting.1),
         ("REDIS_KEY_PREFIX".into(), "bench:".into()),
         ("GRPC_ADDR".into(), format!("127.0.0.1:{grpc_port}")),
         ("HTTP_ADDR".into(), String::new()),
@@ -247,13 +279,16 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let authd_pid = authd.pid();
+    owned.insert(0, authd);
     Ok(Server {
         addr,
-        authd_pid: Some(authd.pid()),
-        redis_pid: Some(redis.pid()),
+        authd_pid: Some(authd_pid),
+        redis_pid,
         env,
         log: Some(log),
-        _owned: vec![authd, redis],
+        cluster_ports,
+        _owned: owned,
     })
 }
 
@@ -655,7 +690,7 @@ async fn run_in(
         );
     }
     if args.runs("reference") {
-        if server.env.is_empty() {
+        if server.env.is_empty() || args.redis_cluster.is_some() {
             eprintln!(
                 "reference: skipped (it reads the keys of a session of an authd this program started)"
             );
@@ -835,6 +870,9 @@ async fn run_in(
                 .await?,
         );
     }
+    if args.only.iter().any(|s| s == "failover") {
+        failover(&server, &clients, &users, args.rate, duration, &open_how).await?;
+    }
     if args.runs("memory") {
         let n = args.sessions();
         let t = Instant::now();
@@ -991,4 +1029,100 @@ async fn prepare_by_login(
         .collect::<Vec<_>>()
         .await;
     made.into_iter().collect()
+}
+
+/// The failover gap an open-loop client sees: ValidateToken on a token of each user (so
+/// on every primary's slots) at `rate`, a primary killed a third of the way; printed,
+/// not written to BENCHMARKS.md.
+async fn failover(
+    server: &Server,
+    clients: &Clients,
+    users: &Arc<Vec<String>>,
+    rate: f64,
+    duration: Duration,
+    how: &OpenLoop,
+) -> anyhow::Result<()> {
+    let Some(&(port, pid)) = server
+        .cluster_ports
+        .iter()
+        .find(|(port, _)| procs::is_primary(*port))
+    else {
+        bail!("failover: needs --redis-cluster with no value (a cluster of our own)");
+    };
+    let mut c = clients.auth(0);
+    let mut tokens = Vec::new();
+    for u in users.iter() {
+        tokens.push(login(&mut c, u).await?);
+    }
+    let tokens = Arc::new(tokens);
+    let started = Instant::now();
+    // When each call that was not a checked answer was due to start, and what it was.
+    let misses: Arc<std::sync::Mutex<Vec<(Duration, String)>>> = Arc::default();
+    let make: MakeCall<_> = {
+        let (tokens, misses) = (Arc::clone(&tokens), Arc::clone(&misses));
+        Arc::new(move |channels: Vec<Channel>| {
+            let clients = Clients::new(&channels);
+            let (tokens, misses) = (Arc::clone(&tokens), Arc::clone(&misses));
+            move |i: u64| {
+                let mut client = clients.auth(i);
+                let token = tokens[(i % tokens.len() as u64) as usize].clone();
+                let misses = Arc::clone(&misses);
+                let at = started.elapsed();
+                Box::pin(async move {
+                    let outcome = match client
+                        .validate_token(pb::ValidateTokenRequest { token })
+                        .await
+                    {
+                        Ok(r) if r.get_ref().valid && r.get_ref().revocation_checked => Ok(()),
+                        Ok(r) if r.get_ref().valid => Err("UNCHECKED".to_owned()),
+                        Ok(_) => Err("INVALID".to_owned()),
+                        Err(s) => Err(code_label(&s)),
+                    };
+                    if let Err(label) = &outcome
+                        && let Ok(mut m) = misses.lock()
+                    {
+                        m.push((at, label.clone()));
+                    }
+                    outcome
+                }) as std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>>
+            }
+        })
+    };
+    let kill_after = duration / 3;
+    let killer = async {
+        tokio::time::sleep(kill_after).await;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+        eprintln!("failover: killed the primary on port {port} at {kill_after:?}");
+    };
+    let load = procs::load_average();
+    let (stats, ()) = tokio::join!(
+        open_loop("failover ValidateToken", rate, duration, how, make),
+        killer
+    );
+    let stats = stats?;
+    let misses = misses.lock().map(|m| m.clone()).unwrap_or_default();
+    let gap = match (
+        misses.iter().map(|m| m.0).min(),
+        misses.iter().map(|m| m.0).max(),
+    ) {
+        (Some(first), Some(last)) => last.saturating_sub(first),
+        _ => Duration::ZERO,
+    };
+    let first = misses.iter().map(|m| m.0).min().unwrap_or_default();
+    println!(
+        "failover: open loop {rate}/s for {duration:?} over {} tokens, load {load}: {} calls, \
+         {} not a checked answer ({}), from {first:?} (kill at {kill_after:?}) over {gap:?}; \
+         p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+        tokens.len(),
+        stats.calls,
+        misses.len(),
+        stats.error_text(),
+        stats.micros(0.5),
+        stats.micros(0.99),
+        stats.micros(0.999),
+        stats.max_micros(),
+    );
+    Ok(())
 }

@@ -69,6 +69,88 @@ pub fn start_redis(program: &str, dir: &Path) -> anyhow::Result<(Owned, u16)> {
     Ok((owned, port))
 }
 
+/// A Redis Cluster of our own: `primaries` primaries with `replicas` replicas each, on
+/// free ports (and their bus ports), created with `redis-cli --cluster create`. Returns
+/// the processes (primaries first) and their ports, once every slot is served.
+pub fn start_cluster(
+    program: &str,
+    dir: &Path,
+    primaries: usize,
+    replicas: usize,
+) -> anyhow::Result<(Vec<Owned>, Vec<u16>)> {
+    let mut owned = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..primaries * (1 + replicas) {
+        let port = loop {
+            let port = free_port()?;
+            if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                break port;
+            }
+        };
+        let child = Command::new(program)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {program} (--redis-server)"))?;
+        owned.push(Owned {
+            child,
+            name: "redis-server (cluster)",
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on {port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ports.push(port);
+    }
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+        .stdout(Stdio::null())
+        .output()
+        .context("redis-cli --cluster create")?;
+    if !created.status.success() {
+        bail!(
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        });
+        if ok {
+            return Ok((owned, ports));
+        }
+        if Instant::now() > deadline {
+            bail!("the Redis Cluster did not become ok within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the node on `port` is a primary now.
+pub fn is_primary(port: u16) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "role"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("master"))
+}
+
 /// The authd binary: `--authd`, or the one built from this workspace next to our own
 /// executable (built first, so it is never stale).
 pub fn authd_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {

@@ -39,8 +39,8 @@ pub use self::raw::SETTINGS;
 pub use self::revocations::{MIN_WATCH_CREDENTIAL_BYTES, WatchersConfig};
 pub use self::sessions::DEFAULT_MAX_SESSIONS_PER_USER;
 pub use self::storage::{
-    DEFAULT_SQLITE_PATH, DatabaseConfig, RedisConfig, RedisFailureMode, SessionsBackend,
-    UsersBackend,
+    DEFAULT_SQLITE_PATH, DatabaseConfig, RedisConfig, RedisFailureMode, RedisTopology,
+    SessionsBackend, UsersBackend, WaitReplicas,
 };
 pub use self::telemetry::{LogFormat, OtlpConfig};
 pub use self::throttle::{ThrottleConfig, ThrottleLimit};

@@ -21,11 +21,56 @@ pub enum RedisFailureMode {
     Closed,
 }
 
+/// How the Redis that authd uses is deployed.
+#[derive(Debug, Clone)]
+pub enum RedisTopology {
+    /// One server (`REDIS_URL`, `REDIS_ADDR`): its URL, with its credentials.
+    Single(Secret<String>),
+    /// A Redis Cluster (`REDIS_CLUSTER_NODES`, `redis+cluster://`): a URL per seed node,
+    /// each with the credentials; the rest of the cluster is discovered from them.
+    Cluster(Secret<Vec<String>>),
+    /// A primary watched by Sentinel (`REDIS_SENTINELS`, `redis+sentinel://`): the
+    /// primary is asked of the sentinels at every new connection.
+    Sentinel {
+        /// The sentinels' URLs.
+        sentinels: Vec<String>,
+        /// The name the sentinels monitor the primary under.
+        master: String,
+        /// The primary's scheme, credentials and database, as a URL with no host
+        /// (`redis://:password@/0`): the sentinels say where it is.
+        primary: Secret<String>,
+    },
+}
+
+impl RedisTopology {
+    /// What, for log lines and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            RedisTopology::Single(_) => "Redis".to_owned(),
+            RedisTopology::Cluster(nodes) => {
+                format!("Redis Cluster ({} seed nodes)", nodes.expose().len())
+            }
+            RedisTopology::Sentinel {
+                sentinels, master, ..
+            } => format!("Redis primary {master:?} by {} sentinels", sentinels.len()),
+        }
+    }
+}
+
+/// Revocations wait for this many replicas to hold them before they are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitReplicas {
+    /// Replicas that must confirm (`REDIS_WAIT_REPLICAS`, at least 1).
+    pub replicas: u32,
+    /// How long they have (`REDIS_WAIT_TIMEOUT`); past it the revocation is UNAVAILABLE.
+    pub timeout: Duration,
+}
+
 /// Redis settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     /// Where Redis is, with its credentials.
-    pub url: Secret<String>,
+    pub topology: RedisTopology,
     /// Prepended to every key authd writes.
     pub key_prefix: String,
     /// Connections in the pool. Each carries any number of commands at once; one (the
@@ -40,6 +85,8 @@ pub struct RedisConfig {
     pub retry_interval: Duration,
     /// What ValidateToken does when Redis cannot be asked.
     pub failure_mode: RedisFailureMode,
+    /// Whether revocations wait for replicas (`None`: they do not).
+    pub wait: Option<WaitReplicas>,
 }
 
 /// Where users live.
@@ -75,10 +122,10 @@ pub enum SessionsBackend {
 
 impl SessionsBackend {
     /// Where, for log lines and messages.
-    pub fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            SessionsBackend::Redis(_) => "Redis",
-            SessionsBackend::Memory => "in-process memory",
+            SessionsBackend::Redis(r) => r.topology.describe(),
+            SessionsBackend::Memory => "in-process memory".to_owned(),
         }
     }
 
@@ -225,38 +272,7 @@ fn mysql_pool(raw: &RawEnv) -> Result<MySqlPool, ConfigError> {
 pub(super) fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
     // Every Redis setting is checked even when Redis is not used, so a typo is never
     // silently ignored.
-    let url = match (&raw.redis_url, &raw.redis_addr) {
-        (None, None) => {
-            if raw.redis_password.is_some() {
-                return Err(ConfigError::new(
-                    "REDIS_PASSWORD",
-                    "is set but REDIS_ADDR is not; set REDIS_ADDR (host:port) too",
-                ));
-            }
-            None
-        }
-        (Some(url), _) => {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(ConfigError::new(
-                    "REDIS_URL",
-                    "must start with redis:// or rediss://",
-                ));
-            }
-            Some(url.clone())
-        }
-        (None, Some(addr)) => {
-            if addr.contains('/') || addr.contains('@') || !addr.contains(':') {
-                return Err(ConfigError::new(
-                    "REDIS_ADDR",
-                    format!("must be host:port, got {addr:?}"),
-                ));
-            }
-            Some(match &raw.redis_password {
-                Some(pass) => format!("redis://:{}@{addr}/", percent_encode(pass)),
-                None => format!("redis://{addr}/"),
-            })
-        }
-    };
+    let topology = topology(raw)?;
     let key_prefix = raw
         .redis_key_prefix
         .clone()
@@ -302,11 +318,19 @@ pub(super) fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
         raw.redis_retry_interval.clone(),
         Duration::from_millis(500),
     )?;
-    let Some(url) = url else {
+    let wait = wait(raw)?;
+    let Some(topology) = topology else {
+        if wait.is_some() {
+            return Err(ConfigError::new(
+                "REDIS_WAIT_REPLICAS",
+                "is set but no Redis is (set REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINELS)",
+            ));
+        }
         return Ok(None);
     };
     Ok(Some(RedisConfig {
-        url: Secret::new(url),
+        topology,
+        wait,
         key_prefix,
         pool_size,
         connect_timeout,
@@ -314,4 +338,232 @@ pub(super) fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
         retry_interval,
         failure_mode,
     }))
+}
+
+/// Which Redis, from `REDIS_URL` (any of its schemes), `REDIS_ADDR`,
+/// `REDIS_CLUSTER_NODES` or `REDIS_SENTINELS`: one of them, or none.
+fn topology(raw: &RawEnv) -> Result<Option<RedisTopology>, ConfigError> {
+    let url_kind = raw.redis_url.as_deref().map(|url| {
+        url.split_once("://")
+            .map_or("", |(scheme, _)| scheme)
+            .to_ascii_lowercase()
+    });
+    let is_sentinel_url = url_kind
+        .as_deref()
+        .is_some_and(|k| k.ends_with("+sentinel"));
+    // One way to say where Redis is: two would leave a reader guessing which one wins.
+    let ways = [
+        ("REDIS_CLUSTER_NODES", raw.redis_cluster_nodes.is_some()),
+        ("REDIS_SENTINELS", raw.redis_sentinels.is_some()),
+        ("REDIS_URL", raw.redis_url.is_some()),
+    ];
+    let chosen: Vec<&str> = ways
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(n, _)| *n)
+        .collect();
+    if chosen.len() > 1 {
+        return Err(ConfigError::new(
+            chosen[1],
+            format!("and {} are both set; set one of them", chosen[0]),
+        ));
+    }
+    if (raw.redis_cluster_nodes.is_some() || raw.redis_sentinels.is_some())
+        && raw.redis_addr.is_some()
+    {
+        let other = if raw.redis_cluster_nodes.is_some() {
+            "REDIS_CLUSTER_NODES"
+        } else {
+            "REDIS_SENTINELS"
+        };
+        return Err(ConfigError::new(
+            "REDIS_ADDR",
+            format!("and {other} are both set; set one of them"),
+        ));
+    }
+    if raw.redis_sentinel_master.is_some() && raw.redis_sentinels.is_none() && !is_sentinel_url {
+        return Err(ConfigError::new(
+            "REDIS_SENTINEL_MASTER",
+            "is set but REDIS_SENTINELS is not; set REDIS_SENTINELS (host:port,...) too",
+        ));
+    }
+    let password = raw.redis_password.as_deref();
+    if let Some(nodes) = &raw.redis_cluster_nodes {
+        let userinfo = password.map(|p| format!(":{}", percent_encode(p)));
+        let hosts = host_list("REDIS_CLUSTER_NODES", nodes)?;
+        return Ok(Some(cluster("redis", userinfo.as_deref(), &hosts, "")));
+    }
+    if let Some(sentinels) = &raw.redis_sentinels {
+        let hosts = host_list("REDIS_SENTINELS", sentinels)?;
+        let Some(master) = raw.redis_sentinel_master.clone().filter(|m| !m.is_empty()) else {
+            return Err(ConfigError::new(
+                "REDIS_SENTINEL_MASTER",
+                "is not set; REDIS_SENTINELS needs the name the sentinels monitor the primary under",
+            ));
+        };
+        let userinfo = password.map(|p| format!(":{}", percent_encode(p)));
+        return Ok(Some(sentinel(
+            "redis",
+            userinfo.as_deref(),
+            &hosts,
+            master,
+            "0",
+        )));
+    }
+    match (&raw.redis_url, &raw.redis_addr) {
+        (None, None) => {
+            if raw.redis_password.is_some() {
+                return Err(ConfigError::new(
+                    "REDIS_PASSWORD",
+                    "is set but REDIS_ADDR is not; set REDIS_ADDR (host:port) too",
+                ));
+            }
+            Ok(None)
+        }
+        (Some(url), _) => match url_kind.as_deref() {
+            Some("redis" | "rediss") => Ok(Some(RedisTopology::Single(Secret::new(url.clone())))),
+            Some(kind @ ("redis+cluster" | "rediss+cluster")) => {
+                let (userinfo, hosts, path) = split_multi_host_url(url)?;
+                let path = path.split('?').next().unwrap_or_default();
+                if !(path.is_empty() || path == "0") {
+                    return Err(ConfigError::new(
+                        "REDIS_URL",
+                        "names a database; a Redis Cluster has only database 0",
+                    ));
+                }
+                let scheme = kind.trim_end_matches("+cluster");
+                Ok(Some(cluster(scheme, userinfo, &hosts, "")))
+            }
+            Some(kind @ ("redis+sentinel" | "rediss+sentinel")) => {
+                let (userinfo, hosts, path) = split_multi_host_url(url)?;
+                let mut parts = path.splitn(2, '/');
+                let in_url = parts.next().unwrap_or_default();
+                let db = parts.next().unwrap_or("0");
+                let master = match (in_url, raw.redis_sentinel_master.as_deref()) {
+                    ("", Some(m)) if !m.is_empty() => m.to_owned(),
+                    ("", _) => {
+                        return Err(ConfigError::new(
+                            "REDIS_URL",
+                            "names no primary; write redis+sentinel://host:port,host:port/<name>",
+                        ));
+                    }
+                    (m, Some(other)) if m != other => {
+                        return Err(ConfigError::new(
+                            "REDIS_SENTINEL_MASTER",
+                            format!("is {other:?} but REDIS_URL names {m:?}; set one of them"),
+                        ));
+                    }
+                    (m, _) => m.to_owned(),
+                };
+                if db.parse::<u16>().is_err() {
+                    return Err(ConfigError::new(
+                        "REDIS_URL",
+                        format!("has database {db:?}; write a number after the primary's name"),
+                    ));
+                }
+                let scheme = kind.trim_end_matches("+sentinel");
+                Ok(Some(sentinel(scheme, userinfo, &hosts, master, db)))
+            }
+            _ => Err(ConfigError::new(
+                "REDIS_URL",
+                "must start with redis://, rediss://, redis+cluster://, rediss+cluster://, \
+                 redis+sentinel:// or rediss+sentinel://",
+            )),
+        },
+        (None, Some(addr)) => {
+            if addr.contains('/') || addr.contains('@') || !addr.contains(':') {
+                return Err(ConfigError::new(
+                    "REDIS_ADDR",
+                    format!("must be host:port, got {addr:?}"),
+                ));
+            }
+            Ok(Some(RedisTopology::Single(Secret::new(match password {
+                Some(pass) => format!("redis://:{}@{addr}/", percent_encode(pass)),
+                None => format!("redis://{addr}/"),
+            }))))
+        }
+    }
+}
+
+fn cluster(scheme: &str, userinfo: Option<&str>, hosts: &[String], path: &str) -> RedisTopology {
+    let at = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    RedisTopology::Cluster(Secret::new(
+        hosts
+            .iter()
+            .map(|h| format!("{scheme}://{at}{h}/{path}"))
+            .collect(),
+    ))
+}
+
+fn sentinel(
+    scheme: &str,
+    userinfo: Option<&str>,
+    hosts: &[String],
+    master: String,
+    db: &str,
+) -> RedisTopology {
+    let at = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    RedisTopology::Sentinel {
+        // The credentials are the primary's; the sentinels are asked without them.
+        sentinels: hosts.iter().map(|h| format!("{scheme}://{h}/")).collect(),
+        master,
+        primary: Secret::new(format!("{scheme}://{at}primary/{db}")),
+    }
+}
+
+/// `scheme://[userinfo@]host:port,host:port[/path]` into its userinfo, hosts and path.
+fn split_multi_host_url(url: &str) -> Result<(Option<&str>, Vec<String>, &str), ConfigError> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, rest)) => (Some(userinfo), rest),
+        None => (None, rest),
+    };
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    Ok((userinfo, host_list("REDIS_URL", hosts)?, path))
+}
+
+/// `host:port,host:port`: at least one, each with a port.
+fn host_list(variable: &'static str, list: &str) -> Result<Vec<String>, ConfigError> {
+    let hosts: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if hosts.is_empty() {
+        return Err(ConfigError::new(variable, "names no host:port"));
+    }
+    for host in &hosts {
+        let port = host.rsplit_once(':').map(|(_, p)| p);
+        if host.contains('/')
+            || host.contains('@')
+            || port.is_none_or(|p| p.parse::<u16>().is_err())
+        {
+            return Err(ConfigError::new(
+                variable,
+                format!("must list host:port entries separated by commas, got {host:?}"),
+            ));
+        }
+    }
+    Ok(hosts)
+}
+
+/// `REDIS_WAIT_REPLICAS` and `REDIS_WAIT_TIMEOUT`.
+fn wait(raw: &RawEnv) -> Result<Option<WaitReplicas>, ConfigError> {
+    let replicas = number("REDIS_WAIT_REPLICAS", raw.redis_wait_replicas.clone(), 0u32)?;
+    let timeout = positive_duration(
+        "REDIS_WAIT_TIMEOUT",
+        raw.redis_wait_timeout.clone(),
+        Duration::from_millis(200),
+    )?;
+    if replicas == 0 {
+        if raw.redis_wait_timeout.is_some() {
+            return Err(ConfigError::new(
+                "REDIS_WAIT_TIMEOUT",
+                "is set but REDIS_WAIT_REPLICAS is 0 (off); set REDIS_WAIT_REPLICAS too",
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(WaitReplicas { replicas, timeout }))
 }

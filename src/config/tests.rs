@@ -110,7 +110,7 @@ fn old_redis_names_keep_working_and_passwords_are_encoded() {
     let SessionsBackend::Redis(redis) = c.sessions else {
         panic!("not redis")
     };
-    assert_eq!(redis.url.expose(), "redis://:p%40ss%2Fword@cache:6380/");
+    assert_eq!(single_url(&redis), "redis://:p%40ss%2Fword@cache:6380/");
     assert_eq!(redis.failure_mode, RedisFailureMode::Open);
 }
 
@@ -160,7 +160,7 @@ fn whole_urls_win_over_parts() {
     let SessionsBackend::Redis(redis) = c.sessions else {
         panic!("not redis")
     };
-    assert_eq!(redis.url.expose(), "redis://r:6390/2");
+    assert_eq!(single_url(&redis), "redis://r:6390/2");
 }
 
 #[test]
@@ -640,4 +640,211 @@ fn admin_client_sans_are_a_list_and_need_client_certificates() {
     let e = with(&[("ADMIN_CLIENT_SANS", "ops.example.com")]).unwrap_err();
     assert_eq!(e.variable, "ADMIN_CLIENT_SANS");
     assert!(e.problem.contains("TLS_CLIENT_CA_FILE"), "{e}");
+}
+
+fn single_url(redis: &crate::config::RedisConfig) -> String {
+    match &redis.topology {
+        crate::config::RedisTopology::Single(url) => url.expose().clone(),
+        other => panic!("not one server: {other:?}"),
+    }
+}
+
+fn redis_of(pairs: &[(&str, &str)]) -> crate::config::RedisConfig {
+    let mut all = vec![SECRET];
+    all.extend_from_slice(pairs);
+    match Config::from_vars(vars(&all)).unwrap().sessions {
+        SessionsBackend::Redis(redis) => redis,
+        SessionsBackend::Memory => panic!("not redis"),
+    }
+}
+
+fn redis_error(pairs: &[(&str, &str)]) -> (String, String) {
+    let mut all = vec![SECRET];
+    all.extend_from_slice(pairs);
+    let e = Config::from_vars(vars(&all)).unwrap_err();
+    (e.variable.to_string(), e.to_string())
+}
+
+#[test]
+fn a_cluster_is_named_by_its_nodes_or_a_cluster_url_with_the_password_in_each_node() {
+    use crate::config::RedisTopology;
+    for pairs in [
+        vec![
+            ("REDIS_CLUSTER_NODES", "a:7000, b:7001,c:7002"),
+            ("REDIS_PASSWORD", "p@ss"),
+        ],
+        vec![("REDIS_URL", "redis+cluster://:p%40ss@a:7000,b:7001,c:7002/")],
+    ] {
+        let redis = redis_of(&pairs);
+        let RedisTopology::Cluster(nodes) = &redis.topology else {
+            panic!("not a cluster: {:?}", redis.topology)
+        };
+        assert_eq!(
+            nodes.expose(),
+            &[
+                "redis://:p%40ss@a:7000/",
+                "redis://:p%40ss@b:7001/",
+                "redis://:p%40ss@c:7002/"
+            ]
+        );
+        assert!(
+            !format!("{redis:?}").contains("p%40ss"),
+            "the password is kept secret"
+        );
+    }
+    let redis = redis_of(&[("REDIS_URL", "rediss+cluster://a:7000")]);
+    let RedisTopology::Cluster(nodes) = &redis.topology else {
+        panic!("not a cluster")
+    };
+    assert_eq!(nodes.expose(), &["rediss://a:7000/"]);
+}
+
+#[test]
+fn sentinel_is_named_by_its_sentinels_and_the_primary_s_name_or_a_sentinel_url() {
+    use crate::config::RedisTopology;
+    for (pairs, db) in [
+        (
+            vec![
+                ("REDIS_SENTINELS", "s1:26379,s2:26379"),
+                ("REDIS_SENTINEL_MASTER", "authd"),
+                ("REDIS_PASSWORD", "pw"),
+            ],
+            "0",
+        ),
+        (
+            vec![(
+                "REDIS_URL",
+                "redis+sentinel://:pw@s1:26379,s2:26379/authd/3",
+            )],
+            "3",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "redis+sentinel://:pw@s1:26379,s2:26379"),
+                ("REDIS_SENTINEL_MASTER", "authd"),
+            ],
+            "0",
+        ),
+    ] {
+        let redis = redis_of(&pairs);
+        let RedisTopology::Sentinel {
+            sentinels,
+            master,
+            primary,
+        } = &redis.topology
+        else {
+            panic!("not sentinel: {:?}", redis.topology)
+        };
+        assert_eq!(sentinels, &["redis://s1:26379/", "redis://s2:26379/"]);
+        assert_eq!(master, "authd");
+        assert_eq!(primary.expose(), &format!("redis://:pw@primary/{db}"));
+    }
+}
+
+#[test]
+fn a_bad_redis_topology_stops_start_up_with_one_line_naming_the_variable() {
+    for (pairs, variable) in [
+        (
+            vec![
+                ("REDIS_CLUSTER_NODES", "a:1"),
+                ("REDIS_URL", "redis://r:1/"),
+            ],
+            "REDIS_URL",
+        ),
+        (
+            vec![("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_SENTINELS", "s:1")],
+            "REDIS_SENTINELS",
+        ),
+        (
+            vec![("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_ADDR", "r:1")],
+            "REDIS_ADDR",
+        ),
+        (vec![("REDIS_SENTINELS", "s:1")], "REDIS_SENTINEL_MASTER"),
+        (
+            vec![("REDIS_SENTINEL_MASTER", "m")],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "redis://r:1/"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "redis+sentinel://s:1/a"),
+                ("REDIS_SENTINEL_MASTER", "b"),
+            ],
+            "REDIS_SENTINEL_MASTER",
+        ),
+        (vec![("REDIS_URL", "redis+sentinel://s:1")], "REDIS_URL"),
+        (vec![("REDIS_URL", "redis+sentinel://s:1/m/x")], "REDIS_URL"),
+        (vec![("REDIS_URL", "redis+cluster://a:1/2")], "REDIS_URL"),
+        (vec![("REDIS_URL", "redis+cluster://")], "REDIS_URL"),
+        (vec![("REDIS_URL", "valkey://a:1")], "REDIS_URL"),
+        (vec![("REDIS_CLUSTER_NODES", "a")], "REDIS_CLUSTER_NODES"),
+        (
+            vec![("REDIS_CLUSTER_NODES", "a:1,b:x")],
+            "REDIS_CLUSTER_NODES",
+        ),
+        (vec![("REDIS_CLUSTER_NODES", " , ")], "REDIS_CLUSTER_NODES"),
+        (
+            vec![("REDIS_SENTINELS", "u@s:1"), ("REDIS_SENTINEL_MASTER", "m")],
+            "REDIS_SENTINELS",
+        ),
+        (vec![("REDIS_WAIT_REPLICAS", "1")], "REDIS_WAIT_REPLICAS"),
+        (
+            vec![
+                ("REDIS_URL", "redis://r:1/"),
+                ("REDIS_WAIT_REPLICAS", "one"),
+            ],
+            "REDIS_WAIT_REPLICAS",
+        ),
+        (
+            vec![("REDIS_URL", "redis://r:1/"), ("REDIS_WAIT_TIMEOUT", "1s")],
+            "REDIS_WAIT_TIMEOUT",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "redis://r:1/"),
+                ("REDIS_WAIT_REPLICAS", "1"),
+                ("REDIS_WAIT_TIMEOUT", "0s"),
+            ],
+            "REDIS_WAIT_TIMEOUT",
+        ),
+    ] {
+        let (got, line) = redis_error(&pairs);
+        assert_eq!(got, variable, "{pairs:?}: {line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+}
+
+#[test]
+fn revocations_wait_for_replicas_only_when_asked() {
+    use crate::config::WaitReplicas;
+    assert_eq!(redis_of(&[("REDIS_URL", "redis://r:1/")]).wait, None);
+    assert_eq!(
+        redis_of(&[("REDIS_URL", "redis://r:1/"), ("REDIS_WAIT_REPLICAS", "0")]).wait,
+        None
+    );
+    assert_eq!(
+        redis_of(&[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_WAIT_REPLICAS", "1")]).wait,
+        Some(WaitReplicas {
+            replicas: 1,
+            timeout: Duration::from_millis(200)
+        })
+    );
+    assert_eq!(
+        redis_of(&[
+            ("REDIS_URL", "redis://r:1/"),
+            ("REDIS_WAIT_REPLICAS", "2"),
+            ("REDIS_WAIT_TIMEOUT", "1s")
+        ])
+        .wait,
+        Some(WaitReplicas {
+            replicas: 2,
+            timeout: Duration::from_secs(1)
+        })
+    );
 }

@@ -258,14 +258,19 @@ impl RedisThrottle {
     }
 
     async fn locked_until(&self, keys: &[&str]) -> Result<i64, StoreError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.hget(self.key(key), "until");
-        }
-        let found: Vec<Option<i64>> = self
-            .conn
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        // One command per key, sent at once: on a cluster each key has a slot of its
+        // own, and on one server the multiplexed connection pipelines them anyway.
+        let found = futures::future::try_join_all(keys.iter().map(|key| {
+            let key = self.key(key);
+            self.conn.run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("until")
+                    .query_async::<Option<i64>>(&mut c)
+                    .await
+            })
+        }))
+        .await?;
         Ok(found.into_iter().flatten().max().unwrap_or(0))
     }
 
@@ -274,26 +279,20 @@ impl RedisThrottle {
         counters: &[(&str, Limit)],
         now_ms: i64,
     ) -> Result<Reservation, StoreError> {
-        // One script per key (each touches only its own key, as Redis Cluster wants),
-        // sent together. A pipeline runs scripts by hash only, so it loads the script
-        // first (cheap when Redis has it already).
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.reserve).ignore();
-        for (key, limit) in counters {
-            pipe.invoke_script(
-                self.reserve
-                    .key(self.key(key))
-                    .arg(now_ms)
-                    .arg(limit.window_ms)
-                    .arg(limit.threshold)
-                    .arg(limit.base_delay_ms)
-                    .arg(limit.max_delay_ms),
-            );
-        }
-        let replies: Vec<(u8, u32, i64, i64)> = self
-            .conn
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        // One script per key (each touches only its own key, as Redis Cluster wants:
+        // the keys lie in different slots), sent at once.
+        let replies = futures::future::try_join_all(counters.iter().map(|(key, limit)| {
+            let mut inv = self.reserve.prepare_invoke();
+            inv.key(self.key(key))
+                .arg(now_ms)
+                .arg(limit.window_ms)
+                .arg(limit.threshold)
+                .arg(limit.base_delay_ms)
+                .arg(limit.max_delay_ms);
+            self.conn
+                .run(|mut c| async move { inv.invoke_async::<(u8, u32, i64, i64)>(&mut c).await })
+        }))
+        .await?;
         let counted: Vec<(bool, Counted)> = replies
             .into_iter()
             .map(|(admitted, count, locked_until_ms, previous_until_ms)| {
@@ -338,22 +337,18 @@ impl RedisThrottle {
         if counted.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.release).ignore();
-        for (key, limit, c) in counted {
-            pipe.invoke_script(
-                self.release
-                    .key(self.key(key))
-                    .arg(now_ms)
-                    .arg(limit.window_ms)
-                    .arg(c.locked_until_ms)
-                    .arg(c.previous_until_ms),
-            )
-            .ignore();
-        }
-        self.conn
-            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
-            .await
+        futures::future::try_join_all(counted.iter().map(|(key, limit, counted)| {
+            let mut inv = self.release.prepare_invoke();
+            inv.key(self.key(key))
+                .arg(now_ms)
+                .arg(limit.window_ms)
+                .arg(counted.locked_until_ms)
+                .arg(counted.previous_until_ms);
+            self.conn
+                .run(|mut c| async move { inv.invoke_async::<()>(&mut c).await })
+        }))
+        .await
+        .map(|_| ())
     }
 
     async fn reset(&self, key: &str) -> Result<(), StoreError> {

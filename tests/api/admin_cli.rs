@@ -50,7 +50,7 @@ async fn authd(args: &[&str], env: Vec<(String, String)>, stdin: &str) -> Run {
 /// The settings that point the binary at `app`'s users store.
 fn store_env(app: &TestApp) -> Vec<(String, String)> {
     match app.backend {
-        Backend::MySqlRedis => owned(&[
+        Backend::MySqlRedis | Backend::MySqlCluster => owned(&[
             ("DATABASE_URL", &app.db_url),
             ("REDIS_URL", &app.redis_url),
             ("REDIS_KEY_PREFIX", &app.key_prefix),

@@ -9,6 +9,8 @@ use authd::config::SETTINGS;
 use serde::Deserialize;
 use serde_norway::Value;
 
+use crate::support::SECRET;
+
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
@@ -253,4 +255,156 @@ fn kubernetes_files_deploy_authd_with_probes_budget_and_autoscaler() {
         str_of(&hpa.1, &["spec", "scaleTargetRef", "name"]),
         str_of(deployment, &["metadata", "name"])
     );
+}
+
+/// The settings the compose file's comment gives for its Sentinel profile.
+fn compose_sentinel_settings(compose: &str) -> Vec<(String, String)> {
+    compose
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[test]
+fn compose_offers_sentinel_as_a_profile_that_authd_is_configured_for() {
+    let text = read("docker-compose.yml");
+    let compose = documents("docker-compose.yml").remove(0);
+    let services = &compose["services"];
+    let settings = compose_sentinel_settings(&text);
+    assert_all_read_by_authd(
+        "docker-compose.yml sentinel settings",
+        settings.iter().map(|(k, _)| k.as_str()),
+    );
+    let value = |name: &str| {
+        settings
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in the compose comment"))
+    };
+    // Every sentinel named is a service of the profile, and watches the primary under
+    // the name authd asks for.
+    let sentinels = value("REDIS_SENTINELS");
+    let master = value("REDIS_SENTINEL_MASTER");
+    for sentinel in sentinels.split(',') {
+        let (host, port) = sentinel.split_once(':').unwrap();
+        let service = &services[host];
+        assert_eq!(
+            strings(&service["profiles"]),
+            ["sentinel"],
+            "{host} is not in the sentinel profile"
+        );
+        let script = strings(&service["command"]).join("\n");
+        assert!(script.contains(&format!("port {port}")), "{script}");
+        assert!(
+            script.contains(&format!("sentinel monitor {master} redis 6379")),
+            "{script}"
+        );
+    }
+    let replica = strings(&services["redis-replica"]["command"]);
+    assert!(
+        replica
+            .windows(3)
+            .any(|w| w == ["--replicaof", "redis", "6379"]),
+        "{replica:?}"
+    );
+    // authd passes each of them through, and with REDIS_ADDR emptied it starts on them.
+    let environment = services["authd"]["environment"].as_mapping().unwrap();
+    for name in [
+        "REDIS_SENTINELS",
+        "REDIS_SENTINEL_MASTER",
+        "REDIS_WAIT_REPLICAS",
+    ] {
+        assert!(
+            environment.contains_key(name),
+            "authd's environment does not pass {name}"
+        );
+    }
+    let mut vars = settings;
+    vars.push(("JWT_SECRET".into(), SECRET.into()));
+    let config = authd::config::Config::from_vars(vars).expect("the sentinel settings");
+    let authd::config::SessionsBackend::Redis(redis) = config.sessions else {
+        panic!("not Redis")
+    };
+    assert!(matches!(
+        redis.topology,
+        authd::config::RedisTopology::Sentinel { .. }
+    ));
+    assert_eq!(redis.wait.map(|w| w.replicas), Some(1));
+}
+
+#[test]
+fn the_kubernetes_sentinel_overlay_points_authd_at_the_sentinels_it_deploys() {
+    let kustomization = documents("deploy/k8s/sentinel/kustomization.yaml").remove(0);
+    assert!(strings(&kustomization["resources"]).contains(&"../"));
+    let redis = documents("deploy/k8s/sentinel/redis-sentinel.yaml");
+    let statefulset = |name: &str| {
+        redis
+            .iter()
+            .find(|d| {
+                str_of(d, &["kind"]) == Some("StatefulSet")
+                    && str_of(d, &["metadata", "name"]) == Some(name)
+            })
+            .unwrap_or_else(|| panic!("no StatefulSet {name}"))
+    };
+    let sentinels = statefulset("redis-sentinel");
+    assert_eq!(sentinels["spec"]["replicas"].as_u64(), Some(3));
+    assert!(statefulset("redis")["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let script =
+        strings(&sentinels["spec"]["template"]["spec"]["containers"][0]["args"]).join("\n");
+
+    // The base ConfigMap with the overlay's JSON patch applied, as kustomize would.
+    let (_, base) = k8s_documents()
+        .into_iter()
+        .find(|(_, d)| str_of(d, &["kind"]) == Some("ConfigMap"))
+        .unwrap();
+    let mut data: Vec<(String, String)> = base["data"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let patches = kustomization["patches"].as_sequence().unwrap();
+    let patch: Vec<Value> =
+        serde_norway::from_str(str_of(&patches[0], &["patch"]).unwrap()).unwrap();
+    for op in &patch {
+        let key = str_of(op, &["path"]).unwrap().trim_start_matches("/data/");
+        data.retain(|(k, _)| k != key);
+        if str_of(op, &["op"]) == Some("add") {
+            data.push((key.to_owned(), str_of(op, &["value"]).unwrap().to_owned()));
+        }
+    }
+    assert_all_read_by_authd(
+        "deploy/k8s/sentinel patch",
+        data.iter().map(|(k, _)| k.as_str()),
+    );
+    let get = |name: &str| data.iter().find(|(k, _)| k == name).unwrap().1.clone();
+    let master = get("REDIS_SENTINEL_MASTER");
+    assert!(
+        script.contains(&format!("sentinel monitor {master} ")),
+        "the sentinels watch another name than {master}: {script}"
+    );
+    let named = get("REDIS_SENTINELS");
+    assert_eq!(named.split(',').count(), 3, "{named}");
+    for (i, sentinel) in named.split(',').enumerate() {
+        assert_eq!(sentinel, format!("redis-sentinel-{i}.redis-sentinel:26379"));
+    }
+    data.push(("JWT_SECRET".into(), SECRET.into()));
+    let config = authd::config::Config::from_vars(data).expect("the overlay's settings");
+    let authd::config::SessionsBackend::Redis(redis) = config.sessions else {
+        panic!("not Redis")
+    };
+    assert!(matches!(
+        redis.topology,
+        authd::config::RedisTopology::Sentinel { .. }
+    ));
+    assert_eq!(redis.wait.map(|w| w.replicas), Some(1));
 }

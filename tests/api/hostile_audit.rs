@@ -103,7 +103,7 @@ async fn a_row_the_database_refuses_costs_only_itself(backend: Backend) {
     // set), simulated by a trigger that refuses one user agent.
     let db = app.db().await;
     let trigger = match backend {
-        Backend::MySqlRedis => {
+        Backend::MySqlRedis | Backend::MySqlCluster => {
             "CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_events FOR EACH ROW \
              IF NEW.user_agent LIKE 'poison%' THEN \
              SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'refused'; END IF"

@@ -1,5 +1,6 @@
 //! Several instances of one deployment (issue #9): two `authd` processes sharing
-//! MariaDB and Redis must agree at once, and race each other safely.
+//! MariaDB and Redis (or a Redis Cluster) must agree at once, and race each other
+//! safely.
 
 use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::InvalidReason;
@@ -20,11 +21,23 @@ struct Deployment {
 
 impl Deployment {
     async fn start() -> Self {
+        Self::start_on(Backend::MySqlRedis).await
+    }
+
+    /// On the shared Redis, or ([`Backend::MySqlCluster`]) the shared Redis Cluster.
+    async fn start_on(backend: Backend) -> Self {
         let (db_name, key_prefix) = fresh_names();
         let db_url = format!("{}/{db_name}", mysql_base());
+        let redis_url = match backend {
+            Backend::MySqlCluster => format!(
+                "redis+cluster://{}",
+                tokio::task::block_in_place(|| shared_cluster().seeds())
+            ),
+            _ => redis_base(),
+        };
         let env = [
             ("DATABASE_URL", db_url.as_str()),
-            ("REDIS_URL", &redis_base()),
+            ("REDIS_URL", &redis_url),
             ("REDIS_KEY_PREFIX", &key_prefix),
             // Room for every racer's hash at once: the race is the point, not shedding.
             ("BCRYPT_QUEUE", "256"),
@@ -68,7 +81,16 @@ async fn reason(client: &AuthServiceClient<Channel>, token: &str) -> InvalidReas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_or_password_change_on_one_process_is_honoured_by_the_other_at_once() {
-    let deployment = Deployment::start().await;
+    logout_or_password_change_honoured_at_once(Backend::MySqlRedis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_logout_or_password_change_on_one_process_is_honoured_by_the_other() {
+    logout_or_password_change_honoured_at_once(Backend::MySqlCluster).await;
+}
+
+async fn logout_or_password_change_honoured_at_once(backend: Backend) {
+    let deployment = Deployment::start_on(backend).await;
     let (a, b) = deployment.clients().await;
     register_on(&a, "twin", PASSWORD).await.unwrap();
     let phone = login_on(&a, "twin", PASSWORD).await.unwrap();

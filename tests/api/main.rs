@@ -1,10 +1,11 @@
 //! authd end to end: real gRPC on 127.0.0.1:0, real MariaDB and Redis.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-/// Runs each listed test on every storage backend, so the two cannot drift. Each name is
+/// Runs each listed test on every storage backend, so they cannot drift. Each name is
 /// an ordinary `async fn name(backend: Backend)` in the same module (formatted and
-/// documented like any function); `mod mysql_redis` and `mod embedded` each get a
-/// `#[tokio::test]` of that name calling it. Use it once per module.
+/// documented like any function); `mod mysql_redis`, `mod embedded` and `mod
+/// mysql_cluster` (sessions on a Redis Cluster) each get a `#[tokio::test]` of that
+/// name calling it. Use it once per module.
 macro_rules! on_every_backend {
     ($($name:ident),+ $(,)?) => {
         mod mysql_redis {
@@ -20,6 +21,13 @@ macro_rules! on_every_backend {
                 super::$name(crate::support::Backend::Embedded).await
             })+
         }
+
+        mod mysql_cluster {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(crate::support::Backend::MySqlCluster).await
+            })+
+        }
     };
 }
 
@@ -31,6 +39,7 @@ mod audit;
 mod binary;
 mod change_password;
 mod client_layer;
+mod cluster;
 mod connections;
 mod deploy;
 mod ext_authz;

@@ -69,7 +69,7 @@ async fn without_a_jwt_secret_usernames_are_still_hashed_with_a_key(backend: Bac
             assert_ne!(hash, unkeyed, "the username was hashed without a key");
             assert_eq!(hash.len(), 64);
         }
-        Backend::MySqlRedis => {
+        Backend::MySqlRedis | Backend::MySqlCluster => {
             // Shared state: start-up refused, naming the setting to give.
             let (db_name, prefix) = fresh_names();
             let mut vars = test_env(

@@ -1,7 +1,7 @@
 //! Sessions and the logout blacklist in Redis, through a bb8 pool.
 //!
-//! Keys (all of one user's share the `{user:<id>}` hash tag, so Redis Cluster can come
-//! later without a key redesign):
+//! Keys (all of one user's share the `{user:<id>}` hash tag, so on a Redis Cluster they
+//! live in one slot and every script below touches a single slot):
 //! - `<prefix>{user:<id>}:session:<sid>`: hash `jti login seen idle exp ip ua`
 //!   (times in unix seconds), expiring with the session;
 //! - `<prefix>{user:<id>}:sessions`: sorted set of the user's session ids, by login order;
@@ -197,11 +197,7 @@ impl RedisSessions {
         log_max_len: usize,
         log_retention: Duration,
     ) -> anyhow::Result<Self> {
-        // The log's tail holds a blocking read, so it has a connection of its own.
-        let client = redis::Client::open(config.url.expose().as_str())
-            .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?;
         let log = RedisLog::new(
-            client,
             conn.clone(),
             format!("{}revocations", config.key_prefix),
             log_max_len,
@@ -244,21 +240,31 @@ impl RedisSessions {
     }
 
     /// Appends a revocation to the log watchers follow; a logged-out token's blacklist
-    /// entry is then marked announced (see `LOGOUT`).
+    /// entry is then marked announced (see `LOGOUT`). Two steps, since the log's key and
+    /// the user's keys lie in different slots of a cluster; a failure between them is a
+    /// Logout whose answer was lost, which a retry announces again.
     pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
-        let mut pipe = self.log.append_command(revocation, at);
-        if let Revocation::Token { user_id, jti, .. } = revocation {
-            pipe.cmd("SET")
-                .arg(format!("{}:revoked:{jti}", self.tag(user_id)))
-                .arg("1")
-                .arg("XX")
-                .arg("KEEPTTL")
-                .ignore();
-        }
+        let pipe = self.log.append_command(revocation, at);
         self.conn
-            .run(|mut c| async move { pipe.query_async::<(String,)>(&mut c).await })
-            .await
-            .map(|_| ())
+            .run_confirmed(self.log.key(), |mut c| async move {
+                pipe.query_async::<(String,)>(&mut c).await
+            })
+            .await?;
+        if let Revocation::Token { user_id, jti, .. } = revocation {
+            let key = format!("{}:revoked:{jti}", self.tag(user_id));
+            self.conn
+                .run(|mut c| async move {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg("1")
+                        .arg("XX")
+                        .arg("KEEPTTL")
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Missed revocations after `after`, then live ones.
@@ -282,8 +288,9 @@ impl RedisSessions {
         let session_ttl_ms =
             ttl_ms(session_end(s.idle_expires_at, s.token_expires_at, leeway) - s.now);
         let set_ttl_ms = ttl_ms(s.token_expires_at + leeway - s.now);
+        let session_key = format!("{tag}:session:{}", s.session_id);
         let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(format!("{tag}:session:{}", s.session_id))
+        inv.key(&session_key)
             .key(format!("{tag}:sessions"))
             .key(format!("{tag}:seq"))
             .arg(&tag)
@@ -298,8 +305,13 @@ impl RedisSessions {
             .arg(set_ttl_ms)
             .arg(max_sessions)
             .arg(leeway);
+        // Sessions evicted past the limit are revocations: confirmed like any other.
         self.conn
-            .run(|mut c| async move { inv.invoke_async::<Vec<String>>(&mut c).await })
+            .run_confirmed_if(
+                &session_key,
+                |mut c| async move { inv.invoke_async::<Vec<String>>(&mut c).await },
+                |evicted| !evicted.is_empty(),
+            )
             .await
     }
 
@@ -400,17 +412,20 @@ impl RedisSessions {
         blacklist_ttl_seconds: i64,
     ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
+        let revoked_key = format!("{tag}:revoked:{jti}");
         let mut inv = self.scripts.logout.prepare_invoke();
         inv.key(format!("{tag}:session:{session_id}"))
             .key(format!("{tag}:sessions"))
-            .key(format!("{tag}:revoked:{jti}"))
+            .key(&revoked_key)
             .arg(session_id)
             .arg(jti)
             .arg(blacklist_ttl_seconds.max(1))
             .arg(now_ms)
             .arg(ANNOUNCE_LEASE_MS);
         self.conn
-            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .run_confirmed(&revoked_key, |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
             .await
             .map(|n| n != -1)
     }
@@ -423,14 +438,17 @@ impl RedisSessions {
         now: i64,
     ) -> Result<bool, StoreError> {
         let tag = self.tag(user_id);
+        let session_key = format!("{tag}:session:{session_id}");
         let mut inv = self.scripts.revoke.prepare_invoke();
-        inv.key(format!("{tag}:session:{session_id}"))
+        inv.key(&session_key)
             .arg(&tag)
             .arg(session_id)
             .arg(now)
             .arg(self.leeway);
         self.conn
-            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .run_confirmed(&session_key, |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
             .await
             .map(|n| n == 1)
     }
@@ -443,14 +461,17 @@ impl RedisSessions {
         now: i64,
     ) -> Result<u32, StoreError> {
         let tag = self.tag(user_id);
+        let set_key = format!("{tag}:sessions");
         let mut inv = self.scripts.revoke_others.prepare_invoke();
-        inv.key(format!("{tag}:sessions"))
+        inv.key(&set_key)
             .arg(&tag)
             .arg(keep)
             .arg(now)
             .arg(self.leeway);
         self.conn
-            .run(|mut c| async move { inv.invoke_async::<u32>(&mut c).await })
+            .run_confirmed(&set_key, |mut c| async move {
+                inv.invoke_async::<u32>(&mut c).await
+            })
             .await
     }
 

@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::streams::{StreamId, StreamRangeReply, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, Client, Script, Value};
+use redis::{AsyncCommands, Script, Value};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::store::StoreError;
-use crate::store::redis_conn::RedisConn;
+use crate::store::redis_conn::{Connection, RedisConn};
 
 /// What was revoked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,9 +366,8 @@ impl MemoryLog {
 
 /// The Redis log: a capped stream and this process's tail of it.
 pub struct RedisLog {
-    /// The tail's blocking reads hold a connection of their own.
-    client: Client,
-    /// Replay reads share the pool, its timeout and its breaker.
+    /// Replay reads share the pool, its timeout and its breaker; the tail's blocking
+    /// reads hold a connection of their own ([`RedisConn::dedicated`]).
     conn: RedisConn,
     key: String,
     max_len: usize,
@@ -407,20 +406,16 @@ impl std::fmt::Debug for RedisLog {
 /// How long one blocking XREAD waits before the tail checks whether anyone still watches.
 const TAIL_BLOCK: Duration = Duration::from_millis(1000);
 
+/// How long the tail waits for a connection before it backs off and tries again.
+const TAIL_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 impl RedisLog {
     /// A log at `key`, capped at about `max_len` entries, gone `retention` after its
     /// last event.
-    pub fn new(
-        client: Client,
-        conn: RedisConn,
-        key: String,
-        max_len: usize,
-        retention: Duration,
-    ) -> Arc<Self> {
+    pub fn new(conn: RedisConn, key: String, max_len: usize, retention: Duration) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let (tail_from, _) = watch::channel(None);
         Arc::new(Self {
-            client,
             conn,
             key,
             max_len: max_len.max(1),
@@ -431,6 +426,11 @@ impl RedisLog {
             replay_reads: Semaphore::new(REPLAY_READS_IN_FLIGHT),
             page_script: Script::new(PAGE_SCRIPT),
         })
+    }
+
+    /// The stream's key.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The XADD (and expiry) for one revocation, to run on a pooled connection.
@@ -593,7 +593,7 @@ async fn tail(log: Arc<RedisLog>) {
                 return;
             }
         }
-        let mut conn = match log.client.get_multiplexed_async_connection().await {
+        let mut conn = match log.conn.dedicated(TAIL_CONNECT_TIMEOUT).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::debug!(error = %e, "revocation log: Redis unreachable");
@@ -734,10 +734,7 @@ fn holds_after(marks: Option<Marks>, after: Cursor) -> bool {
 }
 
 /// Where the stream stands; `None` when there is none.
-async fn stream_marks(
-    conn: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-) -> redis::RedisResult<Option<Marks>> {
+async fn stream_marks(conn: &mut Connection, key: &str) -> redis::RedisResult<Option<Marks>> {
     let exists: bool = conn.exists(key).await?;
     if !exists {
         return Ok(None);

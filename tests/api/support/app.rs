@@ -56,6 +56,9 @@ pub enum Backend {
     MySqlRedis,
     /// SQLite users, in-process sessions.
     Embedded,
+    /// MySQL (MariaDB) users, sessions on a 3-primary Redis Cluster the tests start
+    /// ([`shared_cluster`](super::shared_cluster)).
+    MySqlCluster,
 }
 
 impl Backend {
@@ -120,13 +123,18 @@ impl TestApp {
         sqlx::AnyPool::connect(&self.db_url).await.expect("db")
     }
 
-    /// A connection to this test's Redis.
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis")
+    /// A connection to this test's Redis, one server or a cluster.
+    pub async fn redis(&self) -> super::TestRedis {
+        match self.redis_url.strip_prefix("redis+cluster://") {
+            Some(seeds) => super::TestRedis::Cluster(super::cluster_conn(seeds).await),
+            None => super::TestRedis::Node(
+                redis::Client::open(self.redis_url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis"),
+            ),
+        }
     }
 
     /// Starts shutting down (as on SIGTERM) without waiting for it.
@@ -217,6 +225,7 @@ impl AppBuilder<'_> {
                 let storage = match self.backend {
                     Backend::MySqlRedis => Storage::mysql_redis(self.mysql_at),
                     Backend::Embedded => Storage::embedded(),
+                    Backend::MySqlCluster => Storage::mysql_cluster(self.mysql_at),
                 };
                 (storage, fresh_clock())
             }
@@ -297,6 +306,18 @@ impl Storage {
             db_url,
             key_prefix,
         }
+    }
+
+    /// [`Storage::mysql_redis`], with the sessions on the shared Redis Cluster.
+    fn mysql_cluster(via: Option<SocketAddr>) -> Self {
+        let mut storage = Self::mysql_redis(via);
+        // Started once per test binary, at the first test that asks (a few seconds).
+        let seeds = super::shared_cluster().seeds();
+        storage.vars.retain(|(k, _)| k != "REDIS_URL");
+        storage
+            .vars
+            .push(("REDIS_URL".to_owned(), format!("redis+cluster://{seeds}")));
+        storage
     }
 
     /// A fresh SQLite file and in-process sessions, as with nothing configured.
