@@ -81,6 +81,23 @@ impl Class {
     }
 }
 
+/// 0..n in an order that depends on `round` (Fisher–Yates over a xorshift generator):
+/// every class is preceded by every other about equally often.
+fn shuffled(n: usize, round: usize) -> Vec<usize> {
+    let mut state = (round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
 fn median(xs: &[Duration]) -> Duration {
     let mut v = xs.to_vec();
     v.sort_unstable();
@@ -150,9 +167,10 @@ async fn measure(backend: Backend) {
 
     let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(ROUNDS); CLASSES.len()];
     for round in 0..ROUNDS {
-        // Interleaved, in an order that rotates every round.
-        for k in 0..CLASSES.len() {
-            let index = (k + round) % CLASSES.len();
+        // Interleaved, in a fresh order every round: a call can leave work behind (an
+        // audit row, a padding timer), and a fixed order would give each class the same
+        // predecessor every time, so that work would count against one class only.
+        for index in shuffled(CLASSES.len(), round) {
             let class = CLASSES[index];
             let (username, password) = class.call(round);
             let started = Instant::now();
