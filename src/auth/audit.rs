@@ -44,6 +44,9 @@ pub enum AuditKind {
     PasswordChangeFailed,
     /// A session was ended by RevokeSession or by the session limit.
     SessionRevoked,
+    /// A refresh token older than the session's current one was presented: the
+    /// session was ended as stolen.
+    RefreshReuseDetected,
 }
 
 impl AuditKind {
@@ -58,6 +61,7 @@ impl AuditKind {
             Self::PasswordChanged => "password_changed",
             Self::PasswordChangeFailed => "password_change_failed",
             Self::SessionRevoked => "session_revoked",
+            Self::RefreshReuseDetected => "refresh_reuse_detected",
         }
     }
 }
