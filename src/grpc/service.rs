@@ -364,11 +364,14 @@ impl AuthService for AuthGrpc {
         request: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
         rpc(async {
-            let client = self.caller(&request)?;
-            let done = self
-                .core
-                .refresh(&request.get_ref().refresh_token, client)
-                .await?;
+            let req = request.get_ref();
+            let client = client_info(
+                &request,
+                self.core.trusted_proxies(),
+                &req.client_ip,
+                &req.user_agent,
+            )?;
+            let done = self.core.refresh(&req.refresh_token, client).await?;
             Ok(token_answer(done))
         })
         .await
