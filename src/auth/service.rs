@@ -842,7 +842,7 @@ impl AuthCore {
         // Remembered before it is recorded: should the store record it and its answer be
         // lost, open mode here refuses the token all the same (the safe side).
         self.remembered.remember(&revocation, now);
-        let unannounced = self
+        let logged_out = self
             .sessions
             .logout(
                 &claims.sub,
@@ -853,11 +853,23 @@ impl AuthCore {
             )
             .await
             .map_err(sessions_error)?;
-        if !unannounced {
+        let Some(refreshed) = logged_out else {
             tracing::debug!(user_id = %claims.sub, jti = %claims.jti, "logout of a token already revoked");
             return Ok(());
-        }
+        };
         self.announce(revocation, now).await;
+        if refreshed {
+            // The session held a second access token (the one before or after a
+            // Refresh): caches must drop that one too.
+            self.announce(
+                Revocation::Session {
+                    user_id: claims.sub.clone(),
+                    session_id: claims.sid.clone(),
+                },
+                now,
+            )
+            .await;
+        }
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
         self.audit.record(
             AuditEvent::new(AuditKind::Logout, &client)

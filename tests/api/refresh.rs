@@ -312,6 +312,9 @@ async fn logout_with_the_previous_access_token_ends_the_session_too(backend: Bac
     let app = backend.app().spawn().await;
     let (_, login) = app.user_with_session("janus").await;
     let rotated = app.refresh(&login.refresh_token).await.unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
     // A client logs out with the token it had before the rotation.
     app.logout(&login.access_token).await.unwrap();
     assert_eq!(
@@ -319,6 +322,12 @@ async fn logout_with_the_previous_access_token_ends_the_session_too(backend: Bac
         "REFRESH_TOKEN_INVALID"
     );
     assert!(!app.validate(&rotated.access_token).await.unwrap().valid);
+    // Caches hear of the token, and of the session: they may hold the other token.
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Token);
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Session);
+    assert_eq!(e.session_id, login.session_id);
 }
 
 async fn revoke_session_ends_the_refresh_token(backend: Backend) {

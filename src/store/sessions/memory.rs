@@ -216,18 +216,30 @@ impl MemorySessions {
     }
 
     /// See [`super::SessionStore::logout`].
-    pub fn logout(&self, user_id: &str, session_id: &str, jti: &str, now: i64, ttl: i64) -> bool {
+    pub fn logout(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        now: i64,
+        ttl: i64,
+    ) -> Option<bool> {
         self.with_user(user_id, now, |user| {
             // `with_user` pruned lapsed entries: one still here is in force.
             if user.revoked.contains_key(jti) {
-                return false;
+                return None;
             }
             user.revoked
                 .insert(jti.to_owned(), now.saturating_add(ttl.max(1)));
-            if user.sessions.get(session_id).is_some_and(|s| s.holds(jti)) {
+            let ended = user
+                .sessions
+                .get(session_id)
+                .filter(|s| s.holds(jti))
+                .map(|s| s.previous_jti.is_some());
+            if ended.is_some() {
                 user.sessions.remove(session_id);
             }
-            true
+            Some(ended.unwrap_or(false))
         })
     }
 

@@ -290,8 +290,10 @@ impl SessionStore {
     }
 
     /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it). False when the token was already revoked and that
+    /// session still holds it). `None` when the token was already revoked and that
     /// announced (or being announced): nothing changed, there is nothing new to record.
+    /// `Some(true)` when the session ended held a second access token (it had been
+    /// refreshed): the whole session must be announced, not only this token.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -299,7 +301,7 @@ impl SessionStore {
         jti: &str,
         now_ms: i64,
         blacklist_ttl_seconds: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         match self {
             Self::Redis(r) => {
                 r.logout(user_id, session_id, jti, now_ms, blacklist_ttl_seconds)

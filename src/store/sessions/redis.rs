@@ -159,7 +159,8 @@ return 1
 /// announced on the log, then `1`. Returns -1 when nothing is left to do (announced, or
 /// claimed less than [`ANNOUNCE_LEASE_MS`] ago by a Logout still under way), -2 when
 /// it was claimed longer ago and never announced (a Logout whose answer was lost: this
-/// call claims it and announces it), else 1 or 0: whether the session was still live.
+/// call claims it and announces it), else 2, 1 or 0: the session ended and held a
+/// second access token (it had been refreshed), it ended, or it was not live.
 const LOGOUT: &str = r"
 if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
   local claimed = tonumber(redis.call('GET', KEYS[3]))
@@ -173,6 +174,7 @@ local held = redis.call('HMGET', KEYS[1], 'jti', 'pjti')
 if held[1] and (held[1] == ARGV[2] or held[2] == ARGV[2]) then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  if held[2] then return 2 end
   return 1
 end
 return 0
@@ -392,8 +394,7 @@ impl RedisSessions {
     }
 
     /// Blacklists the token and ends its session (if the session still holds it).
-    /// False when the token was already blacklisted and that announced: nothing was
-    /// changed, nothing is left to do.
+    /// See [`super::SessionStore::logout`] for the answer.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -401,7 +402,7 @@ impl RedisSessions {
         jti: &str,
         now_ms: i64,
         blacklist_ttl_seconds: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         let tag = self.tag(user_id);
         let mut inv = self.scripts.logout.prepare_invoke();
         inv.key(format!("{tag}:session:{session_id}"))
@@ -415,7 +416,7 @@ impl RedisSessions {
         self.conn
             .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
-            .map(|n| n != -1)
+            .map(|n| (n != -1).then_some(n == 2))
     }
 
     /// One round trip: what Refresh needs of the session.
