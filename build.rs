@@ -7,12 +7,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     // authd's own contract; its descriptors are what reflection serves.
     compile(
-        "proto/auth/v1/auth.proto",
+        &["proto/auth/v1/auth.proto", "proto/auth/v1/admin.proto"],
         Some(out_dir.join("authd_descriptor.bin")),
     )?;
     // The example service the client layer protects in examples/ and tests; kept out of
     // authd's reflection.
-    compile("proto/example/v1/greeter.proto", None)?;
+    compile(&["proto/example/v1/greeter.proto"], None)?;
     // Envoy's Check, which authd also serves: descriptors only (the types come from the
     // envoy-types crate), so reflection can describe it.
     println!("cargo:rerun-if-changed=proto/vendor");
@@ -27,9 +27,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn compile(proto: &str, descriptor_out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+fn compile(
+    protos: &[&str],
+    descriptor_out: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
     if let Some(path) = descriptor_out {
         std::fs::write(path, prost::Message::encode_to_vec(&fds))?;
     }

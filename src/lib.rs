@@ -9,6 +9,8 @@
 #[cfg(feature = "server")]
 pub mod auth;
 pub mod bearer;
+#[cfg(feature = "server")]
+pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod clock;

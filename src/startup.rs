@@ -19,14 +19,18 @@ use crate::auth::hasher::PasswordHasher;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, GrpcLimits, NameHashKeySource, SessionsBackend, UsersBackend};
 use crate::grpc::AuthGrpc;
+use crate::grpc::admin::AdminGrpc;
 use crate::grpc::ext_authz::ExtAuthz;
 use crate::grpc::layer::RpcLayer;
 use crate::http::HttpState;
+use crate::proto::auth::v1::admin_service_server::AdminServiceServer;
 use crate::proto::auth::v1::auth_service_server::AuthServiceServer;
 use crate::store::{PoolStats, SessionStore, UserStore};
 use crate::transport::{Admission, TlsReloader};
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
+/// The name health checks use for the admin service.
+pub use crate::proto::auth::v1::admin_service_server::SERVICE_NAME as ADMIN_SERVICE_NAME;
 /// The name health checks use for the auth service (the generated one).
 pub use crate::proto::auth::v1::auth_service_server::SERVICE_NAME as AUTH_SERVICE_NAME;
 /// How long the HTTP listener gets to finish its requests after the gRPC server stopped.
@@ -53,6 +57,7 @@ pub struct Application {
     watch_heartbeat: Duration,
     strip_authorization: bool,
     public_url: Option<String>,
+    admin_client_sans: Vec<String>,
 }
 
 impl std::fmt::Debug for Application {
@@ -152,6 +157,7 @@ impl Application {
             watch_heartbeat: config.watch_heartbeat,
             strip_authorization: config.ext_authz_strip_authorization,
             public_url: config.public_url,
+            admin_client_sans: config.admin_client_sans,
         })
     }
 
@@ -195,6 +201,7 @@ impl Application {
             watch_heartbeat,
             strip_authorization,
             public_url,
+            admin_client_sans,
         } = self;
         let max_message = limits.max_message_bytes;
         let health_service = tonic_health::pb::health_server::HealthServer::new(
@@ -204,6 +211,9 @@ impl Application {
         health.set_service_status("", ServingStatus::Serving).await;
         health
             .set_service_status(AUTH_SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        health
+            .set_service_status(ADMIN_SERVICE_NAME, ServingStatus::Serving)
             .await;
         let (serving_tx, serving) = watch::channel(true);
 
@@ -253,6 +263,7 @@ impl Application {
             limits.connection_concurrency,
         );
         let core_for_ext_authz = Arc::clone(&core);
+        let admin = AdminGrpc::new(Arc::clone(&core), admin_client_sans);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let server = Server::builder()
@@ -272,6 +283,11 @@ impl Application {
             .add_service(health_service)
             .add_service(
                 AuthServiceServer::new(AuthGrpc::new(core, watch_heartbeat, stopping))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            .add_service(
+                AdminServiceServer::new(admin)
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
@@ -454,6 +470,10 @@ where
             drain
                 .health
                 .set_service_status(AUTH_SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            drain
+                .health
+                .set_service_status(ADMIN_SERVICE_NAME, ServingStatus::NotServing)
                 .await;
             let _ = drain.stopping.send(true);
             let _ = drain.stop.send(());

@@ -177,9 +177,16 @@ impl Drop for Slot {
 pub struct Peer {
     remote_addr: Option<SocketAddr>,
     calls: Arc<Semaphore>,
+    client_cert: Option<Arc<[String]>>,
 }
 
 impl Peer {
+    /// The SANs of the client certificate the TLS handshake verified (DNS names, URIs,
+    /// e-mail addresses and IP addresses, as written); `None` when there was none.
+    pub fn client_sans(&self) -> Option<&[String]> {
+        self.client_cert.as_deref()
+    }
+
     /// The client's address.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.remote_addr
@@ -316,9 +323,10 @@ pub fn incoming(
                 () = tx.closed() => return,
                 accepted = admission.accept(&listener) => accepted,
             };
-            let peer = Peer {
+            let mut peer = Peer {
                 remote_addr: Some(remote_addr),
                 calls: Arc::new(Semaphore::new(connection_concurrency)),
+                client_cert: None,
             };
             let acceptor = tls.as_ref().map(|tls| tls.acceptor());
             let tx = tx.clone();
@@ -331,6 +339,14 @@ pub fn incoming(
                 .await;
                 match started {
                     Ok(Some((io, started))) => {
+                        if let Io::Tls(tls) = &io {
+                            peer.client_cert = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|leaf| subject_alt_names(leaf).into());
+                        }
                         let conn = Conn {
                             io,
                             started,
@@ -396,6 +412,37 @@ fn preface_needs_more(read: &[u8]) -> bool {
         return false;
     }
     read.len() < PREFACE.len() + FRAME_HEADER + length
+}
+
+/// The subject alternative names of a certificate: DNS names, URIs, e-mail addresses
+/// and IP addresses, as text. An unreadable certificate has none.
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
+                Some((*s).to_owned())
+            }
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The TLS configuration in force, and what it was built from.

@@ -411,7 +411,7 @@ fn login_call(
 
 /// Refresh with a token from `chains` (one per call in flight, so no two calls present
 /// the same token); its successor goes back. A failed call puts its token back: a retry
-/// with it is answered with the same successor (docs/design.md §9).
+/// with it is answered with the same successor (docs/design.md §10).
 fn refresh_call(
     clients: Clients,
     chains: Arc<std::sync::Mutex<Vec<String>>>,
@@ -995,6 +995,7 @@ fn reference_settings(
             revocation_checked: true,
             auth_time: time(auth_time),
             amr: claims.amr,
+            roles: Vec::new(),
         },
     })
 }

@@ -92,6 +92,7 @@ impl Settings {
                 // A Login's token: logged in when issued, by password.
                 auth_time: Some(time(iat)?),
                 amr: vec!["pwd".to_owned()],
+                roles: Vec::new(),
             },
         })
     }

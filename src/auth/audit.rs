@@ -47,6 +47,10 @@ pub enum AuditKind {
     /// A refresh token older than the session's current one was presented: the
     /// session was ended as stolen.
     RefreshReuseDetected,
+    /// An AdminService call; the detail names the method and the caller.
+    AdminAction,
+    /// An AdminService call refused: not an administrator.
+    AdminDenied,
 }
 
 impl AuditKind {
@@ -62,8 +66,24 @@ impl AuditKind {
             Self::PasswordChangeFailed => "password_change_failed",
             Self::SessionRevoked => "session_revoked",
             Self::RefreshReuseDetected => "refresh_reuse_detected",
+            Self::AdminAction => "admin_action",
+            Self::AdminDenied => "admin_denied",
         }
     }
+
+    /// Every kind's name, for ListAuditEvents' filter.
+    pub const NAMES: &[&str] = &[
+        "login_succeeded",
+        "login_failed",
+        "throttled",
+        "lockout",
+        "logout",
+        "password_changed",
+        "password_change_failed",
+        "session_revoked",
+        "admin_action",
+        "admin_denied",
+    ];
 }
 
 /// One event, before it is stamped with the time.

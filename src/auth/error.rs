@@ -65,6 +65,15 @@ pub enum AuthError {
     /// Login: unknown user, wrong password or empty password; deliberately one variant.
     #[error("invalid username or password")]
     InvalidCredentials,
+    /// Login: the right password of a disabled account.
+    #[error("account disabled")]
+    AccountDisabled,
+    /// AdminService: no such user.
+    #[error("user not found")]
+    UserNotFound,
+    /// AdminService: the caller is authenticated but not an administrator.
+    #[error("not an administrator")]
+    NotAdmin,
     /// An authenticated call without a good bearer token.
     #[error("missing or invalid bearer token")]
     Unauthenticated,

@@ -8,6 +8,7 @@ pub mod padding;
 pub mod password;
 pub mod refresh;
 pub mod remembered;
+pub mod roles;
 pub mod service;
 pub mod throttle;
 pub mod token;

@@ -1,4 +1,4 @@
-//! Refresh tokens (docs/design.md §9): opaque, self-locating and MAC'd, rotated on
+//! Refresh tokens (docs/design.md §10): opaque, self-locating and MAC'd, rotated on
 //! every use, with the session as the token family.
 //!
 //! A token reads `rt1.<user_id>.<session_id>.<generation>.<secret>.<tag>`:

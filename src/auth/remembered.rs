@@ -73,6 +73,10 @@ impl RememberedRevocations {
     /// Remembers a revocation recorded at `at` (unix seconds). One already held (this
     /// instance's own, read back from the stream) is not held twice.
     pub fn remember(&self, revocation: &Revocation, at: i64) {
+        if matches!(revocation, Revocation::UserUpdated { .. }) {
+            // Revokes nothing.
+            return;
+        }
         let until = at.saturating_add(self.keep_for);
         let mut inner = self.lock();
         let key = match revocation {
@@ -118,6 +122,7 @@ impl RememberedRevocations {
                     .insert(user_id.clone(), (at, except_session_id.clone(), until));
                 Key::User(user_id.clone())
             }
+            Revocation::UserUpdated { .. } => return,
         };
         inner.order.push_back((until, key));
         let mut evicted = 0u64;

@@ -25,6 +25,9 @@ use crate::store::sessions::{
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore, truncate};
 
+#[path = "admin.rs"]
+pub mod admin;
+
 /// The longest session id accepted, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 64;
 pub use crate::store::MAX_USER_AGENT_BYTES;
@@ -63,6 +66,8 @@ pub struct LoggedIn {
     pub refresh_expires_at: i64,
     /// When the session ends whatever happens.
     pub session_expires_at: i64,
+    /// An operator set the password and asked for a new one.
+    pub password_change_required: bool,
 }
 
 impl std::fmt::Debug for LoggedIn {
@@ -88,6 +93,8 @@ pub struct ValidToken {
     pub claims: Claims,
     /// False when the session store could not be asked (open mode).
     pub revocation_checked: bool,
+    /// The user's roles now (not at login).
+    pub roles: Vec<String>,
 }
 
 /// ValidateToken's answer.
@@ -132,6 +139,8 @@ struct Rules {
     reuse_grace: i64,
     max_sessions: u32,
     failure_mode: RedisFailureMode,
+    /// `JWT_TTL + JWT_LEEWAY`, in seconds: how long a roles mirror is kept.
+    token_lifetime: i64,
     password_policy: PasswordPolicy,
     trusted_proxies: TrustedProxies,
 }
@@ -217,6 +226,7 @@ impl AuthCore {
                 reuse_grace: seconds(config.refresh.reuse_grace),
                 max_sessions: config.max_sessions_per_user,
                 failure_mode: config.sessions.failure_mode(),
+                token_lifetime: seconds(config.jwt.ttl + config.jwt.leeway),
                 password_policy: config.password_policy,
                 trusted_proxies: config.trusted_proxies.clone(),
             },
@@ -419,6 +429,19 @@ impl AuthCore {
             }
         };
         let user = match user {
+            Some(user) if matches && !password.is_empty() && user.disabled => {
+                // The right password of a disabled account: saying so is clearer to its
+                // owner than a wrong-password answer, and tells a guesser nothing a
+                // wrong password would not (the account is closed to them either way).
+                self.settle(&who, attempt, Settle::Succeeded).await;
+                self.audit.record(
+                    AuditEvent::new(AuditKind::LoginFailed, &client)
+                        .user(&user.id)
+                        .username_hash(&name_hash)
+                        .detail("account disabled"),
+                );
+                return Err(AuthError::AccountDisabled);
+            }
             Some(user) if matches && !password.is_empty() => user,
             user => {
                 metrics::counter!("authd_logins_total", "outcome" => "failure").increment(1);
@@ -483,6 +506,23 @@ impl AuthCore {
             )
             .await
             .map_err(sessions_error)?;
+        let user = match self.recheck_after_login(&user.id, &session_id, now).await {
+            Ok(user) => user,
+            Err(e) => {
+                self.audit.record(
+                    AuditEvent::new(AuditKind::LoginFailed, &client)
+                        .user(&user.id)
+                        .username_hash(&name_hash)
+                        .session(&session_id)
+                        .detail(match &e {
+                            AuthError::AccountDisabled => "disabled during login; session ended",
+                            AuthError::InvalidCredentials => "deleted during login; session ended",
+                            _ => "user not read again after login; session ended",
+                        }),
+                );
+                return Err(e);
+            }
+        };
         if !evicted.is_empty() {
             tracing::info!(user_id = %user.id, ended = evicted.len(), "oldest sessions ended: MAX_SESSIONS_PER_USER");
         }
@@ -519,11 +559,12 @@ impl AuthCore {
             refresh_token,
             refresh_expires_at: idle_expires_at.min(absolute_end),
             session_expires_at: absolute_end,
+            password_change_required: user.password_change_required,
         })
     }
 
     /// Trades a refresh token for a new access token and its successor (docs/design.md
-    /// §9). The current token rotates once, however many calls present it at once; the
+    /// §10). The current token rotates once, however many calls present it at once; the
     /// previous one, within the grace, gets the same successor again; an older one ends
     /// the session as stolen. A token that is not the session's (forged, or of an ended
     /// session) is refused and changes nothing. Every refusal counts against the
@@ -1164,11 +1205,13 @@ impl AuthCore {
             Err(reason) => return Ok(Validation::Invalid(reason)),
         };
         match self.check_session(&claims, now).await {
-            Ok(None) => Ok(Validation::Valid(ValidToken {
+            Ok(Ok(Some(roles))) => Ok(Validation::Valid(ValidToken {
                 claims,
                 revocation_checked: true,
+                roles: super::roles::unframe(&roles),
             })),
-            Ok(Some(reason)) => Ok(Validation::Invalid(reason)),
+            Ok(Ok(None)) => self.validate_from_users(claims).await,
+            Ok(Err(reason)) => Ok(Validation::Invalid(reason)),
             Err(StoreError::Unavailable(e))
                 if self.rules.failure_mode == RedisFailureMode::Open =>
             {
@@ -1199,33 +1242,102 @@ impl AuthCore {
             None => Validation::Invalid(InvalidReason::SessionNotFound),
             // A token issued in the same second as a password change may be older than
             // it: `iat` has whole seconds, so that second counts as before (the safe side).
-            Some(user) if claims.iat <= user.sessions_valid_after => {
+            Some(user) if claims.iat <= user.sessions_valid_after || user.disabled => {
                 Validation::Invalid(InvalidReason::Revoked)
             }
-            Some(_) => Validation::Valid(ValidToken {
+            Some(user) => Validation::Valid(ValidToken {
                 claims,
                 revocation_checked: false,
+                roles: super::roles::unframe(&user.roles),
             }),
         })
     }
 
-    /// `None` when the session is live (extending it if a minute has passed), or why not.
+    /// A live session whose user's roles are not mirrored beside it: the users table
+    /// says, and the mirror is filled again (unless SetRoles wrote it meanwhile). A user
+    /// gone or disabled since has no valid token.
+    async fn validate_from_users(&self, claims: Claims) -> Result<Validation, AuthError> {
+        let user = self
+            .users
+            .find_by_id(&claims.sub)
+            .await
+            .map_err(users_error)?;
+        let user = match user {
+            None => return Ok(Validation::Invalid(InvalidReason::SessionNotFound)),
+            Some(user) if user.disabled => return Ok(Validation::Invalid(InvalidReason::Revoked)),
+            Some(user) => user,
+        };
+        self.mirror_roles(&user.id, &user.roles, true).await;
+        Ok(Validation::Valid(ValidToken {
+            claims,
+            revocation_checked: true,
+            roles: super::roles::unframe(&user.roles),
+        }))
+    }
+
+    /// Mirrors a user's roles beside the sessions (see `SessionStore::mirror_roles`), for
+    /// as long as any token can live. A mirror not written is only a slower
+    /// ValidateToken (it reads the users table), so a failure is logged, not returned.
+    async fn mirror_roles(&self, user_id: &str, roles: &str, only_if_missing: bool) {
+        if let Err(e) = self
+            .sessions
+            .mirror_roles(user_id, roles, only_if_missing, self.rules.token_lifetime)
+            .await
+        {
+            tracing::warn!(user_id, error = %e, "roles not mirrored beside the sessions");
+        }
+    }
+
+    /// After a Login created its session: the user as stored now. A user disabled or
+    /// deleted while this Login checked the password loses the session at once. Disable
+    /// writes the users table before it ends the sessions, so either this read sees it,
+    /// or the session was created before that sweep, which ends it.
+    async fn recheck_after_login(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        now: i64,
+    ) -> Result<crate::store::User, AuthError> {
+        let user = self.users.find_by_id(user_id).await.map_err(users_error);
+        match user {
+            Ok(Some(user)) if !user.disabled => {
+                self.mirror_roles(&user.id, &user.roles, true).await;
+                Ok(user)
+            }
+            outcome => {
+                self.sessions
+                    .revoke(user_id, session_id, now)
+                    .await
+                    .map_err(sessions_error)?;
+                match outcome {
+                    Err(e) => Err(e),
+                    Ok(Some(_)) => Err(AuthError::AccountDisabled),
+                    Ok(None) => Err(AuthError::InvalidCredentials),
+                }
+            }
+        }
+    }
+
+    /// The mirrored roles (`None`: no mirror) when the session is live (extending it if
+    /// a minute has passed), or why it is not.
     async fn check_session(
         &self,
         claims: &Claims,
         now: i64,
-    ) -> Result<Option<InvalidReason>, StoreError> {
+    ) -> Result<Result<Option<String>, InvalidReason>, StoreError> {
         match self
             .sessions
             .check(&claims.sub, &claims.sid, &claims.jti, now)
             .await?
         {
-            SessionState::Revoked => Ok(Some(InvalidReason::Revoked)),
-            SessionState::Missing => Ok(Some(InvalidReason::SessionNotFound)),
+            SessionState::Revoked => Ok(Err(InvalidReason::Revoked)),
+            SessionState::Missing => Ok(Err(InvalidReason::SessionNotFound)),
             SessionState::Live {
                 idle_expires_at, ..
-            } if idle_expires_at <= now => Ok(Some(InvalidReason::SessionNotFound)),
-            SessionState::Live { last_seen, .. } => {
+            } if idle_expires_at <= now => Ok(Err(InvalidReason::SessionNotFound)),
+            SessionState::Live {
+                last_seen, roles, ..
+            } => {
                 if now - last_seen >= TOUCH_INTERVAL_SECONDS {
                     let touched = self
                         .sessions
@@ -1239,10 +1351,10 @@ impl AuthCore {
                         .await?;
                     if !touched {
                         // Revoked between the check and the touch.
-                        return Ok(Some(InvalidReason::SessionNotFound));
+                        return Ok(Err(InvalidReason::SessionNotFound));
                     }
                 }
-                Ok(None)
+                Ok(Ok(roles))
             }
         }
     }
@@ -1258,8 +1370,8 @@ impl AuthCore {
             .map_err(|_| AuthError::Unauthenticated)?;
         crate::telemetry::record_user_id(&claims.sub);
         match self.check_session(&claims, now).await {
-            Ok(None) => Ok(claims),
-            Ok(Some(_)) => Err(AuthError::Unauthenticated),
+            Ok(Ok(_)) => Ok(claims),
+            Ok(Err(_)) => Err(AuthError::Unauthenticated),
             Err(e) => Err(sessions_error(e)),
         }
     }
@@ -1331,6 +1443,8 @@ fn refreshed(
         refresh_token: successor,
         refresh_expires_at: idle_expires_at.min(s.ends_at),
         session_expires_at: s.ends_at,
+        // Login's word on it; Refresh does not read the user.
+        password_change_required: false,
     }
 }
 

@@ -250,6 +250,12 @@ impl Throttle {
         reset.and(release)
     }
 
+    /// Forgets the failures counted against the account whose canonical name hashes to
+    /// `name_hash` (UnlockUser): its attempts need not wait any more.
+    pub async fn unlock_account(&self, name_hash: &str) -> Result<(), StoreError> {
+        self.store.reset(&format!("account:{name_hash}")).await
+    }
+
     /// The password was never checked (the call was shed or a store failed): the
     /// attempt is given back on both counters.
     pub async fn withdraw(

@@ -19,4 +19,15 @@ pub struct AuthContext {
     /// False when authd answered without checking revocation (its session store was
     /// down and it runs in open mode).
     pub revocation_checked: bool,
+    /// The user's roles as authd last said (sorted). A change made with SetRoles reaches
+    /// the cache at once through the revocation stream. Empty when the token was not
+    /// checked (failing open): roles are never read from the token.
+    pub roles: Vec<String>,
+}
+
+impl AuthContext {
+    /// Whether the user holds `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
 }

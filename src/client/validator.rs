@@ -398,6 +398,7 @@ impl Inner {
                     .map_or(UNIX_EPOCH, |t| system_time(t.seconds)),
                 token_checked: true,
                 revocation_checked: reply.revocation_checked,
+                roles: reply.roles,
             })
         } else {
             Answer::Invalid(reply.reason())
@@ -432,6 +433,11 @@ impl Inner {
                     event.user_id.clone(),
                     (Instant::now(), event.except_session_id.clone()),
                 );
+            }
+            // The user's roles changed: every answer cached before now is asked again.
+            Kind::UserUpdated => {
+                self.revoked_users
+                    .insert(event.user_id.clone(), (Instant::now(), String::new()));
             }
             Kind::Reset => {
                 *self.reset_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
@@ -602,6 +608,7 @@ fn unverified_context(token: &str) -> Option<AuthContext> {
         expires_at: system_time(c.exp?),
         token_checked: false,
         revocation_checked: false,
+        roles: Vec::new(),
     })
 }
 

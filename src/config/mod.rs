@@ -5,6 +5,7 @@
 //! One file per concern, each with its types and the parser that reads them; this file
 //! puts them together.
 
+mod admin;
 mod audit;
 mod error;
 mod listeners;
@@ -113,6 +114,9 @@ pub struct Config {
     /// an http(s) URL), without a trailing `/`: the base of the discovery document's
     /// `jwks_uri`. `None`: built from each request, and not cacheable.
     pub public_url: Option<String>,
+    /// SANs of the mTLS client certificates that may call AdminService
+    /// (`ADMIN_CLIENT_SANS`); empty: only admins' bearer tokens may.
+    pub admin_client_sans: Vec<String>,
 }
 
 impl Config {
@@ -182,6 +186,7 @@ impl Config {
             trusted_proxies: network::trusted_proxies(raw.trusted_proxies.clone())?,
             throttle: throttle::throttle(&raw)?,
             audit: audit::audit(&raw)?,
+            admin_client_sans: admin::admin_client_sans(&raw)?,
         })
     }
 }

@@ -89,6 +89,7 @@ pub(super) struct RawEnv {
     pub(super) audit_retention: Option<String>,
     pub(super) audit_purge_interval: Option<String>,
     pub(super) audit_queue: Option<String>,
+    pub(super) admin_client_sans: Option<String>,
 }
 
 /// Every environment variable authd reads: the fields of `RawEnv` (kept in step by a
@@ -180,4 +181,5 @@ pub const SETTINGS: &[&str] = &[
     "AUDIT_QUEUE",
     "NAME_HASH_KEY",
     "PUBLIC_URL",
+    "ADMIN_CLIENT_SANS",
 ];

@@ -1,5 +1,5 @@
 //! Refresh tokens: how long a session may last in all, and how long a replayed refresh
-//! token is forgiven (docs/design.md §9).
+//! token is forgiven (docs/design.md §10).
 
 use std::time::Duration;
 

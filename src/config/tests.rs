@@ -645,3 +645,32 @@ fn refresh_settings_are_checked() {
         assert_eq!(e.variable, var, "{value}");
     }
 }
+
+#[test]
+fn admin_client_sans_are_a_list_and_need_client_certificates() {
+    let tls = [
+        ("TLS_CERT_FILE", "/c.pem"),
+        ("TLS_KEY_FILE", "/k.pem"),
+        ("TLS_CLIENT_CA_FILE", "/ca.pem"),
+    ];
+    let with = |extra: &[(&str, &str)]| {
+        Config::from_vars(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    };
+    let mut vars = tls.to_vec();
+    vars.push((
+        "ADMIN_CLIENT_SANS",
+        " ops.example.com , spiffe://example.org/ops,,",
+    ));
+    assert_eq!(
+        with(&vars).unwrap().admin_client_sans,
+        ["ops.example.com", "spiffe://example.org/ops"]
+    );
+    assert!(with(&tls).unwrap().admin_client_sans.is_empty());
+    let e = with(&[("ADMIN_CLIENT_SANS", "ops.example.com")]).unwrap_err();
+    assert_eq!(e.variable, "ADMIN_CLIENT_SANS");
+    assert!(e.problem.contains("TLS_CLIENT_CA_FILE"), "{e}");
+}

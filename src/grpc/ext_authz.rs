@@ -9,6 +9,8 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::ext_authz::v3::{
     CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
 };
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
 use tonic::{Request, Response, Status};
 
 use super::service::{hot_rpc, log_refusal};
@@ -24,6 +26,8 @@ pub const USERNAME_HEADER: &str = "x-auth-username";
 pub const SESSION_ID_HEADER: &str = "x-auth-session-id";
 /// Present (value `revocation-unchecked`) when the session store could not be asked.
 pub const DEGRADED_HEADER: &str = "x-auth-degraded";
+/// The user's roles, comma-separated (empty for none).
+pub const ROLES_HEADER: &str = "x-auth-roles";
 
 /// The Check service.
 #[derive(Debug, Clone)]
@@ -65,7 +69,8 @@ impl ExtAuthz {
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
         ok.add_header(USER_ID_HEADER, &valid.claims.sub, overwrite, false)
             .add_header(USERNAME_HEADER, &valid.claims.username, overwrite, false)
-            .add_header(SESSION_ID_HEADER, &valid.claims.sid, overwrite, false);
+            .add_header(SESSION_ID_HEADER, &valid.claims.sid, overwrite, false)
+            .add_header(ROLES_HEADER, valid.roles.join(","), overwrite, false);
         if valid.revocation_checked {
             ok.remove_header(DEGRADED_HEADER);
         } else {
@@ -76,7 +81,32 @@ impl ExtAuthz {
         }
         let mut response = CheckResponse::with_status(Status::ok("allowed"));
         response.set_http_response(ok);
+        response.set_dynamic_metadata(Some(metadata(&valid)));
         Ok(response)
+    }
+}
+
+/// What Envoy's filters after ext_authz (RBAC, say) can match, under the namespace
+/// `envoy.filters.http.ext_authz`: `user_id`, `username`, `session_id`, and `roles` as a
+/// list of strings.
+fn metadata(valid: &crate::auth::service::ValidToken) -> Struct {
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    };
+    let roles = Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: valid.roles.iter().map(|r| text(r)).collect(),
+        })),
+    };
+    Struct {
+        fields: [
+            ("user_id".to_owned(), text(&valid.claims.sub)),
+            ("username".to_owned(), text(&valid.claims.username)),
+            ("session_id".to_owned(), text(&valid.claims.sid)),
+            ("roles".to_owned(), roles),
+        ]
+        .into_iter()
+        .collect(),
     }
 }
 

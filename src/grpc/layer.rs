@@ -20,6 +20,7 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::status::{ShedScope, code_name, deadline_exceeded, overloaded};
+use crate::proto::auth::v1::admin_service_server::SERVICE_NAME as ADMIN_SERVICE;
 use crate::proto::auth::v1::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
 use crate::transport::Peer;
 
@@ -27,6 +28,7 @@ use crate::transport::Peer;
 /// client cannot grow the label set.
 const KNOWN_SERVICES: &[&str] = &[
     AUTH_SERVICE,
+    ADMIN_SERVICE,
     "envoy.service.auth.v3.Authorization",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",

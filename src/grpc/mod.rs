@@ -1,5 +1,6 @@
 //! gRPC: proto ↔ domain conversion, metadata, and the one place errors become Status.
 
+pub mod admin;
 pub mod ext_authz;
 pub mod layer;
 pub mod service;

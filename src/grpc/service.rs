@@ -96,6 +96,10 @@ fn event_message(event: Event) -> pb::RevocationEvent {
                     m.user_id = user_id;
                     m.except_session_id = except_session_id;
                 }
+                Revocation::UserUpdated { user_id } => {
+                    m.kind = pb::RevocationKind::UserUpdated.into();
+                    m.user_id = user_id;
+                }
             }
             m
         }
@@ -192,7 +196,7 @@ where
 }
 
 /// The bearer token from `authorization: Bearer <token>`, if there is one.
-fn bearer<T>(request: &Request<T>) -> Option<String> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<String> {
     bearer_token(request.metadata().get("authorization")?.to_str().ok()?).map(str::to_owned)
 }
 
@@ -201,7 +205,7 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
 /// from anyone else it is ignored, or a client could pick the address it is throttled
 /// and audited by. Without it: the peer address. The agent is the request's field when
 /// filled, else the `user-agent` metadata.
-fn client_info<T>(
+pub(crate) fn client_info<T>(
     request: &Request<T>,
     trusted: &TrustedProxies,
     client_ip: &str,
@@ -272,7 +276,7 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
-fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
+pub(crate) fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: unix_seconds,
         nanos: 0,
@@ -344,6 +348,7 @@ impl AuthService for AuthGrpc {
                 .login(&req.username, &req.password, client)
                 .await?;
             record_user_id(&done.claims.sub);
+            let password_change_required = done.password_change_required;
             let r = token_answer(done);
             Ok(pb::LoginResponse {
                 access_token: r.access_token,
@@ -354,6 +359,7 @@ impl AuthService for AuthGrpc {
                 refresh_token: r.refresh_token,
                 refresh_expires_at: r.refresh_expires_at,
                 session_expires_at: r.session_expires_at,
+                password_change_required,
             })
         })
         .await
@@ -523,6 +529,7 @@ impl AuthService for AuthGrpc {
                         revocation_checked: v.revocation_checked,
                         auth_time: Some(timestamp(auth_time)),
                         amr: v.claims.amr,
+                        roles: v.roles,
                     }
                 }
                 Validation::Invalid(r) => {

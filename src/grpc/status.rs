@@ -106,6 +106,11 @@ impl From<AuthError> for Status {
             AuthError::InvalidCredentials => {
                 Status::unauthenticated("invalid username or password")
             }
+            AuthError::AccountDisabled => Status::failed_precondition("account disabled"),
+            AuthError::UserNotFound => Status::not_found("user not found"),
+            AuthError::NotAdmin => Status::permission_denied(
+                "not an administrator: AdminService needs the admin role or an ADMIN_CLIENT_SANS certificate",
+            ),
             AuthError::Unauthenticated => {
                 Status::unauthenticated("missing or invalid bearer token")
             }

@@ -28,6 +28,44 @@ pub struct AuditRow {
     pub detail: String,
 }
 
+/// A row as read back (ListAuditEvents), with its position.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredAuditRow {
+    /// The row's id: later rows have greater ones.
+    pub id: i64,
+    /// When it happened (unix milliseconds).
+    pub at_ms: i64,
+    /// What happened.
+    pub kind: String,
+    /// The user, when known.
+    pub user_id: Option<String>,
+    /// A keyed hash of the canonical username.
+    pub username_hash: Option<String>,
+    /// The client address.
+    pub client_ip: String,
+    /// The client's user agent.
+    pub user_agent: String,
+    /// The session concerned.
+    pub session_id: Option<String>,
+    /// The token concerned.
+    pub jti: Option<String>,
+    /// A few words more.
+    pub detail: String,
+}
+
+/// Which rows ListAuditEvents wants.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Rows about this user.
+    pub user_id: Option<String>,
+    /// Rows of this kind.
+    pub kind: Option<String>,
+    /// At or after (unix ms).
+    pub since_ms: Option<i64>,
+    /// Before (unix ms).
+    pub until_ms: Option<i64>,
+}
+
 /// The widths of `audit_events`' text columns, as the MySQL migration declares them
 /// (a unit test keeps the two in step). MySQL counts characters and SQLite nothing, so a
 /// value cut to this many bytes fits both. Every value is cut here, in [`AuditStore::insert`],
@@ -88,6 +126,47 @@ impl AuditStore {
                     .push_bind(truncate(&e.detail, width::DETAIL));
             });
             query.build().execute(pool).await.map(|_| ())
+        })
+        .map_err(classify)
+    }
+
+    /// At most `limit` rows matching `filter`, newest first, older than the row `before`
+    /// (`None`: from the newest).
+    pub async fn list(
+        &self,
+        filter: &AuditFilter,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredAuditRow>, StoreError> {
+        on_pool!(self, |pool| {
+            // `CAST(id AS SIGNED)`: MySQL's id is unsigned; SQLite reads SIGNED as a
+            // numeric type, so both give a signed integer.
+            let mut query = QueryBuilder::new(
+                "SELECT CAST(id AS SIGNED) AS id, at_ms, kind, user_id, username_hash, \
+                 client_ip, user_agent, session_id, jti, detail FROM audit_events WHERE 1 = 1",
+            );
+            if let Some(before) = before {
+                query.push(" AND id < ").push_bind(before);
+            }
+            if let Some(user_id) = &filter.user_id {
+                query.push(" AND user_id = ").push_bind(user_id);
+            }
+            if let Some(kind) = &filter.kind {
+                query.push(" AND kind = ").push_bind(kind);
+            }
+            if let Some(since) = filter.since_ms {
+                query.push(" AND at_ms >= ").push_bind(since);
+            }
+            if let Some(until) = filter.until_ms {
+                query.push(" AND at_ms < ").push_bind(until);
+            }
+            query
+                .push(" ORDER BY id DESC LIMIT ")
+                .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+            query
+                .build_query_as::<StoredAuditRow>()
+                .fetch_all(pool)
+                .await
         })
         .map_err(classify)
     }

@@ -23,6 +23,46 @@ pub struct User {
     pub password_hash: String,
     /// Tokens issued (whole seconds) before this are refused when sessions cannot be checked.
     pub sessions_valid_after: i64,
+    /// The user's roles, comma-framed (`,admin,ops,`; empty for none): see
+    /// [`crate::auth::roles`].
+    pub roles: String,
+    /// A disabled user cannot log in, and has no sessions.
+    pub disabled: bool,
+    /// Login tells the user to change the password an operator set.
+    pub password_change_required: bool,
+}
+
+/// The columns of [`User`], in a `SELECT`.
+macro_rules! user_columns {
+    () => {
+        "id, username, password_hash, sessions_valid_after, roles, disabled, password_change_required"
+    };
+}
+
+/// A user to insert (CreateUser, `authd users create`, `authd users import`).
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    /// UUID.
+    pub id: String,
+    /// Canonical username.
+    pub username: String,
+    /// bcrypt hash.
+    pub password_hash: String,
+    /// Comma-framed roles (see [`User::roles`]).
+    pub roles: String,
+    /// Ask for a new password at the next login.
+    pub password_change_required: bool,
+}
+
+/// Which users ListUsers wants.
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// Usernames starting with this (canonical, `[a-z0-9_]` only).
+    pub name_prefix: String,
+    /// Holders of this role (a valid role name).
+    pub role: Option<String>,
+    /// Only disabled users (`Some(true)`) or only enabled ones (`Some(false)`).
+    pub disabled: Option<bool>,
 }
 
 /// Creating a user failed.
@@ -131,45 +171,36 @@ impl UserStore {
         })
     }
 
-    /// Inserts a user; a taken username (case-insensitively) is `UsernameTaken`.
+    /// Inserts a user with no roles; a taken username (case-insensitively) is
+    /// `UsernameTaken`.
     pub async fn create(
         &self,
         id: &str,
         username: &str,
         password_hash: &str,
     ) -> Result<(), CreateUserError> {
-        let insert = async {
-            on_pool!(self, |pool| {
-                sqlx::query(
-            "INSERT INTO users (id, username, password_hash, sessions_valid_after) VALUES (?, ?, ?, 0)",
-        )
-        .bind(id)
-        .bind(username)
-        .bind(password_hash)
-        .execute(pool)
+        self.insert(&NewUser {
+            id: id.to_owned(),
+            username: username.to_owned(),
+            password_hash: password_hash.to_owned(),
+            roles: String::new(),
+            password_change_required: false,
+        })
         .await
-        .map(|_| ())
-            })
-        };
-        match self.within(insert, std::convert::identity).await {
-            Ok(()) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(CreateUserError::UsernameTaken)
-            }
-            Err(e) => Err(classify(e).into()),
-        }
     }
 
     /// The user with this canonical username.
     pub async fn find_by_username(&self, username: &str) -> Result<Option<User>, StoreError> {
         let select = async {
             on_pool!(self, |pool| {
-                sqlx::query_as::<_, User>(
-                "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE username = ?",
-            )
-            .bind(username)
-            .fetch_optional(pool)
-            .await
+                sqlx::query_as::<_, User>(concat!(
+                    "SELECT ",
+                    user_columns!(),
+                    " FROM users WHERE username = ?"
+                ))
+                .bind(username)
+                .fetch_optional(pool)
+                .await
             })
         };
         self.within(select, std::convert::identity)
@@ -180,9 +211,11 @@ impl UserStore {
     /// The user with this id.
     pub async fn find_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
         let select = async {
-            on_pool!(self, |pool| sqlx::query_as::<_, User>(
-                "SELECT id, username, password_hash, sessions_valid_after FROM users WHERE id = ?",
-            )
+            on_pool!(self, |pool| sqlx::query_as::<_, User>(concat!(
+                "SELECT ",
+                user_columns!(),
+                " FROM users WHERE id = ?"
+            ))
             .bind(id)
             .fetch_optional(pool)
             .await)
@@ -251,7 +284,7 @@ impl UserStore {
             on_pool!(self, |pool| {
                 let mut tx = pool.begin().await.map_err(classify)?;
                 let done = sqlx::query(
-                    "UPDATE users SET password_hash = ?, \
+                    "UPDATE users SET password_hash = ?, password_change_required = FALSE, \
                  sessions_valid_after = CASE WHEN sessions_valid_after > ? \
                  THEN sessions_valid_after ELSE ? END \
                  WHERE id = ? AND password_hash = ?",
@@ -273,6 +306,206 @@ impl UserStore {
             })
         };
         self.within(change, classify).await
+    }
+
+    /// Inserts a user with roles and flags; a taken username is `UsernameTaken`.
+    pub async fn insert(&self, user: &NewUser) -> Result<(), CreateUserError> {
+        let insert = async {
+            on_pool!(self, |pool| {
+                sqlx::query(
+                    "INSERT INTO users (id, username, password_hash, sessions_valid_after, \
+                     roles, disabled, password_change_required) VALUES (?, ?, ?, 0, ?, FALSE, ?)",
+                )
+                .bind(&user.id)
+                .bind(&user.username)
+                .bind(&user.password_hash)
+                .bind(&user.roles)
+                .bind(user.password_change_required)
+                .execute(pool)
+                .await
+                .map(|_| ())
+            })
+        };
+        match self.within(insert, std::convert::identity).await {
+            Ok(()) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(CreateUserError::UsernameTaken)
+            }
+            Err(e) => Err(classify(e).into()),
+        }
+    }
+
+    /// Inserts many users in one statement, skipping those whose username is taken (an
+    /// import run again adds nothing). Returns how many were inserted.
+    pub async fn import(&self, users: &[NewUser]) -> Result<u64, StoreError> {
+        if users.is_empty() {
+            return Ok(0);
+        }
+        let insert = async {
+            on_pool!(self, |pool| {
+                let verb = match &self.pool {
+                    Pool::MySql(_) => "INSERT IGNORE INTO",
+                    Pool::Sqlite(_) => "INSERT OR IGNORE INTO",
+                };
+                let mut query = sqlx::QueryBuilder::new(format!(
+                    "{verb} users (id, username, password_hash, sessions_valid_after, roles, \
+                     disabled, password_change_required) "
+                ));
+                query.push_values(users, |mut row, u| {
+                    row.push_bind(&u.id)
+                        .push_bind(&u.username)
+                        .push_bind(&u.password_hash)
+                        .push_bind(0_i64)
+                        .push_bind(&u.roles)
+                        .push_bind(false)
+                        .push_bind(u.password_change_required);
+                });
+                query
+                    .build()
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected())
+            })
+        };
+        self.within(insert, std::convert::identity)
+            .await
+            .map_err(classify)
+    }
+
+    /// Disables (refusing logins, and moving `sessions_valid_after` to `now` so that open
+    /// mode refuses the user's tokens too) or enables a user. False when there is no
+    /// such user.
+    pub async fn set_disabled(
+        &self,
+        id: &str,
+        disabled: bool,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let update = async {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE users SET disabled = ?, sessions_valid_after = CASE \
+                 WHEN ? AND sessions_valid_after < ? THEN ? ELSE sessions_valid_after END \
+                 WHERE id = ?"
+            )
+            .bind(disabled)
+            .bind(disabled)
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        };
+        self.within(update, std::convert::identity)
+            .await
+            .map_err(classify)?;
+        Ok(self.find_by_id(id).await?.is_some())
+    }
+
+    /// Removes a user's row. False when there was none.
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let delete = async {
+            on_pool!(self, |pool| sqlx::query("DELETE FROM users WHERE id = ?")
+                .bind(id)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected()))
+        };
+        let deleted = self
+            .within(delete, std::convert::identity)
+            .await
+            .map_err(classify)?;
+        Ok(deleted > 0)
+    }
+
+    /// An operator's new password: the hash, whether it must be changed at the next
+    /// login, and `sessions_valid_after` moved to `now`, in one statement.
+    pub async fn set_password(
+        &self,
+        id: &str,
+        hash: &str,
+        require_change: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let update = async {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE users SET password_hash = ?, password_change_required = ?, \
+                 sessions_valid_after = CASE WHEN sessions_valid_after > ? \
+                 THEN sessions_valid_after ELSE ? END WHERE id = ?"
+            )
+            .bind(hash)
+            .bind(require_change)
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        };
+        self.within(update, std::convert::identity)
+            .await
+            .map_err(classify)
+    }
+
+    /// Replaces a user's roles (comma-framed).
+    pub async fn set_roles(&self, id: &str, roles: &str) -> Result<(), StoreError> {
+        let update = async {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE users SET roles = ? WHERE id = ?"
+            )
+            .bind(roles)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        };
+        self.within(update, std::convert::identity)
+            .await
+            .map_err(classify)
+    }
+
+    /// At most `limit` users matching `filter`, by username, after the username `after`.
+    pub async fn list(
+        &self,
+        filter: &UserFilter,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<User>, StoreError> {
+        let select = async {
+            on_pool!(self, |pool| {
+                let mut query = sqlx::QueryBuilder::new(concat!(
+                    "SELECT ",
+                    user_columns!(),
+                    " FROM users WHERE username > "
+                ));
+                query.push_bind(after);
+                if !filter.name_prefix.is_empty() {
+                    // A canonical name has no LIKE wildcard but `_`, escaped here (`!` is
+                    // in no name or role).
+                    let pattern = format!("{}%", filter.name_prefix.replace('_', "!_"));
+                    query
+                        .push(" AND username LIKE ")
+                        .push_bind(pattern)
+                        .push(" ESCAPE '!'");
+                }
+                if let Some(role) = &filter.role {
+                    query
+                        .push(" AND roles LIKE ")
+                        .push_bind(format!("%,{},%", role.replace('_', "!_")))
+                        .push(" ESCAPE '!'");
+                }
+                if let Some(disabled) = filter.disabled {
+                    query.push(" AND disabled = ").push_bind(disabled);
+                }
+                query
+                    .push(" ORDER BY username LIMIT ")
+                    .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+                query.build_query_as::<User>().fetch_all(pool).await
+            })
+        };
+        self.within(select, std::convert::identity)
+            .await
+            .map_err(classify)
     }
 
     /// Runs one store operation within `DB_QUERY_TIMEOUT`, so a stuck database costs a

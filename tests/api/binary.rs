@@ -260,7 +260,7 @@ async fn healthcheck_exits_0_while_the_server_serves_and_1_once_it_is_gone() {
 
     let (code, err) = run_authd(&["heathcheck"], vec![]).await;
     assert_eq!(code, 2, "{err}");
-    assert_one_clear_line(code, &err, "usage: authd [healthcheck]");
+    assert_one_clear_line(code, &err, "usage: authd [serve|healthcheck|users|admin]");
 }
 
 #[tokio::test]

@@ -25,6 +25,8 @@ macro_rules! on_every_backend {
 
 mod support;
 
+mod admin;
+mod admin_cli;
 mod audit;
 mod binary;
 mod change_password;

@@ -1,4 +1,4 @@
-//! Refresh: rotating refresh tokens with reuse detection (docs/design.md §9). Every
+//! Refresh: rotating refresh tokens with reuse detection (docs/design.md §10). Every
 //! behaviour on both backends; the Redis faults on a Redis of the test's own.
 
 use std::collections::BTreeSet;
@@ -24,6 +24,7 @@ on_every_backend!(
     revoke_session_ends_the_refresh_token,
     change_password_ends_the_other_sessions_refresh_tokens,
     the_session_limit_ends_the_evicted_sessions_refresh_token,
+    admin_disable_delete_and_revoke_end_the_refresh_tokens,
     a_forged_token_naming_a_real_session_ends_nothing_and_is_throttled,
     oversize_and_garbage_refresh_tokens_are_refused_cleanly,
     the_previous_access_token_stays_valid_until_its_own_exp
@@ -378,6 +379,56 @@ async fn the_session_limit_ends_the_evicted_sessions_refresh_token(backend: Back
     );
     for live in [second, third] {
         app.refresh(&live.refresh_token).await.unwrap();
+    }
+}
+
+async fn admin_disable_delete_and_revoke_end_the_refresh_tokens(backend: Backend) {
+    use authd::proto::auth::v1::admin_service_client::AdminServiceClient;
+    // Six refusals from one address: more than the default threshold lets through.
+    let app = backend
+        .app()
+        .env("THROTTLE_ADDRESS_THRESHOLD", "100")
+        .spawn()
+        .await;
+    let (root, _) = app.user_with_session("root").await;
+    sqlx::query("UPDATE users SET roles = ',admin,' WHERE id = ?")
+        .bind(&root.user_id)
+        .execute(&app.db().await)
+        .await
+        .unwrap();
+    let root = app.login("root", PASSWORD).await.unwrap().access_token;
+    let mut admin = AdminServiceClient::new(app.channel.clone());
+    for (name, call) in [("dora", "disable"), ("dave", "delete"), ("dina", "revoke")] {
+        let (_, login) = app.user_with_session(name).await;
+        let rotated = app.refresh(&login.refresh_token).await.unwrap();
+        let user = name.to_owned();
+        match call {
+            "disable" => {
+                admin
+                    .disable_user(bearer(&root, pb::DisableUserRequest { user }))
+                    .await
+                    .unwrap();
+            }
+            "delete" => {
+                admin
+                    .delete_user(bearer(&root, pb::DeleteUserRequest { user }))
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                admin
+                    .revoke_user_sessions(bearer(&root, pb::RevokeUserSessionsRequest { user }))
+                    .await
+                    .unwrap();
+            }
+        }
+        for token in [&rotated.refresh_token, &login.refresh_token] {
+            assert_eq!(
+                refused(app.refresh(token).await),
+                "REFRESH_TOKEN_INVALID",
+                "{call}"
+            );
+        }
     }
 }
 

@@ -40,6 +40,8 @@ struct UserSessions {
     sessions: HashMap<String, Stored>,
     /// `jti` → blacklisted until (unix seconds, exclusive).
     revoked: HashMap<String, i64>,
+    /// The mirror of the user's roles (comma-framed); kept while the user has sessions.
+    roles: Option<String>,
 }
 
 #[derive(Debug)]
@@ -195,8 +197,27 @@ impl MemorySessions {
             Some(s) if s.holds(jti) && s.record.ends_at(self.leeway) > now => SessionState::Live {
                 last_seen: s.record.last_seen,
                 idle_expires_at: s.record.idle_expires_at,
+                roles: user.roles.clone(),
             },
             _ => SessionState::Missing,
+        }
+    }
+
+    /// See [`super::SessionStore::mirror_roles`]. A user with no sessions keeps no
+    /// mirror: nothing would read it.
+    pub fn mirror_roles(&self, user_id: &str, roles: &str, only_if_missing: bool) {
+        let mut state = self.lock();
+        if let Some(user) = state.users.get_mut(user_id)
+            && (!only_if_missing || user.roles.is_none())
+        {
+            user.roles = Some(roles.to_owned());
+        }
+    }
+
+    /// See [`super::SessionStore::forget_roles`].
+    pub fn forget_roles(&self, user_id: &str) {
+        if let Some(user) = self.lock().users.get_mut(user_id) {
+            user.roles = None;
         }
     }
 
@@ -387,7 +408,8 @@ mod tests {
             m.check("u", "s", "j", 1100),
             SessionState::Live {
                 last_seen: 1100,
-                idle_expires_at: 4700
+                idle_expires_at: 4700,
+                roles: None,
             }
         );
     }

@@ -141,6 +141,9 @@ pub enum SessionState {
         last_seen: i64,
         /// When it ends unless extended.
         idle_expires_at: i64,
+        /// The user's roles as mirrored beside the sessions (comma-framed), read in the
+        /// same round trip; `None` when the mirror is missing (the users table then says).
+        roles: Option<String>,
     },
 }
 
@@ -277,6 +280,41 @@ impl SessionStore {
         match self {
             Self::Redis(r) => r.check(user_id, session_id, jti).await,
             Self::Memory(m) => Ok(m.check(user_id, session_id, jti, now)),
+        }
+    }
+
+    /// Mirrors the user's roles (comma-framed) beside the sessions, for `ttl_seconds`.
+    /// With `only_if_missing` (Login, and ValidateToken refilling a missing mirror from
+    /// the users table) an existing mirror is kept: it was written by SetRoles, or from a
+    /// read no older than this one's, so an answer read before a SetRoles can never
+    /// overwrite what SetRoles wrote after it.
+    pub async fn mirror_roles(
+        &self,
+        user_id: &str,
+        roles: &str,
+        only_if_missing: bool,
+        ttl_seconds: i64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => {
+                r.mirror_roles(user_id, roles, only_if_missing, ttl_seconds)
+                    .await
+            }
+            Self::Memory(m) => {
+                m.mirror_roles(user_id, roles, only_if_missing);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forgets the mirror of a user's roles (a deleted user).
+    pub async fn forget_roles(&self, user_id: &str) -> Result<(), StoreError> {
+        match self {
+            Self::Redis(r) => r.forget_roles(user_id).await,
+            Self::Memory(m) => {
+                m.forget_roles(user_id);
+                Ok(())
+            }
         }
     }
 

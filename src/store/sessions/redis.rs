@@ -3,7 +3,7 @@
 //! Keys (all of one user's share the `{user:<id>}` hash tag, so Redis Cluster can come
 //! later without a key redesign):
 //! - `<prefix>{user:<id>}:session:<sid>`: hash `jti login seen idle exp ip ua`
-//!   (times in unix seconds), and for refresh tokens (docs/design.md §9) `end` (the
+//!   (times in unix seconds), and for refresh tokens (docs/design.md §10) `end` (the
 //!   absolute end), `un amr` (what rotated access tokens carry), `rk` (the refresh
 //!   key), `rh prh` (hashes of the current and previous refresh token), `gen rot`
 //!   (generation, rotation time) and `pjti` (the previous access token); expiring
@@ -11,7 +11,9 @@
 //! - `<prefix>{user:<id>}:sessions`: sorted set of the user's session ids, by login order;
 //! - `<prefix>{user:<id>}:seq`: the login counter that orders that set;
 //! - `<prefix>{user:<id>}:revoked:<jti>`: blacklist entry, expiring `exp − now + leeway`
-//!   (at least 1 s) from the revocation.
+//!   (at least 1 s) from the revocation;
+//! - `<prefix>{user:<id>}:roles`: a mirror of the user's roles (comma-framed), read with
+//!   the session in ValidateToken's one round trip; the users table is the truth.
 //!
 //! Every change that revokes is one Lua script, so it is recorded whole or not at all.
 //! Calls go through [`RedisConn`]: a short timeout each, and a circuit breaker.
@@ -352,15 +354,18 @@ impl RedisSessions {
     ) -> Result<SessionState, StoreError> {
         let tag = self.tag(user_id);
         let mut pipe = redis::pipe();
-        pipe.exists(format!("{tag}:revoked:{jti}")).hmget(
-            format!("{tag}:session:{session_id}"),
-            &["jti", "seen", "idle", "pjti"],
-        );
+        pipe.exists(format!("{tag}:revoked:{jti}"))
+            .hmget(
+                format!("{tag}:session:{session_id}"),
+                &["jti", "seen", "idle", "pjti"],
+            )
+            .get(format!("{tag}:roles"));
         type Reply = (
             bool,
             (Option<String>, Option<i64>, Option<i64>, Option<String>),
+            Option<String>,
         );
-        let (revoked, (stored_jti, seen, idle, previous_jti)) = self
+        let (revoked, (stored_jti, seen, idle, previous_jti), roles) = self
             .conn
             .run(|mut c| async move { pipe.query_async::<Reply>(&mut c).await })
             .await?;
@@ -372,10 +377,42 @@ impl RedisSessions {
                 SessionState::Live {
                     last_seen,
                     idle_expires_at,
+                    roles,
                 }
             }
             _ => SessionState::Missing,
         })
+    }
+
+    /// See [`super::SessionStore::mirror_roles`].
+    pub async fn mirror_roles(
+        &self,
+        user_id: &str,
+        roles: &str,
+        only_if_missing: bool,
+        ttl_seconds: i64,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{}:roles", self.tag(user_id)))
+            .arg(roles)
+            .arg("EX")
+            .arg(ttl_seconds.max(1));
+        if only_if_missing {
+            cmd.arg("NX");
+        }
+        self.conn
+            .run(|mut c| async move { cmd.query_async::<Option<String>>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// See [`super::SessionStore::forget_roles`].
+    pub async fn forget_roles(&self, user_id: &str) -> Result<(), StoreError> {
+        let key = format!("{}:roles", self.tag(user_id));
+        self.conn
+            .run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
     }
 
     /// Records activity: moves `seen` to `now` and the idle expiry forward.

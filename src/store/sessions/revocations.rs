@@ -42,6 +42,12 @@ pub enum Revocation {
         /// The session.
         session_id: String,
     },
+    /// Not a revocation: the user's roles changed (SetRoles). Caches drop the user's
+    /// answers, so the next one carries the new roles.
+    UserUpdated {
+        /// The user.
+        user_id: String,
+    },
     /// Every session of a user but one (ChangePassword).
     User {
         /// The user.
@@ -443,6 +449,7 @@ impl RedisLog {
                 user_id,
                 except_session_id,
             } => ("user", user_id, "", "", except_session_id.as_str()),
+            Revocation::UserUpdated { user_id } => ("user_updated", user_id, "", "", ""),
         };
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&self.key)
@@ -781,6 +788,7 @@ fn decode(entry: &StreamId) -> Option<Event> {
             user_id,
             except_session_id: field("except"),
         },
+        "user_updated" => Revocation::UserUpdated { user_id },
         _ => return None,
     };
     Some(Event::Revoked {
