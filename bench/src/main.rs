@@ -37,6 +37,7 @@ const PASSWORD: &str = "Bench-Pass-2026!";
 const WARM_UP: Stop = Stop::After(Duration::from_millis(500));
 
 /// Load generator for authd. Scenarios: health baseline, ValidateToken (live, revoked),
+/// Refresh (closed loop, each call rotating one of as many sessions as calls in flight),
 /// the reference server (the same calls with no auth work), Login, ValidateToken during a
 /// Login storm, ValidateToken open loop, memory.
 #[derive(Parser, Debug, Clone)]
@@ -94,9 +95,9 @@ struct Args {
     /// Worker threads of the load generator's runtime (closed loops).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Only these scenarios (comma-separated: health,live,revoked,reference,login,storm,
-    /// open,memory; and failover, which only runs when named, on --redis-cluster of our
-    /// own); BENCHMARKS.md is then left alone.
+    /// Only these scenarios (comma-separated: health,live,revoked,refresh,reference,login,
+    /// storm,open,memory; and failover, which only runs when named, on --redis-cluster of
+    /// our own); BENCHMARKS.md is then left alone.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra authd setting, KEY=VALUE (repeatable), e.g. --env RUST_LOG=warn.
@@ -443,6 +444,54 @@ fn login_call(
     }
 }
 
+/// Refresh with a token from `chains` (one per call in flight, so no two calls present
+/// the same token); its successor goes back. A failed call puts its token back: a retry
+/// with it is answered with the same successor (docs/design.md §10).
+fn refresh_call(
+    clients: Clients,
+    chains: Arc<std::sync::Mutex<Vec<String>>>,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = Outcome> + Send>> + Clone + Send + Sync {
+    move |i| {
+        let mut client = clients.auth(i);
+        let chains = Arc::clone(&chains);
+        Box::pin(async move {
+            let taken = chains.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(token) = taken else {
+                return Err("NO_FREE_CHAIN".to_owned());
+            };
+            let answer = client
+                .refresh(pb::RefreshRequest {
+                    refresh_token: token.clone(),
+                    ..Default::default()
+                })
+                .await;
+            let (back, outcome) = match answer {
+                Ok(r) => (r.into_inner().refresh_token, Ok(())),
+                Err(s) => (token, Err(code_label(&s))),
+            };
+            chains.lock().unwrap_or_else(|e| e.into_inner()).push(back);
+            outcome
+        })
+    }
+}
+
+/// A session's refresh token, from a Login.
+async fn login_refresh(
+    client: &mut AuthServiceClient<Channel>,
+    username: &str,
+) -> anyhow::Result<String> {
+    Ok(client
+        .login(pb::LoginRequest {
+            username: username.into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("Login {username}"))?
+        .into_inner()
+        .refresh_token)
+}
+
 async fn login(client: &mut AuthServiceClient<Channel>, username: &str) -> anyhow::Result<String> {
     Ok(client
         .login(pb::LoginRequest {
@@ -686,6 +735,27 @@ async fn run_in(
         report.revoked = Some(
             closed
                 .run("ValidateToken, revoked token", "revoked", call)
+                .await,
+        );
+    }
+    if args.runs("refresh") {
+        // As many sessions as calls in flight, spread over the users (each well under
+        // MAX_SESSIONS_PER_USER), made by Login at the configured bcrypt cost.
+        eprintln!("logging in {closed_workers} sessions for the Refresh scenario…");
+        let made = futures::stream::iter(0..closed_workers)
+            .map(|i| {
+                let mut c = clients.auth(i as u64);
+                let user = users[i % users.len()].clone();
+                async move { login_refresh(&mut c, &user).await }
+            })
+            .buffer_unordered(2)
+            .collect::<Vec<_>>()
+            .await;
+        let chains = made.into_iter().collect::<anyhow::Result<Vec<String>>>()?;
+        let call = refresh_call(clients.clone(), Arc::new(std::sync::Mutex::new(chains)));
+        report.refresh = Some(
+            closed
+                .run("Refresh, one rotation per call", "refresh", call)
                 .await,
         );
     }
@@ -946,6 +1016,7 @@ fn reference_settings(
         .map_err(|r| anyhow::anyhow!("the live token does not verify: {}", r.as_str()))?;
     let tag = format!("{}{{user:{}}}", var("REDIS_KEY_PREFIX")?, claims.sub);
     let time = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let auth_time = claims.login_time();
     Ok(reference::Settings {
         redis_url: Some(format!("redis://{}", var("REDIS_ADDR")?)),
         revoked_key: format!("{tag}:revoked:{}", claims.jti),
@@ -960,6 +1031,8 @@ fn reference_settings(
             issued_at: time(claims.iat),
             expires_at: time(claims.exp),
             revocation_checked: true,
+            auth_time: time(auth_time),
+            amr: claims.amr,
             roles: Vec::new(),
         },
     })
@@ -998,8 +1071,14 @@ async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<
                             now,
                             idle_expires_at: now + idle,
                             token_expires_at: issued.claims.exp,
+                            absolute_end: issued.claims.exp,
                             ip: "127.0.0.1",
                             user_agent: "authd-bench",
+                            username: &user_id,
+                            amr: "pwd",
+                            // Sessions for ValidateToken only: no refresh token.
+                            refresh_key: "",
+                            refresh_hash: "",
                         },
                         0,
                     )

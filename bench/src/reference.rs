@@ -89,6 +89,9 @@ impl Settings {
                 expires_at: Some(time(exp)?),
                 // authd's bytes, also without Redis: the same messages either way.
                 revocation_checked: true,
+                // A Login's token: logged in when issued, by password.
+                auth_time: Some(time(iat)?),
+                amr: vec!["pwd".to_owned()],
                 roles: Vec::new(),
             },
         })
@@ -165,6 +168,13 @@ impl AuthService for Reference {
         &self,
         _: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn refresh(
+        &self,
+        _: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
         unimplemented()
     }
 

@@ -19,6 +19,12 @@ pub struct Row {
     pub cpu: [Option<f64>; 3],
 }
 
+/// A row's authd CPU µs per call, as the table writes it.
+fn authd_cpu(row: Option<&Row>) -> String {
+    row.and_then(|r| r.cpu[0])
+        .map_or("—".into(), |us| format!("{us:.1}"))
+}
+
 /// One target of the issue.
 pub struct Check {
     pub target: String,
@@ -39,6 +45,8 @@ pub struct Report {
     pub health: Option<Row>,
     pub live: Option<Row>,
     pub revoked: Option<Row>,
+    /// Refresh in the same closed loop (issue #17).
+    pub refresh: Option<Row>,
     pub login: Option<Row>,
     pub verify_seconds: Option<f64>,
     pub storm_logins: Option<Row>,
@@ -142,6 +150,24 @@ impl Report {
                 )
             }),
             met: ratio.map(|r| r >= 0.75),
+        });
+        let refresh_ratio = match (&self.refresh, &self.live) {
+            (Some(r), Some(l)) => Some(r.stats.rate() / l.stats.rate().max(1e-9)),
+            _ => None,
+        };
+        checks.push(Check {
+            target: "Refresh closed loop ≥ 50 % of ValidateToken's (issue #17)".into(),
+            measured: refresh_ratio.map_or("—".into(), |r| {
+                format!(
+                    "{:.0} % ({:.0} vs {:.0} calls/s; CPU {} vs {} µs/call in authd)",
+                    r * 100.0,
+                    self.refresh.as_ref().map_or(0.0, |x| x.stats.rate()),
+                    self.live.as_ref().map_or(0.0, |l| l.stats.rate()),
+                    authd_cpu(self.refresh.as_ref()),
+                    authd_cpu(self.live.as_ref()),
+                )
+            }),
+            met: refresh_ratio.map(|r| r >= 0.5),
         });
         checks.push(match &self.open {
             Some(o) => {
@@ -300,6 +326,7 @@ impl Report {
             &self.health,
             &self.live,
             &self.revoked,
+            &self.refresh,
             &self.reference_messages,
             &self.reference_redis,
             &self.login,

@@ -44,6 +44,9 @@ pub enum AuditKind {
     PasswordChangeFailed,
     /// A session was ended by RevokeSession or by the session limit.
     SessionRevoked,
+    /// A refresh token older than the session's current one was presented: the
+    /// session was ended as stolen.
+    RefreshReuseDetected,
     /// An AdminService call; the detail names the method and the caller.
     AdminAction,
     /// An AdminService call refused: not an administrator.
@@ -62,6 +65,7 @@ impl AuditKind {
             Self::PasswordChanged => "password_changed",
             Self::PasswordChangeFailed => "password_change_failed",
             Self::SessionRevoked => "session_revoked",
+            Self::RefreshReuseDetected => "refresh_reuse_detected",
             Self::AdminAction => "admin_action",
             Self::AdminDenied => "admin_denied",
         }

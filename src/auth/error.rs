@@ -77,6 +77,13 @@ pub enum AuthError {
     /// An authenticated call without a good bearer token.
     #[error("missing or invalid bearer token")]
     Unauthenticated,
+    /// Refresh: the refresh token is not good. `reused`: it was an older token of a live
+    /// session, which has now been ended as stolen.
+    #[error("refresh token refused")]
+    RefreshRefused {
+        /// Reuse was detected and the session ended.
+        reused: bool,
+    },
     /// ChangePassword: the current password is wrong.
     #[error("current password is wrong")]
     WrongCurrentPassword,

@@ -6,6 +6,7 @@ pub mod error;
 pub mod hasher;
 pub mod padding;
 pub mod password;
+pub mod refresh;
 pub mod remembered;
 pub mod roles;
 pub mod service;

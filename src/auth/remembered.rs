@@ -244,6 +244,8 @@ mod tests {
             iat,
             nbf: iat,
             exp: iat + 3600,
+            auth_time: None,
+            amr: Vec::new(),
         }
     }
 

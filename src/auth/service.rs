@@ -7,9 +7,10 @@ use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
 use super::padding::{self, FailurePadding};
 use super::password::{NewPassword, check_size};
+use super::refresh::{self, MAX_REFRESH_TOKEN_BYTES, Presented, RefreshKey, Verdict, token_hash};
 use super::remembered::RememberedRevocations;
 use super::throttle::{Attempt, Lockout, Subject, Throttle, address_key};
-use super::token::{Claims, MAX_TOKEN_BYTES, TokenKeys, random_id};
+use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, random_id};
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::watchers::{WatchPermit, Watchers};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
@@ -18,7 +19,8 @@ use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode
 use crate::store::audit::AuditStore;
 use crate::store::sessions::revocations::RedisLog;
 use crate::store::sessions::{
-    Cursor, Event, Feed, NewSession, Revocation, SessionRecord, SessionState, Touch, blacklist_ttl,
+    Cursor, Event, Feed, NewSession, RefreshState, Revocation, Rotation, SessionRecord,
+    SessionState, Touch, blacklist_ttl,
 };
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore, truncate};
@@ -50,16 +52,39 @@ pub struct Registered {
     pub username: String,
 }
 
-/// A successful login.
-#[derive(Debug, Clone)]
+/// A successful login, or a refresh: an access token and the refresh token that
+/// follows it.
+#[derive(Clone)]
 pub struct LoggedIn {
     /// The bearer token.
     pub access_token: String,
     /// Its claims.
     pub claims: Claims,
+    /// The refresh token to trade for the next access token.
+    pub refresh_token: String,
+    /// When the refresh token stops working unless used first (idle expiry).
+    pub refresh_expires_at: i64,
+    /// When the session ends whatever happens.
+    pub session_expires_at: i64,
     /// An operator set the password and asked for a new one.
     pub password_change_required: bool,
 }
+
+impl std::fmt::Debug for LoggedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Neither token is ever printed.
+        f.debug_struct("LoggedIn")
+            .field("claims", &self.claims)
+            .field("refresh_expires_at", &self.refresh_expires_at)
+            .field("session_expires_at", &self.session_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rounds of read and compare-and-set a Refresh tries before giving up: each lost
+/// round means another call rotated the same session in between, and the next round
+/// sees its result (and answers the same successor), so a second loss is already rare.
+const REFRESH_ROUNDS: usize = 4;
 
 /// A valid token, with how thoroughly it was checked.
 #[derive(Debug, Clone)]
@@ -73,6 +98,12 @@ pub struct ValidToken {
 }
 
 /// ValidateToken's answer.
+// One per call, moved once into the reply: boxing the claims would cost an allocation on
+// the hottest path to save bytes of a value that never sits in a collection.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per call, moved once; a Box would allocate on every ValidateToken"
+)]
 #[derive(Debug, Clone)]
 pub enum Validation {
     /// Good.
@@ -104,6 +135,8 @@ pub const MAX_SESSIONS_PAGE: usize = 50;
 #[derive(Debug, Clone)]
 struct Rules {
     idle_timeout: i64,
+    max_lifetime: i64,
+    reuse_grace: i64,
     max_sessions: u32,
     failure_mode: RedisFailureMode,
     /// `JWT_TTL + JWT_LEEWAY`, in seconds: how long a roles mirror is kept.
@@ -189,6 +222,8 @@ impl AuthCore {
             clock,
             rules: Rules {
                 idle_timeout: seconds(config.session_idle_timeout),
+                max_lifetime: seconds(config.refresh.session_max_lifetime),
+                reuse_grace: seconds(config.refresh.reuse_grace),
                 max_sessions: config.max_sessions_per_user,
                 failure_mode: config.sessions.failure_mode(),
                 token_lifetime: seconds(config.jwt.ttl + config.jwt.leeway),
@@ -435,9 +470,19 @@ impl AuthCore {
 
         let now = self.clock.unix_seconds();
         let session_id = random_id();
-        let issued = self
-            .tokens
-            .issue(&user.id, &user.username, &session_id, now)?;
+        let absolute_end = now.saturating_add(self.rules.max_lifetime);
+        let issued = self.tokens.issue_grant(Grant {
+            user_id: &user.id,
+            username: &user.username,
+            session_id: &session_id,
+            jti: random_id(),
+            iat: now,
+            not_after: absolute_end,
+            auth_time: now,
+            amr: vec![PASSWORD_AMR.to_owned()],
+        })?;
+        let refresh_key = RefreshKey::generate();
+        let refresh_token = refresh_key.first(&user.id, &session_id);
         let idle_expires_at = now.saturating_add(self.rules.idle_timeout);
         let evicted = self
             .sessions
@@ -449,8 +494,13 @@ impl AuthCore {
                     now,
                     idle_expires_at,
                     token_expires_at: issued.claims.exp,
+                    absolute_end,
                     ip: &client.ip,
                     user_agent: truncate(&client.user_agent, MAX_USER_AGENT_BYTES),
+                    username: &user.username,
+                    amr: PASSWORD_AMR,
+                    refresh_key: &refresh_key.to_hex(),
+                    refresh_hash: &token_hash(&refresh_token),
                 },
                 self.rules.max_sessions,
             )
@@ -506,8 +556,238 @@ impl AuthCore {
         Ok(LoggedIn {
             access_token: issued.token,
             claims: issued.claims,
+            refresh_token,
+            refresh_expires_at: idle_expires_at.min(absolute_end),
+            session_expires_at: absolute_end,
             password_change_required: user.password_change_required,
         })
+    }
+
+    /// Trades a refresh token for a new access token and its successor (docs/design.md
+    /// §10). The current token rotates once, however many calls present it at once; the
+    /// previous one, within the grace, gets the same successor again; an older one ends
+    /// the session as stolen. A token that is not the session's (forged, or of an ended
+    /// session) is refused and changes nothing. Every refusal counts against the
+    /// address. Needs the session store: without it, UNAVAILABLE, and nothing rotates.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        client: ClientInfo,
+    ) -> Result<LoggedIn, AuthError> {
+        if refresh_token.is_empty() {
+            return Err(AuthError::invalid("refresh_token", "must not be empty"));
+        }
+        if refresh_token.len() > MAX_REFRESH_TOKEN_BYTES {
+            return Err(AuthError::invalid(
+                "refresh_token",
+                format!("must be at most {MAX_REFRESH_TOKEN_BYTES} bytes"),
+            ));
+        }
+        let presented = refresh::parse(refresh_token);
+        // The throttle's look and the session's read go together: one round trip's time.
+        let (admitted, state) = tokio::join!(
+            self.throttle
+                .admit_refresh(&client.ip, self.clock.unix_millis()),
+            async {
+                match &presented {
+                    Some(p) => {
+                        self.sessions
+                            .refresh_state(p.user_id, p.session_id, self.clock.unix_seconds())
+                            .await
+                    }
+                    None => Ok(None),
+                }
+            }
+        );
+        if let Err(AuthError::Throttled { retry_after }) = &admitted {
+            tracing::info!(retry_after = ?retry_after, "Refresh refused unchecked: too many bad refresh tokens");
+            self.audit.record(
+                AuditEvent::new(AuditKind::Throttled, &client).detail(format!(
+                    "refresh; retry after {}ms",
+                    retry_after.as_millis()
+                )),
+            );
+        }
+        admitted?;
+        let Some(presented) = presented else {
+            return Err(self.refresh_refused(&client, None).await);
+        };
+        let mut state = state.map_err(sessions_error)?;
+        for _ in 0..REFRESH_ROUNDS {
+            let now = self.clock.unix_seconds();
+            let Some(s) = state.as_ref() else {
+                return Err(self.refresh_refused(&client, Some(&presented)).await);
+            };
+            match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace) {
+                Verdict::Invalid => {
+                    return Err(self.refresh_refused(&client, Some(&presented)).await);
+                }
+                Verdict::Reused => return Err(self.refresh_reused(&client, &presented, now).await),
+                Verdict::Replay { successor } => {
+                    crate::telemetry::record_user_id(presented.user_id);
+                    metrics::counter!("authd_refreshes_total", "outcome" => "replay").increment(1);
+                    tracing::info!(
+                        user_id = presented.user_id,
+                        session_id = presented.session_id,
+                        "refresh replayed within the grace: same successor"
+                    );
+                    let issued = self.issue_refreshed(&presented, s, &successor, s.rotated_at)?;
+                    return Ok(refreshed(issued, successor, s, s.idle_expires_at));
+                }
+                Verdict::Rotate { successor } => {
+                    crate::telemetry::record_user_id(presented.user_id);
+                    let issued = self.issue_refreshed(&presented, s, &successor, now)?;
+                    let idle_expires_at = now.saturating_add(self.rules.idle_timeout);
+                    let recorded = self
+                        .sessions
+                        .rotate(&Rotation {
+                            user_id: presented.user_id,
+                            session_id: presented.session_id,
+                            expected: &s.current,
+                            next: &token_hash(&successor),
+                            generation: presented.generation.saturating_add(1),
+                            now,
+                            jti: &issued.claims.jti,
+                            token_expires_at: issued.claims.exp,
+                            idle_expires_at,
+                        })
+                        .await
+                        .map_err(sessions_error)?;
+                    if recorded {
+                        metrics::counter!("authd_refreshes_total", "outcome" => "rotated")
+                            .increment(1);
+                        tracing::debug!(
+                            user_id = presented.user_id,
+                            session_id = presented.session_id,
+                            generation = presented.generation.saturating_add(1),
+                            "refresh token rotated"
+                        );
+                        return Ok(refreshed(issued, successor, s, idle_expires_at));
+                    }
+                    // Another call rotated (or ended) the session first: judge again
+                    // against what it recorded.
+                    state = self
+                        .sessions
+                        .refresh_state(presented.user_id, presented.session_id, now)
+                        .await
+                        .map_err(sessions_error)?;
+                }
+            }
+        }
+        Err(AuthError::Unavailable {
+            store: Store::Sessions,
+            source: anyhow::anyhow!(
+                "refresh: the session changed under every one of {REFRESH_ROUNDS} rounds"
+            ),
+        })
+    }
+
+    /// The access token that goes with refresh token `successor`: its `jti` derived
+    /// from it, issued at `iat` (the rotation's time), never past the session's end,
+    /// with the login's `auth_time` and `amr`. Every call that gets `successor` gets
+    /// this token.
+    fn issue_refreshed(
+        &self,
+        presented: &Presented<'_>,
+        s: &RefreshState,
+        successor: &str,
+        iat: i64,
+    ) -> Result<IssuedToken, AuthError> {
+        let key = RefreshKey::from_hex(&s.key).ok_or_else(|| {
+            AuthError::Internal(anyhow::anyhow!("a session's refresh key is malformed"))
+        })?;
+        self.tokens.issue_grant(Grant {
+            user_id: presented.user_id,
+            username: &s.username,
+            session_id: presented.session_id,
+            jti: key.access_jti(successor),
+            iat,
+            not_after: s.ends_at,
+            auth_time: s.login_time,
+            amr: s.amr.split_whitespace().map(str::to_owned).collect(),
+        })
+    }
+
+    /// A refresh token that is not good: counted against the address, and refused.
+    /// Nothing else changes.
+    async fn refresh_refused(
+        &self,
+        client: &ClientInfo,
+        presented: Option<&Presented<'_>>,
+    ) -> AuthError {
+        metrics::counter!("authd_refreshes_total", "outcome" => "refused").increment(1);
+        // The ids come from the unverified token (checked to be short and plain): they
+        // say what was claimed, not who called.
+        tracing::info!(
+            claimed_user_id = presented.map(|p| p.user_id),
+            claimed_session_id = presented.map(|p| p.session_id),
+            "refresh token refused"
+        );
+        self.count_bad_refresh(client).await;
+        AuthError::RefreshRefused { reused: false }
+    }
+
+    /// An older refresh token of a live session: someone holds a token that was already
+    /// traded, so the session is ended at once, announced, audited, and the call refused.
+    async fn refresh_reused(
+        &self,
+        client: &ClientInfo,
+        presented: &Presented<'_>,
+        now: i64,
+    ) -> AuthError {
+        metrics::counter!("authd_refreshes_total", "outcome" => "reused").increment(1);
+        let (user_id, session_id) = (presented.user_id, presented.session_id);
+        let ended = match self.sessions.revoke(user_id, session_id, now).await {
+            Ok(ended) => ended,
+            // Not recorded, so not reported as done: the caller may retry.
+            Err(e) => return sessions_error(e),
+        };
+        crate::telemetry::record_user_id(user_id);
+        if ended {
+            self.announce(
+                Revocation::Session {
+                    user_id: user_id.to_owned(),
+                    session_id: session_id.to_owned(),
+                },
+                now,
+            )
+            .await;
+            tracing::warn!(
+                user_id,
+                session_id,
+                generation = presented.generation,
+                "refresh token reuse detected: session ended"
+            );
+            self.audit.record(
+                AuditEvent::new(AuditKind::RefreshReuseDetected, client)
+                    .user(user_id)
+                    .session(session_id)
+                    .detail(format!("generation {} presented", presented.generation)),
+            );
+        }
+        self.count_bad_refresh(client).await;
+        AuthError::RefreshRefused { reused: true }
+    }
+
+    /// Counts a bad refresh token against the caller's address; records the lockout
+    /// it caused. A counter that cannot be written is logged, and the refusal stands.
+    async fn count_bad_refresh(&self, client: &ClientInfo) {
+        match self
+            .throttle
+            .refresh_failed(&client.ip, self.clock.unix_millis())
+            .await
+        {
+            Ok(Some(Lockout { failures, wait, .. })) => {
+                tracing::info!(failures, wait = ?wait, "lockout: Refresh from this address must wait");
+                self.audit
+                    .record(AuditEvent::new(AuditKind::Lockout, client).detail(format!(
+                        "refresh address after {failures} bad refresh tokens; wait {}ms",
+                        wait.as_millis()
+                    )));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "bad refresh token not counted"),
+        }
     }
 
     /// Counts an attempt against `who` before its password is checked, or `Throttled`
@@ -609,7 +889,7 @@ impl AuthCore {
         // Remembered before it is recorded: should the store record it and its answer be
         // lost, open mode here refuses the token all the same (the safe side).
         self.remembered.remember(&revocation, now);
-        let unannounced = self
+        let logged_out = self
             .sessions
             .logout(
                 &claims.sub,
@@ -620,11 +900,23 @@ impl AuthCore {
             )
             .await
             .map_err(sessions_error)?;
-        if !unannounced {
+        let Some(refreshed) = logged_out else {
             tracing::debug!(user_id = %claims.sub, jti = %claims.jti, "logout of a token already revoked");
             return Ok(());
-        }
+        };
         self.announce(revocation, now).await;
+        if refreshed {
+            // The session held a second access token (the one before or after a
+            // Refresh): caches must drop that one too.
+            self.announce(
+                Revocation::Session {
+                    user_id: claims.sub.clone(),
+                    session_id: claims.sid.clone(),
+                },
+                now,
+            )
+            .await;
+        }
         tracing::info!(user_id = %claims.sub, jti = %claims.jti, "logout");
         self.audit.record(
             AuditEvent::new(AuditKind::Logout, &client)
@@ -1055,7 +1347,6 @@ impl AuthCore {
                             jti: &claims.jti,
                             now,
                             idle_expires_at: now.saturating_add(self.rules.idle_timeout),
-                            token_expires_at: claims.exp,
                         })
                         .await?;
                     if !touched {
@@ -1133,6 +1424,27 @@ async fn remember_from_stream(
                 Ok(Some(Err(_)) | None) => break,
             }
         }
+    }
+}
+
+/// The `amr` of a password login (RFC 8176).
+const PASSWORD_AMR: &str = "pwd";
+
+/// Refresh's answer from the access token issued and the successor.
+fn refreshed(
+    issued: IssuedToken,
+    successor: String,
+    s: &RefreshState,
+    idle_expires_at: i64,
+) -> LoggedIn {
+    LoggedIn {
+        access_token: issued.token,
+        claims: issued.claims,
+        refresh_token: successor,
+        refresh_expires_at: idle_expires_at.min(s.ends_at),
+        session_expires_at: s.ends_at,
+        // Login's word on it; Refresh does not read the user.
+        password_change_required: false,
     }
 }
 

@@ -153,6 +153,47 @@ impl Throttle {
         }
     }
 
+    /// Refuses a Refresh from `ip` while the address must wait for its bad refresh
+    /// tokens. A look only: a good token costs no write (see [`Throttle::refresh_failed`]).
+    pub async fn admit_refresh(&self, ip: &str, now_ms: i64) -> Result<(), AuthError> {
+        let key = refresh_key(ip);
+        let until = self
+            .store
+            .locked_until(&[&key])
+            .await
+            .map_err(store_error)?;
+        if until > now_ms {
+            return Err(throttled(until, now_ms));
+        }
+        Ok(())
+    }
+
+    /// Counts a bad refresh token from `ip`, with the address limits of failed logins
+    /// (its own counter, so bad refresh tokens do not lock the address out of Login).
+    /// Returns the lockout it caused, if any.
+    pub async fn refresh_failed(
+        &self,
+        ip: &str,
+        now_ms: i64,
+    ) -> Result<Option<Lockout>, StoreError> {
+        let key = refresh_key(ip);
+        Ok(
+            match self.store.reserve(&[(&key, self.address)], now_ms).await? {
+                Reservation::Admitted(counted) => counted
+                    .first()
+                    .filter(|c| c.locked_until_ms > now_ms)
+                    .map(|c| Lockout {
+                        scope: Scope::Address,
+                        failures: c.count,
+                        wait: Duration::from_millis(
+                            u64::try_from(c.locked_until_ms - now_ms).unwrap_or(u64::MAX),
+                        ),
+                    }),
+                Reservation::Refused { .. } => None,
+            },
+        )
+    }
+
     /// A cheap look first (a refused flood writes nothing), then the atomic count.
     async fn reserve(
         &self,
@@ -233,6 +274,11 @@ impl Throttle {
             )
             .await
     }
+}
+
+/// The counter of an address's bad refresh tokens.
+fn refresh_key(ip: &str) -> String {
+    format!("refresh:{}", address_key(ip))
 }
 
 fn throttled(until_ms: i64, now_ms: i64) -> AuthError {

@@ -74,6 +74,42 @@ pub struct Claims {
     pub nbf: i64,
     /// Expires at (unix seconds).
     pub exp: i64,
+    /// When the user logged in (unix seconds, OpenID Connect's `auth_time`): a
+    /// Refresh carries it over unchanged. Absent from tokens issued before refresh
+    /// tokens existed, which were issued at login (their `iat`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<i64>,
+    /// How the user logged in (RFC 8176 `amr`, e.g. `["pwd"]`); carried over by Refresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
+}
+
+impl Claims {
+    /// When the user logged in: `auth_time`, or `iat` for a token without it.
+    pub fn login_time(&self) -> i64 {
+        self.auth_time.unwrap_or(self.iat)
+    }
+}
+
+/// What an access token is issued for.
+#[derive(Debug, Clone)]
+pub struct Grant<'a> {
+    /// User id.
+    pub user_id: &'a str,
+    /// Username.
+    pub username: &'a str,
+    /// Session id.
+    pub session_id: &'a str,
+    /// Token id.
+    pub jti: String,
+    /// Issued at (unix seconds).
+    pub iat: i64,
+    /// `exp` is `iat + JWT_TTL`, but never past this (the session's absolute end).
+    pub not_after: i64,
+    /// The login time.
+    pub auth_time: i64,
+    /// How the user logged in.
+    pub amr: Vec<String>,
 }
 
 /// A key that verifies tokens: the active one, or a retired one until the tokens it
@@ -256,7 +292,7 @@ impl TokenKeys {
         JwkSet { keys }
     }
 
-    /// Signs a token for a new session.
+    /// Signs a token for a new session opened by a password login at `now`.
     pub fn issue(
         &self,
         user_id: &str,
@@ -264,17 +300,34 @@ impl TokenKeys {
         session_id: &str,
         now: i64,
     ) -> Result<IssuedToken, AuthError> {
+        self.issue_grant(Grant {
+            user_id,
+            username,
+            session_id,
+            jti: random_id(),
+            iat: now,
+            not_after: i64::MAX,
+            auth_time: now,
+            amr: vec!["pwd".to_owned()],
+        })
+    }
+
+    /// Signs a token for `grant`. The same grant gives a token with the same claims
+    /// (and, for the deterministic algorithms HS256, EdDSA and RS256, the same bytes).
+    pub fn issue_grant(&self, grant: Grant<'_>) -> Result<IssuedToken, AuthError> {
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 2);
         let claims = Claims {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
-            sub: user_id.to_owned(),
-            username: username.to_owned(),
-            sid: session_id.to_owned(),
-            jti: random_id(),
-            iat: now,
-            nbf: now,
-            exp: now.saturating_add(ttl),
+            sub: grant.user_id.to_owned(),
+            username: grant.username.to_owned(),
+            sid: grant.session_id.to_owned(),
+            jti: grant.jti,
+            iat: grant.iat,
+            nbf: grant.iat,
+            exp: grant.iat.saturating_add(ttl).min(grant.not_after),
+            auth_time: Some(grant.auth_time),
+            amr: grant.amr,
         };
         let mut header = Header::new(self.algorithm);
         header.kid = Some(self.kid.clone());
@@ -905,6 +958,13 @@ mod proptests {
             if NOW.saturating_add(LEEWAY) < nbf {
                 return Err(InvalidReason::NotYetValid);
             }
+            // Two optional claims have a type: `amr` a list of strings, `auth_time` a
+            // number.
+            let auth_time = match &self.extra {
+                Some((key, _)) if key == "amr" => return Err(InvalidReason::Malformed),
+                Some((key, value)) if key == "auth_time" => Some(*value),
+                _ => None,
+            };
             Ok(Claims {
                 iss,
                 aud,
@@ -915,6 +975,8 @@ mod proptests {
                 iat,
                 nbf,
                 exp,
+                auth_time,
+                amr: Vec::new(),
             })
         }
     }

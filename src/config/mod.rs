@@ -13,6 +13,7 @@ mod names;
 mod network;
 mod passwords;
 mod raw;
+mod refresh;
 mod revocations;
 mod sessions;
 mod storage;
@@ -36,6 +37,7 @@ pub use self::network::{IpNetwork, TrustedProxies};
 pub use self::passwords::{BcryptConfig, HashPriority, PasswordPolicy, PasswordPolicyMode};
 use self::raw::RawEnv;
 pub use self::raw::SETTINGS;
+pub use self::refresh::{DEFAULT_REFRESH_REUSE_GRACE, DEFAULT_SESSION_MAX_LIFETIME, RefreshConfig};
 pub use self::revocations::{MIN_WATCH_CREDENTIAL_BYTES, WatchersConfig};
 pub use self::sessions::DEFAULT_MAX_SESSIONS_PER_USER;
 pub use self::storage::{
@@ -79,6 +81,8 @@ pub struct Config {
     /// 0 = unlimited; otherwise Login ends the oldest sessions past this many
     /// (default [`DEFAULT_MAX_SESSIONS_PER_USER`]).
     pub max_sessions_per_user: u32,
+    /// Refresh tokens: the absolute session lifetime and the reuse grace.
+    pub refresh: RefreshConfig,
     /// Serve gRPC server reflection (v1 and v1alpha).
     pub grpc_reflection: bool,
     /// How log lines are written.
@@ -171,6 +175,7 @@ impl Config {
             password_policy: passwords::password_policy(&raw)?,
             session_idle_timeout: sessions::idle_timeout(&raw)?,
             max_sessions_per_user: sessions::max_per_user(&raw)?,
+            refresh: refresh::refresh(&raw)?,
             grpc_reflection: listeners::reflection(&raw)?,
             shutdown_grace: listeners::shutdown_grace(&raw)?,
             revocation_log_max_len: revocations::log_max_len(&raw)?,

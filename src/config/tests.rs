@@ -614,6 +614,39 @@ fn the_keys_are_built_once_with_the_configuration() {
 }
 
 #[test]
+fn refresh_settings_default_to_a_month_and_thirty_seconds() {
+    let c = Config::from_vars(vars(&[SECRET])).unwrap();
+    assert_eq!(
+        c.refresh.session_max_lifetime,
+        Duration::from_secs(30 * 86_400)
+    );
+    assert_eq!(c.refresh.reuse_grace, Duration::from_secs(30));
+    // The default JWT_TTL fits inside the default lifetime: no token is cut short.
+    assert!(c.refresh.session_max_lifetime >= c.jwt.ttl);
+}
+
+#[test]
+fn refresh_settings_are_checked() {
+    let c = Config::from_vars(vars(&[
+        SECRET,
+        ("SESSION_MAX_LIFETIME", "12h"),
+        ("REFRESH_REUSE_GRACE", "0s"),
+    ]))
+    .unwrap();
+    assert_eq!(c.refresh.session_max_lifetime, Duration::from_secs(43_200));
+    assert_eq!(c.refresh.reuse_grace, Duration::ZERO);
+    for (var, value) in [
+        ("SESSION_MAX_LIFETIME", "0s"),
+        ("SESSION_MAX_LIFETIME", "forever"),
+        ("REFRESH_REUSE_GRACE", "6m"),
+        ("REFRESH_REUSE_GRACE", "soon"),
+    ] {
+        let e = Config::from_vars(vars(&[SECRET, (var, value)])).unwrap_err();
+        assert_eq!(e.variable, var, "{value}");
+    }
+}
+
+#[test]
 fn admin_client_sans_are_a_list_and_need_client_certificates() {
     let tls = [
         ("TLS_CERT_FILE", "/c.pem"),

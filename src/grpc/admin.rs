@@ -83,6 +83,7 @@ fn session_message(s: crate::store::sessions::SessionRecord) -> pb::Session {
         login_time: Some(timestamp(s.login_time)),
         last_seen: Some(timestamp(s.last_seen)),
         expires_at: Some(timestamp(s.expires_at())),
+        session_expires_at: Some(timestamp(s.absolute_end)),
         session_id: s.session_id,
         ip: s.ip,
         user_agent: s.user_agent,

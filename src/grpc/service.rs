@@ -14,7 +14,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::service::{SessionList, Validation, sessions_error};
+use crate::auth::service::{LoggedIn, SessionList, Validation, sessions_error};
 use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::bearer::bearer_token;
@@ -283,6 +283,20 @@ pub(crate) fn timestamp(unix_seconds: i64) -> prost_types::Timestamp {
     }
 }
 
+/// Login's and Refresh's answer: the access token, and the refresh token after it.
+fn token_answer(done: LoggedIn) -> pb::RefreshResponse {
+    pb::RefreshResponse {
+        token_type: "Bearer".to_owned(),
+        expires_at: Some(timestamp(done.claims.exp)),
+        expires_in: done.claims.exp - done.claims.iat,
+        access_token: done.access_token,
+        session_id: done.claims.sid,
+        refresh_token: done.refresh_token,
+        refresh_expires_at: Some(timestamp(done.refresh_expires_at)),
+        session_expires_at: Some(timestamp(done.session_expires_at)),
+    }
+}
+
 fn reason(r: InvalidReason) -> pb::InvalidReason {
     match r {
         InvalidReason::Malformed => pb::InvalidReason::Malformed,
@@ -334,14 +348,37 @@ impl AuthService for AuthGrpc {
                 .login(&req.username, &req.password, client)
                 .await?;
             record_user_id(&done.claims.sub);
+            let password_change_required = done.password_change_required;
+            let r = token_answer(done);
             Ok(pb::LoginResponse {
-                access_token: done.access_token,
-                token_type: "Bearer".to_owned(),
-                expires_at: Some(timestamp(done.claims.exp)),
-                expires_in: done.claims.exp - done.claims.iat,
-                session_id: done.claims.sid,
-                password_change_required: done.password_change_required,
+                access_token: r.access_token,
+                token_type: r.token_type,
+                expires_at: r.expires_at,
+                expires_in: r.expires_in,
+                session_id: r.session_id,
+                refresh_token: r.refresh_token,
+                refresh_expires_at: r.refresh_expires_at,
+                session_expires_at: r.session_expires_at,
+                password_change_required,
             })
+        })
+        .await
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        rpc(async {
+            let req = request.get_ref();
+            let client = client_info(
+                &request,
+                self.core.trusted_proxies(),
+                &req.client_ip,
+                &req.user_agent,
+            )?;
+            let done = self.core.refresh(&req.refresh_token, client).await?;
+            Ok(token_answer(done))
         })
         .await
     }
@@ -404,6 +441,7 @@ impl AuthService for AuthGrpc {
                     login_time: Some(timestamp(s.login_time)),
                     last_seen: Some(timestamp(s.last_seen)),
                     expires_at: Some(timestamp(s.expires_at())),
+                    session_expires_at: Some(timestamp(s.absolute_end)),
                     session_id: s.session_id,
                     ip: s.ip,
                     user_agent: s.user_agent,
@@ -479,6 +517,7 @@ impl AuthService for AuthGrpc {
             Ok(match self.core.validate(&request.get_ref().token).await? {
                 Validation::Valid(v) => {
                     record_user_id(&v.claims.sub);
+                    let auth_time = v.claims.login_time();
                     pb::ValidateTokenResponse {
                         valid: true,
                         reason: pb::InvalidReason::Unspecified.into(),
@@ -488,6 +527,8 @@ impl AuthService for AuthGrpc {
                         issued_at: Some(timestamp(v.claims.iat)),
                         expires_at: Some(timestamp(v.claims.exp)),
                         revocation_checked: v.revocation_checked,
+                        auth_time: Some(timestamp(auth_time)),
+                        amr: v.claims.amr,
                         roles: v.roles,
                     }
                 }

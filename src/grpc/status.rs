@@ -11,6 +11,14 @@ use crate::auth::AuthError;
 /// The message every INTERNAL carries, whatever happened.
 const INTERNAL_MESSAGE: &str = "internal error";
 
+/// The `domain` of every `google.rpc.ErrorInfo` authd sends.
+pub const ERROR_DOMAIN: &str = "authd";
+/// ErrorInfo reason: an older refresh token was presented, and its session ended.
+pub const REFRESH_TOKEN_REUSED: &str = "REFRESH_TOKEN_REUSED";
+/// ErrorInfo reason: the refresh token is not one authd can use (forged, malformed,
+/// of an ended session).
+pub const REFRESH_TOKEN_INVALID: &str = "REFRESH_TOKEN_INVALID";
+
 /// Advice to callers shed by a concurrency limit.
 const SHED_RETRY_AFTER: Duration = Duration::from_millis(500);
 
@@ -105,6 +113,28 @@ impl From<AuthError> for Status {
             ),
             AuthError::Unauthenticated => {
                 Status::unauthenticated("missing or invalid bearer token")
+            }
+            AuthError::RefreshRefused { reused } => {
+                let (reason, message) = if reused {
+                    (
+                        REFRESH_TOKEN_REUSED,
+                        "refresh token reused: the session has been ended; log in again",
+                    )
+                } else {
+                    (
+                        REFRESH_TOKEN_INVALID,
+                        "invalid or expired refresh token; log in again",
+                    )
+                };
+                Status::with_error_details(
+                    Code::Unauthenticated,
+                    message,
+                    ErrorDetails::with_error_info(
+                        reason,
+                        ERROR_DOMAIN,
+                        std::collections::HashMap::<String, String>::new(),
+                    ),
+                )
             }
             AuthError::WrongCurrentPassword => {
                 Status::permission_denied("current password is wrong")

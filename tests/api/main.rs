@@ -60,6 +60,7 @@ mod ops;
 mod otlp;
 mod password_policy;
 mod redis_outage;
+mod refresh;
 mod register;
 mod revocation_integrity;
 mod sessions;

@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::revocations::MemoryLog;
-use super::{NewSession, SessionPage, SessionRecord, SessionState, Touch, blacklist_ttl};
+use super::{
+    NewSession, RefreshState, Rotation, SessionPage, SessionRecord, SessionState, Touch,
+    blacklist_ttl,
+};
 
 /// Writes between two sweeps of every user.
 pub const SWEEP_EVERY: u64 = 1024;
@@ -45,6 +48,18 @@ struct UserSessions {
 struct Stored {
     order: u64,
     record: SessionRecord,
+    /// The access token before the last rotation, valid until its own `exp`.
+    previous_jti: Option<String>,
+    /// What Refresh reads and rotates.
+    refresh: RefreshState,
+}
+
+impl Stored {
+    /// Whether `jti` is one of the session's access tokens: the current one, or the
+    /// one before the last rotation.
+    fn holds(&self, jti: &str) -> bool {
+        self.record.jti == jti || self.previous_jti.as_deref() == Some(jti)
+    }
 }
 
 impl UserSessions {
@@ -128,8 +143,22 @@ impl MemorySessions {
                         last_seen: s.now,
                         idle_expires_at: s.idle_expires_at,
                         token_expires_at: s.token_expires_at,
+                        absolute_end: s.absolute_end,
                         ip: s.ip.to_owned(),
                         user_agent: s.user_agent.to_owned(),
+                    },
+                    previous_jti: None,
+                    refresh: RefreshState {
+                        key: s.refresh_key.to_owned(),
+                        current: s.refresh_hash.to_owned(),
+                        previous: None,
+                        generation: 0,
+                        rotated_at: s.now,
+                        ends_at: s.absolute_end,
+                        idle_expires_at: s.idle_expires_at,
+                        login_time: s.now,
+                        username: s.username.to_owned(),
+                        amr: s.amr.to_owned(),
                     },
                 },
             );
@@ -165,13 +194,11 @@ impl MemorySessions {
             return SessionState::Revoked;
         }
         match user.sessions.get(session_id) {
-            Some(s) if s.record.jti == jti && s.record.ends_at(self.leeway) > now => {
-                SessionState::Live {
-                    last_seen: s.record.last_seen,
-                    idle_expires_at: s.record.idle_expires_at,
-                    roles: user.roles.clone(),
-                }
-            }
+            Some(s) if s.holds(jti) && s.record.ends_at(self.leeway) > now => SessionState::Live {
+                last_seen: s.record.last_seen,
+                idle_expires_at: s.record.idle_expires_at,
+                roles: user.roles.clone(),
+            },
             _ => SessionState::Missing,
         }
     }
@@ -198,9 +225,10 @@ impl MemorySessions {
     pub fn touch(&self, t: &Touch<'_>) -> bool {
         self.with_user(t.user_id, t.now, |user| {
             match user.sessions.get_mut(t.session_id) {
-                Some(s) if s.record.jti == t.jti => {
+                Some(s) if s.holds(t.jti) => {
                     s.record.last_seen = t.now;
                     s.record.idle_expires_at = t.idle_expires_at;
+                    s.refresh.idle_expires_at = t.idle_expires_at;
                     true
                 }
                 _ => false,
@@ -209,21 +237,58 @@ impl MemorySessions {
     }
 
     /// See [`super::SessionStore::logout`].
-    pub fn logout(&self, user_id: &str, session_id: &str, jti: &str, now: i64, ttl: i64) -> bool {
+    pub fn logout(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        jti: &str,
+        now: i64,
+        ttl: i64,
+    ) -> Option<bool> {
         self.with_user(user_id, now, |user| {
             // `with_user` pruned lapsed entries: one still here is in force.
             if user.revoked.contains_key(jti) {
-                return false;
+                return None;
             }
             user.revoked
                 .insert(jti.to_owned(), now.saturating_add(ttl.max(1)));
-            if user
+            let ended = user
                 .sessions
                 .get(session_id)
-                .is_some_and(|s| s.record.jti == jti)
-            {
+                .filter(|s| s.holds(jti))
+                .map(|s| s.previous_jti.is_some());
+            if ended.is_some() {
                 user.sessions.remove(session_id);
             }
+            Some(ended.unwrap_or(false))
+        })
+    }
+
+    /// See [`super::SessionStore::refresh_state`].
+    pub fn refresh_state(&self, user_id: &str, session_id: &str, now: i64) -> Option<RefreshState> {
+        let state = self.lock();
+        let s = state.users.get(user_id)?.sessions.get(session_id)?;
+        (s.record.ends_at(self.leeway) > now).then(|| s.refresh.clone())
+    }
+
+    /// See [`super::SessionStore::rotate`]: the same compare-and-set as the Redis
+    /// script, under the lock.
+    pub fn rotate(&self, r: &Rotation<'_>) -> bool {
+        self.with_user(r.user_id, r.now, |user| {
+            let Some(s) = user.sessions.get_mut(r.session_id) else {
+                return false;
+            };
+            if s.refresh.current != r.expected {
+                return false;
+            }
+            s.refresh.previous = Some(std::mem::replace(&mut s.refresh.current, r.next.to_owned()));
+            s.refresh.generation = r.generation;
+            s.refresh.rotated_at = r.now;
+            s.refresh.idle_expires_at = r.idle_expires_at;
+            s.previous_jti = Some(std::mem::replace(&mut s.record.jti, r.jti.to_owned()));
+            s.record.token_expires_at = r.token_expires_at;
+            s.record.last_seen = r.now;
+            s.record.idle_expires_at = r.idle_expires_at;
             true
         })
     }
@@ -286,8 +351,13 @@ mod tests {
             now,
             idle_expires_at: now + 3600,
             token_expires_at: now + 86_400,
+            absolute_end: now + 86_400,
             ip: "127.0.0.1",
             user_agent: "t",
+            username: "alice",
+            amr: "pwd",
+            refresh_key: "",
+            refresh_hash: "",
         }
     }
 
@@ -331,7 +401,6 @@ mod tests {
             jti: "other",
             now: 1100,
             idle_expires_at: 4700,
-            token_expires_at: 87_400,
         };
         assert!(!m.touch(&t));
         assert!(m.touch(&Touch { jti: "j", ..t }));

@@ -29,6 +29,8 @@ pub struct SessionRecord {
     pub idle_expires_at: i64,
     /// The token's `exp`.
     pub token_expires_at: i64,
+    /// The absolute end, fixed at login: `login + SESSION_MAX_LIFETIME`.
+    pub absolute_end: i64,
     /// Client IP, without port.
     pub ip: String,
     /// Client user agent.
@@ -41,11 +43,59 @@ impl SessionRecord {
         self.idle_expires_at.min(self.token_expires_at)
     }
 
-    /// When the store lets the session go: at its idle expiry, or once its token can no
-    /// longer verify (`exp` + leeway), whichever comes first.
+    /// When the store lets the session go: at its idle expiry, or once no token of it
+    /// can verify any more (its absolute end + leeway), whichever comes first.
     pub fn ends_at(&self, leeway: i64) -> i64 {
-        session_end(self.idle_expires_at, self.token_expires_at, leeway)
+        session_end(self.idle_expires_at, self.absolute_end, leeway)
     }
+}
+
+/// What Refresh needs of a session, read in one round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshState {
+    /// The session's refresh key `k`, 64 hex digits.
+    pub key: String,
+    /// SHA-256 (hex) of the current refresh token.
+    pub current: String,
+    /// SHA-256 (hex) of the one before it; `None` before the first rotation.
+    pub previous: Option<String>,
+    /// The current token's generation.
+    pub generation: u64,
+    /// When the current token was made (unix seconds): login or the last rotation.
+    pub rotated_at: i64,
+    /// The absolute end.
+    pub ends_at: i64,
+    /// The idle expiry.
+    pub idle_expires_at: i64,
+    /// Login time: the tokens' `auth_time`.
+    pub login_time: i64,
+    /// The username the tokens carry.
+    pub username: String,
+    /// How the user logged in (the tokens' `amr`), space-separated.
+    pub amr: String,
+}
+
+/// A rotation to record, if the session still holds the token it replaces.
+#[derive(Debug, Clone)]
+pub struct Rotation<'a> {
+    /// Owner.
+    pub user_id: &'a str,
+    /// Session id.
+    pub session_id: &'a str,
+    /// Hash of the token being replaced: the session must still hold it.
+    pub expected: &'a str,
+    /// Hash of its successor.
+    pub next: &'a str,
+    /// The successor's generation.
+    pub generation: u64,
+    /// Now (unix seconds): the rotation time, the new access token's `iat`.
+    pub now: i64,
+    /// The new access token's `jti`.
+    pub jti: &'a str,
+    /// The new access token's `exp`.
+    pub token_expires_at: i64,
+    /// The new idle expiry.
+    pub idle_expires_at: i64,
 }
 
 /// A page of a user's sessions.
@@ -112,10 +162,20 @@ pub struct NewSession<'a> {
     pub idle_expires_at: i64,
     /// The token's `exp`.
     pub token_expires_at: i64,
+    /// The absolute end: `now + SESSION_MAX_LIFETIME`.
+    pub absolute_end: i64,
     /// Client IP.
     pub ip: &'a str,
     /// Client user agent.
     pub user_agent: &'a str,
+    /// The username, for the access tokens Refresh issues.
+    pub username: &'a str,
+    /// How the user logged in, space-separated (`pwd`).
+    pub amr: &'a str,
+    /// The refresh key, 64 hex digits.
+    pub refresh_key: &'a str,
+    /// SHA-256 (hex) of the first refresh token.
+    pub refresh_hash: &'a str,
 }
 
 /// Where sessions live.
@@ -268,8 +328,10 @@ impl SessionStore {
     }
 
     /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it). False when the token was already revoked and that
+    /// session still holds it). `None` when the token was already revoked and that
     /// announced (or being announced): nothing changed, there is nothing new to record.
+    /// `Some(true)` when the session ended held a second access token (it had been
+    /// refreshed): the whole session must be announced, not only this token.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -277,7 +339,7 @@ impl SessionStore {
         jti: &str,
         now_ms: i64,
         blacklist_ttl_seconds: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         match self {
             Self::Redis(r) => {
                 r.logout(user_id, session_id, jti, now_ms, blacklist_ttl_seconds)
@@ -290,6 +352,30 @@ impl SessionStore {
                 now_ms.div_euclid(1000),
                 blacklist_ttl_seconds,
             )),
+        }
+    }
+
+    /// What Refresh needs of a session; `None` when it does not exist (or has no
+    /// refresh key).
+    pub async fn refresh_state(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        now: i64,
+    ) -> Result<Option<RefreshState>, StoreError> {
+        match self {
+            Self::Redis(r) => r.refresh_state(user_id, session_id).await,
+            Self::Memory(m) => Ok(m.refresh_state(user_id, session_id, now)),
+        }
+    }
+
+    /// Records a rotation in one atomic step, if the session still holds the token it
+    /// replaces. False when it does not (another call rotated first, or the session
+    /// ended): nothing changed.
+    pub async fn rotate(&self, r: &Rotation<'_>) -> Result<bool, StoreError> {
+        match self {
+            Self::Redis(s) => s.rotate(r).await,
+            Self::Memory(m) => Ok(m.rotate(r)),
         }
     }
 
@@ -348,13 +434,12 @@ pub struct Touch<'a> {
     pub now: i64,
     /// The new idle expiry.
     pub idle_expires_at: i64,
-    /// The token's `exp`, which no extension passes.
-    pub token_expires_at: i64,
 }
 
-/// When a session ends: the earlier of its idle expiry and `exp + leeway`.
-pub fn session_end(idle_expires_at: i64, token_expires_at: i64, leeway: i64) -> i64 {
-    idle_expires_at.min(token_expires_at.saturating_add(leeway))
+/// When a session ends: the earlier of its idle expiry and its absolute end + leeway
+/// (the last moment a token of it can verify).
+pub fn session_end(idle_expires_at: i64, absolute_end: i64, leeway: i64) -> i64 {
+    idle_expires_at.min(absolute_end.saturating_add(leeway))
 }
 
 /// How long a revoked `jti` must stay blacklisted: as long as the token could verify.

@@ -3,7 +3,11 @@
 //! Keys (all of one user's share the `{user:<id>}` hash tag, so on a Redis Cluster they
 //! live in one slot and every script below touches a single slot):
 //! - `<prefix>{user:<id>}:session:<sid>`: hash `jti login seen idle exp ip ua`
-//!   (times in unix seconds), expiring with the session;
+//!   (times in unix seconds), and for refresh tokens (docs/design.md §10) `end` (the
+//!   absolute end), `un amr` (what rotated access tokens carry), `rk` (the refresh
+//!   key), `rh prh` (hashes of the current and previous refresh token), `gen rot`
+//!   (generation, rotation time) and `pjti` (the previous access token); expiring
+//!   with the session;
 //! - `<prefix>{user:<id>}:sessions`: sorted set of the user's session ids, by login order;
 //! - `<prefix>{user:<id>}:seq`: the login counter that orders that set;
 //! - `<prefix>{user:<id>}:revoked:<jti>`: blacklist entry, expiring `exp − now + leeway`
@@ -20,7 +24,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::revocations::{Cursor, Feed, RedisLog, Revocation};
-use super::{NewSession, SessionPage, SessionRecord, SessionState, Touch, session_end};
+use super::{
+    NewSession, RefreshState, Rotation, SessionPage, SessionRecord, SessionState, Touch,
+    session_end,
+};
 use crate::config::RedisConfig;
 use crate::store::redis_conn::RedisConn;
 use crate::store::{PoolStats, StoreError};
@@ -49,6 +56,7 @@ struct Scripts {
     revoke: Script,
     revoke_others: Script,
     list: Script,
+    rotate: Script,
 }
 
 /// Shared by the scripts that revoke: blacklists the session's `jti` for as long as
@@ -57,7 +65,7 @@ struct Scripts {
 const REVOKE_FN: &str = r"
 local function revoke(tag, sid, now, leeway)
   local skey = tag .. ':session:' .. sid
-  local f = redis.call('HMGET', skey, 'jti', 'exp', 'idle')
+  local f = redis.call('HMGET', skey, 'jti', 'exp', 'idle', 'end')
   redis.call('ZREM', tag .. ':sessions', sid)
   if not f[1] then return 0 end
   local exp = tonumber(f[2])
@@ -65,7 +73,7 @@ local function revoke(tag, sid, now, leeway)
   if ttl < 1 then ttl = 1 end
   redis.call('SET', tag .. ':revoked:' .. f[1], '1', 'EX', ttl)
   redis.call('DEL', skey)
-  if math.min(exp + leeway, tonumber(f[3])) <= now then return 0 end
+  if math.min((tonumber(f[4]) or exp) + leeway, tonumber(f[3])) <= now then return 0 end
   return 1
 end
 -- Forgets the user's sessions that ended on their own; with `blacklist`, their
@@ -73,8 +81,8 @@ end
 local function prune(tag, set, now, leeway, blacklist)
   for _, sid in ipairs(redis.call('ZRANGE', set, 0, -1)) do
     local skey = tag .. ':session:' .. sid
-    local f = redis.call('HMGET', skey, 'idle', 'exp')
-    if not f[1] or math.min(tonumber(f[1]), tonumber(f[2]) + leeway) <= now then
+    local f = redis.call('HMGET', skey, 'idle', 'exp', 'end')
+    if not f[1] or math.min(tonumber(f[1]), (tonumber(f[3]) or tonumber(f[2])) + leeway) <= now then
       if blacklist then
         revoke(tag, sid, now, leeway)
       else
@@ -87,12 +95,15 @@ end
 ";
 
 /// KEYS: session, set, seq. ARGV: tag, sid, jti, now, idle_exp, exp, ip, ua,
-/// session_ttl_ms, set_ttl_ms, max_sessions, leeway. Returns the evicted session ids.
+/// session_ttl_ms, set_ttl_ms, max_sessions, leeway, end, username, amr, refresh key,
+/// refresh hash. Returns the evicted session ids.
 const CREATE_BODY: &str = r"
 local tag, sid, now = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local leeway, max = tonumber(ARGV[12]), tonumber(ARGV[11])
 redis.call('HSET', KEYS[1], 'jti', ARGV[3], 'login', ARGV[4], 'seen', ARGV[4],
-  'idle', ARGV[5], 'exp', ARGV[6], 'ip', ARGV[7], 'ua', ARGV[8])
+  'idle', ARGV[5], 'exp', ARGV[6], 'ip', ARGV[7], 'ua', ARGV[8], 'end', ARGV[13],
+  'un', ARGV[14], 'amr', ARGV[15], 'rk', ARGV[16], 'rh', ARGV[17], 'gen', '0',
+  'rot', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
 local seq = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[10])
@@ -112,15 +123,36 @@ end
 return evicted
 ";
 
-/// KEYS: session. ARGV: jti, now, idle_exp, ttl_ms. Extends a session only if it still
-/// holds this token, so a touch never resurrects a revoked session.
+/// KEYS: session. ARGV: jti, now, idle_exp, leeway. Extends a session only if it still
+/// holds this token (the current one or the one before the last rotation), so a touch
+/// never resurrects a revoked session; never past its absolute end.
 const TOUCH: &str = r"
-if redis.call('HGET', KEYS[1], 'jti') == ARGV[1] then
+local f = redis.call('HMGET', KEYS[1], 'jti', 'pjti', 'end', 'exp')
+if f[1] and (f[1] == ARGV[1] or f[2] == ARGV[1]) then
+  local now = tonumber(ARGV[2])
   redis.call('HSET', KEYS[1], 'seen', ARGV[2], 'idle', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  local ttl = math.min(tonumber(ARGV[3]), tonumber(f[3] or f[4]) + tonumber(ARGV[4])) - now
+  if ttl < 1 then ttl = 1 end
+  redis.call('PEXPIRE', KEYS[1], ttl * 1000)
   return 1
 end
 return 0
+";
+
+/// KEYS: session. ARGV: expected refresh hash, next hash, generation, now, jti, exp,
+/// idle_exp, leeway. The rotation's compare-and-set: only a session still holding the
+/// expected token is changed, so of concurrent rotations exactly one is recorded, and
+/// an ended session is never brought back. Returns 1 when recorded, else 0.
+const ROTATE: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'rh', 'jti', 'end')
+if not f[1] or f[1] ~= ARGV[1] then return 0 end
+local now = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'prh', ARGV[1], 'rh', ARGV[2], 'gen', ARGV[3], 'rot', ARGV[4],
+  'seen', ARGV[4], 'pjti', f[2], 'jti', ARGV[5], 'exp', ARGV[6], 'idle', ARGV[7])
+local ttl = math.min(tonumber(ARGV[7]), tonumber(f[3]) + tonumber(ARGV[8])) - now
+if ttl < 1 then ttl = 1 end
+redis.call('PEXPIRE', KEYS[1], ttl * 1000)
+return 1
 ";
 
 /// KEYS: session, set, revoked. ARGV: sid, jti, blacklist_ttl_s, now (unix ms), lease
@@ -129,7 +161,8 @@ return 0
 /// announced on the log, then `1`. Returns -1 when nothing is left to do (announced, or
 /// claimed less than [`ANNOUNCE_LEASE_MS`] ago by a Logout still under way), -2 when
 /// it was claimed longer ago and never announced (a Logout whose answer was lost: this
-/// call claims it and announces it), else 1 or 0: whether the session was still live.
+/// call claims it and announces it), else 2, 1 or 0: the session ended and held a
+/// second access token (it had been refreshed), it ended, or it was not live.
 const LOGOUT: &str = r"
 if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
   local claimed = tonumber(redis.call('GET', KEYS[3]))
@@ -139,9 +172,11 @@ if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
   redis.call('SET', KEYS[3], ARGV[4], 'XX', 'KEEPTTL')
   return -2
 end
-if redis.call('HGET', KEYS[1], 'jti') == ARGV[2] then
+local held = redis.call('HMGET', KEYS[1], 'jti', 'pjti')
+if held[1] and (held[1] == ARGV[2] or held[2] == ARGV[2]) then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  if held[2] then return 2 end
   return 1
 end
 return 0
@@ -160,7 +195,7 @@ return revoke(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
 
 /// KEYS: set. ARGV: tag, now, leeway, after, limit. Forgets ended sessions, then
 /// returns how many are live and the first `limit` + 1 after login number `after`, each
-/// as {sid, order, jti, login, seen, idle, exp, ip, ua}.
+/// as {sid, order, jti, login, seen, idle, exp, ip, ua, end}.
 const LIST_BODY: &str = r"
 local tag, now, leeway = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 prune(tag, KEYS[1], now, leeway, false)
@@ -169,9 +204,9 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf', 'WITHSC
 local page = {}
 for i = 1, #ids, 2 do
   local f = redis.call('HMGET', tag .. ':session:' .. ids[i],
-    'jti', 'login', 'seen', 'idle', 'exp', 'ip', 'ua')
+    'jti', 'login', 'seen', 'idle', 'exp', 'ip', 'ua', 'end')
   table.insert(page, {ids[i], ids[i + 1], f[1] or '', f[2] or '0', f[3] or '0',
-    f[4] or '0', f[5] or '0', f[6] or '', f[7] or ''})
+    f[4] or '0', f[5] or '0', f[6] or '', f[7] or '', f[8] or f[5] or '0'})
 end
 return {redis.call('ZCARD', KEYS[1]), page}
 ";
@@ -215,6 +250,7 @@ impl RedisSessions {
                 revoke: Script::new(&format!("{REVOKE_FN}{REVOKE_BODY}")),
                 revoke_others: Script::new(&format!("{REVOKE_FN}{REVOKE_OTHERS_BODY}")),
                 list: Script::new(&format!("{REVOKE_FN}{LIST_BODY}")),
+                rotate: Script::new(ROTATE),
             },
         })
     }
@@ -285,9 +321,10 @@ impl RedisSessions {
     ) -> Result<Vec<String>, StoreError> {
         let leeway = self.leeway;
         let tag = self.tag(s.user_id);
-        let session_ttl_ms =
-            ttl_ms(session_end(s.idle_expires_at, s.token_expires_at, leeway) - s.now);
-        let set_ttl_ms = ttl_ms(s.token_expires_at + leeway - s.now);
+        let session_ttl_ms = ttl_ms(session_end(s.idle_expires_at, s.absolute_end, leeway) - s.now);
+        // The set outlives every session in it: each ends by its absolute end, and
+        // later logins end later.
+        let set_ttl_ms = ttl_ms(s.absolute_end + leeway - s.now);
         let session_key = format!("{tag}:session:{}", s.session_id);
         let mut inv = self.scripts.create.prepare_invoke();
         inv.key(&session_key)
@@ -304,7 +341,12 @@ impl RedisSessions {
             .arg(session_ttl_ms)
             .arg(set_ttl_ms)
             .arg(max_sessions)
-            .arg(leeway);
+            .arg(leeway)
+            .arg(s.absolute_end)
+            .arg(s.username)
+            .arg(s.amr)
+            .arg(s.refresh_key)
+            .arg(s.refresh_hash);
         // Sessions evicted past the limit are revocations: confirmed like any other.
         self.conn
             .run_confirmed_if(
@@ -327,21 +369,23 @@ impl RedisSessions {
         pipe.exists(format!("{tag}:revoked:{jti}"))
             .hmget(
                 format!("{tag}:session:{session_id}"),
-                &["jti", "seen", "idle"],
+                &["jti", "seen", "idle", "pjti"],
             )
             .get(format!("{tag}:roles"));
         type Reply = (
             bool,
-            (Option<String>, Option<i64>, Option<i64>),
+            (Option<String>, Option<i64>, Option<i64>, Option<String>),
             Option<String>,
         );
-        let (revoked, (stored_jti, seen, idle), roles) = self
+        let (revoked, (stored_jti, seen, idle, previous_jti), roles) = self
             .conn
             .run(|mut c| async move { pipe.query_async::<Reply>(&mut c).await })
             .await?;
         Ok(match (revoked, stored_jti, seen, idle) {
             (true, ..) => SessionState::Revoked,
-            (false, Some(stored), Some(last_seen), Some(idle_expires_at)) if stored == jti => {
+            (false, Some(stored), Some(last_seen), Some(idle_expires_at))
+                if stored == jti || previous_jti.as_deref() == Some(jti) =>
+            {
                 SessionState::Live {
                     last_seen,
                     idle_expires_at,
@@ -391,9 +435,7 @@ impl RedisSessions {
             .arg(t.jti)
             .arg(t.now)
             .arg(t.idle_expires_at)
-            .arg(ttl_ms(
-                session_end(t.idle_expires_at, t.token_expires_at, self.leeway) - t.now,
-            ));
+            .arg(self.leeway);
         self.conn
             .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
             .await
@@ -401,8 +443,7 @@ impl RedisSessions {
     }
 
     /// Blacklists the token and ends its session (if the session still holds it).
-    /// False when the token was already blacklisted and that announced: nothing was
-    /// changed, nothing is left to do.
+    /// See [`super::SessionStore::logout`] for the answer.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -410,7 +451,7 @@ impl RedisSessions {
         jti: &str,
         now_ms: i64,
         blacklist_ttl_seconds: i64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<bool>, StoreError> {
         let tag = self.tag(user_id);
         let revoked_key = format!("{tag}:revoked:{jti}");
         let mut inv = self.scripts.logout.prepare_invoke();
@@ -427,7 +468,79 @@ impl RedisSessions {
                 inv.invoke_async::<i64>(&mut c).await
             })
             .await
-            .map(|n| n != -1)
+            .map(|n| (n != -1).then_some(n == 2))
+    }
+
+    /// One round trip: what Refresh needs of the session.
+    pub async fn refresh_state(
+        &self,
+        user_id: &str,
+        session_id: &str,
+    ) -> Result<Option<RefreshState>, StoreError> {
+        let key = format!("{}:session:{session_id}", self.tag(user_id));
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg(&[
+            "rk", "rh", "prh", "gen", "rot", "end", "idle", "login", "un", "amr",
+        ]);
+        type Reply = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<u64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let reply: Reply = self
+            .conn
+            .run(|mut c| async move { cmd.query_async::<Reply>(&mut c).await })
+            .await?;
+        let (rk, rh, prh, generation, rot, end, idle, login, un, amr) = reply;
+        Ok(match (rk, rh, generation, rot, end, idle, login) {
+            (
+                Some(key),
+                Some(current),
+                Some(generation),
+                Some(rotated_at),
+                Some(ends_at),
+                Some(idle_expires_at),
+                Some(login_time),
+            ) => Some(RefreshState {
+                key,
+                current,
+                previous: prh,
+                generation,
+                rotated_at,
+                ends_at,
+                idle_expires_at,
+                login_time,
+                username: un.unwrap_or_default(),
+                amr: amr.unwrap_or_default(),
+            }),
+            // No such session, or one made before refresh tokens.
+            _ => None,
+        })
+    }
+
+    /// The rotation's compare-and-set, one script in the user's slot.
+    pub async fn rotate(&self, r: &Rotation<'_>) -> Result<bool, StoreError> {
+        let mut inv = self.scripts.rotate.prepare_invoke();
+        inv.key(format!("{}:session:{}", self.tag(r.user_id), r.session_id))
+            .arg(r.expected)
+            .arg(r.next)
+            .arg(r.generation)
+            .arg(r.now)
+            .arg(r.jti)
+            .arg(r.token_expires_at)
+            .arg(r.idle_expires_at)
+            .arg(self.leeway);
+        self.conn
+            .run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|n| n == 1)
     }
 
     /// Ends one of the user's sessions. False when it did not exist (or had already ended).
@@ -492,7 +605,7 @@ impl RedisSessions {
             .arg(self.leeway)
             .arg(after)
             .arg(limit);
-        type Row = (String, u64, String, i64, i64, i64, i64, String, String);
+        type Row = (String, u64, String, i64, i64, i64, i64, String, String, i64);
         let (total, rows): (u32, Vec<Row>) = self
             .conn
             .run(|mut c| async move { inv.invoke_async(&mut c).await })
@@ -500,7 +613,7 @@ impl RedisSessions {
         let sessions = rows
             .into_iter()
             .map(
-                |(session_id, order, jti, login, seen, idle, exp, ip, user_agent)| {
+                |(session_id, order, jti, login, seen, idle, exp, ip, user_agent, end)| {
                     (
                         order,
                         SessionRecord {
@@ -510,6 +623,7 @@ impl RedisSessions {
                             last_seen: seen,
                             idle_expires_at: idle,
                             token_expires_at: exp,
+                            absolute_end: end,
                             ip,
                             user_agent,
                         },

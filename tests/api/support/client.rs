@@ -149,6 +149,18 @@ impl TestApp {
             .map(|r| r.into_inner())
     }
 
+    /// Refresh with `refresh_token`.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<pb::RefreshResponse, Status> {
+        self.client
+            .clone()
+            .refresh(pb::RefreshRequest {
+                refresh_token: refresh_token.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// `GET path` on the HTTP listener: the status code and the body.
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http_addr.expect("HTTP listener on"), path).await
