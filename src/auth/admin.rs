@@ -133,13 +133,14 @@ pub struct CreateUser {
 }
 
 /// Whether `hash` is a bcrypt hash authd can verify: `$2a$`, `$2b$` or `$2y$`, a cost of
-/// 4–31, and 53 characters of bcrypt's base64.
-pub fn valid_bcrypt_hash(hash: &str) -> bool {
+/// 4 to `ceiling` (see [`crate::auth::padding::cost_ceiling`]), and 53 characters of
+/// bcrypt's base64.
+pub fn valid_bcrypt_hash(hash: &str, ceiling: u32) -> bool {
     let b = hash.as_bytes();
     b.len() == 60
         && (hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$"))
         && b[6] == b'$'
-        && hash_cost(hash).is_some_and(|c| (4..=31).contains(&c))
+        && hash_cost(hash).is_some_and(|c| (4..=ceiling).contains(&c))
         && b[7..]
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
@@ -321,13 +322,16 @@ impl AuthCore {
             request.password.is_empty(),
             request.password_hash.is_empty(),
         ) {
-            (true, false) if valid_bcrypt_hash(&request.password_hash) => {
+            (true, false) if valid_bcrypt_hash(&request.password_hash, self.padding.ceiling()) => {
                 Some(request.password_hash.clone())
             }
             (true, false) => {
                 violations.push(crate::auth::FieldViolation::new(
                     "password_hash",
-                    "must be a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-31, 60 characters)",
+                    format!(
+                        "must be a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-{}, 60 characters)",
+                        self.padding.ceiling()
+                    ),
                 ));
                 None
             }
@@ -740,7 +744,10 @@ mod tests {
     fn bcrypt_hashes_of_every_prefix_are_accepted_and_others_are_not() {
         let body = "$04$n4Uy0eSnMfvnESYL.bLwuuj0U/ETSsoTpRT9GVk5bektyVVa5xnIi";
         for prefix in ["$2a", "$2b", "$2y"] {
-            assert!(valid_bcrypt_hash(&format!("{prefix}{body}")), "{prefix}");
+            assert!(
+                valid_bcrypt_hash(&format!("{prefix}{body}"), 14),
+                "{prefix}"
+            );
         }
         for bad in [
             format!("$2x{body}"),
@@ -749,9 +756,14 @@ mod tests {
             format!("$2b$03{}", &body[3..]),
             "$2b$04$n4Uy0eSnMfvnESYL bLwuuj0U/ETSsoTpRT9GVk5bektyVVa5xnIi".to_owned(),
             String::new(),
+            // Above the ceiling: a cost-31 hash would take hours to verify.
+            format!("$2b$31{}", &body[3..]),
+            format!("$2b$15{}", &body[3..]),
         ] {
-            assert!(!valid_bcrypt_hash(&bad), "{bad}");
+            assert!(!valid_bcrypt_hash(&bad, 14), "{bad}");
         }
+        assert!(valid_bcrypt_hash(&format!("$2b$14{}", &body[3..]), 14));
+        assert!(valid_bcrypt_hash(&format!("$2b$15{}", &body[3..]), 15));
     }
 
     #[test]
