@@ -8,10 +8,13 @@ use std::time::Duration;
 use authd::proto::auth::v1 as pb;
 use tonic::Code;
 
-use crate::admin::{admin, admin_client, get_user, user_req};
+use crate::admin::{admin, admin_client, get_user, protected, set_roles, user_req};
 use crate::support::*;
 
-on_every_backend!(a_hash_above_the_cost_ceiling_is_refused_and_never_verified,);
+on_every_backend!(
+    a_hash_above_the_cost_ceiling_is_refused_and_never_verified,
+    a_demotion_then_a_password_change_still_reaches_the_client_cache,
+);
 
 /// A bcrypt-shaped hash of cost 31 (never computed: verifying it would take hours).
 const COST_31: &str = "$2b$31$n4Uy0eSnMfvnESYL.bLwuuj0U/ETSsoTpRT9GVk5bektyVVa5xnIi";
@@ -73,4 +76,33 @@ async fn a_hash_above_the_cost_ceiling_is_refused_and_never_verified(backend: Ba
         .await
         .expect("a login waited for a verify above the cost ceiling");
     assert_code(login, Code::Unauthenticated);
+}
+
+async fn a_demotion_then_a_password_change_still_reaches_the_client_cache(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let root = admin(&app, "root").await;
+    let (user, login) = app.user_with_session("demoted").await;
+    let token = login.access_token;
+    set_roles(&app, &root, &user.user_id, &["ops"]).await;
+    let service = protected(&app).await;
+    // The answer with "ops" is cached (for a minute).
+    assert_eq!(service.hello(Some(&token)).await.unwrap().message, "ops");
+    set_roles(&app, &root, &user.user_id, &[]).await;
+    // ChangePassword ends the user's other sessions and spares this one: its USER
+    // event must not undo the USER_UPDATED before it.
+    app.change_password(&token, PASSWORD, "Another-Horse-77")
+        .await
+        .unwrap();
+    let fresh = eventually(Duration::from_secs(1), || {
+        let service = &service;
+        let token = &token;
+        async move {
+            service
+                .hello(Some(token))
+                .await
+                .is_ok_and(|r| r.message.is_empty())
+        }
+    })
+    .await;
+    assert!(fresh, "the protected service still sees the old roles");
 }
