@@ -146,6 +146,21 @@ pub fn valid_bcrypt_hash(hash: &str, ceiling: u32) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
 }
 
+/// The user id `reference` is, if it is one: only the hyphenated form authd gives ids
+/// in (`8-4-4-4-12` hex digits), lower-cased. The 32-hex "simple" form uuid also parses is
+/// a valid username (`[A-Za-z0-9_]`, 3-32), so it names a user by name.
+fn user_id(reference: &str) -> Option<String> {
+    let hyphenated = reference.len() == 36
+        && reference.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    hyphenated
+        .then(|| uuid::Uuid::parse_str(reference).ok())
+        .flatten()
+        .map(|id| id.hyphenated().to_string())
+}
+
 fn page_limit(
     field: &'static str,
     asked: i32,
@@ -263,7 +278,7 @@ impl AuthCore {
                 format!("must be at most {MAX_USER_REF_BYTES} bytes"),
             ));
         }
-        let found = if uuid::Uuid::parse_str(reference).is_ok() {
+        let found = if user_id(reference).is_some() {
             self.users
                 .find_by_id(&reference.to_ascii_lowercase())
                 .await
@@ -711,9 +726,9 @@ impl AuthCore {
         }
         let user = user.trim();
         if !user.is_empty() {
-            filter.user_id = Some(match uuid::Uuid::parse_str(user) {
-                Ok(id) => id.to_string(),
-                Err(_) => self.resolve_user(user).await?.id,
+            filter.user_id = Some(match user_id(user) {
+                Some(id) => id,
+                None => self.resolve_user(user).await?.id,
             });
         }
         let store = AuditStore::new(self.users.pool().clone());
@@ -764,6 +779,24 @@ mod tests {
         }
         assert!(valid_bcrypt_hash(&format!("$2b$14{}", &body[3..]), 14));
         assert!(valid_bcrypt_hash(&format!("$2b$15{}", &body[3..]), 15));
+    }
+
+    #[test]
+    fn only_the_hyphenated_form_is_a_user_id() {
+        let id = "0B6C3D5E-0000-4000-8000-000000000001";
+        assert_eq!(
+            user_id(id).as_deref(),
+            Some("0b6c3d5e-0000-4000-8000-000000000001")
+        );
+        for name in [
+            "0b6c3d5e000040008000000000000001",
+            "{0b6c3d5e-0000-4000-8000-000000000001}",
+            "urn:uuid:0b6c3d5e-0000-4000-8000-000000000001",
+            "alice",
+            "0b6c3d5e-0000-4000-8000-00000000000g",
+        ] {
+            assert_eq!(user_id(name), None, "{name}");
+        }
     }
 
     #[test]

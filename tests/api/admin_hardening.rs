@@ -14,6 +14,7 @@ use crate::support::*;
 on_every_backend!(
     a_hash_above_the_cost_ceiling_is_refused_and_never_verified,
     a_demotion_then_a_password_change_still_reaches_the_client_cache,
+    a_username_of_32_hex_digits_names_that_user,
 );
 
 /// A bcrypt-shaped hash of cost 31 (never computed: verifying it would take hours).
@@ -105,4 +106,32 @@ async fn a_demotion_then_a_password_change_still_reaches_the_client_cache(backen
     })
     .await;
     assert!(fresh, "the protected service still sees the old roles");
+}
+
+async fn a_username_of_32_hex_digits_names_that_user(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let root = admin(&app, "root").await;
+    // A valid username that uuid's "simple" form would also parse.
+    let name = "0b6c3d5e000040008000000000000001";
+    let (user, _) = app.user_with_session(name).await;
+    let found = get_user(&app, &root, name).await.unwrap();
+    assert_eq!(
+        (found.user_id.as_str(), found.username.as_str()),
+        (user.user_id.as_str(), name)
+    );
+    // The id still names the user.
+    let by_id = get_user(&app, &root, &user.user_id).await.unwrap();
+    assert_eq!(by_id.username, name);
+    let rows = crate::admin::audit_rows(
+        &app,
+        &root,
+        pb::ListAuditEventsRequest {
+            user: name.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!rows.events.is_empty());
+    assert!(rows.events.iter().all(|e| e.user_id == user.user_id));
 }
