@@ -177,13 +177,13 @@ impl Drop for Slot {
 pub struct Peer {
     remote_addr: Option<SocketAddr>,
     calls: Arc<Semaphore>,
-    client_cert: Option<Arc<[String]>>,
+    client_cert: Option<Arc<[San]>>,
 }
 
 impl Peer {
     /// The SANs of the client certificate the TLS handshake verified (DNS names, URIs,
     /// e-mail addresses and IP addresses, as written); `None` when there was none.
-    pub fn client_sans(&self) -> Option<&[String]> {
+    pub fn client_sans(&self) -> Option<&[San]> {
         self.client_cert.as_deref()
     }
 
@@ -414,9 +414,49 @@ fn preface_needs_more(read: &[u8]) -> bool {
     read.len() < PREFACE.len() + FRAME_HEADER + length
 }
 
+/// A subject alternative name of a client certificate, with its type: a listed name
+/// only matches a SAN of the same type (a DNS name never matches a listed URI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum San {
+    /// A DNS name (compared without regard to ASCII case).
+    Dns(String),
+    /// A URI (compared exactly).
+    Uri(String),
+    /// An e-mail address (compared exactly).
+    Email(String),
+    /// An IP address.
+    Ip(std::net::IpAddr),
+}
+
+impl San {
+    /// Whether this SAN is `listed`, an `ADMIN_CLIENT_SANS` entry whose type is read from
+    /// its shape: containing `://` a URI, parsing as an IP address an IP, containing `@`
+    /// an e-mail address, else a DNS name.
+    pub fn is(&self, listed: &str) -> bool {
+        if listed.contains("://") {
+            matches!(self, San::Uri(u) if u == listed)
+        } else if let Ok(ip) = listed.parse::<std::net::IpAddr>() {
+            matches!(self, San::Ip(a) if *a == ip)
+        } else if listed.contains('@') {
+            matches!(self, San::Email(e) if e == listed)
+        } else {
+            matches!(self, San::Dns(d) if d.eq_ignore_ascii_case(listed))
+        }
+    }
+}
+
+impl std::fmt::Display for San {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            San::Dns(s) | San::Uri(s) | San::Email(s) => f.write_str(s),
+            San::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
 /// The subject alternative names of a certificate: DNS names, URIs, e-mail addresses
-/// and IP addresses, as text. An unreadable certificate has none.
-pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+/// and IP addresses, each with its type. An unreadable certificate has none.
+pub fn subject_alt_names(der: &[u8]) -> Vec<San> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
@@ -428,21 +468,44 @@ pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|name| match name {
-            GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
-                Some((*s).to_owned())
-            }
+            GeneralName::DNSName(s) => Some(San::Dns((*s).to_owned())),
+            GeneralName::URI(s) => Some(San::Uri((*s).to_owned())),
+            GeneralName::RFC822Name(s) => Some(San::Email((*s).to_owned())),
             GeneralName::IPAddress(b) => match b.len() {
                 4 => <[u8; 4]>::try_from(*b)
                     .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                    .map(|a| San::Ip(std::net::IpAddr::from(a))),
                 16 => <[u8; 16]>::try_from(*b)
                     .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
+                    .map(|a| San::Ip(std::net::IpAddr::from(a))),
                 _ => None,
             },
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod san_tests {
+    use super::San;
+
+    #[test]
+    fn a_listed_san_matches_only_a_san_of_its_type() {
+        let uri = "spiffe://example.org/admin";
+        assert!(San::Uri(uri.into()).is(uri));
+        assert!(!San::Dns(uri.into()).is(uri));
+        assert!(!San::Email(uri.into()).is(uri));
+        assert!(San::Dns("Admin.Example.org".into()).is("admin.example.org"));
+        assert!(!San::Uri("admin.example.org".into()).is("admin.example.org"));
+        assert!(!San::Email("admin.example.org".into()).is("admin.example.org"));
+        assert!(San::Email("ops@example.org".into()).is("ops@example.org"));
+        assert!(!San::Dns("ops@example.org".into()).is("ops@example.org"));
+        let ip: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        assert!(San::Ip(ip).is("10.0.0.7"));
+        assert!(!San::Dns("10.0.0.7".into()).is("10.0.0.7"));
+        assert!(San::Ip("::1".parse().unwrap()).is("0:0:0:0:0:0:0:1"));
+        assert_eq!(San::Ip(ip).to_string(), "10.0.0.7");
+    }
 }
 
 /// The TLS configuration in force, and what it was built from.

@@ -133,16 +133,32 @@ pub struct CreateUser {
 }
 
 /// Whether `hash` is a bcrypt hash authd can verify: `$2a$`, `$2b$` or `$2y$`, a cost of
-/// 4–31, and 53 characters of bcrypt's base64.
-pub fn valid_bcrypt_hash(hash: &str) -> bool {
+/// 4 to `ceiling` (see [`crate::auth::padding::cost_ceiling`]), and 53 characters of
+/// bcrypt's base64.
+pub fn valid_bcrypt_hash(hash: &str, ceiling: u32) -> bool {
     let b = hash.as_bytes();
     b.len() == 60
         && (hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$"))
         && b[6] == b'$'
-        && hash_cost(hash).is_some_and(|c| (4..=31).contains(&c))
+        && hash_cost(hash).is_some_and(|c| (4..=ceiling).contains(&c))
         && b[7..]
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
+}
+
+/// The user id `reference` is, if it is one: only the hyphenated form authd gives ids
+/// in (`8-4-4-4-12` hex digits), lower-cased. The 32-hex "simple" form uuid also parses is
+/// a valid username (`[A-Za-z0-9_]`, 3-32), so it names a user by name.
+fn user_id(reference: &str) -> Option<String> {
+    let hyphenated = reference.len() == 36
+        && reference.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    hyphenated
+        .then(|| uuid::Uuid::parse_str(reference).ok())
+        .flatten()
+        .map(|id| id.hyphenated().to_string())
 }
 
 fn page_limit(
@@ -262,7 +278,7 @@ impl AuthCore {
                 format!("must be at most {MAX_USER_REF_BYTES} bytes"),
             ));
         }
-        let found = if uuid::Uuid::parse_str(reference).is_ok() {
+        let found = if user_id(reference).is_some() {
             self.users
                 .find_by_id(&reference.to_ascii_lowercase())
                 .await
@@ -321,13 +337,16 @@ impl AuthCore {
             request.password.is_empty(),
             request.password_hash.is_empty(),
         ) {
-            (true, false) if valid_bcrypt_hash(&request.password_hash) => {
+            (true, false) if valid_bcrypt_hash(&request.password_hash, self.padding.ceiling()) => {
                 Some(request.password_hash.clone())
             }
             (true, false) => {
                 violations.push(crate::auth::FieldViolation::new(
                     "password_hash",
-                    "must be a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-31, 60 characters)",
+                    format!(
+                        "must be a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-{}, 60 characters)",
+                        self.padding.ceiling()
+                    ),
                 ));
                 None
             }
@@ -707,9 +726,9 @@ impl AuthCore {
         }
         let user = user.trim();
         if !user.is_empty() {
-            filter.user_id = Some(match uuid::Uuid::parse_str(user) {
-                Ok(id) => id.to_string(),
-                Err(_) => self.resolve_user(user).await?.id,
+            filter.user_id = Some(match user_id(user) {
+                Some(id) => id,
+                None => self.resolve_user(user).await?.id,
             });
         }
         let store = AuditStore::new(self.users.pool().clone());
@@ -740,7 +759,10 @@ mod tests {
     fn bcrypt_hashes_of_every_prefix_are_accepted_and_others_are_not() {
         let body = "$04$n4Uy0eSnMfvnESYL.bLwuuj0U/ETSsoTpRT9GVk5bektyVVa5xnIi";
         for prefix in ["$2a", "$2b", "$2y"] {
-            assert!(valid_bcrypt_hash(&format!("{prefix}{body}")), "{prefix}");
+            assert!(
+                valid_bcrypt_hash(&format!("{prefix}{body}"), 14),
+                "{prefix}"
+            );
         }
         for bad in [
             format!("$2x{body}"),
@@ -749,8 +771,31 @@ mod tests {
             format!("$2b$03{}", &body[3..]),
             "$2b$04$n4Uy0eSnMfvnESYL bLwuuj0U/ETSsoTpRT9GVk5bektyVVa5xnIi".to_owned(),
             String::new(),
+            // Above the ceiling: a cost-31 hash would take hours to verify.
+            format!("$2b$31{}", &body[3..]),
+            format!("$2b$15{}", &body[3..]),
         ] {
-            assert!(!valid_bcrypt_hash(&bad), "{bad}");
+            assert!(!valid_bcrypt_hash(&bad, 14), "{bad}");
+        }
+        assert!(valid_bcrypt_hash(&format!("$2b$14{}", &body[3..]), 14));
+        assert!(valid_bcrypt_hash(&format!("$2b$15{}", &body[3..]), 15));
+    }
+
+    #[test]
+    fn only_the_hyphenated_form_is_a_user_id() {
+        let id = "0B6C3D5E-0000-4000-8000-000000000001";
+        assert_eq!(
+            user_id(id).as_deref(),
+            Some("0b6c3d5e-0000-4000-8000-000000000001")
+        );
+        for name in [
+            "0b6c3d5e000040008000000000000001",
+            "{0b6c3d5e-0000-4000-8000-000000000001}",
+            "urn:uuid:0b6c3d5e-0000-4000-8000-000000000001",
+            "alice",
+            "0b6c3d5e-0000-4000-8000-00000000000g",
+        ] {
+            assert_eq!(user_id(name), None, "{name}");
         }
     }
 

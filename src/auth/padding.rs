@@ -11,7 +11,10 @@
 //! above the average, so a check at the highest cost is itself nearly always padded to
 //! the same target rather than showing its own spread. The highest cost comes from the
 //! users table (read at start-up and every [`REFRESH`]), and is raised at once when a
-//! lookup meets a costlier hash than any seen.
+//! lookup meets a costlier hash than any seen, but never above [`cost_ceiling`]: a
+//! hash costlier than that cannot be stored through authd (CreateUser and
+//! `authd users import` refuse it) and is never verified (Login treats it as a wrong
+//! password), so one such row cannot make every failed login wait for hours.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,6 +22,17 @@ use std::time::Duration;
 /// How often the highest stored cost is read again (imports happen behind authd's back,
 /// and rehashing on login lowers it).
 pub const REFRESH: Duration = Duration::from_secs(10 * 60);
+
+/// The lowest ceiling on stored costs, whatever `BCRYPT_COST` says: a cost-14 verify
+/// takes about a second on a current core, already more than any deployment uses.
+pub const MIN_COST_CEILING: u32 = 14;
+
+/// The highest bcrypt cost authd stores or verifies when `BCRYPT_COST` is `configured`:
+/// the larger of the two. Each step doubles the work; a cost-31 hash would hold a
+/// hashing worker (and, through the failure padding, every failed login) for hours.
+pub fn cost_ceiling(configured: u32) -> u32 {
+    configured.max(MIN_COST_CEILING)
+}
 
 /// bcrypt's costs are 4..=31.
 const COSTS: usize = 32;
@@ -29,7 +43,9 @@ const SMOOTHING: u64 = 8;
 #[derive(Debug)]
 pub struct FailurePadding {
     configured: u32,
-    /// The highest cost among the stored hashes and `BCRYPT_COST`.
+    /// [`cost_ceiling`] of `configured`: `max_cost` never goes above it.
+    ceiling: u32,
+    /// The highest cost among the stored hashes and `BCRYPT_COST`, at most `ceiling`.
     max_cost: AtomicU32,
     /// Per cost, the moving average of one verify's bcrypt work, in ns (0: none yet).
     work_ns: [AtomicU64; COSTS],
@@ -40,6 +56,7 @@ impl FailurePadding {
     pub fn new(configured: u32, took: Duration) -> Self {
         let padding = Self {
             configured,
+            ceiling: cost_ceiling(configured).min(COSTS as u32 - 1),
             max_cost: AtomicU32::new(configured),
             work_ns: std::array::from_fn(|_| AtomicU64::new(0)),
         };
@@ -52,10 +69,16 @@ impl FailurePadding {
         self.max_cost.load(Ordering::Relaxed)
     }
 
-    /// A stored hash of this cost was met: failures are padded to at least its time.
+    /// The highest cost stored hashes may have (see [`cost_ceiling`]).
+    pub fn ceiling(&self) -> u32 {
+        self.ceiling
+    }
+
+    /// A stored hash of this cost was met: failures are padded to at least its time
+    /// (up to the ceiling).
     pub fn saw_stored_cost(&self, cost: u32) {
         self.max_cost
-            .fetch_max(cost.min(COSTS as u32 - 1), Ordering::Relaxed);
+            .fetch_max(cost.min(self.ceiling), Ordering::Relaxed);
     }
 
     /// The highest cost in the users table now (`None`: no bcrypt hash stored). It may
@@ -63,7 +86,7 @@ impl FailurePadding {
     pub fn set_stored_max(&self, stored: Option<u32>) {
         let max = stored.map_or(self.configured, |c| c.max(self.configured));
         self.max_cost
-            .store(max.min(COSTS as u32 - 1), Ordering::Relaxed);
+            .store(max.min(self.ceiling), Ordering::Relaxed);
     }
 
     /// One verify at `cost` took `took` of bcrypt work.
@@ -135,6 +158,26 @@ mod tests {
         assert_eq!(p.max_cost(), 6);
         p.set_stored_max(None);
         assert_eq!(p.max_cost(), 4);
+    }
+
+    #[test]
+    fn the_padding_never_goes_above_the_ceiling() {
+        assert_eq!(cost_ceiling(4), 14);
+        assert_eq!(cost_ceiling(12), 14);
+        assert_eq!(cost_ceiling(16), 16);
+        let p = FailurePadding::new(4, MS);
+        assert_eq!(p.ceiling(), 14);
+        // A cost-31 row (imported before the ceiling existed, or written behind authd's
+        // back) raises the target to cost 14, not 31: 2^10 times cost 4, not 2^27.
+        p.saw_stored_cost(31);
+        assert_eq!(p.max_cost(), 14);
+        p.set_stored_max(Some(31));
+        assert_eq!(p.max_cost(), 14);
+        assert_eq!(p.padding(Duration::ZERO), MS * 1024 * 5 / 4);
+        // A configured cost above the floor is its own ceiling.
+        let p = FailurePadding::new(16, MS);
+        p.saw_stored_cost(31);
+        assert_eq!(p.max_cost(), 16);
     }
 
     #[test]

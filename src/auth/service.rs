@@ -407,9 +407,10 @@ impl AuthCore {
                     .map_err(users_error)?,
                 Err(_) => None,
             };
-            let hash = user
+            let stored = user
                 .as_ref()
                 .map_or(self.dummy_hash.as_str(), |u| u.password_hash.as_str());
+            let hash = self.verifiable(stored);
             let cost = hash_cost(hash);
             if let Some(cost) = cost {
                 self.padding.saw_stored_cost(cost);
@@ -418,6 +419,7 @@ impl AuthCore {
             if let Some(cost) = cost {
                 self.padding.observe(cost, took);
             }
+            let matches = matches && hash == stored;
             Ok::<_, AuthError>((user, matches, took))
         };
         let (user, matches, took) = match checked.await {
@@ -839,6 +841,25 @@ impl AuthCore {
         }
     }
 
+    /// The hash to verify a password against in place of `stored`: `stored` itself, or
+    /// the dummy hash when `stored` costs more than the ceiling (see
+    /// [`padding::cost_ceiling`]), which would hold a hashing worker for minutes to
+    /// hours. Such a row cannot be written through authd; one written behind its back
+    /// never matches (an admin sets a new password), and costs a normal verify.
+    fn verifiable<'a>(&'a self, stored: &'a str) -> &'a str {
+        match hash_cost(stored) {
+            Some(cost) if cost > self.padding.ceiling() => {
+                tracing::warn!(
+                    cost,
+                    ceiling = self.padding.ceiling(),
+                    "a stored password hash costs more than the ceiling; it is not verified"
+                );
+                self.dummy_hash.as_str()
+            }
+            _ => stored,
+        }
+    }
+
     /// Rehashes at `BCRYPT_COST` a password whose stored hash has another cost: cheaper
     /// ones are upgraded, and costlier ones (an import, or `BCRYPT_COST` lowered) come
     /// down, so the costliest stored hash, which every failed check is padded to, goes
@@ -986,10 +1007,12 @@ impl AuthCore {
                 .await
                 .map_err(users_error)?
                 .ok_or(AuthError::Unauthenticated)?;
+            let hash = self.verifiable(&user.password_hash);
             let matches = self
                 .hasher
-                .verify(share.as_deref(), current_password, &user.password_hash)
+                .verify(share.as_deref(), current_password, hash)
                 .await?;
+            let matches = matches && hash == user.password_hash;
             Ok::<_, AuthError>((user, matches))
         };
         let user = match checked.await {

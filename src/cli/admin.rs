@@ -12,6 +12,7 @@ use super::users::PasswordSource;
 use super::{Failure, exit};
 use crate::proto::auth::v1 as pb;
 use crate::proto::auth::v1::admin_service_client::AdminServiceClient;
+use crate::telemetry::escape::escape_text;
 
 /// How to reach authd, and what to do there.
 #[derive(Debug, Args)]
@@ -493,14 +494,7 @@ impl Caller {
                     .into_inner();
                 let mut text = format!("{} live sessions\n", r.active_count);
                 for s in &r.sessions {
-                    text.push_str(&format!(
-                        "{}  login {}  seen {}  {}  {}\n",
-                        s.session_id,
-                        time_text(s.login_time.as_ref()),
-                        time_text(s.last_seen.as_ref()),
-                        s.ip,
-                        s.user_agent
-                    ));
+                    text.push_str(&session_line(s));
                 }
                 if !r.next_page_token.is_empty() {
                     text.push_str(&format!("more: --page-token {}\n", r.next_page_token));
@@ -661,4 +655,38 @@ fn point_in_time(text: &str) -> Result<prost_types::Timestamp, Failure> {
         seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or_default(),
     })
+}
+
+/// One session in human output. The user agent (and address) came from a client: control
+/// characters are escaped, so one cannot rewrite the operator's terminal or fake lines.
+fn session_line(s: &pb::Session) -> String {
+    format!(
+        "{}  login {}  seen {}  {}  {}\n",
+        s.session_id,
+        time_text(s.login_time.as_ref()),
+        time_text(s.last_seen.as_ref()),
+        escape_text(&s.ip),
+        escape_text(&s.user_agent)
+    )
+}
+
+#[cfg(test)]
+mod session_output_tests {
+    use super::*;
+
+    #[test]
+    fn a_user_agent_cannot_write_to_the_terminal() {
+        let line = session_line(&pb::Session {
+            session_id: "s1".into(),
+            ip: "127.0.0.1".into(),
+            user_agent: "curl\u{1b}[2J\r\nfake  line\u{202e}".into(),
+            ..Default::default()
+        });
+        assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+        assert!(!line.contains('\u{1b}') && !line.contains('\r') && !line.contains('\u{202e}'));
+        assert!(
+            line.ends_with("curl\\u{1b}[2J\\r\\nfake  line\\u{202e}\n"),
+            "{line:?}"
+        );
+    }
 }

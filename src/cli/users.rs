@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{Failure, exit};
+use crate::auth::padding::cost_ceiling;
 use crate::auth::password::NewPassword;
 use crate::auth::roles;
 use crate::auth::service::admin::valid_bcrypt_hash;
@@ -243,7 +244,7 @@ struct JsonRow {
 }
 
 /// One line of the file as a user, or why not.
-fn parse_row(format: ImportFormat, line: &str) -> Result<NewUser, String> {
+fn parse_row(format: ImportFormat, line: &str, ceiling: u32) -> Result<NewUser, String> {
     let (username, hash, role_names) = match format {
         ImportFormat::Jsonl => {
             let row: JsonRow =
@@ -276,8 +277,10 @@ fn parse_row(format: ImportFormat, line: &str) -> Result<NewUser, String> {
         }
     };
     let name = Username::parse(&username).map_err(|v| format!("username {}", v.description))?;
-    if !valid_bcrypt_hash(&hash) {
-        return Err("password_hash is not a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-31)".into());
+    if !valid_bcrypt_hash(&hash, ceiling) {
+        return Err(format!(
+            "password_hash is not a bcrypt hash ($2a$, $2b$ or $2y$, cost 4-{ceiling})"
+        ));
     }
     let roles = roles::parse_roles("roles", &role_names).map_err(|v| v.description)?;
     Ok(NewUser {
@@ -302,7 +305,8 @@ pub async fn import(
     let format = format.unwrap_or_else(|| ImportFormat::guess(path));
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
-    let (_, store) = open_store().await?;
+    let (config, store) = open_store().await?;
+    let ceiling = cost_ceiling(config.bcrypt.cost);
     let started = Instant::now();
     let total_lines = text.lines().count();
     let progress = progress || (std::io::stderr().is_terminal() && total_lines >= IMPORT_BATCH);
@@ -317,7 +321,7 @@ pub async fn import(
             continue;
         }
         summary.rows += 1;
-        match parse_row(format, line) {
+        match parse_row(format, line, ceiling) {
             Ok(user) => batch.push(user),
             Err(why) => {
                 summary.bad += 1;
@@ -397,19 +401,20 @@ mod tests {
 
     #[test]
     fn rows_are_read_from_csv_and_json_lines() {
-        let csv = parse_row(ImportFormat::Csv, &format!("Alice,{HASH},admin;ops")).unwrap();
+        let csv = parse_row(ImportFormat::Csv, &format!("Alice,{HASH},admin;ops"), 14).unwrap();
         assert_eq!(csv.username, "alice");
         assert_eq!(csv.roles, ",admin,ops,");
         let json = parse_row(
             ImportFormat::Jsonl,
             &format!(r#"{{"username":"bob","password_hash":"{HASH}","roles":["ops"]}}"#),
+            14,
         )
         .unwrap();
         assert_eq!(
             (json.username.as_str(), json.roles.as_str()),
             ("bob", ",ops,")
         );
-        assert!(parse_row(ImportFormat::Csv, &format!("bob,{HASH}")).is_ok());
+        assert!(parse_row(ImportFormat::Csv, &format!("bob,{HASH}"), 14).is_ok());
     }
 
     #[test]
@@ -421,8 +426,17 @@ mod tests {
             (ImportFormat::Csv, format!("alice,{HASH},Admin")),
             (ImportFormat::Jsonl, "{".to_owned()),
             (ImportFormat::Jsonl, r#"{"username":"x"}"#.to_owned()),
+            // Above the ceiling.
+            (
+                ImportFormat::Csv,
+                format!("alice,{}", HASH.replace("$04$", "$31$")),
+            ),
+            (
+                ImportFormat::Csv,
+                format!("alice,{}", HASH.replace("$04$", "$15$")),
+            ),
         ] {
-            assert!(parse_row(format, &line).is_err(), "{line}");
+            assert!(parse_row(format, &line, 14).is_err(), "{line}");
         }
     }
 

@@ -150,6 +150,10 @@ struct Inner {
     revoked_sessions: Cache<(String, String), ()>,
     /// User-wide revocations: when, and the session spared.
     revoked_users: Cache<String, (Instant, String)>,
+    /// Role changes (`USER_UPDATED`): when. Kept apart from `revoked_users`, so a later
+    /// `USER` revocation that spares a session (ChangePassword) cannot replace it and
+    /// let that session's answers with the old roles stand.
+    updated_users: Cache<String, Instant>,
     /// Answers cached before this were made before a Reset: all stale.
     reset_at: Mutex<Option<Instant>>,
     watch_up: AtomicBool,
@@ -194,6 +198,7 @@ impl AuthValidator {
             revoked_tokens: markers(config.max_entries, marker_ttl),
             revoked_sessions: markers(config.max_entries, marker_ttl),
             revoked_users: markers(config.max_entries, marker_ttl),
+            updated_users: markers(config.max_entries, marker_ttl),
             reset_at: Mutex::new(None),
             watch_up: AtomicBool::new(false),
             last_message: Mutex::new(None),
@@ -369,6 +374,13 @@ impl Inner {
         {
             return false;
         }
+        if self
+            .updated_users
+            .get(&ctx.user_id)
+            .is_some_and(|at| entry.cached_at <= at)
+        {
+            return false;
+        }
         match self.revoked_users.get(&ctx.user_id) {
             Some((at, spared)) => entry.cached_at > at || spared == ctx.session_id,
             None => true,
@@ -436,8 +448,8 @@ impl Inner {
             }
             // The user's roles changed: every answer cached before now is asked again.
             Kind::UserUpdated => {
-                self.revoked_users
-                    .insert(event.user_id.clone(), (Instant::now(), String::new()));
+                self.updated_users
+                    .insert(event.user_id.clone(), Instant::now());
             }
             Kind::Reset => {
                 *self.reset_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());

@@ -45,8 +45,11 @@ impl AdminGrpc {
             .and_then(Peer::client_sans)
         {
             None => ClientCert::None,
-            Some(sans) => match sans.iter().find(|s| self.client_sans.contains(s)) {
-                Some(san) => ClientCert::Admin(san.clone()),
+            Some(sans) => match sans
+                .iter()
+                .find(|san| self.client_sans.iter().any(|listed| san.is(listed)))
+            {
+                Some(san) => ClientCert::Admin(san.to_string()),
                 None => ClientCert::Other,
             },
         };

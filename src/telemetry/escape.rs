@@ -185,6 +185,15 @@ fn escaped(c: char) -> bool {
         )
 }
 
+/// `text` with the characters [`escaped`] names written as escapes (`\u{1b}`, `\n`…),
+/// for human output outside the logs (a session's user agent in `authd admin sessions`).
+pub fn escape_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    // Writing to a String cannot fail.
+    let _ = write_escaped(&mut out, text);
+    out
+}
+
 fn write_escaped(w: &mut impl Write, text: &str) -> fmt::Result {
     for c in text.chars() {
         if escaped(c) {

@@ -36,13 +36,13 @@ on_every_backend!(
 );
 
 /// An AdminService client on `app`.
-fn admin_client(app: &TestApp) -> AdminServiceClient<Channel> {
+pub(crate) fn admin_client(app: &TestApp) -> AdminServiceClient<Channel> {
     AdminServiceClient::new(app.channel.clone())
 }
 
 /// A user `name` with the admin role (given in the users table, as `authd users create
 /// --role admin` does) and a token.
-async fn admin(app: &TestApp, name: &str) -> String {
+pub(crate) async fn admin(app: &TestApp, name: &str) -> String {
     let (user, _) = app.user_with_session(name).await;
     sqlx::query("UPDATE users SET roles = ',admin,' WHERE id = ?")
         .bind(&user.user_id)
@@ -53,18 +53,18 @@ async fn admin(app: &TestApp, name: &str) -> String {
     app.login(name, PASSWORD).await.unwrap().access_token
 }
 
-fn user_req<T>(token: &str, message: T) -> Request<T> {
+pub(crate) fn user_req<T>(token: &str, message: T) -> Request<T> {
     bearer(token, message)
 }
 
-async fn get_user(app: &TestApp, token: &str, user: &str) -> Result<pb::User, Status> {
+pub(crate) async fn get_user(app: &TestApp, token: &str, user: &str) -> Result<pb::User, Status> {
     admin_client(app)
         .get_user(user_req(token, pb::GetUserRequest { user: user.into() }))
         .await
         .map(|r| r.into_inner().user.unwrap())
 }
 
-async fn set_roles(app: &TestApp, token: &str, user: &str, roles: &[&str]) -> pb::User {
+pub(crate) async fn set_roles(app: &TestApp, token: &str, user: &str, roles: &[&str]) -> pb::User {
     admin_client(app)
         .set_roles(user_req(
             token,
@@ -91,7 +91,7 @@ async fn list_users(
         .map(|r| r.into_inner())
 }
 
-async fn audit_rows(
+pub(crate) async fn audit_rows(
     app: &TestApp,
     token: &str,
     request: pb::ListAuditEventsRequest,
@@ -960,12 +960,12 @@ impl Greeter for Roles {
     }
 }
 
-struct Protected {
+pub(crate) struct Protected {
     client: GreeterClient<Channel>,
 }
 
 impl Protected {
-    async fn hello(&self, token: Option<&str>) -> Result<HelloReply, Status> {
+    pub(crate) async fn hello(&self, token: Option<&str>) -> Result<HelloReply, Status> {
         let mut request = Request::new(HelloRequest { name: "you".into() });
         if let Some(token) = token {
             request
@@ -982,7 +982,7 @@ impl Protected {
 
 /// A service behind the client layer, caching answers for a minute, following the
 /// revocation stream.
-async fn protected(app: &TestApp) -> Protected {
+pub(crate) async fn protected(app: &TestApp) -> Protected {
     let config = AuthConfig {
         cache_ttl: Duration::from_secs(60),
         watch_credential: Some(WatchCredential::new(WATCH_CREDENTIAL)),

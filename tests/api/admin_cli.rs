@@ -11,6 +11,7 @@ on_every_backend!(
     users_create_bootstraps_an_admin_that_admin_commands_then_use,
     import_takes_hashes_of_another_implementation_and_reruns_idempotently,
     import_of_many_rows_runs_in_batches,
+    import_refuses_hashes_above_the_cost_ceiling,
 );
 
 /// What a run of the binary gave.
@@ -412,5 +413,35 @@ async fn import_of_many_rows_runs_in_batches(backend: Backend) {
     app.login(&format!("bulk{}", ROWS - 1), "Bulk-Pass-77")
         .await
         .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn import_refuses_hashes_above_the_cost_ceiling(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let cheap = bcrypt::hash("Legacy-Pass-2019", 4).unwrap();
+    let costly = cheap.replacen("$04$", "$31$", 1);
+    let dir = std::env::temp_dir().join(format!("authd-import-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("users.csv");
+    std::fs::write(&csv, format!("alpha,{cheap}\nbravo,{costly}\n")).unwrap();
+    let run = authd(
+        &["users", "import", csv.to_str().unwrap()],
+        store_env(&app),
+        "",
+    )
+    .await;
+    assert_eq!(run.code, 7, "a bad row exits 7: {}", run.stderr);
+    assert!(
+        run.stderr.contains("line 2: password_hash") && run.stderr.contains("cost 4-14"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("1 imported"), "{}", run.stdout);
+    assert!(app.login("alpha", "Legacy-Pass-2019").await.is_ok());
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE username = 'bravo'")
+        .fetch_one(&app.db().await)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
     let _ = std::fs::remove_dir_all(dir);
 }

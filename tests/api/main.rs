@@ -35,6 +35,7 @@ mod support;
 
 mod admin;
 mod admin_cli;
+mod admin_hardening;
 mod audit;
 mod binary;
 mod change_password;
