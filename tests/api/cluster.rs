@@ -364,6 +364,74 @@ async fn without_wait_replicas_the_lost_revocations_are_counted() {
     assert!(acked > 0, "no Logout was acknowledged");
 }
 
+/// Logs out `count` sessions while the replica's link is stalled, promotes the replica,
+/// and returns (Logouts acknowledged, acknowledged tokens valid again on the promoted
+/// replica). Replication lag made on purpose, so the loss is certain without WAIT.
+async fn revocations_lost_behind_a_lagging_replica(wait: bool) -> (usize, usize) {
+    let count = 12;
+    let mut setup = LaggingReplica::start().await;
+    let primary_url = format!("redis://{}/", setup.primary.addr());
+    let mut env = vec![
+        ("REDIS_URL", primary_url.as_str()),
+        ("MAX_SESSIONS_PER_USER", "100"),
+    ];
+    if wait {
+        env.extend([
+            ("REDIS_WAIT_REPLICAS", "1"),
+            ("REDIS_WAIT_TIMEOUT", "200ms"),
+        ]);
+    }
+    let app = TestApp::builder().envs(&env).spawn().await;
+    let (_, first) = app.user_with_session("lag").await;
+    let mut tokens = vec![first.access_token];
+    for _ in 1..count {
+        tokens.push(app.login("lag", PASSWORD).await.unwrap().access_token);
+    }
+    setup.wait_in_sync().await;
+    setup.link.stall();
+    let mut acknowledged = Vec::new();
+    for token in &tokens {
+        match app.logout(token).await {
+            Ok(()) => acknowledged.push(token.clone()),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+    }
+    tokio::task::block_in_place(|| setup.fail_over());
+    // A fresh instance on the promoted replica: it knows only what the replica kept.
+    let replica_url = format!("redis://{}/", setup.replica.addr());
+    let fresh = app.sibling().env("REDIS_URL", &replica_url).spawn().await;
+    let mut lost = 0;
+    for token in &acknowledged {
+        let v = fresh.validate(token).await.unwrap();
+        assert!(v.revocation_checked || !v.valid, "{v:?}");
+        lost += usize::from(v.valid);
+    }
+    // Every token whose Logout was refused is still the replica's to judge: none of them
+    // was reported as revoked, so none is owed.
+    println!(
+        "FIGURE lagging replica wait={wait}: {lost} of {} acknowledged Logouts valid again ({} refused)",
+        acknowledged.len(),
+        tokens.len() - acknowledged.len()
+    );
+    (acknowledged.len(), lost)
+}
+
+/// Asynchronous replication loses acknowledged revocations when the replica lags and
+/// then takes over: without WAIT every Logout made during the lag comes back; with
+/// `REDIS_WAIT_REPLICAS=1` none is acknowledged (UNAVAILABLE), so none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_loses_acknowledged_logouts_unless_revocations_wait() {
+    let (acked, lost) = revocations_lost_behind_a_lagging_replica(false).await;
+    assert_eq!(acked, 12, "without WAIT every Logout is acknowledged");
+    assert_eq!(
+        lost, acked,
+        "the lag made on purpose lost nothing: the test proves nothing"
+    );
+    let (acked, lost) = revocations_lost_behind_a_lagging_replica(true).await;
+    assert_eq!(lost, 0, "an acknowledged revocation came back");
+    assert_eq!(acked, 0, "a Logout no replica held was acknowledged");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_no_replica_confirms_is_unavailable_never_done() {
     // The shared cluster has no replicas: WAIT can never be satisfied.

@@ -448,3 +448,83 @@ impl ConnectionLike for TestRedis {
         0
     }
 }
+
+/// A primary whose replica replicates through a [`Proxy`](super::proxy::Proxy): stalling
+/// the proxy makes the replica lag as far behind as a test wants, which loopback alone
+/// never does. No sentinels: the test promotes the replica itself.
+pub struct LaggingReplica {
+    pub primary: Node,
+    pub replica: Node,
+    pub link: super::proxy::Proxy,
+    dir: PathBuf,
+}
+
+impl LaggingReplica {
+    /// Both up, the replica linked and in sync.
+    pub async fn start() -> Self {
+        let dir = scratch_dir("lagging");
+        let primary = tokio::task::block_in_place(|| Node::data(&dir, &[]));
+        let link = super::proxy::Proxy::start(([127, 0, 0, 1], primary.port).into()).await;
+        let replica = tokio::task::block_in_place(|| {
+            Node::data(
+                &dir,
+                &["--replicaof", "127.0.0.1", &link.addr.port().to_string()],
+            )
+        });
+        let setup = Self {
+            primary,
+            replica,
+            link,
+            dir,
+        };
+        setup.wait_in_sync().await;
+        setup
+    }
+
+    /// Waits until the replica holds everything the primary has written so far.
+    pub async fn wait_in_sync(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let synced = tokio::task::block_in_place(|| {
+                let offset = |node: &Node, field: &str| {
+                    redis::cmd("INFO")
+                        .arg("replication")
+                        .query::<String>(&mut node.sync())
+                        .ok()
+                        .and_then(|info| {
+                            info.lines()
+                                .find_map(|l| l.strip_prefix(field))
+                                .and_then(|v| v.trim().parse::<i64>().ok())
+                        })
+                };
+                let primary = offset(&self.primary, "master_repl_offset:");
+                let replica = offset(&self.replica, "slave_repl_offset:");
+                primary.is_some() && primary == replica
+            });
+            if synced {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the primary and makes the replica a primary (`REPLICAOF NO ONE`), keeping
+    /// only what it had received.
+    pub fn fail_over(&mut self) {
+        self.primary.kill();
+        let _: String = redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query(&mut self.replica.sync())
+            .unwrap();
+    }
+}
+
+impl Drop for LaggingReplica {
+    fn drop(&mut self) {
+        self.primary.kill();
+        self.replica.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
