@@ -43,6 +43,16 @@ pub enum RedisTopology {
 }
 
 impl RedisTopology {
+    /// Whether its connections are TLS (a `rediss` scheme).
+    pub fn uses_tls(&self) -> bool {
+        let tls = |url: &str| url.to_ascii_lowercase().starts_with("rediss://");
+        match self {
+            RedisTopology::Single(url) => tls(url.expose()),
+            RedisTopology::Cluster(nodes) => nodes.expose().iter().any(|n| tls(n)),
+            RedisTopology::Sentinel { sentinels, .. } => sentinels.iter().any(|s| tls(s)),
+        }
+    }
+
     /// What, for log lines and messages.
     pub fn describe(&self) -> String {
         match self {
@@ -87,6 +97,8 @@ pub struct RedisConfig {
     pub failure_mode: RedisFailureMode,
     /// Whether revocations wait for replicas (`None`: they do not).
     pub wait: Option<WaitReplicas>,
+    /// Certificates for TLS to Redis (`None`: the system's roots, no client certificate).
+    pub tls: Option<Box<super::redis_tls::RedisTls>>,
 }
 
 /// Where users live.
@@ -326,11 +338,16 @@ pub(super) fn redis(raw: &RawEnv) -> Result<Option<RedisConfig>, ConfigError> {
                 "is set but no Redis is (set REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINELS)",
             ));
         }
+        if raw.redis_tls_ca_file.is_some() || raw.redis_tls_cert_file.is_some() {
+            super::redis_tls::redis_tls(raw, false)?;
+        }
         return Ok(None);
     };
+    let tls = super::redis_tls::redis_tls(raw, topology.uses_tls())?.map(Box::new);
     Ok(Some(RedisConfig {
         topology,
         wait,
+        tls,
         key_prefix,
         pool_size,
         connect_timeout,

@@ -881,3 +881,80 @@ fn revocations_wait_for_replicas_only_when_asked() {
         })
     );
 }
+
+#[test]
+fn redis_tls_files_go_with_a_tls_scheme_and_a_client_certificate_with_its_key() {
+    use crate::config::RedisTls;
+    use std::path::PathBuf;
+    for url in [
+        "rediss://r:6380/",
+        "rediss+cluster://a:7000,b:7001",
+        "rediss+sentinel://s1:26379/authd",
+    ] {
+        let redis = redis_of(&[
+            ("REDIS_URL", url),
+            ("REDIS_TLS_CA_FILE", "/ca.pem"),
+            ("REDIS_TLS_CERT_FILE", "/c.pem"),
+            ("REDIS_TLS_KEY_FILE", "/k.pem"),
+        ]);
+        assert_eq!(
+            redis.tls,
+            Some(Box::new(RedisTls {
+                ca_file: Some(PathBuf::from("/ca.pem")),
+                client: Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem"))),
+            })),
+            "{url}"
+        );
+        assert!(redis.topology.uses_tls(), "{url}");
+    }
+    assert_eq!(redis_of(&[("REDIS_URL", "rediss://r:6380/")]).tls, None);
+    assert!(
+        !redis_of(&[("REDIS_URL", "redis://r:6379/")])
+            .topology
+            .uses_tls()
+    );
+    for (pairs, variable, says) in [
+        (
+            vec![
+                ("REDIS_URL", "redis://r:6379/"),
+                ("REDIS_TLS_CA_FILE", "/ca.pem"),
+            ],
+            "REDIS_TLS_CA_FILE",
+            "not reached over TLS",
+        ),
+        (
+            vec![
+                ("REDIS_CLUSTER_NODES", "a:7000"),
+                ("REDIS_TLS_CERT_FILE", "/c.pem"),
+                ("REDIS_TLS_KEY_FILE", "/k.pem"),
+            ],
+            "REDIS_TLS_CERT_FILE",
+            "not reached over TLS",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "rediss://r:6380/"),
+                ("REDIS_TLS_CERT_FILE", "/c.pem"),
+            ],
+            "REDIS_TLS_CERT_FILE",
+            "REDIS_TLS_KEY_FILE is not",
+        ),
+        (
+            vec![
+                ("REDIS_URL", "rediss://r:6380/"),
+                ("REDIS_TLS_KEY_FILE", "/k.pem"),
+            ],
+            "REDIS_TLS_KEY_FILE",
+            "REDIS_TLS_CERT_FILE is not",
+        ),
+        (
+            vec![("REDIS_TLS_CA_FILE", "/ca.pem")],
+            "REDIS_TLS_CA_FILE",
+            "not reached over TLS",
+        ),
+    ] {
+        let (var, message) = redis_error(&pairs);
+        assert_eq!(var, variable, "{pairs:?}");
+        assert!(message.contains(says), "{pairs:?}: {message}");
+    }
+}

@@ -17,11 +17,14 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::sentinel::{
+    SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
+};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, ServerErrorKind, Value,
 };
+use redis::{ClientTlsConfig, TlsCertificates};
 
 use crate::config::{RedisConfig, RedisTopology, WaitReplicas};
 use crate::store::{PoolStats, StoreError};
@@ -132,9 +135,11 @@ impl Target {
                     .into_connection_info()
                     .map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?
                     .set_tcp_settings(tcp());
-                Target::Node(
-                    Client::open(info).map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?,
-                )
+                let client = match certificates(config)? {
+                    Some(certs) => Client::build_with_tls(info, certs),
+                    None => Client::open(info),
+                };
+                Target::Node(client.map_err(|e| anyhow::anyhow!("REDIS_URL/REDIS_ADDR: {e}"))?)
             }
             RedisTopology::Cluster(nodes) => {
                 let builder = ClusterClientBuilder::new(nodes.expose().iter().map(String::as_str))
@@ -145,6 +150,10 @@ impl Target {
                     .retries(3)
                     .min_retry_wait(10)
                     .max_retry_wait(100);
+                let builder = match certificates(config)? {
+                    Some(certs) => builder.certs(certs),
+                    None => builder,
+                };
                 Target::Cluster(
                     builder
                         .build()
@@ -167,12 +176,17 @@ impl Target {
                 if is_tls(primary.addr()) {
                     node = node.set_tls_mode(redis::TlsMode::Secure);
                 }
-                let client = SentinelClient::build(
-                    sentinels.iter().map(String::as_str).collect(),
-                    master.clone(),
-                    Some(node),
-                    SentinelServerType::Master,
-                )
+                let client = match certificates(config)? {
+                    None => SentinelClient::build(
+                        sentinels.iter().map(String::as_str).collect(),
+                        master.clone(),
+                        Some(node),
+                        SentinelServerType::Master,
+                    ),
+                    // Certificates of our own: the builder takes them for the sentinels
+                    // and for the primary they name.
+                    Some(certs) => sentinel_with_certificates(sentinels, master, &primary, certs),
+                }
                 .map_err(|e| anyhow::anyhow!("REDIS_SENTINELS/REDIS_URL: {e}"))?;
                 Target::Sentinel(Arc::new(tokio::sync::Mutex::new(client)))
             }
@@ -200,6 +214,61 @@ impl Target {
 
 fn is_tls(addr: &redis::ConnectionAddr) -> bool {
     matches!(addr, redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// The configured TLS files, read (`None` when there are none: the system's roots).
+fn certificates(config: &RedisConfig) -> anyhow::Result<Option<TlsCertificates>> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let read = |name: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{name} ({}): {e}", path.display()))
+    };
+    let root_cert = match &tls.ca_file {
+        Some(path) => Some(read("REDIS_TLS_CA_FILE", path)?),
+        None => None,
+    };
+    let client_tls = match &tls.client {
+        Some((cert, key)) => Some(ClientTlsConfig {
+            client_cert: read("REDIS_TLS_CERT_FILE", cert)?,
+            client_key: read("REDIS_TLS_KEY_FILE", key)?,
+        }),
+        None => None,
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// A Sentinel client whose connections (to the sentinels and to the primary) use
+/// `certs`. The sentinels are `rediss://host:port/` URLs; `primary` holds the primary's
+/// credentials and database.
+fn sentinel_with_certificates(
+    sentinels: &[String],
+    master: &str,
+    primary: &redis::ConnectionInfo,
+    certs: TlsCertificates,
+) -> redis::RedisResult<SentinelClient> {
+    let addrs = sentinels
+        .iter()
+        .map(|s| s.as_str().into_connection_info().map(|i| i.addr().clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let settings = primary.redis_settings();
+    let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?
+        .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+        .set_client_to_redis_db(settings.db())
+        .set_client_to_redis_tcp_settings(TcpSettings::default().set_nodelay(true))
+        .set_client_to_redis_certificates(certs.clone())
+        .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+        .set_client_to_sentinel_certificates(certs);
+    if let Some(user) = settings.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = settings.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    builder.build()
 }
 
 impl RedisConn {

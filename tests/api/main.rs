@@ -61,6 +61,7 @@ mod ops;
 mod otlp;
 mod password_policy;
 mod redis_outage;
+mod redis_tls;
 mod refresh;
 mod register;
 mod revocation_integrity;

@@ -53,7 +53,7 @@ impl Node {
     }
 
     /// A data node: cluster-enabled or not, in `dir`.
-    fn data(dir: &std::path::Path, extra: &[&str]) -> Self {
+    pub fn data(dir: &std::path::Path, extra: &[&str]) -> Self {
         let port = free_port_pair();
         let mut args: Vec<String> = [
             "--port",
@@ -74,6 +74,39 @@ impl Node {
         .collect();
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         Self::spawn(port, &args)
+    }
+
+    /// A data node that also listens for TLS on a port of its own (plain stays open for
+    /// the test's own checks): `tls` is the certificate, key and CA files, and `extra`
+    /// more arguments (e.g. cluster ones). Returns the node and its TLS port.
+    pub fn data_with_tls(
+        dir: &std::path::Path,
+        tls: (&str, &str, &str),
+        extra: &[&str],
+    ) -> (Self, u16) {
+        let tls_port = free_port_pair();
+        let (cert, key, ca) = tls;
+        let port = tls_port.to_string();
+        let mut args = vec![
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+        ];
+        args.extend_from_slice(extra);
+        (Self::data(dir, &args), tls_port)
+    }
+
+    /// A sentinel from its configuration file, answering (plain) on `port`.
+    pub fn sentinel(port: u16, conf: &std::path::Path) -> Self {
+        Self::spawn(
+            port,
+            &[conf.to_str().unwrap().to_owned(), "--sentinel".to_owned()],
+        )
     }
 
     pub fn addr(&self) -> String {
@@ -131,6 +164,10 @@ impl Drop for Node {
 }
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
+pub fn free_port() -> u16 {
+    free_port_pair()
+}
+
 fn free_port_pair() -> u16 {
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -144,7 +181,7 @@ fn free_port_pair() -> u16 {
     }
 }
 
-fn scratch_dir(kind: &str) -> PathBuf {
+pub fn scratch_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "authd-test-{kind}-{}",
         uuid::Uuid::new_v4().simple()
@@ -337,10 +374,7 @@ impl SentinelSetup {
                     down_after.as_millis()
                 )
                 .unwrap();
-                Node::spawn(
-                    port,
-                    &[conf.to_str().unwrap().to_owned(), "--sentinel".to_owned()],
-                )
+                Node::sentinel(port, &conf)
             })
             .collect();
         let setup = Self {

@@ -46,6 +46,23 @@ impl Ca {
         )
     }
 
+    /// A certificate for a Redis node: `localhost` and 127.0.0.1, good as a server and as
+    /// a client (nodes of a cluster connect to each other with it).
+    pub fn redis_node(&self) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate.
     pub fn client(&self, name: &str) -> Leaf {
         self.leaf(vec![name.into()], ExtendedKeyUsagePurpose::ClientAuth)
