@@ -21,6 +21,7 @@ on_every_backend!(
     rotation_renews_the_idle_expiry_only,
     logout_ends_the_refresh_token,
     logout_with_the_previous_access_token_ends_the_session_too,
+    logout_with_an_access_token_two_rotations_old_ends_the_session,
     revoke_session_ends_the_refresh_token,
     change_password_ends_the_other_sessions_refresh_tokens,
     the_session_limit_ends_the_evicted_sessions_refresh_token,
@@ -324,6 +325,35 @@ async fn logout_with_the_previous_access_token_ends_the_session_too(backend: Bac
     );
     assert!(!app.validate(&rotated.access_token).await.unwrap().valid);
     // Caches hear of the token, and of the session: they may hold the other token.
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Token);
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Session);
+    assert_eq!(e.session_id, login.session_id);
+}
+
+async fn logout_with_an_access_token_two_rotations_old_ends_the_session(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let (_, login) = app.user_with_session("cronus").await;
+    let first = app.refresh(&login.refresh_token).await.unwrap();
+    let second = app.refresh(&first.refresh_token).await.unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
+    // Generation 0's access token is neither the session's current one nor the one
+    // before it, but it is unexpired and was issued for this session.
+    app.logout(&login.access_token).await.unwrap();
+    assert_eq!(
+        refused(app.refresh(&second.refresh_token).await),
+        "REFRESH_TOKEN_INVALID"
+    );
+    for token in [
+        &login.access_token,
+        &first.access_token,
+        &second.access_token,
+    ] {
+        assert!(!app.validate(token).await.unwrap().valid);
+    }
     let e = next_event(&mut stream).await;
     assert_eq!(e.kind(), RevocationKind::Token);
     let e = next_event(&mut stream).await;

@@ -252,11 +252,12 @@ impl MemorySessions {
             }
             user.revoked
                 .insert(jti.to_owned(), now.saturating_add(ttl.max(1)));
+            // A verified token naming the session was issued for it, however many
+            // rotations old: the session ends (see the Redis store's LOGOUT).
             let ended = user
                 .sessions
                 .get(session_id)
-                .filter(|s| s.holds(jti))
-                .map(|s| s.previous_jti.is_some());
+                .map(|s| s.previous_jti.is_some() || s.record.jti != jti);
             if ended.is_some() {
                 user.sessions.remove(session_id);
             }

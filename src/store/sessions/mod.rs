@@ -327,11 +327,13 @@ impl SessionStore {
         }
     }
 
-    /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it). `None` when the token was already revoked and that
-    /// announced (or being announced): nothing changed, there is nothing new to record.
-    /// `Some(true)` when the session ended held a second access token (it had been
-    /// refreshed): the whole session must be announced, not only this token.
+    /// Blacklists the token for `blacklist_ttl_seconds` and ends the session it names,
+    /// if that still exists: a verified token naming a session was issued for it, even
+    /// when rotations have replaced it since. `None` when the token was already revoked
+    /// and that announced (or being announced): nothing changed, there is nothing new to
+    /// record. `Some(true)` when another access token of the ended session may be live
+    /// (it had been refreshed, or the token was not its current one): the whole session
+    /// must be announced, not only this token.
     pub async fn logout(
         &self,
         user_id: &str,
