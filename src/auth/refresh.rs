@@ -261,6 +261,17 @@ pub fn judge(
     Verdict::Invalid
 }
 
+/// Whether `presented` was made by authd for a session that is still live: its tag
+/// holds under the session's key. Such a token cannot be a guess (a 128-bit tag under a
+/// 256-bit key), so it is never throttled or counted as one, whatever its generation.
+pub fn genuine(presented: &Presented<'_>, state: Option<&RefreshState>, now: i64) -> bool {
+    state.is_some_and(|state| {
+        now < state.ends_at
+            && now < state.idle_expires_at
+            && RefreshKey::from_hex(&state.key).is_some_and(|key| key.made(presented))
+    })
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

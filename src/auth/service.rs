@@ -567,8 +567,10 @@ impl AuthCore {
     /// §10). The current token rotates once, however many calls present it at once; the
     /// previous one, within the grace, gets the same successor again; an older one ends
     /// the session as stolen. A token that is not the session's (forged, or of an ended
-    /// session) is refused and changes nothing. Every refusal counts against the
-    /// address. Needs the session store: without it, UNAVAILABLE, and nothing rotates.
+    /// session) is refused and changes nothing. A refusal of what might be a guess (no
+    /// shape, a failing tag, no live session) counts against the address; a token made
+    /// for a live session is never locked out. Needs the session store: without it,
+    /// UNAVAILABLE, and nothing rotates.
     pub async fn refresh(
         &self,
         refresh_token: &str,
@@ -599,28 +601,54 @@ impl AuthCore {
                 }
             }
         );
-        if let Err(AuthError::Throttled { retry_after }) = &admitted {
-            tracing::info!(retry_after = ?retry_after, "Refresh refused unchecked: too many bad refresh tokens");
-            self.audit.record(
-                AuditEvent::new(AuditKind::Throttled, &client).detail(format!(
-                    "refresh; retry after {}ms",
-                    retry_after.as_millis()
-                )),
-            );
+        // A token made for a live session is let through a locked address: it cannot
+        // be a guess, and the lock is there for guesses (a shared address's stale or
+        // garbage tokens must not lock its honest clients out).
+        let genuine = match (&presented, &state) {
+            (Some(p), Ok(s)) => refresh::genuine(p, s.as_ref(), self.clock.unix_seconds()),
+            _ => false,
+        };
+        match admitted {
+            Err(AuthError::Throttled { .. }) if genuine => {}
+            Err(AuthError::Throttled { retry_after }) => {
+                tracing::info!(retry_after = ?retry_after, "Refresh refused unchecked: too many bad refresh tokens");
+                self.audit.record(
+                    AuditEvent::new(AuditKind::Throttled, &client).detail(format!(
+                        "refresh; retry after {}ms",
+                        retry_after.as_millis()
+                    )),
+                );
+                return Err(AuthError::Throttled { retry_after });
+            }
+            admitted => admitted?,
         }
-        admitted?;
         let Some(presented) = presented else {
-            return Err(self.refresh_refused(&client, None).await);
+            tracing::info!("refresh token refused: not one in shape");
+            return Err(self.refresh_refused(&client, true).await);
         };
         let mut state = state.map_err(sessions_error)?;
         for _ in 0..REFRESH_ROUNDS {
             let now = self.clock.unix_seconds();
             let Some(s) = state.as_ref() else {
-                return Err(self.refresh_refused(&client, Some(&presented)).await);
+                // The ids come from the unverified token (checked to be short and
+                // plain): they say what was claimed, not who called.
+                tracing::info!(
+                    claimed_user_id = presented.user_id,
+                    claimed_session_id = presented.session_id,
+                    "refresh token of no live session"
+                );
+                return Err(self.refresh_refused(&client, true).await);
             };
             match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace) {
                 Verdict::Invalid => {
-                    return Err(self.refresh_refused(&client, Some(&presented)).await);
+                    tracing::info!(
+                        claimed_user_id = presented.user_id,
+                        claimed_session_id = presented.session_id,
+                        "refresh token refused"
+                    );
+                    // Only a token that might be a guess counts against the address.
+                    let count = !refresh::genuine(&presented, Some(s), now);
+                    return Err(self.refresh_refused(&client, count).await);
                 }
                 Verdict::Reused => return Err(self.refresh_reused(&client, &presented, now).await),
                 Verdict::Replay { successor } => {
@@ -708,22 +736,14 @@ impl AuthCore {
         })
     }
 
-    /// A refresh token that is not good: counted against the address, and refused.
-    /// Nothing else changes.
-    async fn refresh_refused(
-        &self,
-        client: &ClientInfo,
-        presented: Option<&Presented<'_>>,
-    ) -> AuthError {
+    /// A refresh token that is not good: refused, and with `count` (it might be a
+    /// guess: unparseable, its tag failing, or of no live session) counted against the
+    /// address. Nothing else changes.
+    async fn refresh_refused(&self, client: &ClientInfo, count: bool) -> AuthError {
         metrics::counter!("authd_refreshes_total", "outcome" => "refused").increment(1);
-        // The ids come from the unverified token (checked to be short and plain): they
-        // say what was claimed, not who called.
-        tracing::info!(
-            claimed_user_id = presented.map(|p| p.user_id),
-            claimed_session_id = presented.map(|p| p.session_id),
-            "refresh token refused"
-        );
-        self.count_bad_refresh(client).await;
+        if count {
+            self.count_bad_refresh(client).await;
+        }
         AuthError::RefreshRefused { reused: false }
     }
 
@@ -765,7 +785,7 @@ impl AuthCore {
                     .detail(format!("generation {} presented", presented.generation)),
             );
         }
-        self.count_bad_refresh(client).await;
+        // Not counted against the address: the token's tag held, so it is no guess.
         AuthError::RefreshRefused { reused: true }
     }
 

@@ -27,6 +27,7 @@ on_every_backend!(
     the_session_limit_ends_the_evicted_sessions_refresh_token,
     admin_disable_delete_and_revoke_end_the_refresh_tokens,
     a_forged_token_naming_a_real_session_ends_nothing_and_is_throttled,
+    with_the_address_locked_by_garbage_a_valid_refresh_token_still_rotates,
     oversize_and_garbage_refresh_tokens_are_refused_cleanly,
     the_previous_access_token_stays_valid_until_its_own_exp
 );
@@ -493,22 +494,61 @@ async fn a_forged_token_naming_a_real_session_ends_nothing_and_is_throttled(back
             "REFRESH_TOKEN_INVALID"
         );
     }
-    // Three bad tokens from this address: the next call waits, whatever it presents.
+    // Three bad tokens from this address: the next guess waits.
     let status = assert_code(
         app.refresh(&forged_for(&user.user_id, &login.session_id, 0))
             .await,
         Code::ResourceExhausted,
     );
     assert!(status.get_details_retry_info().is_some());
-    assert_code(
-        app.refresh(&rotated.refresh_token).await,
-        Code::ResourceExhausted,
-    );
-    // The victim's session was never touched.
+    // The victim's session was never touched, and its genuine token is no guess: it
+    // rotates even from the locked address.
     assert!(app.validate(&rotated.access_token).await.unwrap().valid);
-    advance(&app, Duration::from_secs(11));
     let next = app.refresh(&rotated.refresh_token).await.unwrap();
     assert_eq!(generation(&next.refresh_token), 2);
+    assert_code(
+        app.refresh(&forged_for(&user.user_id, &login.session_id, 3))
+            .await,
+        Code::ResourceExhausted,
+    );
+    advance(&app, Duration::from_secs(11));
+    assert_eq!(
+        refused(
+            app.refresh(&forged_for(&user.user_id, &login.session_id, 0))
+                .await
+        ),
+        "REFRESH_TOKEN_INVALID"
+    );
+}
+
+async fn with_the_address_locked_by_garbage_a_valid_refresh_token_still_rotates(backend: Backend) {
+    let app = backend
+        .app()
+        .envs(&[
+            ("THROTTLE_ADDRESS_THRESHOLD", "3"),
+            ("THROTTLE_BASE_DELAY", "10s"),
+        ])
+        .spawn()
+        .await;
+    let (_, login) = app.user_with_session("office").await;
+    let (_, stale) = app.user_with_session("leaver").await;
+    app.logout(&stale.access_token).await.unwrap();
+    // A shared address: someone's garbage, someone's token of a session that ended.
+    for token in ["garbage", "rt1.....", stale.refresh_token.as_str()] {
+        assert_eq!(refused(app.refresh(token).await), "REFRESH_TOKEN_INVALID");
+    }
+    assert_code(app.refresh("garbage").await, Code::ResourceExhausted);
+    assert_code(
+        app.refresh(&stale.refresh_token).await,
+        Code::ResourceExhausted,
+    );
+    // The office's live session refreshes all the same, again and again.
+    let first = app.refresh(&login.refresh_token).await.unwrap();
+    let second = app.refresh(&first.refresh_token).await.unwrap();
+    assert_eq!(generation(&second.refresh_token), 2);
+    assert!(app.validate(&second.access_token).await.unwrap().valid);
+    // And its genuine tokens did not count: garbage is still what is refused unchecked.
+    assert_code(app.refresh("garbage").await, Code::ResourceExhausted);
 }
 
 async fn oversize_and_garbage_refresh_tokens_are_refused_cleanly(backend: Backend) {
