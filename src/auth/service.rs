@@ -7,7 +7,9 @@ use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
 use super::padding::{self, FailurePadding};
 use super::password::{NewPassword, check_size};
-use super::refresh::{self, MAX_REFRESH_TOKEN_BYTES, Presented, RefreshKey, Verdict, token_hash};
+use super::refresh::{
+    self, MAX_REFRESH_TOKEN_BYTES, Presented, RefreshKey, Seen, Verdict, token_hash,
+};
 use super::remembered::RememberedRevocations;
 use super::throttle::{Attempt, Lockout, Subject, Throttle, address_key};
 use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, random_id};
@@ -565,8 +567,9 @@ impl AuthCore {
 
     /// Trades a refresh token for a new access token and its successor (docs/design.md
     /// §10). The current token rotates once, however many calls present it at once; the
-    /// previous one, within the grace, gets the same successor again; an older one ends
-    /// the session as stolen. A token that is not the session's (forged, or of an ended
+    /// previous one gets the same successor again when the rotation overlapped the call
+    /// (this call lost the compare-and-set to it, or it is within the grace or the race
+    /// window); an older one, or the previous one after that, ends the session as stolen. A token that is not the session's (forged, or of an ended
     /// session) is refused and changes nothing. A refusal of what might be a guess (no
     /// shape, a failing tag, no live session) counts against the address; a token made
     /// for a live session is never locked out. Needs the session store: without it,
@@ -627,6 +630,7 @@ impl AuthCore {
             return Err(self.refresh_refused(&client, true).await);
         };
         let mut state = state.map_err(sessions_error)?;
+        let mut seen = Seen::First;
         for _ in 0..REFRESH_ROUNDS {
             let now = self.clock.unix_seconds();
             let Some(s) = state.as_ref() else {
@@ -639,7 +643,7 @@ impl AuthCore {
                 );
                 return Err(self.refresh_refused(&client, true).await);
             };
-            match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace) {
+            match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace, seen) {
                 Verdict::Invalid => {
                     tracing::info!(
                         claimed_user_id = presented.user_id,
@@ -654,10 +658,13 @@ impl AuthCore {
                 Verdict::Replay { successor } => {
                     crate::telemetry::record_user_id(presented.user_id);
                     metrics::counter!("authd_refreshes_total", "outcome" => "replay").increment(1);
-                    tracing::info!(
+                    // A retry or a parallel call of the owner's, as a rule: nothing
+                    // to raise an eyebrow at, so not at info.
+                    tracing::debug!(
                         user_id = presented.user_id,
                         session_id = presented.session_id,
-                        "refresh replayed within the grace: same successor"
+                        lost_race = seen == Seen::LostRace,
+                        "refresh replayed: same successor"
                     );
                     let issued = self.issue_refreshed(&presented, s, &successor, s.rotated_at)?;
                     return Ok(refreshed(issued, successor, s, s.idle_expires_at));
@@ -692,8 +699,11 @@ impl AuthCore {
                         );
                         return Ok(refreshed(issued, successor, s, idle_expires_at));
                     }
-                    // Another call rotated (or ended) the session first: judge again
-                    // against what it recorded.
+                    // Another call rotated (or ended) the session first, after this
+                    // one read the token as current: judge again against what it
+                    // recorded, as the loser of that race (never as a late replay,
+                    // whatever the grace or this instance's clock).
+                    seen = Seen::LostRace;
                     state = self
                         .sessions
                         .refresh_state(presented.user_id, presented.session_id, now)
