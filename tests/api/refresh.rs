@@ -808,11 +808,23 @@ async fn a_refresh_racing_a_logout_never_leaves_a_working_refresh_token(backend:
         .await;
     app.register("orpheus", PASSWORD).await.unwrap();
     let mut rotated_first = 0;
-    for round in 0..12 {
+    for round in 0..12u64 {
         let login = app.login("orpheus", PASSWORD).await.unwrap();
+        // Each call held back in turn by 0–5 ms, so both orders (and the overlap in
+        // between) come up on every backend.
+        let (hold_refresh, hold_logout) = match round % 2 {
+            0 => (Duration::from_millis(round / 2), Duration::ZERO),
+            _ => (Duration::ZERO, Duration::from_millis(round / 2)),
+        };
         let (refreshed, logged_out) = tokio::join!(
-            app.refresh(&login.refresh_token),
-            app.logout(&login.access_token)
+            async {
+                tokio::time::sleep(hold_refresh).await;
+                app.refresh(&login.refresh_token).await
+            },
+            async {
+                tokio::time::sleep(hold_logout).await;
+                app.logout(&login.access_token).await
+            }
         );
         logged_out.unwrap();
         // Whichever came first, the session is over: no refresh token of it works, and
