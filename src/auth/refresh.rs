@@ -204,15 +204,24 @@ pub fn token_hash(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
 }
 
+/// How long after a rotation, by the judging instance's clock, the previous token is
+/// still taken for a call that overlapped it, whatever `REFRESH_REUSE_GRACE` says (even
+/// 0): rotation times are whole seconds, so two calls sent at once may be judged a
+/// second apart, and instances' clocks differ by a little more. A thief this close
+/// behind the owner cannot be told from the owner's own parallel call (docs/design.md
+/// §10).
+pub const RACE_WINDOW: i64 = 2;
+
 /// What a presented token is, judged against its session's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// The current token: rotate to `successor` (generation `generation`).
     Rotate {
         /// The new token.
         successor: String,
     },
-    /// The previous token, within the grace window: answer the current token again.
+    /// The previous token, within the grace window, or the loser of a concurrent
+    /// rotation: answer the current token again.
     Replay {
         /// The current token, the presented one's successor.
         successor: String,
@@ -224,13 +233,44 @@ pub enum Verdict {
     Invalid,
 }
 
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The successor is a live refresh token: never printed.
+        f.write_str(match self {
+            Self::Rotate { .. } => "Rotate { .. }",
+            Self::Replay { .. } => "Replay { .. }",
+            Self::Reused => "Reused",
+            Self::Invalid => "Invalid",
+        })
+    }
+}
+
+/// How a presented token came to be judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// Read once: nothing else is known about when it was presented.
+    First,
+    /// This very call read the token as the session's current one, and then lost its
+    /// compare-and-set: another call rotated the session between the two, so the
+    /// rotation it now finds happened while this call was under way. Clocks play no
+    /// part in that.
+    LostRace,
+}
+
 /// Judges `presented` against its session (`None`: no such session, or one without a
 /// refresh key) at `now`, with `grace` seconds of forgiveness for the previous token.
+///
+/// The previous token gets its successor again (`Replay`) only when the session's
+/// current token is exactly that successor (one rotation on, made from this token), and
+/// the rotation overlapped this call: this call lost the race to it (`Seen::LostRace`,
+/// whatever the clocks say), or it happened at most max(`grace`, [`RACE_WINDOW`])
+/// seconds ago by this instance's clock. Anything older is reuse.
 pub fn judge(
     presented: &Presented<'_>,
     state: Option<&RefreshState>,
     now: i64,
     grace: i64,
+    seen: Seen,
 ) -> Verdict {
     let Some(state) = state else {
         return Verdict::Invalid;
@@ -247,9 +287,9 @@ pub fn judge(
             successor: key.successor(presented),
         };
     }
-    if state.previous.as_deref() == Some(hash.as_str())
-        && now.saturating_sub(state.rotated_at) <= grace
-    {
+    let overlapped =
+        seen == Seen::LostRace || now.saturating_sub(state.rotated_at) <= grace.max(RACE_WINDOW);
+    if state.previous.as_deref() == Some(hash.as_str()) && overlapped {
         let successor = key.successor(presented);
         if token_hash(&successor) == state.current {
             return Verdict::Replay { successor };
@@ -259,6 +299,17 @@ pub fn judge(
         return Verdict::Reused;
     }
     Verdict::Invalid
+}
+
+/// Whether `presented` was made by authd for a session that is still live: its tag
+/// holds under the session's key. Such a token cannot be a guess (a 128-bit tag under a
+/// 256-bit key), so it is never throttled or counted as one, whatever its generation.
+pub fn genuine(presented: &Presented<'_>, state: Option<&RefreshState>, now: i64) -> bool {
+    state.is_some_and(|state| {
+        now < state.ends_at
+            && now < state.idle_expires_at
+            && RefreshKey::from_hex(&state.key).is_some_and(|key| key.made(presented))
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -372,7 +423,7 @@ mod tests {
         let t0 = k.first("u", "s");
         let p0 = parse(&t0).unwrap();
         let mut s = state(&k, &t0);
-        let Verdict::Rotate { successor: t1 } = judge(&p0, Some(&s), 1000, 30) else {
+        let Verdict::Rotate { successor: t1 } = judge(&p0, Some(&s), 1000, 30, Seen::First) else {
             panic!("current token not rotated");
         };
         // After the rotation at 1100: t1 current, t0 previous.
@@ -381,27 +432,116 @@ mod tests {
         s.generation = 1;
         s.rotated_at = 1100;
         assert_eq!(
-            judge(&p0, Some(&s), 1130, 30),
+            judge(&p0, Some(&s), 1130, 30, Seen::First),
             Verdict::Replay {
                 successor: t1.clone()
             }
         );
-        assert_eq!(judge(&p0, Some(&s), 1131, 30), Verdict::Reused);
+        assert_eq!(judge(&p0, Some(&s), 1131, 30, Seen::First), Verdict::Reused);
         let p1 = parse(&t1).unwrap();
         let t2 = k.successor(&p1);
         s.previous = Some(s.current.clone());
         s.current = token_hash(&t2);
         s.generation = 2;
         // t0 is two behind: reuse even inside the window.
-        assert_eq!(judge(&p0, Some(&s), 1101, 30), Verdict::Reused);
+        assert_eq!(judge(&p0, Some(&s), 1101, 30, Seen::First), Verdict::Reused);
         // A token of the right session but another key: forged, nothing happens.
         let forged = RefreshKey::generate().first("u", "s");
         assert_eq!(
-            judge(&parse(&forged).unwrap(), Some(&s), 1101, 30),
+            judge(&parse(&forged).unwrap(), Some(&s), 1101, 30, Seen::First),
             Verdict::Invalid
         );
         // No session, or one past its end.
-        assert_eq!(judge(&p1, None, 1101, 30), Verdict::Invalid);
-        assert_eq!(judge(&p1, Some(&s), 5000, 30), Verdict::Invalid);
+        assert_eq!(judge(&p1, None, 1101, 30, Seen::First), Verdict::Invalid);
+        assert_eq!(
+            judge(&p1, Some(&s), 5000, 30, Seen::First),
+            Verdict::Invalid
+        );
+    }
+
+    /// The state once `t0` was rotated to its successor at 1100.
+    fn rotated(k: &RefreshKey, t0: &str) -> (RefreshState, String) {
+        let t1 = k.successor(&parse(t0).unwrap());
+        let mut s = state(k, &t1);
+        s.previous = Some(token_hash(t0));
+        s.generation = 1;
+        s.rotated_at = 1100;
+        (s, t1)
+    }
+
+    #[test]
+    fn the_loser_of_a_race_replays_whatever_the_grace_and_the_clock_say() {
+        let k = RefreshKey::generate();
+        let t0 = k.first("u", "s");
+        let p0 = parse(&t0).unwrap();
+        let (s, t1) = rotated(&k, &t0);
+        // With no grace, on an instance whose clock is a minute ahead: a call that saw
+        // t0 as current and lost the compare-and-set overlapped the rotation.
+        for grace in [0, 30] {
+            assert_eq!(
+                judge(&p0, Some(&s), 1160, grace, Seen::LostRace),
+                Verdict::Replay {
+                    successor: t1.clone()
+                }
+            );
+            // The same token read first a minute on is a replay after the fact: reuse.
+            assert_eq!(
+                judge(&p0, Some(&s), 1160, grace, Seen::First),
+                Verdict::Reused
+            );
+        }
+        // Two rotations on, even a lost race is no excuse: t0 is not the previous token.
+        let t2 = k.successor(&parse(&t1).unwrap());
+        let mut s2 = state(&k, &t2);
+        s2.previous = Some(token_hash(&t1));
+        s2.generation = 2;
+        s2.rotated_at = 1100;
+        assert_eq!(
+            judge(&p0, Some(&s2), 1100, 30, Seen::LostRace),
+            Verdict::Reused
+        );
+    }
+
+    #[test]
+    fn with_no_grace_the_race_window_still_forgives_a_call_judged_a_moment_on() {
+        let k = RefreshKey::generate();
+        let t0 = k.first("u", "s");
+        let p0 = parse(&t0).unwrap();
+        let (s, t1) = rotated(&k, &t0);
+        // The rotation's own second, the next ones (second rounding, a clock a little
+        // ahead), and a clock behind.
+        for now in [1090, 1100, 1101, 1100 + RACE_WINDOW] {
+            assert_eq!(
+                judge(&p0, Some(&s), now, 0, Seen::First),
+                Verdict::Replay {
+                    successor: t1.clone()
+                },
+                "{now}"
+            );
+        }
+        assert_eq!(
+            judge(&p0, Some(&s), 1101 + RACE_WINDOW, 0, Seen::First),
+            Verdict::Reused
+        );
+    }
+
+    #[test]
+    fn a_verdict_never_shows_its_token() {
+        let k = RefreshKey::generate();
+        let t = k.first("u", "s");
+        let successor = k.successor(&parse(&t).unwrap());
+        let secret = successor.split('.').nth(4).unwrap();
+        for v in [
+            Verdict::Rotate {
+                successor: successor.clone(),
+            },
+            Verdict::Replay {
+                successor: successor.clone(),
+            },
+        ] {
+            let shown = format!("{v:?} {v:#?}");
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(!shown.contains(&successor), "{shown}");
+        }
     }
 }

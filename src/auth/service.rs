@@ -7,7 +7,9 @@ use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
 use super::hasher::{PasswordHasher, hash_cost};
 use super::padding::{self, FailurePadding};
 use super::password::{NewPassword, check_size};
-use super::refresh::{self, MAX_REFRESH_TOKEN_BYTES, Presented, RefreshKey, Verdict, token_hash};
+use super::refresh::{
+    self, MAX_REFRESH_TOKEN_BYTES, Presented, RefreshKey, Seen, Verdict, token_hash,
+};
 use super::remembered::RememberedRevocations;
 use super::throttle::{Attempt, Lockout, Subject, Throttle, address_key};
 use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, random_id};
@@ -567,10 +569,13 @@ impl AuthCore {
 
     /// Trades a refresh token for a new access token and its successor (docs/design.md
     /// §10). The current token rotates once, however many calls present it at once; the
-    /// previous one, within the grace, gets the same successor again; an older one ends
-    /// the session as stolen. A token that is not the session's (forged, or of an ended
-    /// session) is refused and changes nothing. Every refusal counts against the
-    /// address. Needs the session store: without it, UNAVAILABLE, and nothing rotates.
+    /// previous one gets the same successor again when the rotation overlapped the call
+    /// (this call lost the compare-and-set to it, or it is within the grace or the race
+    /// window); an older one, or the previous one after that, ends the session as stolen. A token that is not the session's (forged, or of an ended
+    /// session) is refused and changes nothing. A refusal of what might be a guess (no
+    /// shape, a failing tag, no live session) counts against the address; a token made
+    /// for a live session is never locked out. Needs the session store: without it,
+    /// UNAVAILABLE, and nothing rotates.
     pub async fn refresh(
         &self,
         refresh_token: &str,
@@ -601,37 +606,67 @@ impl AuthCore {
                 }
             }
         );
-        if let Err(AuthError::Throttled { retry_after }) = &admitted {
-            tracing::info!(retry_after = ?retry_after, "Refresh refused unchecked: too many bad refresh tokens");
-            self.audit.record(
-                AuditEvent::new(AuditKind::Throttled, &client).detail(format!(
-                    "refresh; retry after {}ms",
-                    retry_after.as_millis()
-                )),
-            );
+        // A token made for a live session is let through a locked address: it cannot
+        // be a guess, and the lock is there for guesses (a shared address's stale or
+        // garbage tokens must not lock its honest clients out).
+        let genuine = match (&presented, &state) {
+            (Some(p), Ok(s)) => refresh::genuine(p, s.as_ref(), self.clock.unix_seconds()),
+            _ => false,
+        };
+        match admitted {
+            Err(AuthError::Throttled { .. }) if genuine => {}
+            Err(AuthError::Throttled { retry_after }) => {
+                tracing::info!(retry_after = ?retry_after, "Refresh refused unchecked: too many bad refresh tokens");
+                self.audit.record(
+                    AuditEvent::new(AuditKind::Throttled, &client).detail(format!(
+                        "refresh; retry after {}ms",
+                        retry_after.as_millis()
+                    )),
+                );
+                return Err(AuthError::Throttled { retry_after });
+            }
+            admitted => admitted?,
         }
-        admitted?;
         let Some(presented) = presented else {
-            return Err(self.refresh_refused(&client, None).await);
+            tracing::info!("refresh token refused: not one in shape");
+            return Err(self.refresh_refused(&client, true).await);
         };
         let mut state = state.map_err(sessions_error)?;
+        let mut seen = Seen::First;
         for _ in 0..REFRESH_ROUNDS {
             let now = self.clock.unix_seconds();
             let Some(s) = state.as_ref() else {
-                return Err(self.refresh_refused(&client, Some(&presented)).await);
+                // The ids come from the unverified token (checked to be short and
+                // plain): they say what was claimed, not who called.
+                tracing::info!(
+                    claimed_user_id = presented.user_id,
+                    claimed_session_id = presented.session_id,
+                    "refresh token of no live session"
+                );
+                return Err(self.refresh_refused(&client, true).await);
             };
-            match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace) {
+            match refresh::judge(&presented, Some(s), now, self.rules.reuse_grace, seen) {
                 Verdict::Invalid => {
-                    return Err(self.refresh_refused(&client, Some(&presented)).await);
+                    tracing::info!(
+                        claimed_user_id = presented.user_id,
+                        claimed_session_id = presented.session_id,
+                        "refresh token refused"
+                    );
+                    // Only a token that might be a guess counts against the address.
+                    let count = !refresh::genuine(&presented, Some(s), now);
+                    return Err(self.refresh_refused(&client, count).await);
                 }
                 Verdict::Reused => return Err(self.refresh_reused(&client, &presented, now).await),
                 Verdict::Replay { successor } => {
                     crate::telemetry::record_user_id(presented.user_id);
                     metrics::counter!("authd_refreshes_total", "outcome" => "replay").increment(1);
-                    tracing::info!(
+                    // A retry or a parallel call of the owner's, as a rule: nothing
+                    // to raise an eyebrow at, so not at info.
+                    tracing::debug!(
                         user_id = presented.user_id,
                         session_id = presented.session_id,
-                        "refresh replayed within the grace: same successor"
+                        lost_race = seen == Seen::LostRace,
+                        "refresh replayed: same successor"
                     );
                     let issued = self.issue_refreshed(&presented, s, &successor, s.rotated_at)?;
                     return Ok(refreshed(issued, successor, s, s.idle_expires_at));
@@ -666,8 +701,11 @@ impl AuthCore {
                         );
                         return Ok(refreshed(issued, successor, s, idle_expires_at));
                     }
-                    // Another call rotated (or ended) the session first: judge again
-                    // against what it recorded.
+                    // Another call rotated (or ended) the session first, after this
+                    // one read the token as current: judge again against what it
+                    // recorded, as the loser of that race (never as a late replay,
+                    // whatever the grace or this instance's clock).
+                    seen = Seen::LostRace;
                     state = self
                         .sessions
                         .refresh_state(presented.user_id, presented.session_id, now)
@@ -710,22 +748,14 @@ impl AuthCore {
         })
     }
 
-    /// A refresh token that is not good: counted against the address, and refused.
-    /// Nothing else changes.
-    async fn refresh_refused(
-        &self,
-        client: &ClientInfo,
-        presented: Option<&Presented<'_>>,
-    ) -> AuthError {
+    /// A refresh token that is not good: refused, and with `count` (it might be a
+    /// guess: unparseable, its tag failing, or of no live session) counted against the
+    /// address. Nothing else changes.
+    async fn refresh_refused(&self, client: &ClientInfo, count: bool) -> AuthError {
         metrics::counter!("authd_refreshes_total", "outcome" => "refused").increment(1);
-        // The ids come from the unverified token (checked to be short and plain): they
-        // say what was claimed, not who called.
-        tracing::info!(
-            claimed_user_id = presented.map(|p| p.user_id),
-            claimed_session_id = presented.map(|p| p.session_id),
-            "refresh token refused"
-        );
-        self.count_bad_refresh(client).await;
+        if count {
+            self.count_bad_refresh(client).await;
+        }
         AuthError::RefreshRefused { reused: false }
     }
 
@@ -767,7 +797,7 @@ impl AuthCore {
                     .detail(format!("generation {} presented", presented.generation)),
             );
         }
-        self.count_bad_refresh(client).await;
+        // Not counted against the address: the token's tag held, so it is no guess.
         AuthError::RefreshRefused { reused: true }
     }
 

@@ -2,9 +2,13 @@
 //! behaviour on both backends; the Redis faults on a Redis of the test's own.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use authd::auth::refresh::{self, RefreshKey};
 use authd::proto::auth::v1::{self as pb, InvalidReason, RevocationKind};
+use authd::store::sessions::{NewSession, Rotation};
+use futures::stream::{FuturesUnordered, StreamExt};
 use redis::AsyncCommands;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -21,13 +25,19 @@ on_every_backend!(
     rotation_renews_the_idle_expiry_only,
     logout_ends_the_refresh_token,
     logout_with_the_previous_access_token_ends_the_session_too,
+    logout_with_an_access_token_two_rotations_old_ends_the_session,
     revoke_session_ends_the_refresh_token,
     change_password_ends_the_other_sessions_refresh_tokens,
     the_session_limit_ends_the_evicted_sessions_refresh_token,
     admin_disable_delete_and_revoke_end_the_refresh_tokens,
     a_forged_token_naming_a_real_session_ends_nothing_and_is_throttled,
+    with_the_address_locked_by_garbage_a_valid_refresh_token_still_rotates,
     oversize_and_garbage_refresh_tokens_are_refused_cleanly,
-    the_previous_access_token_stays_valid_until_its_own_exp
+    the_previous_access_token_stays_valid_until_its_own_exp,
+    with_no_grace_a_call_judged_just_after_the_rotation_replays_and_a_late_one_is_reuse,
+    concurrent_refreshes_with_no_grace_while_the_clock_ticks_never_end_the_session,
+    a_rotation_expecting_a_stale_token_changes_nothing_in_the_store,
+    a_refresh_racing_a_logout_never_leaves_a_working_refresh_token
 );
 
 /// A JWT's claims, unverified.
@@ -331,6 +341,35 @@ async fn logout_with_the_previous_access_token_ends_the_session_too(backend: Bac
     assert_eq!(e.session_id, login.session_id);
 }
 
+async fn logout_with_an_access_token_two_rotations_old_ends_the_session(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let (_, login) = app.user_with_session("cronus").await;
+    let first = app.refresh(&login.refresh_token).await.unwrap();
+    let second = app.refresh(&first.refresh_token).await.unwrap();
+    let mut stream = try_watch(&app.client, Some(WATCH_CREDENTIAL), "")
+        .await
+        .unwrap();
+    // Generation 0's access token is neither the session's current one nor the one
+    // before it, but it is unexpired and was issued for this session.
+    app.logout(&login.access_token).await.unwrap();
+    assert_eq!(
+        refused(app.refresh(&second.refresh_token).await),
+        "REFRESH_TOKEN_INVALID"
+    );
+    for token in [
+        &login.access_token,
+        &first.access_token,
+        &second.access_token,
+    ] {
+        assert!(!app.validate(token).await.unwrap().valid);
+    }
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Token);
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.kind(), RevocationKind::Session);
+    assert_eq!(e.session_id, login.session_id);
+}
+
 async fn revoke_session_ends_the_refresh_token(backend: Backend) {
     let app = backend.app().spawn().await;
     let (_, phone) = app.user_with_session("hestia").await;
@@ -463,22 +502,61 @@ async fn a_forged_token_naming_a_real_session_ends_nothing_and_is_throttled(back
             "REFRESH_TOKEN_INVALID"
         );
     }
-    // Three bad tokens from this address: the next call waits, whatever it presents.
+    // Three bad tokens from this address: the next guess waits.
     let status = assert_code(
         app.refresh(&forged_for(&user.user_id, &login.session_id, 0))
             .await,
         Code::ResourceExhausted,
     );
     assert!(status.get_details_retry_info().is_some());
-    assert_code(
-        app.refresh(&rotated.refresh_token).await,
-        Code::ResourceExhausted,
-    );
-    // The victim's session was never touched.
+    // The victim's session was never touched, and its genuine token is no guess: it
+    // rotates even from the locked address.
     assert!(app.validate(&rotated.access_token).await.unwrap().valid);
-    advance(&app, Duration::from_secs(11));
     let next = app.refresh(&rotated.refresh_token).await.unwrap();
     assert_eq!(generation(&next.refresh_token), 2);
+    assert_code(
+        app.refresh(&forged_for(&user.user_id, &login.session_id, 3))
+            .await,
+        Code::ResourceExhausted,
+    );
+    advance(&app, Duration::from_secs(11));
+    assert_eq!(
+        refused(
+            app.refresh(&forged_for(&user.user_id, &login.session_id, 0))
+                .await
+        ),
+        "REFRESH_TOKEN_INVALID"
+    );
+}
+
+async fn with_the_address_locked_by_garbage_a_valid_refresh_token_still_rotates(backend: Backend) {
+    let app = backend
+        .app()
+        .envs(&[
+            ("THROTTLE_ADDRESS_THRESHOLD", "3"),
+            ("THROTTLE_BASE_DELAY", "10s"),
+        ])
+        .spawn()
+        .await;
+    let (_, login) = app.user_with_session("office").await;
+    let (_, stale) = app.user_with_session("leaver").await;
+    app.logout(&stale.access_token).await.unwrap();
+    // A shared address: someone's garbage, someone's token of a session that ended.
+    for token in ["garbage", "rt1.....", stale.refresh_token.as_str()] {
+        assert_eq!(refused(app.refresh(token).await), "REFRESH_TOKEN_INVALID");
+    }
+    assert_code(app.refresh("garbage").await, Code::ResourceExhausted);
+    assert_code(
+        app.refresh(&stale.refresh_token).await,
+        Code::ResourceExhausted,
+    );
+    // The office's live session refreshes all the same, again and again.
+    let first = app.refresh(&login.refresh_token).await.unwrap();
+    let second = app.refresh(&first.refresh_token).await.unwrap();
+    assert_eq!(generation(&second.refresh_token), 2);
+    assert!(app.validate(&second.access_token).await.unwrap().valid);
+    // And its genuine tokens did not count: garbage is still what is refused unchecked.
+    assert_code(app.refresh("garbage").await, Code::ResourceExhausted);
 }
 
 async fn oversize_and_garbage_refresh_tokens_are_refused_cleanly(backend: Backend) {
@@ -555,6 +633,303 @@ async fn the_previous_access_token_stays_valid_until_its_own_exp(backend: Backen
     let again = app.refresh(&rotated.refresh_token).await.unwrap();
     app.refresh(&again.refresh_token).await.unwrap();
     assert!(!app.validate(&rotated.access_token).await.unwrap().valid);
+}
+
+async fn with_no_grace_a_call_judged_just_after_the_rotation_replays_and_a_late_one_is_reuse(
+    backend: Backend,
+) {
+    let app = backend.app().env("REFRESH_REUSE_GRACE", "0s").spawn().await;
+    let (_, login) = app.user_with_session("zeno").await;
+    let first = app.refresh(&login.refresh_token).await.unwrap();
+    // The client's second call, sent with the first, is judged by an instance whose
+    // clock is two seconds ahead (Redis: another instance), or a second on (the
+    // rotation's second ended in between): the same race, not a theft.
+    if backend != Backend::Embedded {
+        let ahead = app
+            .sibling()
+            .clock_ahead(Duration::from_secs(2))
+            .spawn()
+            .await;
+        let again = ahead.refresh(&login.refresh_token).await.unwrap();
+        assert_eq!(again.refresh_token, first.refresh_token);
+        assert_eq!(
+            claims(&again.access_token)["jti"],
+            claims(&first.access_token)["jti"]
+        );
+    }
+    advance(&app, Duration::from_secs(1));
+    let again = app.refresh(&login.refresh_token).await.unwrap();
+    assert_eq!(again.refresh_token, first.refresh_token);
+    assert_eq!(
+        again.expires_at.unwrap().seconds,
+        first.expires_at.unwrap().seconds
+    );
+    assert!(app.validate(&again.access_token).await.unwrap().valid);
+    // Three seconds after the rotation, with no grace, the old token is a thief's.
+    advance(&app, Duration::from_secs(2));
+    assert_eq!(
+        refused(app.refresh(&login.refresh_token).await),
+        "REFRESH_TOKEN_REUSED"
+    );
+    assert_eq!(
+        refused(app.refresh(&first.refresh_token).await),
+        "REFRESH_TOKEN_INVALID"
+    );
+    assert!(!app.validate(&first.access_token).await.unwrap().valid);
+}
+
+async fn concurrent_refreshes_with_no_grace_while_the_clock_ticks_never_end_the_session(
+    backend: Backend,
+) {
+    let app = backend.app().env("REFRESH_REUSE_GRACE", "0s").spawn().await;
+    let (user, login) = app.user_with_session("hydra2").await;
+    let mut token = login.refresh_token.clone();
+    // Each round, 30 calls with one token; the second changes as soon as the first
+    // answer (a rotation recorded) is back: the calls still under way, losers of that
+    // race, are judged a second after the rotation they lost to.
+    for round in 1..=4u64 {
+        let mut pending: FuturesUnordered<_> = (0..30).map(|_| app.refresh(&token)).collect();
+        let mut answers: Vec<pb::RefreshResponse> = Vec::new();
+        while let Some(answer) = pending.next().await {
+            if answers.is_empty() {
+                advance(&app, Duration::from_secs(1));
+            }
+            answers.push(answer.expect("no call of a race is reuse"));
+        }
+        drop(pending);
+        let successors: BTreeSet<&str> = answers.iter().map(|a| a.refresh_token.as_str()).collect();
+        assert_eq!(successors.len(), 1, "round {round}: {successors:#?}");
+        token = answers[0].refresh_token.clone();
+        assert_eq!(generation(&token), round);
+        if let Some(g) = stored_generation(&app, &user.user_id, &login.session_id).await {
+            assert_eq!(g, round);
+        }
+        assert!(app.validate(&answers[0].access_token).await.unwrap().valid);
+    }
+    let last = app.refresh(&token).await.unwrap();
+    assert_eq!(generation(&last.refresh_token), 5);
+}
+
+async fn a_rotation_expecting_a_stale_token_changes_nothing_in_the_store(backend: Backend) {
+    let app = backend.app().spawn().await;
+    let store = app.session_store();
+    let now = unix(&app.clock);
+    let (user_id, session_id) = ("u-stale", "s-stale");
+    let key = RefreshKey::generate();
+    let t0 = key.first(user_id, session_id);
+    let t1 = key.successor(&refresh::parse(&t0).unwrap());
+    let (h0, h1) = (refresh::token_hash(&t0), refresh::token_hash(&t1));
+    store
+        .create(
+            &NewSession {
+                user_id,
+                session_id,
+                jti: "jti-0",
+                now,
+                idle_expires_at: now + 3600,
+                token_expires_at: now + 600,
+                absolute_end: now + 86_400,
+                ip: "127.0.0.1",
+                user_agent: "test",
+                username: "stale",
+                amr: "pwd",
+                refresh_key: &key.to_hex(),
+                refresh_hash: &h0,
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    let rotate = |expected: String, next: String, at: i64, jti: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .rotate(&Rotation {
+                    user_id,
+                    session_id,
+                    expected: &expected,
+                    next: &next,
+                    generation: 1,
+                    now: at,
+                    jti,
+                    token_expires_at: at + 600,
+                    idle_expires_at: at + 3600,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let state = || async {
+        store
+            .refresh_state(user_id, session_id, now)
+            .await
+            .unwrap()
+            .expect("the session is live")
+    };
+    // An expected hash the session never held: nothing changes.
+    let before = state().await;
+    assert!(!rotate("0".repeat(64), h1.clone(), now + 5, "jti-x").await);
+    assert_eq!(state().await, before);
+    // The winner rotates; the loser, still expecting t0, changes nothing it wrote.
+    assert!(rotate(h0.clone(), h1.clone(), now + 10, "jti-1").await);
+    let after = state().await;
+    assert_eq!(after.current, h1);
+    assert_eq!(after.previous.as_deref(), Some(h0.as_str()));
+    assert_eq!((after.generation, after.rotated_at), (1, now + 10));
+    assert!(!rotate(h0.clone(), "f".repeat(64), now + 20, "jti-loser").await);
+    assert_eq!(state().await, after);
+    let seen = |jti: &'static str| store.check(user_id, session_id, jti, now + 20);
+    assert!(matches!(
+        seen("jti-1").await.unwrap(),
+        authd::store::sessions::SessionState::Live { .. }
+    ));
+    assert_eq!(
+        seen("jti-loser").await.unwrap(),
+        authd::store::sessions::SessionState::Missing
+    );
+    // An ended session is not rotated back to life, even with its current hash.
+    assert!(store.revoke(user_id, session_id, now + 30).await.unwrap());
+    assert!(!rotate(h1.clone(), "e".repeat(64), now + 40, "jti-2").await);
+    assert_eq!(
+        store
+            .refresh_state(user_id, session_id, now + 40)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn a_refresh_racing_a_logout_never_leaves_a_working_refresh_token(backend: Backend) {
+    // Refusals of tokens of ended sessions count against the address: not the subject.
+    let app = backend
+        .app()
+        .env("THROTTLE_ADDRESS_THRESHOLD", "10000")
+        .spawn()
+        .await;
+    app.register("orpheus", PASSWORD).await.unwrap();
+    let mut rotated_first = 0;
+    for round in 0..12u64 {
+        let login = app.login("orpheus", PASSWORD).await.unwrap();
+        // Each call held back in turn by 0–5 ms, so both orders (and the overlap in
+        // between) come up on every backend.
+        let (hold_refresh, hold_logout) = match round % 2 {
+            0 => (Duration::from_millis(round / 2), Duration::ZERO),
+            _ => (Duration::ZERO, Duration::from_millis(round / 2)),
+        };
+        let (refreshed, logged_out) = tokio::join!(
+            async {
+                tokio::time::sleep(hold_refresh).await;
+                app.refresh(&login.refresh_token).await
+            },
+            async {
+                tokio::time::sleep(hold_logout).await;
+                app.logout(&login.access_token).await
+            }
+        );
+        logged_out.unwrap();
+        // Whichever came first, the session is over: no refresh token of it works, and
+        // no access token of it verifies.
+        let mut tokens = vec![login.refresh_token.clone()];
+        let mut access = vec![login.access_token.clone()];
+        match refreshed {
+            Ok(r) => {
+                rotated_first += 1;
+                tokens.push(r.refresh_token);
+                access.push(r.access_token);
+            }
+            Err(status) => {
+                assert_eq!(refused::<()>(Err(status)), "REFRESH_TOKEN_INVALID");
+            }
+        }
+        for token in &tokens {
+            let reason = refused(app.refresh(token).await);
+            assert_eq!(reason, "REFRESH_TOKEN_INVALID", "round {round}");
+        }
+        for token in &access {
+            assert!(
+                !app.validate(token).await.unwrap().valid,
+                "round {round}: an access token of the ended session"
+            );
+        }
+        let live = app
+            .list_sessions(&app.login("orpheus", PASSWORD).await.unwrap().access_token)
+            .await
+            .unwrap();
+        assert!(
+            live.sessions
+                .iter()
+                .all(|s| s.session_id != login.session_id),
+            "round {round}: the session came back"
+        );
+    }
+    eprintln!("the refresh came first in {rotated_first} of 12 rounds");
+}
+
+/// The loser of a race judged on an instance whose clock is a minute ahead (past the
+/// grace): it read the token as current, lost the compare-and-set to another instance,
+/// and must answer that rotation's successor, not end the session. Redis is reached
+/// through a slow link from that instance, so its read lands before the rotation and its
+/// compare-and-set after. (The race of two instances needs shared Redis; the Cluster
+/// cannot sit behind one proxy; the same rule on every backend is
+/// `concurrent_refreshes_with_no_grace_while_the_clock_ticks_never_end_the_session`.)
+#[tokio::test]
+async fn the_loser_of_a_race_on_an_instance_with_its_clock_ahead_replays() {
+    let redis = OwnRedis::start().await;
+    let a = TestApp::builder()
+        .env("REDIS_URL", &redis.url())
+        .spawn()
+        .await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    let b = a
+        .sibling()
+        .envs(&[
+            ("REDIS_URL", &format!("redis://{}/", proxy.addr)),
+            ("REDIS_COMMAND_TIMEOUT", "5s"),
+        ])
+        .clock_ahead(Duration::from_secs(60))
+        .spawn()
+        .await;
+    let (user, login) = a.user_with_session("zeno2").await;
+    // B's connections are made (and its scripts loaded) before the link slows down.
+    let (_, warm) = a.user_with_session("warm").await;
+    b.refresh(&warm.refresh_token).await.unwrap();
+    proxy.add_latency(Duration::from_millis(200));
+    let late = tokio::spawn({
+        let b_client = b.client.clone();
+        let token = login.refresh_token.clone();
+        async move {
+            b_client
+                .clone()
+                .refresh(pb::RefreshRequest {
+                    refresh_token: token,
+                    ..Default::default()
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    });
+    // B's read reaches Redis at ~200 ms, its compare-and-set at ~600 ms.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let first = a.refresh(&login.refresh_token).await.unwrap();
+    let late = late.await.unwrap();
+    proxy.heal();
+    let late = late.expect("the loser of the race is answered, not judged reuse");
+    assert_eq!(late.refresh_token, first.refresh_token);
+    assert_eq!(
+        claims(&late.access_token)["jti"],
+        claims(&first.access_token)["jti"]
+    );
+    assert_eq!(
+        stored_generation(&a, &user.user_id, &login.session_id).await,
+        Some(1)
+    );
+    // The session lives on, and the same token read afresh by B, a minute after the
+    // rotation by B's clock, is a replay after the grace: reuse.
+    assert!(a.validate(&first.access_token).await.unwrap().valid);
+    assert_eq!(
+        refused(b.refresh(&login.refresh_token).await),
+        "REFRESH_TOKEN_REUSED"
+    );
 }
 
 async fn redis_down_refresh_is_unavailable(mode: &str) {
@@ -687,6 +1062,18 @@ async fn refresh_tokens_never_reach_the_log() {
         logs.contains("refresh token reuse detected"),
         "the reuse was not logged"
     );
+    // A replay is a retry or a parallel call of the owner's, as a rule: debug only.
+    let replays: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("refresh replayed"))
+        .collect();
+    assert!(!replays.is_empty(), "the replay was not logged at debug");
+    for line in replays {
+        assert!(
+            line.contains("DEBUG") && !line.contains("INFO") && !line.contains("WARN"),
+            "{line}"
+        );
+    }
     for token in [&login.refresh_token, &first.refresh_token] {
         let secret = token.split('.').nth(4).unwrap();
         let tag = token.split('.').nth(5).unwrap();

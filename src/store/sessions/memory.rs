@@ -44,6 +44,8 @@ struct UserSessions {
     roles: Option<String>,
 }
 
+/// A session as held. Its derived `Debug` is safe to print: the refresh key and token
+/// hashes sit in a [`RefreshState`], whose `Debug` leaves them out.
 #[derive(Debug)]
 struct Stored {
     order: u64,
@@ -252,11 +254,12 @@ impl MemorySessions {
             }
             user.revoked
                 .insert(jti.to_owned(), now.saturating_add(ttl.max(1)));
+            // A verified token naming the session was issued for it, however many
+            // rotations old: the session ends (see the Redis store's LOGOUT).
             let ended = user
                 .sessions
                 .get(session_id)
-                .filter(|s| s.holds(jti))
-                .map(|s| s.previous_jti.is_some());
+                .map(|s| s.previous_jti.is_some() || s.record.jti != jti);
             if ended.is_some() {
                 user.sessions.remove(session_id);
             }
@@ -341,25 +344,8 @@ impl MemorySessions {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::new_session;
     use super::*;
-
-    fn new_session<'a>(sid: &'a str, jti: &'a str, now: i64) -> NewSession<'a> {
-        NewSession {
-            user_id: "u",
-            session_id: sid,
-            jti,
-            now,
-            idle_expires_at: now + 3600,
-            token_expires_at: now + 86_400,
-            absolute_end: now + 86_400,
-            ip: "127.0.0.1",
-            user_agent: "t",
-            username: "alice",
-            amr: "pwd",
-            refresh_key: "",
-            refresh_hash: "",
-        }
-    }
 
     #[test]
     fn a_blacklist_entry_lasts_until_exp_plus_leeway() {
@@ -389,6 +375,53 @@ mod tests {
             m.logout(&format!("other{i}"), "s", "j", later, 1);
         }
         assert!(m.users_held() <= SWEEP_EVERY as usize, "{}", m.users_held());
+    }
+
+    #[test]
+    fn a_rotation_expecting_a_stale_token_changes_nothing() {
+        let m = MemorySessions::new(30, 16);
+        let first = NewSession {
+            refresh_key: "k",
+            refresh_hash: "h0",
+            ..new_session("s", "j0", 1000)
+        };
+        m.create(&first, 0);
+        let rotation = |expected, next, generation, now, jti| Rotation {
+            user_id: "u",
+            session_id: "s",
+            expected,
+            next,
+            generation,
+            now,
+            jti,
+            token_expires_at: now + 600,
+            idle_expires_at: now + 3600,
+        };
+        // Never the session's token.
+        let before = m.refresh_state("u", "s", 1000);
+        assert!(!m.rotate(&rotation("nope", "h9", 1, 1010, "j9")));
+        assert_eq!(m.refresh_state("u", "s", 1000), before);
+        assert_eq!(m.check("u", "s", "j9", 1010), SessionState::Missing);
+        // Rotated once; the loser of that race expected h0 and must change nothing.
+        assert!(m.rotate(&rotation("h0", "h1", 1, 1020, "j1")));
+        let after = m.refresh_state("u", "s", 1020);
+        assert!(!m.rotate(&rotation("h0", "h1x", 1, 1030, "j1x")));
+        assert_eq!(m.refresh_state("u", "s", 1020), after);
+        let after = after.unwrap();
+        assert_eq!(
+            (after.current.as_str(), after.previous.as_deref()),
+            ("h1", Some("h0"))
+        );
+        assert_eq!((after.generation, after.rotated_at), (1, 1020));
+        assert_eq!(m.check("u", "s", "j1x", 1030), SessionState::Missing);
+        assert!(matches!(
+            m.check("u", "s", "j1", 1030),
+            SessionState::Live { .. }
+        ));
+        // A session that ended cannot be rotated back to life.
+        assert!(m.revoke("u", "s", 1040));
+        assert!(!m.rotate(&rotation("h1", "h2", 2, 1050, "j2")));
+        assert_eq!(m.refresh_state("u", "s", 1050), None);
     }
 
     #[test]

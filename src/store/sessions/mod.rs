@@ -50,8 +50,9 @@ impl SessionRecord {
     }
 }
 
-/// What Refresh needs of a session, read in one round trip.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What Refresh needs of a session, read in one round trip. Its `Debug` leaves out the
+/// key and the token hashes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RefreshState {
     /// The session's refresh key `k`, 64 hex digits.
     pub key: String,
@@ -75,8 +76,25 @@ pub struct RefreshState {
     pub amr: String,
 }
 
-/// A rotation to record, if the session still holds the token it replaces.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for RefreshState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // With the key, anyone who reads this can mint the session's tokens; the hashes
+        // say which token is live. None of them is ever printed.
+        f.debug_struct("RefreshState")
+            .field("generation", &self.generation)
+            .field("rotated_at", &self.rotated_at)
+            .field("ends_at", &self.ends_at)
+            .field("idle_expires_at", &self.idle_expires_at)
+            .field("login_time", &self.login_time)
+            .field("username", &self.username)
+            .field("amr", &self.amr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A rotation to record, if the session still holds the token it replaces. Its `Debug`
+/// leaves out the token hashes.
+#[derive(Clone)]
 pub struct Rotation<'a> {
     /// Owner.
     pub user_id: &'a str,
@@ -96,6 +114,20 @@ pub struct Rotation<'a> {
     pub token_expires_at: i64,
     /// The new idle expiry.
     pub idle_expires_at: i64,
+}
+
+impl std::fmt::Debug for Rotation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotation")
+            .field("user_id", &self.user_id)
+            .field("session_id", &self.session_id)
+            .field("generation", &self.generation)
+            .field("now", &self.now)
+            .field("jti", &self.jti)
+            .field("token_expires_at", &self.token_expires_at)
+            .field("idle_expires_at", &self.idle_expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A page of a user's sessions.
@@ -147,8 +179,8 @@ pub enum SessionState {
     },
 }
 
-/// A session to create.
-#[derive(Debug, Clone)]
+/// A session to create. Its `Debug` leaves out the refresh key and token hash.
+#[derive(Clone)]
 pub struct NewSession<'a> {
     /// Owner.
     pub user_id: &'a str,
@@ -176,6 +208,24 @@ pub struct NewSession<'a> {
     pub refresh_key: &'a str,
     /// SHA-256 (hex) of the first refresh token.
     pub refresh_hash: &'a str,
+}
+
+impl std::fmt::Debug for NewSession<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSession")
+            .field("user_id", &self.user_id)
+            .field("session_id", &self.session_id)
+            .field("jti", &self.jti)
+            .field("now", &self.now)
+            .field("idle_expires_at", &self.idle_expires_at)
+            .field("token_expires_at", &self.token_expires_at)
+            .field("absolute_end", &self.absolute_end)
+            .field("ip", &self.ip)
+            .field("user_agent", &self.user_agent)
+            .field("username", &self.username)
+            .field("amr", &self.amr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where sessions live.
@@ -327,11 +377,13 @@ impl SessionStore {
         }
     }
 
-    /// Blacklists the token for `blacklist_ttl_seconds` and ends its session (if the
-    /// session still holds it). `None` when the token was already revoked and that
-    /// announced (or being announced): nothing changed, there is nothing new to record.
-    /// `Some(true)` when the session ended held a second access token (it had been
-    /// refreshed): the whole session must be announced, not only this token.
+    /// Blacklists the token for `blacklist_ttl_seconds` and ends the session it names,
+    /// if that still exists: a verified token naming a session was issued for it, even
+    /// when rotations have replaced it since. `None` when the token was already revoked
+    /// and that announced (or being announced): nothing changed, there is nothing new to
+    /// record. `Some(true)` when another access token of the ended session may be live
+    /// (it had been refreshed, or the token was not its current one): the whole session
+    /// must be announced, not only this token.
     pub async fn logout(
         &self,
         user_id: &str,
@@ -453,6 +505,88 @@ pub fn blacklist_ttl(token_expires_at: i64, now: i64, leeway: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY: &str = "6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b6b";
+    const CURRENT: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
+    const PREVIOUS: &str = "9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e9e";
+
+    #[track_caller]
+    fn shows_no_secret(shown: &str) {
+        for secret in [KEY, CURRENT, PREVIOUS] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    /// A session of user `u` to create, for this module's tests and its stores'.
+    pub(super) fn new_session<'a>(sid: &'a str, jti: &'a str, now: i64) -> NewSession<'a> {
+        NewSession {
+            user_id: "u",
+            session_id: sid,
+            jti,
+            now,
+            idle_expires_at: now + 3600,
+            token_expires_at: now + 86_400,
+            absolute_end: now + 86_400,
+            ip: "127.0.0.1",
+            user_agent: "t",
+            username: "alice",
+            amr: "pwd",
+            refresh_key: KEY,
+            refresh_hash: CURRENT,
+        }
+    }
+
+    #[test]
+    fn nothing_that_holds_a_refresh_key_or_token_hash_shows_it() {
+        let state = RefreshState {
+            key: KEY.into(),
+            current: CURRENT.into(),
+            previous: Some(PREVIOUS.into()),
+            generation: 3,
+            rotated_at: 1000,
+            ends_at: 9000,
+            idle_expires_at: 5000,
+            login_time: 900,
+            username: "alice".into(),
+            amr: "pwd".into(),
+        };
+        let rotation = Rotation {
+            user_id: "u",
+            session_id: "s",
+            expected: PREVIOUS,
+            next: CURRENT,
+            generation: 4,
+            now: 1000,
+            jti: "j",
+            token_expires_at: 2000,
+            idle_expires_at: 4600,
+        };
+        let new = new_session("s", "j", 1000);
+        for shown in [
+            format!("{state:?} {state:#?}"),
+            format!("{rotation:?} {rotation:#?}"),
+            format!("{new:?} {new:#?}"),
+        ] {
+            shows_no_secret(&shown);
+            assert!(
+                shown.contains("alice") || shown.contains("\"u\""),
+                "{shown}"
+            );
+        }
+        // The in-process store, holding a session and its rotation.
+        let m = MemorySessions::new(30, 16);
+        m.create(&new, 0);
+        assert!(m.rotate(&Rotation {
+            expected: CURRENT,
+            next: PREVIOUS,
+            ..rotation
+        }));
+        let shown = format!("{m:?} {m:#?}");
+        assert!(shown.contains("alice"), "{shown}");
+        shows_no_secret(&shown);
+        let store = SessionStore::Memory(m);
+        shows_no_secret(&format!("{store:?}"));
+    }
 
     #[test]
     fn blacklist_ttl_covers_the_leeway_and_is_never_zero() {

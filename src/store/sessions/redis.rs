@@ -161,8 +161,12 @@ return 1
 /// announced on the log, then `1`. Returns -1 when nothing is left to do (announced, or
 /// claimed less than [`ANNOUNCE_LEASE_MS`] ago by a Logout still under way), -2 when
 /// it was claimed longer ago and never announced (a Logout whose answer was lost: this
-/// call claims it and announces it), else 2, 1 or 0: the session ended and held a
-/// second access token (it had been refreshed), it ended, or it was not live.
+/// call claims it and announces it), else 2, 1 or 0: the session ended and another
+/// access token of it may be live (it had been refreshed, or the token presented was
+/// not its current one), it ended, or it was not live. A verified token naming the
+/// session was issued for it (session ids are random), however many rotations old: its
+/// Logout ends the session, so a stale token cannot be used to look logged out while
+/// the refresh token and the current access token live on.
 const LOGOUT: &str = r"
 if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
   local claimed = tonumber(redis.call('GET', KEYS[3]))
@@ -173,10 +177,10 @@ if not redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3], 'NX') then
   return -2
 end
 local held = redis.call('HMGET', KEYS[1], 'jti', 'pjti')
-if held[1] and (held[1] == ARGV[2] or held[2] == ARGV[2]) then
+if held[1] then
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
-  if held[2] then return 2 end
+  if held[2] or held[1] ~= ARGV[2] then return 2 end
   return 1
 end
 return 0

@@ -101,6 +101,7 @@ impl TestApp {
             env: Vec::new(),
             mysql_at: None,
             sibling_of: None,
+            clock_ahead: None,
         }
     }
 
@@ -135,6 +136,20 @@ impl TestApp {
                     .expect("redis"),
             ),
         }
+    }
+
+    /// A session store of the test's own on this app's sessions, to drive directly: the
+    /// same Redis and key prefix, or (embedded) a fresh in-process store like the app's.
+    pub fn session_store(&self) -> authd::store::sessions::SessionStore {
+        let config = Config::from_vars(self.vars.clone()).expect("test config");
+        let leeway = i64::try_from(config.jwt.leeway.as_secs()).unwrap();
+        authd::store::sessions::SessionStore::new(
+            &config.sessions,
+            leeway,
+            config.revocation_log_max_len,
+            config.jwt.ttl,
+        )
+        .expect("session store")
     }
 
     /// Starts shutting down (as on SIGTERM) without waiting for it.
@@ -183,6 +198,8 @@ pub struct AppBuilder<'a> {
     mysql_at: Option<SocketAddr>,
     /// The app whose storage, clock and settings this one shares.
     sibling_of: Option<&'a TestApp>,
+    /// A sibling's clock of its own, this far ahead of its app's (instance clock skew).
+    clock_ahead: Option<std::time::Duration>,
 }
 
 impl AppBuilder<'_> {
@@ -211,6 +228,12 @@ impl AppBuilder<'_> {
         self
     }
 
+    /// A sibling whose clock runs `by` ahead of its app's (and is moved on its own).
+    pub fn clock_ahead(mut self, by: std::time::Duration) -> Self {
+        self.clock_ahead = Some(by);
+        self
+    }
+
     /// Starts serving, and returns once it listens.
     pub async fn spawn(self) -> TestApp {
         let (storage, clock) = match self.sibling_of {
@@ -219,7 +242,11 @@ impl AppBuilder<'_> {
                     self.backend == app.backend && self.mysql_at.is_none(),
                     "a sibling runs on its app's storage"
                 );
-                (Storage::of(app), app.clock.clone())
+                let clock = match self.clock_ahead {
+                    Some(by) => Arc::new(ManualClock::new(app.clock.now() + by)),
+                    None => app.clock.clone(),
+                };
+                (Storage::of(app), clock)
             }
             None => {
                 let storage = match self.backend {
