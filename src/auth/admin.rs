@@ -5,21 +5,28 @@
 //! sessions) write the users table first and only then end the sessions, announce a
 //! `USER` revocation and answer OK. Should the session store fail half-way, the user
 //! stays unable to log in (the table says so), open-mode validation refuses the old
-//! tokens (`sessions_valid_after` moved), and the call answers UNAVAILABLE: running it
-//! again finishes the job.
+//! tokens (`sessions_valid_after` moved), this instance refuses them in every mode and
+//! retries the revocation in the background until it is recorded
+//! ([`crate::auth::unfinished`]), and the call answers UNAVAILABLE: running it again is
+//! safe. Disable, delete and a SetRoles without `admin` never leave no enabled admin.
 
-use crate::auth::audit::{AuditEvent, AuditKind};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::auth::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::auth::hasher::hash_cost;
 use crate::auth::roles::{self, ADMIN_ROLE};
 use crate::auth::service::{
     AuthCore, DEFAULT_SESSIONS_PAGE, MAX_SESSIONS_PAGE, SessionList, sessions_error, users_error,
 };
+use crate::auth::unfinished::UnfinishedRevocations;
 use crate::auth::username::Username;
 use crate::auth::{AuthError, ClientInfo};
 use crate::store::User;
 use crate::store::audit::{AuditFilter, AuditStore, StoredAuditRow};
 use crate::store::sessions::Revocation;
-use crate::store::users::{CreateUserError, NewUser, UserFilter};
+use crate::store::users::{AdminLoss, CreateUserError, Guarded, NewUser, UserFilter};
+use crate::store::{SessionStore, StoreError};
 
 /// ListUsers' page when none is asked for, and its largest.
 pub const DEFAULT_USERS_PAGE: usize = 50;
@@ -207,13 +214,14 @@ impl AuthCore {
         if let ClientCert::Admin(san) = cert {
             return Ok(Actor::Certificate { san });
         }
-        let denied = |detail: String| {
-            AuditEvent::new(AuditKind::AdminDenied, client).detail(format!("{method}: {detail}"))
-        };
         if bearer.is_none() {
             if cert == ClientCert::Other {
-                self.audit
-                    .record(denied("client certificate not in ADMIN_CLIENT_SANS".into()));
+                self.record_denied(
+                    &format!("address {}", client.ip),
+                    AuditEvent::new(AuditKind::AdminDenied, client),
+                    method,
+                    "client certificate not in ADMIN_CLIENT_SANS",
+                );
                 return Err(AuthError::NotAdmin);
             }
             return Err(AuthError::Unauthenticated);
@@ -235,14 +243,41 @@ impl AuthCore {
                 })
             }
             Some(user) => {
-                self.audit.record(
-                    denied("no admin role".into())
+                self.record_denied(
+                    &format!("user {}", user.id),
+                    AuditEvent::new(AuditKind::AdminDenied, client)
                         .user(&user.id)
                         .session(&claims.sid),
+                    method,
+                    "no admin role",
                 );
                 Err(AuthError::NotAdmin)
             }
             None => Err(AuthError::Unauthenticated),
+        }
+    }
+
+    /// Audits a refusal of `caller`, coalesced (see [`crate::auth::denied`]): one row per
+    /// caller per minute, written when the minute is over, its detail ending with
+    /// `refusals=N …`. The first refusal of a minute is logged at once.
+    fn record_denied(&self, caller: &str, event: AuditEvent, method: &str, why: &str) {
+        let (rows, first) = self.denied.refused(
+            caller,
+            self.clock.unix_seconds(),
+            event,
+            format!("{method}: {why}"),
+        );
+        if first {
+            tracing::warn!(
+                caller,
+                method,
+                why,
+                "AdminService call refused (this caller's refusals in the next {} s are counted in one admin_denied row)",
+                crate::auth::denied::WINDOW_SECS
+            );
+        }
+        for row in rows {
+            self.audit.record(row);
         }
     }
 
@@ -297,25 +332,31 @@ impl AuthCore {
     }
 
     /// Ends every session of the user and announces it, as one `USER` revocation with
-    /// no session spared; the count of live sessions ended. An announcement that fails
-    /// fails the call: the caller is told, and may run it again.
+    /// no session spared; the count of live sessions ended. When the session store
+    /// fails, the revocation is not recorded: the call fails (UNAVAILABLE, and running
+    /// it again is safe), this instance refuses the user's tokens issued so far, and a
+    /// background task retries until it is recorded (see [`crate::auth::unfinished`]).
     async fn end_sessions(&self, user_id: &str) -> Result<u32, AuthError> {
         let now = self.clock.unix_seconds();
-        let revoked = self
-            .sessions
-            .revoke_others(user_id, "", now)
-            .await
-            .map_err(sessions_error)?;
-        let revocation = Revocation::User {
-            user_id: user_id.to_owned(),
-            except_session_id: String::new(),
-        };
-        self.remembered.remember(&revocation, now);
-        self.sessions
-            .publish(&revocation, now)
-            .await
-            .map_err(sessions_error)?;
-        Ok(revoked)
+        // Remembered first: open mode here refuses the tokens whatever happens next.
+        self.remembered.remember(&user_revocation(user_id), now);
+        match end_user_sessions(&self.sessions, user_id, now).await {
+            Ok(ended) => {
+                self.unfinished.recorded(user_id, now);
+                Ok(ended)
+            }
+            Err(e) => {
+                if self.unfinished.add(user_id, now) {
+                    tokio::spawn(finish_revocation(
+                        Arc::clone(&self.sessions),
+                        Arc::downgrade(&self.unfinished),
+                        Arc::downgrade(&self.audit),
+                        user_id.to_owned(),
+                    ));
+                }
+                Err(sessions_error(e))
+            }
+        }
     }
 
     /// CreateUser: a new user with a password (checked against the policy, then hashed)
@@ -480,13 +521,23 @@ impl AuthCore {
         reference: &str,
     ) -> Result<u32, AuthError> {
         let user = self.resolve_user(reference).await?;
-        let now = self.clock.unix_seconds();
-        self.users
-            .set_disabled(&user.id, true, now)
-            .await
-            .map_err(users_error)?;
+        self.disable_unless_last_admin(&user.id).await?;
         let ended = self.end_sessions(&user.id).await;
         self.finish(actor, client, &user.id, "DisableUser", ended)
+    }
+
+    /// Disables the user in the users table, unless it is the last enabled admin.
+    async fn disable_unless_last_admin(&self, user_id: &str) -> Result<(), AuthError> {
+        let now = self.clock.unix_seconds();
+        match self
+            .users
+            .change_unless_last_admin(user_id, AdminLoss::Disable(now))
+            .await
+            .map_err(users_error)?
+        {
+            Guarded::Done => Ok(()),
+            Guarded::LastAdmin => Err(AuthError::LastAdmin),
+        }
     }
 
     /// Audits an operation that ended sessions, saying whether they ended.
@@ -509,7 +560,10 @@ impl AuthCore {
                 actor,
                 client,
                 Some(user_id),
-                format!("{what}: sessions NOT ended (session store unavailable); run it again"),
+                format!(
+                    "{what}: sessions NOT ended yet (session store unavailable): refused here, \
+                     retrying in the background; run it again to be sure"
+                ),
             ),
         }
         ended
@@ -544,11 +598,7 @@ impl AuthCore {
         reference: &str,
     ) -> Result<u32, AuthError> {
         let user = self.resolve_user(reference).await?;
-        let now = self.clock.unix_seconds();
-        self.users
-            .set_disabled(&user.id, true, now)
-            .await
-            .map_err(users_error)?;
+        self.disable_unless_last_admin(&user.id).await?;
         let ended = async {
             let ended = self.end_sessions(&user.id).await?;
             self.sessions
@@ -633,10 +683,20 @@ impl AuthCore {
             roles::parse_roles("roles", roles).map_err(|v| AuthError::InvalidArgument(vec![v]))?;
         let user = self.resolve_user(reference).await?;
         let framed = roles::frame(&roles);
-        self.users
-            .set_roles(&user.id, &framed)
+        if roles.iter().any(|r| r == ADMIN_ROLE) {
+            self.users
+                .set_roles(&user.id, &framed)
+                .await
+                .map_err(users_error)?;
+        } else if self
+            .users
+            .change_unless_last_admin(&user.id, AdminLoss::SetRoles(&framed))
             .await
-            .map_err(users_error)?;
+            .map_err(users_error)?
+            == Guarded::LastAdmin
+        {
+            return Err(AuthError::LastAdmin);
+        }
         let now = self.clock.unix_seconds();
         let pushed = async {
             self.sessions
@@ -748,6 +808,81 @@ impl AuthCore {
             events,
             next_page_token,
         })
+    }
+}
+
+/// A revocation of every session of `user_id`.
+fn user_revocation(user_id: &str) -> Revocation {
+    Revocation::User {
+        user_id: user_id.to_owned(),
+        except_session_id: String::new(),
+    }
+}
+
+/// Ends every session of `user_id` and announces it: the count ended.
+async fn end_user_sessions(
+    sessions: &SessionStore,
+    user_id: &str,
+    at: i64,
+) -> Result<u32, StoreError> {
+    let ended = sessions.revoke_others(user_id, "", at).await?;
+    sessions.publish(&user_revocation(user_id), at).await?;
+    Ok(ended)
+}
+
+/// The first retry's wait, and the longest: another instance may be answering from
+/// the session store as soon as it is back, so the wait stays short.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+/// See [`RETRY_FIRST`].
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Retries the user's pending revocation until it is recorded (or the service is gone).
+async fn finish_revocation(
+    sessions: Arc<SessionStore>,
+    unfinished: Weak<UnfinishedRevocations>,
+    audit: Weak<AuditLog>,
+    user_id: String,
+) {
+    let mut wait = RETRY_FIRST;
+    let mut failures = 0_u64;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+        let Some(at) = unfinished.upgrade().and_then(|u| u.pending(&user_id)) else {
+            return;
+        };
+        match end_user_sessions(&sessions, &user_id, at).await {
+            Ok(ended) => {
+                let Some(pending) = unfinished.upgrade() else {
+                    return;
+                };
+                pending.recorded(&user_id, at);
+                tracing::info!(
+                    user_id,
+                    ended,
+                    failures,
+                    "user revocation recorded after the session store came back"
+                );
+                if let Some(audit) = audit.upgrade() {
+                    audit.record(
+                        AuditEvent::new(AuditKind::AdminAction, &ClientInfo::default())
+                            .user(&user_id)
+                            .detail(format!(
+                                "revocation recorded in the background: {ended} sessions ended"
+                            )),
+                    );
+                }
+                if pending.pending(&user_id).is_none() {
+                    return;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(user_id, failures, error = %e, "user revocation still not recorded; retrying");
+                }
+            }
+        }
     }
 }
 

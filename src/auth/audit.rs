@@ -141,6 +141,11 @@ impl AuditEvent {
         self.detail = detail.into();
         self
     }
+
+    /// The detail set so far.
+    pub fn detail_text(&self) -> &str {
+        &self.detail
+    }
 }
 
 /// A keyed hash (HMAC-SHA256) of canonical usernames. Keyed, so a list of likely

@@ -71,6 +71,9 @@ pub enum AuthError {
     /// AdminService: no such user.
     #[error("user not found")]
     UserNotFound,
+    /// AdminService: the change would leave no enabled user with the `admin` role.
+    #[error("the last enabled admin cannot lose the admin role")]
+    LastAdmin,
     /// AdminService: the caller is authenticated but not an administrator.
     #[error("not an administrator")]
     NotAdmin,

@@ -2,6 +2,7 @@
 //! transport (gRPC today) calls. No tonic types here.
 
 pub mod audit;
+pub mod denied;
 pub mod error;
 pub mod hasher;
 pub mod padding;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod throttle;
 pub mod token;
 pub mod token_config;
+pub mod unfinished;
 pub mod username;
 pub mod watchers;
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::audit::{AuditEvent, AuditKind, AuditLog, NameHasher};
+use super::denied::DeniedCoalescer;
 use super::hasher::{PasswordHasher, hash_cost};
 use super::padding::{self, FailurePadding};
 use super::password::{NewPassword, check_size};
@@ -13,6 +14,7 @@ use super::refresh::{
 use super::remembered::RememberedRevocations;
 use super::throttle::{Attempt, Lockout, Subject, Throttle, address_key};
 use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, random_id};
+use super::unfinished::UnfinishedRevocations;
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::watchers::{WatchPermit, Watchers};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
@@ -150,7 +152,8 @@ struct Rules {
 /// Register, Login, Logout, ChangePassword, ListSessions, RevokeSession, ValidateToken.
 pub struct AuthCore {
     users: UserStore,
-    sessions: SessionStore,
+    /// Shared with the tasks that finish revocations the store could not record at once.
+    sessions: Arc<SessionStore>,
     hasher: PasswordHasher,
     tokens: Arc<TokenKeys>,
     clock: Arc<dyn Clock>,
@@ -162,11 +165,25 @@ pub struct AuthCore {
     /// the cost of a user's hash shows in the time a failure takes.
     padding: Arc<FailurePadding>,
     throttle: Throttle,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
     names: NameHasher,
     watchers: Watchers,
     /// Revocations made here or seen on the stream, for open mode.
     remembered: Arc<RememberedRevocations>,
+    /// At most one `admin_denied` row per caller per minute.
+    denied: Arc<DeniedCoalescer>,
+    /// User-wide revocations not recorded in the session store yet: refused here.
+    unfinished: Arc<UnfinishedRevocations>,
+}
+
+impl Drop for AuthCore {
+    fn drop(&mut self) {
+        // The refusals counted in windows still open are written before the audit
+        // queue closes.
+        for row in self.denied.drain() {
+            self.audit.record(row);
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthCore {
@@ -211,14 +228,20 @@ impl AuthCore {
                 Arc::clone(&clock),
             ));
         }
-        let audit = AuditLog::start(
+        let audit = Arc::new(AuditLog::start(
             AuditStore::new(users.pool().clone()),
             &config.audit,
             Arc::clone(&clock),
-        );
+        ));
+        let denied = Arc::new(DeniedCoalescer::new(super::denied::DEFAULT_CAPACITY));
+        tokio::spawn(close_denied_windows(
+            Arc::downgrade(&denied),
+            Arc::downgrade(&audit),
+            Arc::clone(&clock),
+        ));
         Ok(Self {
             users,
-            sessions,
+            sessions: Arc::new(sessions),
             hasher,
             tokens: Arc::clone(&config.keys),
             clock,
@@ -239,6 +262,8 @@ impl AuthCore {
             names: NameHasher::new(&config.name_hash_key),
             watchers: Watchers::new(&config.watchers),
             remembered,
+            denied,
+            unfinished: Arc::default(),
         })
     }
 
@@ -631,6 +656,10 @@ impl AuthCore {
             tracing::info!("refresh token refused: not one in shape");
             return Err(self.refresh_refused(&client, true).await);
         };
+        if self.unfinished.pending(presented.user_id).is_some() {
+            // The user's sessions are being ended (see `unfinished`): none is renewed.
+            return Err(self.refresh_refused(&client, Some(&presented)).await);
+        }
         let mut state = state.map_err(sessions_error)?;
         let mut seen = Seen::First;
         for _ in 0..REFRESH_ROUNDS {
@@ -1283,7 +1312,9 @@ impl AuthCore {
     ) -> Result<Validation, AuthError> {
         metrics::counter!("authd_redis_fallbacks_total").increment(1);
         tracing::warn!(jti = %claims.jti, error = %cause, "session store unavailable: validating without revocation check (REDIS_FAILURE_MODE=open)");
-        if self.remembered.revokes(&claims, self.clock.unix_seconds()) {
+        if self.remembered.revokes(&claims, self.clock.unix_seconds())
+            || self.unfinished.revokes(&claims.sub, claims.iat)
+        {
             return Ok(Validation::Invalid(InvalidReason::Revoked));
         }
         let user = self
@@ -1378,6 +1409,10 @@ impl AuthCore {
         claims: &Claims,
         now: i64,
     ) -> Result<Result<Option<String>, InvalidReason>, StoreError> {
+        if self.unfinished.revokes(&claims.sub, claims.iat) {
+            // Revoked here, not yet in the session store (see `unfinished`).
+            return Ok(Err(InvalidReason::Revoked));
+        }
         match self
             .sessions
             .check(&claims.sub, &claims.sid, &claims.jti, now)
@@ -1549,6 +1584,24 @@ async fn refresh_max_cost(users: &UserStore, padding: &FailurePadding) {
 
 /// Every [`padding::REFRESH`], reads the highest stored cost again, until the service
 /// is gone.
+/// Every second, writes the `admin_denied` rows of the windows that are over, until the
+/// service is gone.
+async fn close_denied_windows(
+    denied: std::sync::Weak<DeniedCoalescer>,
+    audit: std::sync::Weak<AuditLog>,
+    clock: Arc<dyn Clock>,
+) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (Some(denied), Some(audit)) = (denied.upgrade(), audit.upgrade()) else {
+            return;
+        };
+        for row in denied.due(clock.unix_seconds()) {
+            audit.record(row);
+        }
+    }
+}
+
 async fn keep_max_cost_fresh(users: UserStore, padding: std::sync::Weak<FailurePadding>) {
     loop {
         tokio::time::sleep(padding::REFRESH).await;

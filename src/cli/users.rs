@@ -204,7 +204,8 @@ impl Drop for EchoOff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ImportFormat {
     /// `username,password_hash[,roles]`, roles separated by `;` or spaces; a first line
-    /// starting with `username` is a header.
+    /// that is exactly `username,password_hash` or `username,password_hash,roles` is a
+    /// header (any other first line is a row).
     Csv,
     /// One JSON object a line: `{"username": …, "password_hash": …, "roles": […]}`.
     Jsonl,
@@ -241,6 +242,67 @@ struct JsonRow {
     password_hash: String,
     #[serde(default)]
     roles: Vec<String>,
+}
+
+/// The headers a CSV file may start with.
+const CSV_HEADERS: [&[&str]; 2] = [
+    &["username", "password_hash"],
+    &["username", "password_hash", "roles"],
+];
+
+/// Whether `line` (the file's first) is a CSV header: exactly one of [`CSV_HEADERS`]
+/// (fields may be quoted or spaced). A first line that is a row — even one whose
+/// username starts with `username` — is a row.
+fn is_csv_header(line: &str) -> bool {
+    let fields: Vec<&str> = line
+        .split(',')
+        .map(|f| f.trim().trim_matches('"'))
+        .collect();
+    CSV_HEADERS.iter().any(|h| fields == *h)
+}
+
+/// The file's rows, each with its line number in the file (from 1, counting the header
+/// and blank lines; a line ends at `\n`, and a `\r` before it is dropped): the user, or
+/// why not. Blank lines and a CSV header are no rows. A line that is not UTF-8 is a bad
+/// row, not the end of the import.
+fn rows(
+    bytes: &[u8],
+    format: ImportFormat,
+    ceiling: u32,
+) -> impl Iterator<Item = (usize, Result<NewUser, String>)> + '_ {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    bytes
+        .split(|b| *b == b'\n')
+        .enumerate()
+        .filter_map(move |(index, raw)| {
+            let number = index + 1;
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let line = match std::str::from_utf8(raw) {
+                Ok(line) => line.trim(),
+                Err(e) => {
+                    return Some((
+                        number,
+                        Err(format!("not UTF-8 (byte {})", e.valid_up_to() + 1)),
+                    ));
+                }
+            };
+            let header = index == 0 && format == ImportFormat::Csv && is_csv_header(line);
+            if line.is_empty() || header {
+                return None;
+            }
+            Some((number, parse_row(format, line, ceiling)))
+        })
+}
+
+/// Lines in the file, as [`rows`] numbers them.
+fn line_count(bytes: &[u8]) -> usize {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if bytes.is_empty() {
+        0
+    } else {
+        bytes.iter().filter(|b| **b == b'\n').count() + 1
+    }
 }
 
 /// One line of the file as a user, or why not.
@@ -303,25 +365,19 @@ pub async fn import(
     progress: bool,
 ) -> Result<ImportSummary, Failure> {
     let format = format.unwrap_or_else(|| ImportFormat::guess(path));
-    let text = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .map_err(|e| Failure::new(exit::USAGE, format!("{}: {e}", path.display())))?;
     let (config, store) = open_store().await?;
     let ceiling = cost_ceiling(config.bcrypt.cost);
     let started = Instant::now();
-    let total_lines = text.lines().count();
+    let total_lines = line_count(&bytes);
     let progress = progress || (std::io::stderr().is_terminal() && total_lines >= IMPORT_BATCH);
     let mut summary = ImportSummary::default();
     let mut batch = Vec::with_capacity(IMPORT_BATCH);
     let mut stderr = std::io::stderr().lock();
-    for (index, line) in text.lines().enumerate() {
-        let number = index + 1;
-        let line = line.trim();
-        let header = index == 0 && format == ImportFormat::Csv && line.starts_with("username");
-        if line.is_empty() || header {
-            continue;
-        }
+    for (number, row) in rows(&bytes, format, ceiling) {
         summary.rows += 1;
-        match parse_row(format, line, ceiling) {
+        match row {
             Ok(user) => batch.push(user),
             Err(why) => {
                 summary.bad += 1;
@@ -415,6 +471,84 @@ mod tests {
             ("bob", ",ops,")
         );
         assert!(parse_row(ImportFormat::Csv, &format!("bob,{HASH}"), 14).is_ok());
+    }
+
+    /// Each row's line number and username, or `bad: ` and why.
+    fn read_rows(text: &[u8], format: ImportFormat) -> Vec<(usize, String)> {
+        rows(text, format, 14)
+            .map(|(n, r)| match r {
+                Ok(u) => (n, u.username),
+                Err(why) => (n, format!("bad: {why}")),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_are_numbered_by_their_line_in_the_file() {
+        let mut text = format!(
+            "username,password_hash,roles\r\n\nann,{HASH}\nnot a row\n\n  \nbo,{HASH}\nbob,{HASH},ops\r\n"
+        )
+        .into_bytes();
+        text.extend_from_slice(b"cy\xff,");
+        text.extend_from_slice(format!("{HASH}\ncat,{HASH}\n").as_bytes());
+        let read = read_rows(&text, ImportFormat::Csv);
+        let numbers: Vec<usize> = read.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [3, 4, 7, 8, 9, 10], "{read:?}");
+        assert_eq!(read[0].1, "ann");
+        assert!(read[1].1.starts_with("bad: 1 fields"), "{read:?}");
+        assert!(read[2].1.starts_with("bad: username"), "{read:?}");
+        assert_eq!(read[3].1, "bob");
+        assert_eq!(read[4].1, "bad: not UTF-8 (byte 3)");
+        assert_eq!(read[5].1, "cat");
+        assert_eq!(line_count(&text), 10);
+    }
+
+    #[test]
+    fn only_an_exact_first_line_header_is_skipped() {
+        for header in [
+            "username,password_hash",
+            "username,password_hash,roles",
+            "\"username\", \"password_hash\"",
+            "\u{feff}username,password_hash",
+        ] {
+            let text = format!("{header}\nann,{HASH}\n");
+            assert_eq!(
+                read_rows(text.as_bytes(), ImportFormat::Csv),
+                [(2, "ann".to_owned())],
+                "{header}"
+            );
+        }
+        // A user whose name starts with "username" is a row, not a header.
+        let text = format!("usernames,{HASH}\nann,{HASH}\n");
+        assert_eq!(
+            read_rows(text.as_bytes(), ImportFormat::Csv),
+            [(1, "usernames".to_owned()), (2, "ann".to_owned())]
+        );
+        // Header-like lines that are not a known header are bad rows, reported.
+        for first in [
+            "username",
+            "username,hash",
+            "Username,Password_Hash,Roles,Extra",
+        ] {
+            let text = format!("{first}\nann,{HASH}\n");
+            let read = read_rows(text.as_bytes(), ImportFormat::Csv);
+            assert_eq!(read.len(), 2, "{first}: {read:?}");
+            assert!(
+                read[0].0 == 1 && read[0].1.starts_with("bad: "),
+                "{first}: {read:?}"
+            );
+        }
+        // Further down, the header is a bad row too.
+        let text = format!("ann,{HASH}\nusername,password_hash\n");
+        let read = read_rows(text.as_bytes(), ImportFormat::Csv);
+        assert!(read[1].0 == 2 && read[1].1.starts_with("bad: "), "{read:?}");
+        // JSON Lines have no header.
+        let text = format!(
+            "username,password_hash\n{{\"username\":\"ann\",\"password_hash\":\"{HASH}\"}}\n"
+        );
+        let read = read_rows(text.as_bytes(), ImportFormat::Jsonl);
+        assert!(read[0].1.starts_with("bad: not a JSON row"), "{read:?}");
+        assert_eq!(read[1], (2, "ann".to_owned()));
     }
 
     #[test]

@@ -108,6 +108,9 @@ impl From<AuthError> for Status {
             }
             AuthError::AccountDisabled => Status::failed_precondition("account disabled"),
             AuthError::UserNotFound => Status::not_found("user not found"),
+            AuthError::LastAdmin => Status::failed_precondition(
+                "refused: this is the last enabled admin (disabling, deleting or demoting it would leave nobody to administer authd); give another user the admin role first",
+            ),
             AuthError::NotAdmin => Status::permission_denied(
                 "not an administrator: AdminService needs the admin role or an ADMIN_CLIENT_SANS certificate",
             ),

@@ -65,6 +65,28 @@ pub struct UserFilter {
     pub disabled: Option<bool>,
 }
 
+/// A change that takes the `admin` role away from a user, unless that user is the last
+/// enabled admin: see [`UserStore::change_unless_last_admin`].
+#[derive(Debug, Clone, Copy)]
+pub enum AdminLoss<'a> {
+    /// Disable the user (and move `sessions_valid_after` to this time).
+    Disable(i64),
+    /// Replace the user's roles with these (comma-framed, without `admin`).
+    SetRoles(&'a str),
+}
+
+/// What [`UserStore::change_unless_last_admin`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    /// Changed (or nothing to change: no such user).
+    Done,
+    /// Refused: the user is the last enabled admin.
+    LastAdmin,
+}
+
+/// `LIKE` pattern of a user holding the `admin` role (roles are comma-framed).
+const ADMIN_PATTERN: &str = "%,admin,%";
+
 /// Creating a user failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateUserError {
@@ -400,6 +422,99 @@ impl UserStore {
             .await
             .map_err(classify)?;
         Ok(self.find_by_id(id).await?.is_some())
+    }
+
+    /// Applies `change` to user `id` unless it would leave no enabled user with the
+    /// `admin` role. Race-safe: of two concurrent changes to the last two admins, one
+    /// is refused. MySQL: one transaction that first locks the enabled admins' rows
+    /// (`SELECT … FOR UPDATE`), so concurrent guarded changes take turns and each sees
+    /// the other's outcome. SQLite: one `UPDATE` whose condition counts the other
+    /// admins (SQLite runs one writing statement at a time).
+    pub async fn change_unless_last_admin(
+        &self,
+        id: &str,
+        change: AdminLoss<'_>,
+    ) -> Result<Guarded, StoreError> {
+        let guarded = async {
+            match &self.pool {
+                Pool::MySql(pool) => {
+                    let mut tx = pool.begin().await?;
+                    let admins: Vec<String> = sqlx::query_scalar(
+                        "SELECT id FROM users WHERE disabled = FALSE AND roles LIKE ? FOR UPDATE",
+                    )
+                    .bind(ADMIN_PATTERN)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    if admins.iter().all(|a| a == id) && !admins.is_empty() {
+                        tx.rollback().await?;
+                        return Ok(Guarded::LastAdmin);
+                    }
+                    let update = match change {
+                        AdminLoss::Disable(now) => sqlx::query(
+                            "UPDATE users SET disabled = TRUE, sessions_valid_after = CASE \
+                             WHEN sessions_valid_after < ? THEN ? ELSE sessions_valid_after END \
+                             WHERE id = ?",
+                        )
+                        .bind(now)
+                        .bind(now),
+                        AdminLoss::SetRoles(roles) => {
+                            sqlx::query("UPDATE users SET roles = ? WHERE id = ?").bind(roles)
+                        }
+                    };
+                    update.bind(id).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(Guarded::Done)
+                }
+                Pool::Sqlite(pool) => {
+                    // Changed only if the user is no enabled admin, or another one is left.
+                    macro_rules! unless_last {
+                        () => {
+                            " WHERE id = ? AND (disabled = 1 OR roles NOT LIKE ? \
+                             OR EXISTS (SELECT 1 FROM users AS other WHERE other.id <> ? \
+                             AND other.disabled = 0 AND other.roles LIKE ?))"
+                        };
+                    }
+                    let update = match change {
+                        AdminLoss::Disable(now) => sqlx::query(concat!(
+                            "UPDATE users SET disabled = 1, sessions_valid_after = CASE \
+                             WHEN sessions_valid_after < ? THEN ? ELSE sessions_valid_after END",
+                            unless_last!()
+                        ))
+                        .bind(now)
+                        .bind(now),
+                        AdminLoss::SetRoles(roles) => {
+                            sqlx::query(concat!("UPDATE users SET roles = ?", unless_last!()))
+                                .bind(roles)
+                        }
+                    };
+                    let changed = update
+                        .bind(id)
+                        .bind(ADMIN_PATTERN)
+                        .bind(id)
+                        .bind(ADMIN_PATTERN)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if changed > 0 {
+                        return Ok(Guarded::Done);
+                    }
+                    // Nothing changed: no such user, or the last admin.
+                    let exists: Option<i64> =
+                        sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
+                            .bind(id)
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok(if exists.is_some() {
+                        Guarded::LastAdmin
+                    } else {
+                        Guarded::Done
+                    })
+                }
+            }
+        };
+        self.within(guarded, std::convert::identity)
+            .await
+            .map_err(classify)
     }
 
     /// Removes a user's row. False when there was none.

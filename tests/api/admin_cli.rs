@@ -12,6 +12,7 @@ on_every_backend!(
     import_takes_hashes_of_another_implementation_and_reruns_idempotently,
     import_of_many_rows_runs_in_batches,
     import_refuses_hashes_above_the_cost_ceiling,
+    import_numbers_bad_rows_by_their_real_line_and_takes_only_an_exact_header,
 );
 
 /// What a run of the binary gave.
@@ -443,5 +444,74 @@ async fn import_refuses_hashes_above_the_cost_ceiling(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(stored, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn import_numbers_bad_rows_by_their_real_line_and_takes_only_an_exact_header(
+    backend: Backend,
+) {
+    let app = backend.app().spawn().await;
+    let hash = bcrypt::hash("Legacy-Pass-2019", 4).unwrap();
+    let dir = std::env::temp_dir().join(format!("authd-import-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A header, blank lines, CRLF endings and a line that is not UTF-8: every bad row
+    // is reported by its line in the file, and the rest are imported.
+    let csv = dir.join("users.csv");
+    let mut text = format!(
+        "username,password_hash,roles\r\n\nalpha,{hash}\r\n\n\nnot a name,{hash}\nbravo,{hash},ops\n"
+    )
+    .into_bytes();
+    text.extend_from_slice(b"caf\xe9,x\n");
+    text.extend_from_slice(format!("charlie,short\n\ndelta,{hash}\n").as_bytes());
+    std::fs::write(&csv, &text).unwrap();
+    let run = authd(
+        &["users", "import", csv.to_str().unwrap()],
+        store_env(&app),
+        "",
+    )
+    .await;
+    assert_eq!(run.code, 7, "bad rows exit 7: {}", run.stderr);
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .filter(|l| l.starts_with("line "))
+        .collect();
+    assert_eq!(lines, ["line 6", "line 8", "line 9"], "{}", run.stderr);
+    assert!(run.stderr.contains("line 8: not UTF-8"), "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("6 rows: 3 imported, 0 skipped (already there), 3 bad"),
+        "{}",
+        run.stdout
+    );
+    // A first line that merely starts with "username" is a user, not a header.
+    let named = dir.join("named.csv");
+    std::fs::write(&named, format!("usernames,{hash}\necho,{hash}\n")).unwrap();
+    let run = authd(
+        &["users", "import", named.to_str().unwrap()],
+        store_env(&app),
+        "",
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("2 rows: 2 imported"), "{}", run.stdout);
+    assert!(app.login("usernames", "Legacy-Pass-2019").await.is_ok());
+    // A header-like first line that is no known header is a bad row, reported.
+    let odd = dir.join("odd.csv");
+    std::fs::write(&odd, format!("username,hash\nfoxtrot,{hash}\n")).unwrap();
+    let run = authd(
+        &["users", "import", odd.to_str().unwrap()],
+        store_env(&app),
+        "",
+    )
+    .await;
+    assert_eq!(run.code, 7, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 1: password_hash"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("2 rows: 1 imported"), "{}", run.stdout);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -36,6 +36,7 @@ mod support;
 mod admin;
 mod admin_cli;
 mod admin_hardening;
+mod admin_safety;
 mod audit;
 mod binary;
 mod change_password;
