@@ -658,7 +658,7 @@ impl AuthCore {
         };
         if self.unfinished.pending(presented.user_id).is_some() {
             // The user's sessions are being ended (see `unfinished`): none is renewed.
-            return Err(self.refresh_refused(&client, Some(&presented)).await);
+            return Err(self.refresh_refused(&client, false).await);
         }
         let mut state = state.map_err(sessions_error)?;
         let mut seen = Seen::First;
