@@ -699,6 +699,8 @@ impl AuthCore {
             current: String::new(),
             total: page.total,
             next_page_token: page.next_after.map(|n| n.to_string()),
+            second_factor_enabled: false,
+            recovery: Default::default(),
         })
     }
 

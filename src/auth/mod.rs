@@ -13,6 +13,7 @@ pub mod service;
 pub mod throttle;
 pub mod token;
 pub mod token_config;
+pub mod totp;
 pub mod username;
 pub mod watchers;
 

@@ -14,6 +14,7 @@ use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, rando
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::watchers::{WatchPermit, Watchers};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
+use second_factor::GivenFactor;
 use crate::clock::Clock;
 use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode, TrustedProxies};
 use crate::store::audit::AuditStore;
@@ -27,6 +28,8 @@ use crate::store::{SessionStore, StoreError, UserStore, truncate};
 
 #[path = "admin.rs"]
 pub mod admin;
+#[path = "second_factor.rs"]
+pub mod second_factor;
 
 /// The longest session id accepted, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 64;
@@ -81,6 +84,34 @@ impl std::fmt::Debug for LoggedIn {
     }
 }
 
+/// What a correct password gets: tokens, or, for a user with a second factor, a ticket
+/// to complete the login with VerifySecondFactor.
+#[derive(Clone)]
+pub enum Login {
+    /// The session is open.
+    Tokens(LoggedIn),
+    /// A second factor is needed first.
+    SecondFactorRequired {
+        /// The opaque, single-use ticket.
+        ticket: String,
+        /// When it stops working (unix seconds).
+        expires_at: i64,
+    },
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The ticket is never printed.
+        match self {
+            Login::Tokens(done) => f.debug_tuple("Tokens").field(done).finish(),
+            Login::SecondFactorRequired { expires_at, .. } => f
+                .debug_struct("SecondFactorRequired")
+                .field("expires_at", expires_at)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 /// Rounds of read and compare-and-set a Refresh tries before giving up: each lost
 /// round means another call rotated the same session in between, and the next round
 /// sees its result (and answers the same successor), so a second loss is already rare.
@@ -123,6 +154,10 @@ pub struct SessionList {
     pub total: u32,
     /// The token for the next page; `None` on the last.
     pub next_page_token: Option<String>,
+    /// The user has a confirmed second factor.
+    pub second_factor_enabled: bool,
+    /// The recovery codes: how many are left, and the latest use.
+    pub recovery: crate::store::users::second_factor::RecoveryStatus,
 }
 
 /// ListSessions' page size when the caller names none.
@@ -165,6 +200,12 @@ pub struct AuthCore {
     watchers: Watchers,
     /// Revocations made here or seen on the stream, for open mode.
     remembered: Arc<RememberedRevocations>,
+    /// Second-factor tickets, beside the sessions.
+    tickets: crate::store::mfa::MfaTickets,
+    /// The key that seals TOTP secrets; `None` when none is configured (MySQL).
+    totp_box: Option<super::totp::SecretBox>,
+    /// The issuer authenticator apps show.
+    totp_issuer: String,
 }
 
 impl std::fmt::Debug for AuthCore {
@@ -209,6 +250,20 @@ impl AuthCore {
                 Arc::clone(&clock),
             ));
         }
+        let totp_box =
+            second_factor::secret_box(&config.second_factor.key).map_err(AuthError::Internal)?;
+        if totp_box.is_none() {
+            let enrolled = users
+                .count_totp_credentials()
+                .await
+                .map_err(users_error)?;
+            if enrolled > 0 {
+                return Err(AuthError::Internal(anyhow::anyhow!(
+                    "TOTP_ENCRYPTION_KEY is required: {enrolled} users have a second factor sealed under it"
+                )));
+            }
+        }
+        let tickets = sessions.mfa_tickets();
         let audit = AuditLog::start(
             AuditStore::new(users.pool().clone()),
             &config.audit,
@@ -237,6 +292,9 @@ impl AuthCore {
             names: NameHasher::new(&config.name_hash_key),
             watchers: Watchers::new(&config.watchers),
             remembered,
+            tickets,
+            totp_box,
+            totp_issuer: config.second_factor.issuer.clone(),
         })
     }
 
@@ -374,7 +432,7 @@ impl AuthCore {
         username: &str,
         password: &str,
         client: ClientInfo,
-    ) -> Result<LoggedIn, AuthError> {
+    ) -> Result<Login, AuthError> {
         // Case and padding variants of a name are one account, also to the throttle;
         // the padding does not count towards the size limit.
         if username.trim().chars().count() > MAX_USERNAME_CHARS {
@@ -469,9 +527,33 @@ impl AuthCore {
             }
         };
         self.settle(&who, attempt, Settle::Succeeded).await;
+        // Read only once the password is right: a wrong password costs the same whether
+        // or not the user has a second factor.
+        if self.second_factor_of(&user.id).await?.is_some() {
+            return self
+                .second_factor_ticket(&user, &client, &name_hash)
+                .await;
+        }
+        let done = self
+            .open_session(&user, random_id(), PASSWORD_AMR, &client, &name_hash)
+            .await?;
+        self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
+            .await;
+        Ok(Login::Tokens(done))
+    }
 
+    /// Opens a session for `user`, whose password (and second factor, by `amr`) was
+    /// checked: issues its access and refresh tokens, records it, and ends the sessions
+    /// past the limit.
+    pub(crate) async fn open_session(
+        &self,
+        user: &crate::store::User,
+        session_id: String,
+        amr: &str,
+        client: &ClientInfo,
+        name_hash: &str,
+    ) -> Result<LoggedIn, AuthError> {
         let now = self.clock.unix_seconds();
-        let session_id = random_id();
         let absolute_end = now.saturating_add(self.rules.max_lifetime);
         let issued = self.tokens.issue_grant(Grant {
             user_id: &user.id,
@@ -481,7 +563,7 @@ impl AuthCore {
             iat: now,
             not_after: absolute_end,
             auth_time: now,
-            amr: vec![PASSWORD_AMR.to_owned()],
+            amr: amr.split_whitespace().map(str::to_owned).collect(),
         })?;
         let refresh_key = RefreshKey::generate();
         let refresh_token = refresh_key.first(&user.id, &session_id);
@@ -500,7 +582,7 @@ impl AuthCore {
                     ip: &client.ip,
                     user_agent: truncate(&client.user_agent, MAX_USER_AGENT_BYTES),
                     username: &user.username,
-                    amr: PASSWORD_AMR,
+                    amr,
                     refresh_key: &refresh_key.to_hex(),
                     refresh_hash: &token_hash(&refresh_token),
                 },
@@ -512,9 +594,9 @@ impl AuthCore {
             Ok(user) => user,
             Err(e) => {
                 self.audit.record(
-                    AuditEvent::new(AuditKind::LoginFailed, &client)
+                    AuditEvent::new(AuditKind::LoginFailed, client)
                         .user(&user.id)
-                        .username_hash(&name_hash)
+                        .username_hash(name_hash)
                         .session(&session_id)
                         .detail(match &e {
                             AuthError::AccountDisabled => "disabled during login; session ended",
@@ -530,7 +612,7 @@ impl AuthCore {
         }
         for ended in evicted {
             self.audit.record(
-                AuditEvent::new(AuditKind::SessionRevoked, &client)
+                AuditEvent::new(AuditKind::SessionRevoked, client)
                     .user(&user.id)
                     .session(&ended)
                     .detail("MAX_SESSIONS_PER_USER"),
@@ -544,14 +626,12 @@ impl AuthCore {
             )
             .await;
         }
-        self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
-            .await;
         metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
-        tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, "login");
+        tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, amr, "login");
         self.audit.record(
-            AuditEvent::new(AuditKind::LoginSucceeded, &client)
+            AuditEvent::new(AuditKind::LoginSucceeded, client)
                 .user(&user.id)
-                .username_hash(&name_hash)
+                .username_hash(name_hash)
                 .session(&session_id)
                 .jti(&issued.claims.jti),
         );
@@ -965,6 +1045,7 @@ impl AuthCore {
         bearer: Option<&str>,
         current_password: &str,
         new_password: &str,
+        factor: &GivenFactor,
         client: ClientInfo,
     ) -> Result<u32, AuthError> {
         let claims = self.authenticate(bearer).await?;
@@ -986,6 +1067,8 @@ impl AuthCore {
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
+        self.step_up(&claims, factor, &client, "ChangePassword")
+            .await?;
         // Wrong current passwords count against the same account as failed logins, and
         // are counted before they are checked, like them.
         let name_hash = self.names.hash(&claims.username);
@@ -1120,11 +1203,14 @@ impl AuthCore {
             .list(&claims.sub, self.clock.unix_seconds(), after, limit)
             .await
             .map_err(sessions_error)?;
+        let (second_factor_enabled, recovery) = self.second_factor_status(&claims.sub).await?;
         Ok(SessionList {
             sessions: page.sessions.into_iter().map(|(_, s)| s).collect(),
             current: claims.sid,
             total: page.total,
             next_page_token: page.next_after.map(|n| n.to_string()),
+            second_factor_enabled,
+            recovery,
         })
     }
 
@@ -1134,6 +1220,7 @@ impl AuthCore {
         &self,
         bearer: Option<&str>,
         session_id: &str,
+        factor: &GivenFactor,
         client: ClientInfo,
     ) -> Result<(), AuthError> {
         if session_id.is_empty() {
@@ -1146,6 +1233,10 @@ impl AuthCore {
             ));
         }
         let claims = self.authenticate(bearer).await?;
+        if session_id != claims.sid {
+            self.step_up(&claims, factor, &client, "RevokeSession")
+                .await?;
+        }
         let now = self.clock.unix_seconds();
         let found = self
             .sessions

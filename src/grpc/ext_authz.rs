@@ -28,6 +28,10 @@ pub const SESSION_ID_HEADER: &str = "x-auth-session-id";
 pub const DEGRADED_HEADER: &str = "x-auth-degraded";
 /// The user's roles, comma-separated (empty for none).
 pub const ROLES_HEADER: &str = "x-auth-roles";
+/// The token's `amr`, comma-separated (`pwd`, or `pwd,otp` after a second factor).
+pub const AMR_HEADER: &str = "x-auth-amr";
+/// When the user logged in (the token's `auth_time`), unix seconds.
+pub const AUTH_TIME_HEADER: &str = "x-auth-time";
 
 /// The Check service.
 #[derive(Debug, Clone)]
@@ -70,7 +74,14 @@ impl ExtAuthz {
         ok.add_header(USER_ID_HEADER, &valid.claims.sub, overwrite, false)
             .add_header(USERNAME_HEADER, &valid.claims.username, overwrite, false)
             .add_header(SESSION_ID_HEADER, &valid.claims.sid, overwrite, false)
-            .add_header(ROLES_HEADER, valid.roles.join(","), overwrite, false);
+            .add_header(ROLES_HEADER, valid.roles.join(","), overwrite, false)
+            .add_header(AMR_HEADER, valid.claims.amr.join(","), overwrite, false)
+            .add_header(
+                AUTH_TIME_HEADER,
+                valid.claims.login_time().to_string(),
+                overwrite,
+                false,
+            );
         if valid.revocation_checked {
             ok.remove_header(DEGRADED_HEADER);
         } else {

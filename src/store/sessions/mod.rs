@@ -248,6 +248,15 @@ impl SessionStore {
         }
     }
 
+    /// A store for second-factor tickets beside the sessions: the same Redis, or this
+    /// process.
+    pub fn mfa_tickets(&self) -> crate::store::mfa::MfaTickets {
+        match self {
+            Self::Redis(r) => crate::store::mfa::MfaTickets::redis(r.conn().clone(), r.prefix()),
+            Self::Memory(_) => crate::store::mfa::MfaTickets::memory(),
+        }
+    }
+
     /// Answers when the store is reachable.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
