@@ -13,9 +13,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::auth::audit::{AuditEvent, AuditKind};
 use super::Settle;
-use crate::auth::service::{AuthCore, Login, LoggedIn, sessions_error, users_error};
+use crate::auth::audit::{AuditEvent, AuditKind};
+use crate::auth::service::{AuthCore, LoggedIn, Login, sessions_error, users_error};
 use crate::auth::throttle::Subject;
 use crate::auth::token::{Claims, random_id};
 use crate::auth::totp::{
@@ -284,8 +284,7 @@ impl AuthCore {
             )
             .await
             .map_err(sessions_error)?;
-        metrics::counter!("authd_logins_total", "outcome" => "second_factor_required")
-            .increment(1);
+        metrics::counter!("authd_logins_total", "outcome" => "second_factor_required").increment(1);
         tracing::info!(user_id = %user.id, session_id = %session_id, "password accepted; second factor required");
         self.audit.record(
             AuditEvent::new(AuditKind::LoginSucceeded, client)
@@ -354,12 +353,17 @@ impl AuthCore {
                     Method::Totp
                 };
                 metrics::counter!("authd_second_factor_checks_total", "outcome" => "refused", "method" => method.as_str()).increment(1);
-                tracing::info!(user_id, call, method = method.as_str(), "second factor refused");
+                tracing::info!(
+                    user_id,
+                    call,
+                    method = method.as_str(),
+                    "second factor refused"
+                );
                 let event = |kind| AuditEvent::new(kind, client).user(user_id);
-                self.audit.record(event(AuditKind::MfaFailed).detail(format!(
-                    "{call}: wrong or used {}",
-                    method.as_str()
-                )));
+                self.audit.record(
+                    event(AuditKind::MfaFailed)
+                        .detail(format!("{call}: wrong or used {}", method.as_str())),
+                );
                 self.record_lockouts(&attempt, |lockout| {
                     event(AuditKind::Lockout).detail(format!("second factor: {lockout}"))
                 });
@@ -386,7 +390,8 @@ impl AuthCore {
                 .sealer()?
                 .open(user_id, &cred.secret_sealed)
                 .map_err(AuthError::Internal)?;
-            let Some(step) = totp::matching_step(secret.expose(), code, now, params, cred.last_step)
+            let Some(step) =
+                totp::matching_step(secret.expose(), code, now, params, cred.last_step)
             else {
                 return Ok(None);
             };
@@ -643,11 +648,12 @@ impl AuthCore {
             .await?;
         if accepted.is_none() {
             if attempted.attempts >= TICKET_ATTEMPTS {
-                self.tickets
-                    .take(user_id, &hash)
-                    .await
-                    .map_err(sessions_error)?;
-                tracing::info!(user_id, "second-factor ticket ended: too many wrong codes");
+                // Dead from now on (the store answers no further attempt); not deleted,
+                // so a right code already in flight still completes it.
+                tracing::info!(
+                    user_id,
+                    "second-factor ticket used up: too many wrong codes"
+                );
             }
             return Err(AuthError::SecondFactorInvalid);
         }
@@ -674,7 +680,11 @@ impl AuthCore {
     /// A ticket that cannot be used: counted, audited, refused.
     fn ticket_refused(&self, user_id: Option<&str>, client: &ClientInfo, why: &str) -> AuthError {
         metrics::counter!("authd_second_factor_checks_total", "outcome" => "ticket_refused", "method" => "ticket").increment(1);
-        tracing::info!(claimed_user_id = user_id, why, "second-factor ticket refused");
+        tracing::info!(
+            claimed_user_id = user_id,
+            why,
+            "second-factor ticket refused"
+        );
         let event = AuditEvent::new(AuditKind::MfaFailed, client)
             .detail(format!("VerifySecondFactor: {why}"));
         // The id is the one the ticket names (shape-checked): what was claimed.
@@ -694,7 +704,8 @@ impl AuthCore {
     ) -> Result<(), AuthError> {
         let claims = self.authenticate(bearer).await?;
         factor.check()?;
-        self.step_up(&claims, factor, &client, "DisableTotp").await?;
+        self.step_up(&claims, factor, &client, "DisableTotp")
+            .await?;
         let removed = self
             .users
             .remove_second_factor(&claims.sub)
@@ -779,7 +790,16 @@ mod tests {
     #[test]
     fn tickets_have_one_shape() {
         assert_eq!(ticket_user("mt1.abc-1.ff00"), Some("abc-1"));
-        for bad in ["", "mt1", "mt1.a", "mt1.a.b.c", "mt2.a.b", "mt1..b", "mt1.a b.c", "mt1.a.:"] {
+        for bad in [
+            "",
+            "mt1",
+            "mt1.a",
+            "mt1.a.b.c",
+            "mt2.a.b",
+            "mt1..b",
+            "mt1.a b.c",
+            "mt1.a.:",
+        ] {
             assert_eq!(ticket_user(bad), None, "{bad:?}");
         }
     }

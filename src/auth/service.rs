@@ -14,7 +14,6 @@ use super::token::{Claims, Grant, IssuedToken, MAX_TOKEN_BYTES, TokenKeys, rando
 use super::username::{MAX_USERNAME_CHARS, Username};
 use super::watchers::{WatchPermit, Watchers};
 use super::{AuthError, FieldViolation, InvalidReason, error::Store};
-use second_factor::GivenFactor;
 use crate::clock::Clock;
 use crate::config::{Config, PasswordPolicy, PasswordPolicyMode, RedisFailureMode, TrustedProxies};
 use crate::store::audit::AuditStore;
@@ -25,6 +24,7 @@ use crate::store::sessions::{
 };
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore, truncate};
+use second_factor::GivenFactor;
 
 #[path = "admin.rs"]
 pub mod admin;
@@ -253,10 +253,7 @@ impl AuthCore {
         let totp_box =
             second_factor::secret_box(&config.second_factor.key).map_err(AuthError::Internal)?;
         if totp_box.is_none() {
-            let enrolled = users
-                .count_totp_credentials()
-                .await
-                .map_err(users_error)?;
+            let enrolled = users.count_totp_credentials().await.map_err(users_error)?;
             if enrolled > 0 {
                 return Err(AuthError::Internal(anyhow::anyhow!(
                     "TOTP_ENCRYPTION_KEY is required: {enrolled} users have a second factor sealed under it"
@@ -530,9 +527,7 @@ impl AuthCore {
         // Read only once the password is right: a wrong password costs the same whether
         // or not the user has a second factor.
         if self.second_factor_of(&user.id).await?.is_some() {
-            return self
-                .second_factor_ticket(&user, &client, &name_hash)
-                .await;
+            return self.second_factor_ticket(&user, &client, &name_hash).await;
         }
         let done = self
             .open_session(&user, random_id(), PASSWORD_AMR, &client, &name_hash)

@@ -224,9 +224,7 @@ pub fn normalize_recovery_code(code: &str) -> Option<String> {
         .map(|c| c.to_ascii_lowercase())
         .collect();
     (kept.len() == RECOVERY_CODE_CHARS
-        && kept
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7')))
+        && kept.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7')))
     .then_some(kept)
 }
 
@@ -382,8 +380,17 @@ mod tests {
         let sealed = b.seal("u1", b"secret-bytes").unwrap();
         assert_eq!(b.open("u1", &sealed).unwrap().expose(), b"secret-bytes");
         assert!(b.open("u2", &sealed).is_err());
-        assert!(SecretBox::new(&[8; 32]).unwrap().open("u1", &sealed).is_err());
-        assert_ne!(sealed, b.seal("u1", b"secret-bytes").unwrap(), "random nonce");
+        assert!(
+            SecretBox::new(&[8; 32])
+                .unwrap()
+                .open("u1", &sealed)
+                .is_err()
+        );
+        assert_ne!(
+            sealed,
+            b.seal("u1", b"secret-bytes").unwrap(),
+            "random nonce"
+        );
         assert!(!sealed.contains("secret"));
     }
 
@@ -396,7 +403,10 @@ mod tests {
         for code in &codes {
             assert_eq!(code.len(), 19);
             let n = normalize_recovery_code(code).unwrap();
-            assert_eq!(normalize_recovery_code(&code.to_uppercase()), Some(n.clone()));
+            assert_eq!(
+                normalize_recovery_code(&code.to_uppercase()),
+                Some(n.clone())
+            );
             assert_eq!(recovery_code_hash("u", &n).len(), 64);
             assert_ne!(recovery_code_hash("u", &n), recovery_code_hash("v", &n));
         }
@@ -417,7 +427,7 @@ mod tests {
         let uri = otpauth_uri("authd", "ann lee", b"12345678901234567890", Params::DEFAULT);
         assert_eq!(
             uri,
-            "otpauth://totp/authd:ann%20lee?secret=GEZDGNBVGY3DQOJQGEZDGNBVGY3DQOJQ&issuer=authd&algorithm=SHA1&digits=6&period=30"
+            "otpauth://totp/authd:ann%20lee?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ&issuer=authd&algorithm=SHA1&digits=6&period=30"
         );
     }
 }

@@ -40,7 +40,9 @@ use self::raw::RawEnv;
 pub use self::raw::SETTINGS;
 pub use self::refresh::{DEFAULT_REFRESH_REUSE_GRACE, DEFAULT_SESSION_MAX_LIFETIME, RefreshConfig};
 pub use self::revocations::{MIN_WATCH_CREDENTIAL_BYTES, WatchersConfig};
-pub use self::second_factor::{DEFAULT_TOTP_ISSUER, SecondFactorConfig, TotpKey, parse_key as parse_totp_key};
+pub use self::second_factor::{
+    DEFAULT_TOTP_ISSUER, SecondFactorConfig, TotpKey, parse_key as parse_totp_key,
+};
 pub use self::sessions::DEFAULT_MAX_SESSIONS_PER_USER;
 pub use self::storage::{
     DEFAULT_SQLITE_PATH, DatabaseConfig, RedisConfig, RedisFailureMode, RedisTopology,

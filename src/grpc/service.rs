@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::service::second_factor::{GivenFactor, Requirements};
-use crate::auth::service::{Login, LoggedIn, SessionList, Validation, sessions_error};
+use crate::auth::service::{LoggedIn, Login, SessionList, Validation, sessions_error};
 use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::bearer::bearer_token;
@@ -686,7 +686,10 @@ impl AuthService for AuthGrpc {
             let requirements = requirements(req)?;
             Ok(match self.core.validate(&req.token).await? {
                 Validation::Valid(v) if !self.core.meets(&v.claims, &requirements) => {
-                    log_refusal("ValidateToken", Some(InvalidReason::InsufficientAuthentication));
+                    log_refusal(
+                        "ValidateToken",
+                        Some(InvalidReason::InsufficientAuthentication),
+                    );
                     // RFC 9470: say what the token has, so the caller knows what to ask for.
                     pb::ValidateTokenResponse {
                         valid: false,

@@ -2,11 +2,13 @@
 //! VerifySecondFactor completes it. In Redis beside the user's sessions (the
 //! `{user:<id>}` hash tag: one slot on a cluster), or in this process.
 //!
-//! `<prefix>{user:<id>}:mfa:<sha256 of the ticket>`: hash `sid ip ua n` (the session
-//! the ticket will make, the login's address and agent, attempts so far), expiring with
-//! the ticket. Every attempt is counted before its code is checked, in the same script
-//! that reads the ticket; past the limit the ticket is deleted. Using it deletes it:
-//! exactly one caller sees the delete succeed.
+//! `<prefix>{user:<id>}:mfa:<sha256 of the ticket>`: hash `sid ip ua n exp` (the
+//! session the ticket will make, the login's address and agent, attempts so far, its end
+//! in unix seconds by authd's clock), expiring with the ticket. Every attempt is counted
+//! before its code is checked, in the same script that reads the ticket; past the limit
+//! the ticket answers nothing more (it is not deleted: an attempt still in flight with the
+//! right code completes it). Using it deletes it: exactly one caller sees the delete
+//! succeed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,22 +38,24 @@ pub struct Attempted {
     pub attempts: u32,
 }
 
-/// KEYS: ticket. ARGV: limit. Counts an attempt; nil when the ticket is missing or past
-/// its limit (then deleted).
+/// KEYS: ticket. ARGV: limit, now. Counts an attempt; nil when the ticket is missing,
+/// past its end or past its limit.
 const ATTEMPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-if n > tonumber(ARGV[1]) then
+local exp = redis.call('HGET', KEYS[1], 'exp')
+if not exp then return false end
+if tonumber(exp) <= tonumber(ARGV[2]) then
   redis.call('DEL', KEYS[1])
   return false
 end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+if n > tonumber(ARGV[1]) then return false end
 local f = redis.call('HMGET', KEYS[1], 'sid', 'ip', 'ua')
 return {n, f[1] or '', f[2] or '', f[3] or ''}
 ";
 
-/// KEYS: ticket. ARGV: sid, ip, ua, ttl_ms.
+/// KEYS: ticket. ARGV: sid, ip, ua, ttl_ms, exp.
 const CREATE: &str = r"
-redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'ip', ARGV[2], 'ua', ARGV[3], 'n', 0)
+redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'ip', ARGV[2], 'ua', ARGV[3], 'n', 0, 'exp', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
@@ -118,7 +122,8 @@ impl MfaTickets {
                     .arg(&ticket.session_id)
                     .arg(&ticket.ip)
                     .arg(&ticket.user_agent)
-                    .arg(ttl.saturating_mul(1000).max(1));
+                    .arg(ttl.saturating_mul(1000).max(1))
+                    .arg(now.saturating_add(ttl));
                 conn.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
                     .await
                     .map(|_| ())
@@ -147,7 +152,7 @@ impl MfaTickets {
     }
 
     /// Counts an attempt on the ticket and reads it. `None` when it does not exist
-    /// (never did, expired, used) or is past `limit` attempts (it is then deleted).
+    /// (never did, expired, used) or is past `limit` attempts.
     pub async fn attempt(
         &self,
         user_id: &str,
@@ -163,7 +168,9 @@ impl MfaTickets {
                 ..
             } => {
                 let mut inv = attempt.prepare_invoke();
-                inv.key(Self::key(prefix, user_id, hash)).arg(limit);
+                inv.key(Self::key(prefix, user_id, hash))
+                    .arg(limit)
+                    .arg(now);
                 let found = conn
                     .run(|mut c| async move {
                         inv.invoke_async::<Option<(i64, String, String, String)>>(&mut c)
@@ -189,9 +196,8 @@ impl MfaTickets {
                     map.remove(&key);
                     return Ok(None);
                 }
-                *n += 1;
+                *n = n.saturating_add(1);
                 if *n > limit {
-                    map.remove(&key);
                     return Ok(None);
                 }
                 Ok(Some(Attempted {

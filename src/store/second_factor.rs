@@ -52,7 +52,10 @@ pub struct RecoveryStatus {
 
 impl UserStore {
     /// The user's TOTP credential, confirmed or pending.
-    pub async fn totp_credential(&self, user_id: &str) -> Result<Option<TotpCredential>, StoreError> {
+    pub async fn totp_credential(
+        &self,
+        user_id: &str,
+    ) -> Result<Option<TotpCredential>, StoreError> {
         let select = async {
             on_pool!(self, |pool| sqlx::query_as::<_, TotpCredential>(
                 "SELECT secret_sealed, algorithm, CAST(digits AS SIGNED) AS digits, \
@@ -291,7 +294,10 @@ impl UserStore {
     /// How many recovery codes are left, and the latest use.
     pub async fn recovery_status(&self, user_id: &str) -> Result<RecoveryStatus, StoreError> {
         let select = async {
-            on_pool!(self, |pool| sqlx::query_as::<_, (Option<i64>, Option<String>)>(
+            on_pool!(self, |pool| sqlx::query_as::<
+                _,
+                (Option<i64>, Option<String>),
+            >(
                 "SELECT used_at, used_ip FROM recovery_codes WHERE user_id = ?"
             )
             .bind(user_id)

@@ -68,5 +68,6 @@ mod sessions;
 mod throttle;
 mod timing;
 mod tls;
+mod totp;
 mod validate;
 mod watch;
