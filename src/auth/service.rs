@@ -89,7 +89,7 @@ impl std::fmt::Debug for LoggedIn {
 #[derive(Clone)]
 pub enum Login {
     /// The session is open.
-    Tokens(LoggedIn),
+    Tokens(Box<LoggedIn>),
     /// A second factor is needed first.
     SecondFactorRequired {
         /// The opaque, single-use ticket.
@@ -534,7 +534,7 @@ impl AuthCore {
             .await?;
         self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
             .await;
-        Ok(Login::Tokens(done))
+        Ok(Login::Tokens(Box::new(done)))
     }
 
     /// Opens a session for `user`, whose password (and second factor, by `amr`) was

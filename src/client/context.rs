@@ -43,11 +43,11 @@ impl AuthContext {
         self.token_checked && self.amr.iter().any(|a| a == "otp")
     }
 
-    /// Whether the user logged in at most `max_age` ago (RFC 9470's `max_age`). False
-    /// when the token was not checked.
-    pub fn authenticated_within(&self, max_age: std::time::Duration) -> bool {
+    /// Whether the user logged in at most `max_age` before `now` (RFC 9470's
+    /// `max_age`; pass `SystemTime::now()`). False when the token was not checked.
+    pub fn authenticated_within(&self, max_age: std::time::Duration, now: SystemTime) -> bool {
         self.token_checked
-            && SystemTime::now()
+            && now
                 .duration_since(self.auth_time)
                 .is_ok_and(|age| age <= max_age)
     }

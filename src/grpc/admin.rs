@@ -256,6 +256,21 @@ impl AdminService for AdminGrpc {
         .await
     }
 
+    async fn reset_second_factor(
+        &self,
+        request: Request<pb::ResetSecondFactorRequest>,
+    ) -> Result<Response<pb::ResetSecondFactorResponse>, Status> {
+        rpc(async {
+            let (actor, client) = self.admit("ResetSecondFactor", &request).await?;
+            let removed = self
+                .core
+                .admin_reset_second_factor(&actor, &client, &request.get_ref().user)
+                .await?;
+            Ok(pb::ResetSecondFactorResponse { removed })
+        })
+        .await
+    }
+
     async fn set_roles(
         &self,
         request: Request<pb::SetRolesRequest>,

@@ -98,8 +98,8 @@ impl ExtAuthz {
 }
 
 /// What Envoy's filters after ext_authz (RBAC, say) can match, under the namespace
-/// `envoy.filters.http.ext_authz`: `user_id`, `username`, `session_id`, and `roles` as a
-/// list of strings.
+/// `envoy.filters.http.ext_authz`: `user_id`, `username`, `session_id`, `roles` and `amr`
+/// as lists of strings, and `auth_time` (unix seconds) as a number.
 fn metadata(valid: &crate::auth::service::ValidToken) -> Struct {
     let text = |s: &str| Value {
         kind: Some(Kind::StringValue(s.to_owned())),
@@ -115,6 +115,20 @@ fn metadata(valid: &crate::auth::service::ValidToken) -> Struct {
             ("username".to_owned(), text(&valid.claims.username)),
             ("session_id".to_owned(), text(&valid.claims.sid)),
             ("roles".to_owned(), roles),
+            (
+                "amr".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: valid.claims.amr.iter().map(|a| text(a)).collect(),
+                    })),
+                },
+            ),
+            (
+                "auth_time".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(valid.claims.login_time() as f64)),
+                },
+            ),
         ]
         .into_iter()
         .collect(),

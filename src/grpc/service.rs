@@ -392,7 +392,7 @@ impl AuthService for AuthGrpc {
                 .login(&req.username, &req.password, client)
                 .await?
             {
-                Login::Tokens(done) => done,
+                Login::Tokens(done) => *done,
                 Login::SecondFactorRequired { ticket, expires_at } => {
                     return Ok(pb::LoginResponse {
                         second_factor_required: true,

@@ -20,7 +20,10 @@ on_every_backend!(
     wrong_codes_are_throttled_apart_from_passwords,
     recovery_codes_are_single_use_and_show_in_list_sessions,
     step_up_guards_critical_calls,
-    validate_token_demands_step_up
+    validate_token_demands_step_up,
+    the_client_layer_and_envoy_see_the_second_factor,
+    an_administrator_can_reset_a_lost_second_factor,
+    no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -792,4 +795,126 @@ async fn enrolment_calls_refuse_callers_without_a_good_token() {
         enroll(&app, &login.access_token).await,
         Code::Unauthenticated,
     );
+}
+
+async fn no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail(backend: Backend) {
+    let app = totp_app(backend, &[]).await;
+    let (user_id, _, secret, codes) = enrolled(&app, "lena").await;
+    let first = ticket(&app, "lena").await;
+    let wrong = if code_at(&app, &secret, 0) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    assert_code(verify(&app, &first, wrong, "").await, Code::Unauthenticated);
+    verify(&app, &first, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+    let second = ticket(&app, "lena").await;
+    verify(&app, &second, "", &codes[0]).await.unwrap();
+    verify(&app, &second, "", &codes[1]).await.unwrap_err();
+    let ok = eventually(Duration::from_secs(5), || async {
+        audit_kinds(&app, &user_id)
+            .await
+            .iter()
+            .any(|k| k == "recovery_code_used")
+    })
+    .await;
+    assert!(ok);
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, detail FROM audit_events WHERE user_id = ?")
+            .bind(&user_id)
+            .fetch_all(&app.db().await)
+            .await
+            .unwrap();
+    let rows = format!("{rows:?}");
+    let logs = captured_logs();
+    let mut secrets = vec![
+        secret.clone(),
+        secret.to_lowercase(),
+        first.clone(),
+        first.rsplit('.').next().unwrap().to_owned(),
+        second.rsplit('.').next().unwrap().to_owned(),
+    ];
+    for code in &codes[..2] {
+        secrets.push(code.clone());
+        secrets.push(code.replace('-', ""));
+    }
+    for s in &secrets {
+        assert!(!rows.contains(s.as_str()), "{s:?} in an audit row");
+        assert!(!logs.contains(s.as_str()), "{s:?} in the log");
+    }
+}
+
+async fn the_client_layer_and_envoy_see_the_second_factor(backend: Backend) {
+    use authd::client::{AuthConfig, AuthValidator};
+    let app = totp_app(backend, &[]).await;
+    let (_, password_only, secret, _) = enrolled(&app, "cleo").await;
+    let t = ticket(&app, "cleo").await;
+    let done = verify(&app, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect_lazy();
+    let validator = AuthValidator::new(channel, AuthConfig::default());
+    let ctx = validator.authorize(Some(&done.access_token)).await.unwrap();
+    assert_eq!(ctx.amr, ["pwd", "otp"]);
+    assert!(ctx.has_second_factor());
+    let auth_time = ctx
+        .auth_time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(auth_time as i64, unix(&app.clock));
+    let ctx = validator.authorize(Some(&password_only)).await.unwrap();
+    assert_eq!(ctx.amr, ["pwd"]);
+    assert!(!ctx.has_second_factor());
+    // Envoy: headers (what a client sent under these names is overwritten) and metadata.
+    let r = check(
+        &app,
+        &[
+            ("authorization", &format!("Bearer {password_only}")),
+            ("x-auth-amr", "pwd,otp"),
+        ],
+    )
+    .await;
+    let (headers, _) = allowed(&r);
+    assert_eq!(headers["x-auth-amr"], "pwd");
+    let metadata = format!("{:?}", r.dynamic_metadata);
+    assert!(
+        metadata.contains("amr") && metadata.contains("auth_time"),
+        "{metadata}"
+    );
+}
+
+async fn an_administrator_can_reset_a_lost_second_factor(backend: Backend) {
+    use crate::admin::{admin, admin_client, user_req};
+    let app = totp_app(backend, &[]).await;
+    let (user_id, password_only, _, _) = enrolled(&app, "lost").await;
+    let reset = |token: String| {
+        let mut client = admin_client(&app);
+        let request = user_req(
+            &token,
+            pb::ResetSecondFactorRequest {
+                user: "lost".into(),
+            },
+        );
+        async move { client.reset_second_factor(request).await }
+    };
+    // Only an administrator.
+    assert_code(reset(password_only).await, Code::PermissionDenied);
+    let root = admin(&app, "root").await;
+    assert!(reset(root.clone()).await.unwrap().into_inner().removed);
+    assert!(!reset(root).await.unwrap().into_inner().removed);
+    let plain = app.login("lost", PASSWORD).await.unwrap();
+    assert!(!plain.second_factor_required && !plain.access_token.is_empty());
+    let ok = eventually(Duration::from_secs(5), || async {
+        audit_kinds(&app, &user_id)
+            .await
+            .iter()
+            .any(|k| k == "mfa_disabled")
+    })
+    .await;
+    assert!(ok);
 }
