@@ -156,6 +156,21 @@ async fn audit_kinds(app: &TestApp, user_id: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// Waits until the user's audit rows include every one of `kinds` (the writer is
+/// asynchronous).
+async fn assert_audited(app: &TestApp, user_id: &str, kinds: &[&str]) {
+    let ok = eventually(Duration::from_secs(5), || async {
+        let have = audit_kinds(app, user_id).await;
+        kinds.iter().all(|k| have.iter().any(|h| h == k))
+    })
+    .await;
+    assert!(
+        ok,
+        "{kinds:?} not all in {:?}",
+        audit_kinds(app, user_id).await
+    );
+}
+
 async fn last_step(app: &TestApp, user_id: &str) -> i64 {
     sqlx::query_scalar("SELECT last_step FROM totp_credentials WHERE user_id = ?")
         .bind(user_id)
@@ -289,19 +304,17 @@ async fn enrolment_login_and_verify_with_pyotp(backend: Backend) {
     assert_eq!(headers["x-auth-amr"], "pwd,otp");
     assert_eq!(headers["x-auth-time"], (unix(&app.clock) - 30).to_string());
 
-    let ok = eventually(Duration::from_secs(5), || async {
-        let kinds = audit_kinds(&app, &user.user_id).await;
-        [
+    assert_audited(
+        &app,
+        &user.user_id,
+        &[
             "mfa_enrolled",
             "mfa_confirmed",
             "mfa_succeeded",
             "mfa_failed",
-        ]
-        .iter()
-        .all(|k| kinds.iter().any(|have| have == k))
-    })
+        ],
+    )
     .await;
-    assert!(ok, "{:?}", audit_kinds(&app, &user.user_id).await);
     let page = app.scrape().await;
     assert!(
         metric(
@@ -504,14 +517,7 @@ async fn recovery_codes_are_single_use_and_show_in_list_sessions(backend: Backen
         verify(&app, &t, "123456", &codes[1]).await,
         Code::InvalidArgument,
     );
-    let ok = eventually(Duration::from_secs(5), || async {
-        audit_kinds(&app, &user_id)
-            .await
-            .iter()
-            .any(|k| k == "recovery_code_used")
-    })
-    .await;
-    assert!(ok, "{:?}", audit_kinds(&app, &user_id).await);
+    assert_audited(&app, &user_id, &["recovery_code_used"]).await;
 
     // Regenerating needs a second factor, and replaces the whole set.
     let regenerate = |sf: Option<pb::SecondFactor>| {
@@ -540,14 +546,7 @@ async fn recovery_codes_are_single_use_and_show_in_list_sessions(backend: Backen
     assert_code(verify(&app, &t, "", &codes[2]).await, Code::Unauthenticated);
     verify(&app, &t, "", &fresh[0]).await.unwrap();
     let _ = secret;
-    let ok = eventually(Duration::from_secs(5), || async {
-        audit_kinds(&app, &user_id)
-            .await
-            .iter()
-            .any(|k| k == "recovery_codes_regenerated")
-    })
-    .await;
-    assert!(ok);
+    assert_audited(&app, &user_id, &["recovery_codes_regenerated"]).await;
 }
 
 async fn step_up_guards_critical_calls(backend: Backend) {
@@ -813,14 +812,7 @@ async fn no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail(ba
     let second = ticket(&app, "lena").await;
     verify(&app, &second, "", &codes[0]).await.unwrap();
     verify(&app, &second, "", &codes[1]).await.unwrap_err();
-    let ok = eventually(Duration::from_secs(5), || async {
-        audit_kinds(&app, &user_id)
-            .await
-            .iter()
-            .any(|k| k == "recovery_code_used")
-    })
-    .await;
-    assert!(ok);
+    assert_audited(&app, &user_id, &["recovery_code_used"]).await;
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT kind, detail FROM audit_events WHERE user_id = ?")
             .bind(&user_id)
@@ -909,12 +901,5 @@ async fn an_administrator_can_reset_a_lost_second_factor(backend: Backend) {
     assert!(!reset(root).await.unwrap().into_inner().removed);
     let plain = app.login("lost", PASSWORD).await.unwrap();
     assert!(!plain.second_factor_required && !plain.access_token.is_empty());
-    let ok = eventually(Duration::from_secs(5), || async {
-        audit_kinds(&app, &user_id)
-            .await
-            .iter()
-            .any(|k| k == "mfa_disabled")
-    })
-    .await;
-    assert!(ok);
+    assert_audited(&app, &user_id, &["mfa_disabled"]).await;
 }
