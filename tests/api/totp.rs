@@ -903,3 +903,37 @@ async fn an_administrator_can_reset_a_lost_second_factor(backend: Backend) {
     assert!(!plain.second_factor_required && !plain.access_token.is_empty());
     assert_audited(&app, &user_id, &["mfa_disabled"]).await;
 }
+
+#[tokio::test]
+async fn with_second_factors_stored_mysql_refuses_to_start_without_the_key() {
+    let app = totp_app(Backend::MySqlRedis, &[]).await;
+    enrolled(&app, "kept").await;
+    let vars = test_env(&app.db_url, &redis_base(), &app.key_prefix);
+    let config = authd::config::Config::from_vars(vars).unwrap();
+    let built = authd::Application::build_with_clock(config, app.clock.clone()).await;
+    let error = format!("{:#}", built.err().expect("start-up refused"));
+    assert!(error.contains("TOTP_ENCRYPTION_KEY"), "{error}");
+}
+
+#[tokio::test]
+async fn embedded_mode_keeps_its_key_across_restarts() {
+    let app = totp_app(Backend::Embedded, &[]).await;
+    let (_, _, secret, _) = enrolled(&app, "emma").await;
+    let key_file = std::path::Path::new(&std::env::temp_dir())
+        .join(&app.db_name)
+        .join("users.db.totp-key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(key.trim().len(), 64);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Another process on the same file (a restart) opens the same secrets.
+    let restarted = app.sibling().spawn().await;
+    let t = ticket(&restarted, "emma").await;
+    verify(&restarted, &t, &code_at(&restarted, &secret, 0), "")
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), key);
+}
