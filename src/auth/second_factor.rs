@@ -261,7 +261,6 @@ impl AuthCore {
         &self,
         user: &crate::store::User,
         client: &ClientInfo,
-        name_hash: &str,
     ) -> Result<Login, AuthError> {
         let now = self.clock.unix_seconds();
         let ticket = format!("{TICKET_PREFIX}.{}.{}", user.id, random_id());
@@ -285,14 +284,9 @@ impl AuthCore {
             .await
             .map_err(sessions_error)?;
         metrics::counter!("authd_logins_total", "outcome" => "second_factor_required").increment(1);
+        // No `login_succeeded` yet: the login succeeds (and is audited) only when
+        // VerifySecondFactor opens the session.
         tracing::info!(user_id = %user.id, session_id = %session_id, "password accepted; second factor required");
-        self.audit.record(
-            AuditEvent::new(AuditKind::LoginSucceeded, client)
-                .user(&user.id)
-                .username_hash(name_hash)
-                .session(&session_id)
-                .detail("password accepted; second factor required"),
-        );
         Ok(Login::SecondFactorRequired {
             ticket,
             expires_at: now.saturating_add(TICKET_TTL_SECONDS),

@@ -527,7 +527,7 @@ impl AuthCore {
         // Read only once the password is right: a wrong password costs the same whether
         // or not the user has a second factor.
         if self.second_factor_of(&user.id).await?.is_some() {
-            return self.second_factor_ticket(&user, &client, &name_hash).await;
+            return self.second_factor_ticket(&user, &client).await;
         }
         let done = self
             .open_session(&user, random_id(), PASSWORD_AMR, &client, &name_hash)

@@ -911,7 +911,10 @@ async fn with_second_factors_stored_mysql_refuses_to_start_without_the_key() {
     let vars = test_env(&app.db_url, &redis_base(), &app.key_prefix);
     let config = authd::config::Config::from_vars(vars).unwrap();
     let built = authd::Application::build_with_clock(config, app.clock.clone()).await;
-    let error = format!("{:#}", built.err().expect("start-up refused"));
+    let Err(error) = built else {
+        panic!("authd started without the key that opens its second factors");
+    };
+    let error = format!("{error:#}");
     assert!(error.contains("TOTP_ENCRYPTION_KEY"), "{error}");
 }
 
