@@ -87,6 +87,7 @@ fn session_message(s: crate::store::sessions::SessionRecord) -> pb::Session {
         last_seen: Some(timestamp(s.last_seen)),
         expires_at: Some(timestamp(s.expires_at())),
         session_expires_at: Some(timestamp(s.absolute_end)),
+        amr: s.amr.split_whitespace().map(str::to_owned).collect(),
         session_id: s.session_id,
         ip: s.ip,
         user_agent: s.user_agent,

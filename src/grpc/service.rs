@@ -501,6 +501,7 @@ impl AuthService for AuthGrpc {
                     last_seen: Some(timestamp(s.last_seen)),
                     expires_at: Some(timestamp(s.expires_at())),
                     session_expires_at: Some(timestamp(s.absolute_end)),
+                    amr: s.amr.split_whitespace().map(str::to_owned).collect(),
                     session_id: s.session_id,
                     ip: s.ip,
                     user_agent: s.user_agent,

@@ -501,6 +501,17 @@ async fn recovery_codes_are_single_use_and_show_in_list_sessions(backend: Backen
     let list = app.list_sessions(&done.access_token).await.unwrap();
     assert!(list.second_factor_enabled);
     assert_eq!(list.recovery_codes_remaining, 9);
+    // Each session says how its login was made.
+    let amrs: Vec<(bool, Vec<String>)> = list
+        .sessions
+        .iter()
+        .map(|s| (s.current, s.amr.clone()))
+        .collect();
+    assert!(
+        amrs.contains(&(true, vec!["pwd".to_owned(), "otp".to_owned()])),
+        "{amrs:?}"
+    );
+    assert!(amrs.contains(&(false, vec!["pwd".to_owned()])), "{amrs:?}");
     assert_eq!(
         list.recovery_code_used_at.unwrap().seconds,
         unix(&app.clock)

@@ -35,6 +35,9 @@ pub struct SessionRecord {
     pub ip: String,
     /// Client user agent.
     pub user_agent: String,
+    /// How the user logged in, space-separated (`pwd`, `pwd otp`); empty for a session
+    /// stored before this was kept.
+    pub amr: String,
 }
 
 impl SessionRecord {
