@@ -187,7 +187,9 @@ fn ticket_user(ticket: &str) -> Option<&str> {
     let plain = |s: &str, max: usize| {
         !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
-    (plain(user, 64) && plain(secret, 64)).then_some(user)
+    // A user id is at most 36 characters (the users table's column): a longer one names
+    // no user, and would not fit the audit row's column either.
+    (plain(user, 36) && plain(secret, 64)).then_some(user)
 }
 
 /// The key that seals TOTP secrets, as configured; `None` when there is none (MySQL
@@ -784,6 +786,9 @@ mod tests {
     #[test]
     fn tickets_have_one_shape() {
         assert_eq!(ticket_user("mt1.abc-1.ff00"), Some("abc-1"));
+        let longest = format!("mt1.{}.ff", "a".repeat(36));
+        assert!(ticket_user(&longest).is_some());
+        assert_eq!(ticket_user(&format!("mt1.{}.ff", "a".repeat(37))), None);
         for bad in [
             "",
             "mt1",

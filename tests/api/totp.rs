@@ -426,6 +426,7 @@ async fn tickets_expire_die_after_five_wrong_codes_and_are_single_use(backend: B
     for bad in [
         "nonsense".to_owned(),
         "mt1.x.y".to_owned(),
+        format!("mt1.{}.ff", "a".repeat(60)),
         forged,
         format!("{t}x"),
     ] {
