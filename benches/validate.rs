@@ -215,9 +215,12 @@ async fn run() -> anyhow::Result<()> {
                 let mut c = c.clone();
                 let token = t.clone();
                 async move {
-                    c.validate_token(pb::ValidateTokenRequest { token })
-                        .await
-                        .is_ok_and(|r| r.get_ref().valid)
+                    c.validate_token(pb::ValidateTokenRequest {
+                        token,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok_and(|r| r.get_ref().valid)
                 }
             })
             .await,

@@ -378,7 +378,10 @@ fn validate_call(
         let token = tokens[(i % tokens.len() as u64) as usize].clone();
         Box::pin(async move {
             match client
-                .validate_token(pb::ValidateTokenRequest { token })
+                .validate_token(pb::ValidateTokenRequest {
+                    token,
+                    ..Default::default()
+                })
                 .await
             {
                 Ok(r) => {
@@ -1149,7 +1152,10 @@ async fn failover(
                 let at = started.elapsed();
                 Box::pin(async move {
                     let outcome = match client
-                        .validate_token(pb::ValidateTokenRequest { token })
+                        .validate_token(pb::ValidateTokenRequest {
+                            token,
+                            ..Default::default()
+                        })
                         .await
                     {
                         Ok(r) if r.get_ref().valid && r.get_ref().revocation_checked => Ok(()),

@@ -206,6 +206,41 @@ impl AuthService for Reference {
         unimplemented()
     }
 
+    async fn enroll_totp(
+        &self,
+        _: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn confirm_totp(
+        &self,
+        _: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn verify_second_factor(
+        &self,
+        _: Request<pb::VerifySecondFactorRequest>,
+    ) -> Result<Response<pb::VerifySecondFactorResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn disable_totp(
+        &self,
+        _: Request<pb::DisableTotpRequest>,
+    ) -> Result<Response<pb::DisableTotpResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn regenerate_recovery_codes(
+        &self,
+        _: Request<pb::RegenerateRecoveryCodesRequest>,
+    ) -> Result<Response<pb::RegenerateRecoveryCodesResponse>, Status> {
+        unimplemented()
+    }
+
     async fn validate_token(
         &self,
         request: Request<pb::ValidateTokenRequest>,

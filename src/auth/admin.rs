@@ -669,6 +669,33 @@ impl AuthCore {
         Ok(())
     }
 
+    /// ResetSecondFactor: the user's TOTP credential and recovery codes are removed (an
+    /// operator's way back for a user who lost both). True when one was enabled.
+    pub async fn admin_reset_second_factor(
+        &self,
+        actor: &Actor,
+        client: &ClientInfo,
+        reference: &str,
+    ) -> Result<bool, AuthError> {
+        let user = self.resolve_user(reference).await?;
+        let removed = self
+            .users
+            .remove_second_factor(&user.id)
+            .await
+            .map_err(users_error)?;
+        if removed {
+            metrics::counter!("authd_second_factor_changes_total", "change" => "reset_by_admin")
+                .increment(1);
+            self.audit.record(
+                AuditEvent::new(AuditKind::MfaDisabled, client)
+                    .user(&user.id)
+                    .detail("ResetSecondFactor by an administrator"),
+            );
+        }
+        self.audit_admin(actor, client, Some(&user.id), "ResetSecondFactor");
+        Ok(removed)
+    }
+
     /// SetRoles: the users table first, then the mirror ValidateToken reads, then an
     /// event that makes callers' caches drop the user's answers. Visible in ValidateToken
     /// as soon as this answers, with no new login.
@@ -759,6 +786,8 @@ impl AuthCore {
             current: String::new(),
             total: page.total,
             next_page_token: page.next_after.map(|n| n.to_string()),
+            second_factor_enabled: false,
+            recovery: Default::default(),
         })
     }
 

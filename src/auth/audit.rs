@@ -51,6 +51,20 @@ pub enum AuditKind {
     AdminAction,
     /// An AdminService call refused: not an administrator.
     AdminDenied,
+    /// EnrollTotp started (or restarted) an enrolment.
+    MfaEnrolled,
+    /// ConfirmTotp enabled the second factor.
+    MfaConfirmed,
+    /// DisableTotp removed the second factor.
+    MfaDisabled,
+    /// A second factor was accepted (login or step-up); the detail names the call.
+    MfaSucceeded,
+    /// A second factor was refused, or a ticket could not be used.
+    MfaFailed,
+    /// A recovery code was used (also an `mfa_succeeded`).
+    RecoveryCodeUsed,
+    /// RegenerateRecoveryCodes replaced the recovery codes.
+    RecoveryCodesRegenerated,
 }
 
 impl AuditKind {
@@ -68,6 +82,13 @@ impl AuditKind {
             Self::RefreshReuseDetected => "refresh_reuse_detected",
             Self::AdminAction => "admin_action",
             Self::AdminDenied => "admin_denied",
+            Self::MfaEnrolled => "mfa_enrolled",
+            Self::MfaConfirmed => "mfa_confirmed",
+            Self::MfaDisabled => "mfa_disabled",
+            Self::MfaSucceeded => "mfa_succeeded",
+            Self::MfaFailed => "mfa_failed",
+            Self::RecoveryCodeUsed => "recovery_code_used",
+            Self::RecoveryCodesRegenerated => "recovery_codes_regenerated",
         }
     }
 
@@ -83,6 +104,13 @@ impl AuditKind {
         "session_revoked",
         "admin_action",
         "admin_denied",
+        "mfa_enrolled",
+        "mfa_confirmed",
+        "mfa_disabled",
+        "mfa_succeeded",
+        "mfa_failed",
+        "recovery_code_used",
+        "recovery_codes_regenerated",
     ];
 }
 

@@ -130,6 +130,19 @@ pub enum AuthError {
         #[source]
         source: anyhow::Error,
     },
+    /// A critical call by a user with a second factor came without a code (step-up).
+    #[error("a second factor is required")]
+    SecondFactorRequired,
+    /// The second-factor code given is wrong, or was already used.
+    #[error("wrong second-factor code")]
+    SecondFactorInvalid,
+    /// VerifySecondFactor: the ticket is unknown, used, expired or past its attempts.
+    #[error("invalid or expired second-factor ticket")]
+    MfaTicketInvalid,
+    /// The call cannot be made in the state the caller is in; the text says why and is
+    /// shown to the caller.
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
     /// Anything else; its text is for the log only.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),

@@ -14,6 +14,7 @@ pub mod service;
 pub mod throttle;
 pub mod token;
 pub mod token_config;
+pub mod totp;
 pub mod unfinished;
 pub mod username;
 pub mod watchers;

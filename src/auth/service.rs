@@ -28,9 +28,12 @@ use crate::store::sessions::{
 };
 use crate::store::users::CreateUserError;
 use crate::store::{SessionStore, StoreError, UserStore, truncate};
+use second_factor::GivenFactor;
 
 #[path = "admin.rs"]
 pub mod admin;
+#[path = "second_factor.rs"]
+pub mod second_factor;
 
 /// The longest session id accepted, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 64;
@@ -85,6 +88,34 @@ impl std::fmt::Debug for LoggedIn {
     }
 }
 
+/// What a correct password gets: tokens, or, for a user with a second factor, a ticket
+/// to complete the login with VerifySecondFactor.
+#[derive(Clone)]
+pub enum Login {
+    /// The session is open.
+    Tokens(Box<LoggedIn>),
+    /// A second factor is needed first.
+    SecondFactorRequired {
+        /// The opaque, single-use ticket.
+        ticket: String,
+        /// When it stops working (unix seconds).
+        expires_at: i64,
+    },
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The ticket is never printed.
+        match self {
+            Login::Tokens(done) => f.debug_tuple("Tokens").field(done).finish(),
+            Login::SecondFactorRequired { expires_at, .. } => f
+                .debug_struct("SecondFactorRequired")
+                .field("expires_at", expires_at)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
 /// Rounds of read and compare-and-set a Refresh tries before giving up: each lost
 /// round means another call rotated the same session in between, and the next round
 /// sees its result (and answers the same successor), so a second loss is already rare.
@@ -127,6 +158,10 @@ pub struct SessionList {
     pub total: u32,
     /// The token for the next page; `None` on the last.
     pub next_page_token: Option<String>,
+    /// The user has a confirmed second factor.
+    pub second_factor_enabled: bool,
+    /// The recovery codes: how many are left, and the latest use.
+    pub recovery: crate::store::users::second_factor::RecoveryStatus,
 }
 
 /// ListSessions' page size when the caller names none.
@@ -174,6 +209,12 @@ pub struct AuthCore {
     denied: Arc<DeniedCoalescer>,
     /// User-wide revocations not recorded in the session store yet: refused here.
     unfinished: Arc<UnfinishedRevocations>,
+    /// Second-factor tickets, beside the sessions.
+    tickets: crate::store::mfa::MfaTickets,
+    /// The key that seals TOTP secrets; `None` when none is configured (MySQL).
+    totp_box: Option<super::totp::SecretBox>,
+    /// The issuer authenticator apps show.
+    totp_issuer: String,
 }
 
 impl Drop for AuthCore {
@@ -228,6 +269,17 @@ impl AuthCore {
                 Arc::clone(&clock),
             ));
         }
+        let totp_box =
+            second_factor::secret_box(&config.second_factor.key).map_err(AuthError::Internal)?;
+        if totp_box.is_none() {
+            let enrolled = users.count_totp_credentials().await.map_err(users_error)?;
+            if enrolled > 0 {
+                return Err(AuthError::Internal(anyhow::anyhow!(
+                    "TOTP_ENCRYPTION_KEY is required: {enrolled} users have a second factor sealed under it"
+                )));
+            }
+        }
+        let tickets = sessions.mfa_tickets();
         let audit = Arc::new(AuditLog::start(
             AuditStore::new(users.pool().clone()),
             &config.audit,
@@ -264,6 +316,9 @@ impl AuthCore {
             remembered,
             denied,
             unfinished: Arc::default(),
+            tickets,
+            totp_box,
+            totp_issuer: config.second_factor.issuer.clone(),
         })
     }
 
@@ -401,7 +456,7 @@ impl AuthCore {
         username: &str,
         password: &str,
         client: ClientInfo,
-    ) -> Result<LoggedIn, AuthError> {
+    ) -> Result<Login, AuthError> {
         // Case and padding variants of a name are one account, also to the throttle;
         // the padding does not count towards the size limit.
         if username.trim().chars().count() > MAX_USERNAME_CHARS {
@@ -496,9 +551,31 @@ impl AuthCore {
             }
         };
         self.settle(&who, attempt, Settle::Succeeded).await;
+        // Read only once the password is right: a wrong password costs the same whether
+        // or not the user has a second factor.
+        if self.second_factor_of(&user.id).await?.is_some() {
+            return self.second_factor_ticket(&user, &client).await;
+        }
+        let done = self
+            .open_session(&user, random_id(), PASSWORD_AMR, &client, &name_hash)
+            .await?;
+        self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
+            .await;
+        Ok(Login::Tokens(Box::new(done)))
+    }
 
+    /// Opens a session for `user`, whose password (and second factor, by `amr`) was
+    /// checked: issues its access and refresh tokens, records it, and ends the sessions
+    /// past the limit.
+    pub(crate) async fn open_session(
+        &self,
+        user: &crate::store::User,
+        session_id: String,
+        amr: &str,
+        client: &ClientInfo,
+        name_hash: &str,
+    ) -> Result<LoggedIn, AuthError> {
         let now = self.clock.unix_seconds();
-        let session_id = random_id();
         let absolute_end = now.saturating_add(self.rules.max_lifetime);
         let issued = self.tokens.issue_grant(Grant {
             user_id: &user.id,
@@ -508,7 +585,7 @@ impl AuthCore {
             iat: now,
             not_after: absolute_end,
             auth_time: now,
-            amr: vec![PASSWORD_AMR.to_owned()],
+            amr: amr.split_whitespace().map(str::to_owned).collect(),
         })?;
         let refresh_key = RefreshKey::generate();
         let refresh_token = refresh_key.first(&user.id, &session_id);
@@ -527,7 +604,7 @@ impl AuthCore {
                     ip: &client.ip,
                     user_agent: truncate(&client.user_agent, MAX_USER_AGENT_BYTES),
                     username: &user.username,
-                    amr: PASSWORD_AMR,
+                    amr,
                     refresh_key: &refresh_key.to_hex(),
                     refresh_hash: &token_hash(&refresh_token),
                 },
@@ -539,9 +616,9 @@ impl AuthCore {
             Ok(user) => user,
             Err(e) => {
                 self.audit.record(
-                    AuditEvent::new(AuditKind::LoginFailed, &client)
+                    AuditEvent::new(AuditKind::LoginFailed, client)
                         .user(&user.id)
-                        .username_hash(&name_hash)
+                        .username_hash(name_hash)
                         .session(&session_id)
                         .detail(match &e {
                             AuthError::AccountDisabled => "disabled during login; session ended",
@@ -557,7 +634,7 @@ impl AuthCore {
         }
         for ended in evicted {
             self.audit.record(
-                AuditEvent::new(AuditKind::SessionRevoked, &client)
+                AuditEvent::new(AuditKind::SessionRevoked, client)
                     .user(&user.id)
                     .session(&ended)
                     .detail("MAX_SESSIONS_PER_USER"),
@@ -571,14 +648,12 @@ impl AuthCore {
             )
             .await;
         }
-        self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
-            .await;
         metrics::counter!("authd_logins_total", "outcome" => "success").increment(1);
-        tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, "login");
+        tracing::info!(user_id = %user.id, jti = %issued.claims.jti, session_id = %session_id, amr, "login");
         self.audit.record(
-            AuditEvent::new(AuditKind::LoginSucceeded, &client)
+            AuditEvent::new(AuditKind::LoginSucceeded, client)
                 .user(&user.id)
-                .username_hash(&name_hash)
+                .username_hash(name_hash)
                 .session(&session_id)
                 .jti(&issued.claims.jti),
         );
@@ -1024,6 +1099,7 @@ impl AuthCore {
         bearer: Option<&str>,
         current_password: &str,
         new_password: &str,
+        factor: &GivenFactor,
         client: ClientInfo,
     ) -> Result<u32, AuthError> {
         let claims = self.authenticate(bearer).await?;
@@ -1045,6 +1121,8 @@ impl AuthCore {
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
+        self.step_up(&claims, factor, &client, "ChangePassword")
+            .await?;
         // Wrong current passwords count against the same account as failed logins, and
         // are counted before they are checked, like them.
         let name_hash = self.names.hash(&claims.username);
@@ -1179,11 +1257,14 @@ impl AuthCore {
             .list(&claims.sub, self.clock.unix_seconds(), after, limit)
             .await
             .map_err(sessions_error)?;
+        let (second_factor_enabled, recovery) = self.second_factor_status(&claims.sub).await?;
         Ok(SessionList {
             sessions: page.sessions.into_iter().map(|(_, s)| s).collect(),
             current: claims.sid,
             total: page.total,
             next_page_token: page.next_after.map(|n| n.to_string()),
+            second_factor_enabled,
+            recovery,
         })
     }
 
@@ -1193,6 +1274,7 @@ impl AuthCore {
         &self,
         bearer: Option<&str>,
         session_id: &str,
+        factor: &GivenFactor,
         client: ClientInfo,
     ) -> Result<(), AuthError> {
         if session_id.is_empty() {
@@ -1205,6 +1287,10 @@ impl AuthCore {
             ));
         }
         let claims = self.authenticate(bearer).await?;
+        if session_id != claims.sid {
+            self.step_up(&claims, factor, &client, "RevokeSession")
+                .await?;
+        }
         let now = self.clock.unix_seconds();
         let found = self
             .sessions

@@ -63,6 +63,16 @@ impl Subject {
             address: format!("address:{}", address_key(ip)),
         }
     }
+
+    /// The second factor's counters, apart from the password's: the user (by id) and
+    /// the client address. Wrong codes never lock out password attempts, nor the
+    /// reverse.
+    pub fn second_factor(user_id: &str, ip: &str) -> Self {
+        Self {
+            account: format!("mfa-user:{user_id}"),
+            address: format!("mfa-address:{}", address_key(ip)),
+        }
+    }
 }
 
 /// A client address as it is counted: an IPv6 address as its /64, which one client

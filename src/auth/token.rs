@@ -36,6 +36,9 @@ pub enum InvalidReason {
     Revoked,
     /// Its session has ended.
     SessionNotFound,
+    /// Good, but its authentication does not meet what the caller asked for (a
+    /// second factor, a recent login): RFC 9470.
+    InsufficientAuthentication,
 }
 
 impl InvalidReason {
@@ -49,6 +52,7 @@ impl InvalidReason {
             InvalidReason::WrongIssuerOrAudience => "wrong_issuer_or_audience",
             InvalidReason::Revoked => "revoked",
             InvalidReason::SessionNotFound => "session_not_found",
+            InvalidReason::InsufficientAuthentication => "insufficient_authentication",
         }
     }
 }

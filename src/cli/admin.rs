@@ -155,6 +155,11 @@ pub enum AdminCommand {
         /// Id or username.
         user: String,
     },
+    /// Remove a user's second factor (TOTP) and recovery codes: for a user who lost both.
+    ResetSecondFactor {
+        /// Id or username.
+        user: String,
+    },
     /// Replace a user's roles (none given: remove them all).
     SetRoles {
         /// Id or username.
@@ -468,6 +473,23 @@ impl Caller {
                 Answer {
                     text: format!("unlocked {user}\n"),
                     json: json!({ "unlocked": user }),
+                }
+            }
+            AdminCommand::ResetSecondFactor { user } => {
+                let r = c
+                    .reset_second_factor(
+                        self.request(pb::ResetSecondFactorRequest { user: user.clone() })?,
+                    )
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Answer {
+                    text: if r.removed {
+                        format!("second factor removed for {user}\n")
+                    } else {
+                        format!("{user} had no second factor\n")
+                    },
+                    json: json!({ "user": user, "removed": r.removed }),
                 }
             }
             AdminCommand::SetRoles { user, roles } => {

@@ -392,6 +392,7 @@ impl Inner {
         let cached_at = Instant::now();
         let mut request = tonic::Request::new(pb::ValidateTokenRequest {
             token: token.to_owned(),
+            ..Default::default()
         });
         request.set_timeout(self.config.request_timeout);
         let reply = self
@@ -411,6 +412,10 @@ impl Inner {
                 token_checked: true,
                 revocation_checked: reply.revocation_checked,
                 roles: reply.roles,
+                auth_time: reply
+                    .auth_time
+                    .map_or(UNIX_EPOCH, |t| system_time(t.seconds)),
+                amr: reply.amr,
             })
         } else {
             Answer::Invalid(reply.reason())
@@ -621,6 +626,9 @@ fn unverified_context(token: &str) -> Option<AuthContext> {
         token_checked: false,
         revocation_checked: false,
         roles: Vec::new(),
+        // Never read from an unchecked token: failing open grants no step-up.
+        auth_time: UNIX_EPOCH,
+        amr: Vec::new(),
     })
 }
 

@@ -16,6 +16,7 @@ mod raw;
 mod redis_tls;
 mod refresh;
 mod revocations;
+mod second_factor;
 mod sessions;
 mod storage;
 mod telemetry;
@@ -41,6 +42,9 @@ pub use self::raw::SETTINGS;
 pub use self::redis_tls::RedisTls;
 pub use self::refresh::{DEFAULT_REFRESH_REUSE_GRACE, DEFAULT_SESSION_MAX_LIFETIME, RefreshConfig};
 pub use self::revocations::{MIN_WATCH_CREDENTIAL_BYTES, WatchersConfig};
+pub use self::second_factor::{
+    DEFAULT_TOTP_ISSUER, SecondFactorConfig, TotpKey, parse_key as parse_totp_key,
+};
 pub use self::sessions::DEFAULT_MAX_SESSIONS_PER_USER;
 pub use self::storage::{
     DEFAULT_SQLITE_PATH, DatabaseConfig, RedisConfig, RedisFailureMode, RedisTopology,
@@ -119,6 +123,8 @@ pub struct Config {
     /// SANs of the mTLS client certificates that may call AdminService
     /// (`ADMIN_CLIENT_SANS`); empty: only admins' bearer tokens may.
     pub admin_client_sans: Vec<String>,
+    /// The second factor (TOTP): its sealing key and issuer name.
+    pub second_factor: SecondFactorConfig,
 }
 
 impl Config {
@@ -167,7 +173,7 @@ impl Config {
             connections: listeners::connections(&raw)?,
             otlp: telemetry::otlp(&raw)?,
             log_format: telemetry::log_format(&raw)?,
-            users,
+            users: users.clone(),
             sessions,
             name_hash_key: names::name_hash_key(&raw, embedded)?,
             public_url: listeners::public_url(&raw, &jwt.issuer)?,
@@ -189,6 +195,7 @@ impl Config {
             throttle: throttle::throttle(&raw)?,
             audit: audit::audit(&raw)?,
             admin_client_sans: admin::admin_client_sans(&raw)?,
+            second_factor: second_factor::second_factor(&raw, &users)?,
         })
     }
 }

@@ -7,6 +7,8 @@ use serde::Deserialize;
 pub(super) struct RawEnv {
     pub(super) jwt_secret: Option<String>,
     pub(super) name_hash_key: Option<String>,
+    pub(super) totp_encryption_key: Option<String>,
+    pub(super) totp_issuer: Option<String>,
     pub(super) public_url: Option<String>,
     pub(super) jwt_algorithm: Option<String>,
     pub(super) jwt_private_key_file: Option<String>,
@@ -196,6 +198,8 @@ pub const SETTINGS: &[&str] = &[
     "AUDIT_PURGE_INTERVAL",
     "AUDIT_QUEUE",
     "NAME_HASH_KEY",
+    "TOTP_ENCRYPTION_KEY",
+    "TOTP_ISSUER",
     "PUBLIC_URL",
     "ADMIN_CLIENT_SANS",
 ];

@@ -87,6 +87,7 @@ fn session_message(s: crate::store::sessions::SessionRecord) -> pb::Session {
         last_seen: Some(timestamp(s.last_seen)),
         expires_at: Some(timestamp(s.expires_at())),
         session_expires_at: Some(timestamp(s.absolute_end)),
+        amr: s.amr.split_whitespace().map(str::to_owned).collect(),
         session_id: s.session_id,
         ip: s.ip,
         user_agent: s.user_agent,
@@ -252,6 +253,21 @@ impl AdminService for AdminGrpc {
                 .admin_unlock_user(&actor, &client, &request.get_ref().user)
                 .await?;
             Ok(pb::UnlockUserResponse {})
+        })
+        .await
+    }
+
+    async fn reset_second_factor(
+        &self,
+        request: Request<pb::ResetSecondFactorRequest>,
+    ) -> Result<Response<pb::ResetSecondFactorResponse>, Status> {
+        rpc(async {
+            let (actor, client) = self.admit("ResetSecondFactor", &request).await?;
+            let removed = self
+                .core
+                .admin_reset_second_factor(&actor, &client, &request.get_ref().user)
+                .await?;
+            Ok(pb::ResetSecondFactorResponse { removed })
         })
         .await
     }

@@ -28,6 +28,10 @@ pub const SESSION_ID_HEADER: &str = "x-auth-session-id";
 pub const DEGRADED_HEADER: &str = "x-auth-degraded";
 /// The user's roles, comma-separated (empty for none).
 pub const ROLES_HEADER: &str = "x-auth-roles";
+/// The token's `amr`, comma-separated (`pwd`, or `pwd,otp` after a second factor).
+pub const AMR_HEADER: &str = "x-auth-amr";
+/// When the user logged in (the token's `auth_time`), unix seconds.
+pub const AUTH_TIME_HEADER: &str = "x-auth-time";
 
 /// The Check service.
 #[derive(Debug, Clone)]
@@ -70,7 +74,14 @@ impl ExtAuthz {
         ok.add_header(USER_ID_HEADER, &valid.claims.sub, overwrite, false)
             .add_header(USERNAME_HEADER, &valid.claims.username, overwrite, false)
             .add_header(SESSION_ID_HEADER, &valid.claims.sid, overwrite, false)
-            .add_header(ROLES_HEADER, valid.roles.join(","), overwrite, false);
+            .add_header(ROLES_HEADER, valid.roles.join(","), overwrite, false)
+            .add_header(AMR_HEADER, valid.claims.amr.join(","), overwrite, false)
+            .add_header(
+                AUTH_TIME_HEADER,
+                valid.claims.login_time().to_string(),
+                overwrite,
+                false,
+            );
         if valid.revocation_checked {
             ok.remove_header(DEGRADED_HEADER);
         } else {
@@ -87,8 +98,8 @@ impl ExtAuthz {
 }
 
 /// What Envoy's filters after ext_authz (RBAC, say) can match, under the namespace
-/// `envoy.filters.http.ext_authz`: `user_id`, `username`, `session_id`, and `roles` as a
-/// list of strings.
+/// `envoy.filters.http.ext_authz`: `user_id`, `username`, `session_id`, `roles` and `amr`
+/// as lists of strings, and `auth_time` (unix seconds) as a number.
 fn metadata(valid: &crate::auth::service::ValidToken) -> Struct {
     let text = |s: &str| Value {
         kind: Some(Kind::StringValue(s.to_owned())),
@@ -104,6 +115,20 @@ fn metadata(valid: &crate::auth::service::ValidToken) -> Struct {
             ("username".to_owned(), text(&valid.claims.username)),
             ("session_id".to_owned(), text(&valid.claims.sid)),
             ("roles".to_owned(), roles),
+            (
+                "amr".to_owned(),
+                Value {
+                    kind: Some(Kind::ListValue(ListValue {
+                        values: valid.claims.amr.iter().map(|a| text(a)).collect(),
+                    })),
+                },
+            ),
+            (
+                "auth_time".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(valid.claims.login_time() as f64)),
+                },
+            ),
         ]
         .into_iter()
         .collect(),

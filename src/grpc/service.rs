@@ -14,7 +14,8 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::service::{LoggedIn, SessionList, Validation, sessions_error};
+use crate::auth::service::second_factor::{GivenFactor, Requirements};
+use crate::auth::service::{LoggedIn, Login, SessionList, Validation, sessions_error};
 use crate::auth::watchers::WatchPermit;
 use crate::auth::{AuthCore, AuthError, ClientInfo, InvalidReason};
 use crate::bearer::bearer_token;
@@ -306,6 +307,49 @@ fn reason(r: InvalidReason) -> pb::InvalidReason {
         InvalidReason::WrongIssuerOrAudience => pb::InvalidReason::WrongIssuerOrAudience,
         InvalidReason::Revoked => pb::InvalidReason::Revoked,
         InvalidReason::SessionNotFound => pb::InvalidReason::SessionNotFound,
+        InvalidReason::InsufficientAuthentication => pb::InvalidReason::InsufficientAuthentication,
+    }
+}
+
+/// The second factor a request carries (none when the field is unset).
+fn factor(f: Option<&pb::SecondFactor>) -> GivenFactor {
+    f.map(|f| GivenFactor {
+        totp_code: f.totp_code.clone(),
+        recovery_code: f.recovery_code.clone(),
+    })
+    .unwrap_or_default()
+}
+
+/// What a ValidateToken caller demands of the token's authentication.
+fn requirements(req: &pb::ValidateTokenRequest) -> Result<Requirements, AuthError> {
+    let max_auth_age = match req.max_auth_age {
+        None => None,
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            return Err(AuthError::invalid("max_auth_age", "must not be negative"));
+        }
+        // Whole seconds, as auth_time has them.
+        Some(d) => Some(d.seconds),
+    };
+    Ok(Requirements {
+        max_auth_age,
+        require_second_factor: req.require_second_factor,
+    })
+}
+
+/// VerifySecondFactor's answer: Login's.
+fn verified_answer(done: LoggedIn) -> pb::VerifySecondFactorResponse {
+    let password_change_required = done.password_change_required;
+    let r = token_answer(done);
+    pb::VerifySecondFactorResponse {
+        access_token: r.access_token,
+        token_type: r.token_type,
+        expires_at: r.expires_at,
+        expires_in: r.expires_in,
+        session_id: r.session_id,
+        refresh_token: r.refresh_token,
+        refresh_expires_at: r.refresh_expires_at,
+        session_expires_at: r.session_expires_at,
+        password_change_required,
     }
 }
 
@@ -343,10 +387,21 @@ impl AuthService for AuthGrpc {
                 &req.client_ip,
                 &req.user_agent,
             )?;
-            let done = self
+            let done = match self
                 .core
                 .login(&req.username, &req.password, client)
-                .await?;
+                .await?
+            {
+                Login::Tokens(done) => *done,
+                Login::SecondFactorRequired { ticket, expires_at } => {
+                    return Ok(pb::LoginResponse {
+                        second_factor_required: true,
+                        mfa_ticket: ticket,
+                        mfa_ticket_expires_at: Some(timestamp(expires_at)),
+                        ..Default::default()
+                    });
+                }
+            };
             record_user_id(&done.claims.sub);
             let password_change_required = done.password_change_required;
             let r = token_answer(done);
@@ -360,6 +415,7 @@ impl AuthService for AuthGrpc {
                 refresh_expires_at: r.refresh_expires_at,
                 session_expires_at: r.session_expires_at,
                 password_change_required,
+                ..Default::default()
             })
         })
         .await
@@ -409,6 +465,7 @@ impl AuthService for AuthGrpc {
                     bearer(&request).as_deref(),
                     &req.current_password,
                     &req.new_password,
+                    &factor(req.second_factor.as_ref()),
                     self.caller(&request)?,
                 )
                 .await?;
@@ -430,6 +487,8 @@ impl AuthService for AuthGrpc {
                 current,
                 total,
                 next_page_token,
+                second_factor_enabled,
+                recovery,
             } = self
                 .core
                 .list_sessions(bearer(&request).as_deref(), req.page_size, &req.page_token)
@@ -442,15 +501,24 @@ impl AuthService for AuthGrpc {
                     last_seen: Some(timestamp(s.last_seen)),
                     expires_at: Some(timestamp(s.expires_at())),
                     session_expires_at: Some(timestamp(s.absolute_end)),
+                    amr: s.amr.split_whitespace().map(str::to_owned).collect(),
                     session_id: s.session_id,
                     ip: s.ip,
                     user_agent: s.user_agent,
                 })
                 .collect();
+            let (recovery_code_used_at, recovery_code_used_ip) = match recovery.last_used {
+                Some((at, ip)) => (Some(timestamp(at)), ip),
+                None => (None, String::new()),
+            };
             Ok(pb::ListSessionsResponse {
                 active_count: total,
                 sessions,
                 next_page_token: next_page_token.unwrap_or_default(),
+                second_factor_enabled,
+                recovery_code_used_at,
+                recovery_code_used_ip,
+                recovery_codes_remaining: recovery.remaining,
             })
         })
         .await
@@ -465,10 +533,111 @@ impl AuthService for AuthGrpc {
                 .revoke_session(
                     bearer(&request).as_deref(),
                     &request.get_ref().session_id,
+                    &factor(request.get_ref().second_factor.as_ref()),
                     self.caller(&request)?,
                 )
                 .await?;
             Ok(pb::RevokeSessionResponse {})
+        })
+        .await
+    }
+
+    async fn enroll_totp(
+        &self,
+        request: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        rpc(async {
+            let e = self
+                .core
+                .enroll_totp(bearer(&request).as_deref(), self.caller(&request)?)
+                .await?;
+            Ok(pb::EnrollTotpResponse {
+                secret: e.secret_base32,
+                otpauth_uri: e.uri,
+                qr_png: e.qr_png,
+                algorithm: crate::auth::totp::ALGORITHM.to_owned(),
+                digits: e.params.digits,
+                period_seconds: u32::try_from(e.params.period).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn confirm_totp(
+        &self,
+        request: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        rpc(async {
+            let recovery_codes = self
+                .core
+                .confirm_totp(
+                    bearer(&request).as_deref(),
+                    &request.get_ref().code,
+                    self.caller(&request)?,
+                )
+                .await?;
+            Ok(pb::ConfirmTotpResponse { recovery_codes })
+        })
+        .await
+    }
+
+    async fn verify_second_factor(
+        &self,
+        request: Request<pb::VerifySecondFactorRequest>,
+    ) -> Result<Response<pb::VerifySecondFactorResponse>, Status> {
+        rpc(async {
+            let req = request.get_ref();
+            let client = client_info(
+                &request,
+                self.core.trusted_proxies(),
+                &req.client_ip,
+                &req.user_agent,
+            )?;
+            let given = GivenFactor {
+                totp_code: req.totp_code.clone(),
+                recovery_code: req.recovery_code.clone(),
+            };
+            let done = self
+                .core
+                .verify_second_factor(&req.mfa_ticket, &given, client)
+                .await?;
+            record_user_id(&done.claims.sub);
+            Ok(verified_answer(done))
+        })
+        .await
+    }
+
+    async fn disable_totp(
+        &self,
+        request: Request<pb::DisableTotpRequest>,
+    ) -> Result<Response<pb::DisableTotpResponse>, Status> {
+        rpc(async {
+            self.core
+                .disable_totp(
+                    bearer(&request).as_deref(),
+                    &factor(request.get_ref().second_factor.as_ref()),
+                    self.caller(&request)?,
+                )
+                .await?;
+            Ok(pb::DisableTotpResponse {})
+        })
+        .await
+    }
+
+    async fn regenerate_recovery_codes(
+        &self,
+        request: Request<pb::RegenerateRecoveryCodesRequest>,
+    ) -> Result<Response<pb::RegenerateRecoveryCodesResponse>, Status> {
+        rpc(async {
+            let recovery_codes = self
+                .core
+                .regenerate_recovery_codes(
+                    bearer(&request).as_deref(),
+                    &factor(request.get_ref().second_factor.as_ref()),
+                    self.caller(&request)?,
+                )
+                .await?;
+            Ok(pb::RegenerateRecoveryCodesResponse { recovery_codes })
         })
         .await
     }
@@ -514,7 +683,25 @@ impl AuthService for AuthGrpc {
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
         hot_rpc(auth_service_server::SERVICE_NAME, "ValidateToken", async {
-            Ok(match self.core.validate(&request.get_ref().token).await? {
+            let req = request.get_ref();
+            let requirements = requirements(req)?;
+            Ok(match self.core.validate(&req.token).await? {
+                Validation::Valid(v) if !self.core.meets(&v.claims, &requirements) => {
+                    log_refusal(
+                        "ValidateToken",
+                        Some(InvalidReason::InsufficientAuthentication),
+                    );
+                    // RFC 9470: say what the token has, so the caller knows what to ask for.
+                    pb::ValidateTokenResponse {
+                        valid: false,
+                        reason: pb::InvalidReason::InsufficientAuthentication.into(),
+                        user_id: v.claims.sub.clone(),
+                        session_id: v.claims.sid.clone(),
+                        auth_time: Some(timestamp(v.claims.login_time())),
+                        amr: v.claims.amr,
+                        ..Default::default()
+                    }
+                }
                 Validation::Valid(v) => {
                     record_user_id(&v.claims.sub);
                     let auth_time = v.claims.login_time();

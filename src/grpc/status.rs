@@ -19,6 +19,30 @@ pub const REFRESH_TOKEN_REUSED: &str = "REFRESH_TOKEN_REUSED";
 /// of an ended session).
 pub const REFRESH_TOKEN_INVALID: &str = "REFRESH_TOKEN_INVALID";
 
+/// ErrorInfo reason: a critical call needs a second factor the request did not carry.
+/// Its metadata `factor` names the factor (`otp`).
+pub const SECOND_FACTOR_REQUIRED: &str = "SECOND_FACTOR_REQUIRED";
+/// ErrorInfo reason: the second-factor code is wrong, or was already used.
+pub const SECOND_FACTOR_INVALID: &str = "SECOND_FACTOR_INVALID";
+/// ErrorInfo reason: the second-factor ticket is unknown, used, expired or past its
+/// attempts: log in again.
+pub const MFA_TICKET_INVALID: &str = "MFA_TICKET_INVALID";
+
+/// A status with an authd ErrorInfo of `reason` and the metadata `factor=otp`.
+fn second_factor_status(code: Code, message: &str, reason: &str) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            reason,
+            ERROR_DOMAIN,
+            [("factor".to_owned(), "otp".to_owned())]
+                .into_iter()
+                .collect::<std::collections::HashMap<String, String>>(),
+        ),
+    )
+}
+
 /// Advice to callers shed by a concurrency limit.
 const SHED_RETRY_AFTER: Duration = Duration::from_millis(500);
 
@@ -170,6 +194,22 @@ impl From<AuthError> for Status {
                 tracing::warn!(error = format!("{source:#}"), "{store} unavailable");
                 Status::unavailable(format!("{store} unavailable; retry later"))
             }
+            AuthError::SecondFactorRequired => second_factor_status(
+                Code::Unauthenticated,
+                "a second factor is required: send second_factor with a current code",
+                SECOND_FACTOR_REQUIRED,
+            ),
+            AuthError::SecondFactorInvalid => second_factor_status(
+                Code::Unauthenticated,
+                "wrong or already used second-factor code",
+                SECOND_FACTOR_INVALID,
+            ),
+            AuthError::MfaTicketInvalid => second_factor_status(
+                Code::Unauthenticated,
+                "invalid or expired second-factor ticket; log in again",
+                MFA_TICKET_INVALID,
+            ),
+            AuthError::FailedPrecondition(why) => Status::failed_precondition(why),
             AuthError::Internal(source) => {
                 tracing::error!(error = format!("{source:#}"), "internal error");
                 Status::internal(INTERNAL_MESSAGE)

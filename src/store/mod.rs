@@ -13,6 +13,7 @@ macro_rules! on_pool {
 }
 
 pub mod audit;
+pub mod mfa;
 pub mod redis_conn;
 pub mod sessions;
 pub mod throttle;

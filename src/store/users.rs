@@ -12,6 +12,9 @@ use sqlx::{ConnectOptions, Executor};
 use super::{PoolStats, StoreError};
 use crate::config::{DatabaseConfig, UsersBackend};
 
+#[path = "second_factor.rs"]
+pub mod second_factor;
+
 /// A stored user.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct User {

@@ -1269,7 +1269,10 @@ async fn with_redis_down_a_disable_fails_safe_and_open_mode_refuses_the_disabled
         let mut users = users.clone();
         async move {
             users
-                .validate_token(pb::ValidateTokenRequest { token })
+                .validate_token(pb::ValidateTokenRequest {
+                    token,
+                    ..Default::default()
+                })
                 .await
                 .unwrap()
                 .into_inner()

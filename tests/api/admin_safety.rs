@@ -375,7 +375,10 @@ async fn a_revocation_the_session_store_missed_is_refused_here_and_finished_in_t
         let token = token.to_owned();
         async move {
             client
-                .validate_token(pb::ValidateTokenRequest { token })
+                .validate_token(pb::ValidateTokenRequest {
+                    token,
+                    ..Default::default()
+                })
                 .await
                 .map(|r| r.into_inner().valid)
         }

@@ -101,6 +101,7 @@ async fn sigterm_finishes_in_flight_calls_exits_0_and_the_log_holds_no_secret() 
     let _ = client
         .validate_token(pb::ValidateTokenRequest {
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -222,6 +223,7 @@ async fn with_an_empty_environment_in_an_empty_directory_it_serves_from_embedded
     let v = client
         .validate_token(pb::ValidateTokenRequest {
             token: login.access_token,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -332,6 +334,7 @@ async fn at_info_a_hot_call_logs_its_errors_and_forged_tokens_named_and_nothing_
         .unwrap();
     let validate = |token: &str| pb::ValidateTokenRequest {
         token: token.to_owned(),
+        ..Default::default()
     };
     let mut c = client.clone();
     assert!(

@@ -128,6 +128,7 @@ impl Traffic {
                     .clone()
                     .validate_token(authd::proto::auth::v1::ValidateTokenRequest {
                         token: token.clone(),
+                        ..Default::default()
                     })
                     .await
                 {

@@ -97,6 +97,7 @@ async fn fresh_validate(addr: SocketAddr, token: &str) -> Result<bool, tonic::St
     AuthServiceClient::new(fresh_channel(addr).await?)
         .validate_token(pb::ValidateTokenRequest {
             token: token.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().valid)
@@ -278,6 +279,7 @@ async fn ten_thousand_silent_sockets_are_closed_and_the_service_answers_meanwhil
         let v = client
             .validate_token(pb::ValidateTokenRequest {
                 token: token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -496,6 +498,7 @@ async fn under_a_low_descriptor_limit_silent_sockets_starve_neither_calls_nor_he
         ANSWER_WITHIN,
         client.validate_token(pb::ValidateTokenRequest {
             token: token.clone(),
+            ..Default::default()
         }),
     )
     .await

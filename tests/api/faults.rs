@@ -44,6 +44,7 @@ async fn validate_on(
         .clone()
         .validate_token(pb::ValidateTokenRequest {
             token: token.into(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
@@ -415,6 +416,7 @@ async fn validate_within(
 ) -> Result<pb::ValidateTokenResponse, Status> {
     let mut request = tonic::Request::new(pb::ValidateTokenRequest {
         token: token.into(),
+        ..Default::default()
     });
     request.set_timeout(deadline);
     app.client

@@ -305,7 +305,10 @@ async fn flood(channels: &[Channel], token: &str, n: usize) -> (usize, usize) {
         let token = token.to_owned();
         tokio::spawn(async move {
             client
-                .validate_token(pb::ValidateTokenRequest { token })
+                .validate_token(pb::ValidateTokenRequest {
+                    token,
+                    ..Default::default()
+                })
                 .await
         })
     });
@@ -368,7 +371,10 @@ async fn ten_thousand_concurrent_validations_get_clear_answers_in_bounded_memory
     );
     // Still serving normally.
     let v = client
-        .validate_token(pb::ValidateTokenRequest { token })
+        .validate_token(pb::ValidateTokenRequest {
+            token,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -72,6 +72,7 @@ async fn reason(client: &AuthServiceClient<Channel>, token: &str) -> InvalidReas
         .clone()
         .validate_token(pb::ValidateTokenRequest {
             token: token.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -118,6 +119,7 @@ async fn logout_or_password_change_honoured_at_once(backend: Backend) {
             pb::ChangePasswordRequest {
                 current_password: PASSWORD.into(),
                 new_password: "Brand-New-Pass-7".into(),
+                ..Default::default()
             },
         ))
         .await

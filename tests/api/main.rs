@@ -70,5 +70,6 @@ mod sessions;
 mod throttle;
 mod timing;
 mod tls;
+mod totp;
 mod validate;
 mod watch;

@@ -46,6 +46,7 @@ async fn shed_on(channel: &Channel, within: Duration) -> Option<Status> {
             authd::proto::auth::v1::auth_service_client::AuthServiceClient::new(channel.clone())
                 .validate_token(pb::ValidateTokenRequest {
                     token: "not-a-token".into(),
+                    ..Default::default()
                 })
                 .await;
         match answer {
@@ -170,6 +171,7 @@ async fn oversize_metadata_is_refused_and_the_server_keeps_serving() {
         .await;
     let mut request = tonic::Request::new(pb::ValidateTokenRequest {
         token: "not-a-token".into(),
+        ..Default::default()
     });
     request
         .metadata_mut()

@@ -68,6 +68,7 @@ async fn spans_reach_the_collector_in_the_callers_trace() {
         .unwrap();
     let mut request = tonic::Request::new(pb::ValidateTokenRequest {
         token: "not-a-token".into(),
+        ..Default::default()
     });
     request.metadata_mut().insert(
         "traceparent",

@@ -1,7 +1,8 @@
 //! Login's response time must not tell an unknown user from a wrong or empty password
 //! (each pays one bcrypt verify, padded to the costliest stored hash), whatever the cost
 //! of the user's hash (an imported one may cost more or less than `BCRYPT_COST`), nor a
-//! throttled account that exists from one that does not (neither pays any). Measured over a few hundred interleaved calls per class
+//! throttled account that exists from one that does not (neither pays any), nor a user
+//! with a second factor from one without (a wrong password never reads the factor). Measured over a few hundred interleaved calls per class
 //! and compared with robust statistics and generous bounds (P(slower) within 0.25–0.75,
 //! medians within 50%), so a busy machine does not make it flaky, while a missing or
 //! extra bcrypt (a 10× difference in time, P near 0 or 1) would still show.
@@ -35,9 +36,10 @@ enum Class {
     OverlongPassword,
     ThrottledKnown,
     ThrottledUnknown,
+    WrongPasswordSecondFactor,
 }
 
-const CLASSES: [Class; 8] = [
+const CLASSES: [Class; 9] = [
     Class::UnknownUser,
     Class::WrongPassword,
     Class::EmptyPassword,
@@ -46,6 +48,7 @@ const CLASSES: [Class; 8] = [
     Class::OverlongPassword,
     Class::ThrottledKnown,
     Class::ThrottledUnknown,
+    Class::WrongPasswordSecondFactor,
 ];
 
 impl Class {
@@ -55,7 +58,8 @@ impl Class {
             | Class::WrongPassword
             | Class::EmptyPassword
             | Class::WrongPasswordCheapHash
-            | Class::WrongPasswordCostlyHash => Code::Unauthenticated,
+            | Class::WrongPasswordCostlyHash
+            | Class::WrongPasswordSecondFactor => Code::Unauthenticated,
             Class::OverlongPassword => Code::InvalidArgument,
             Class::ThrottledKnown | Class::ThrottledUnknown => Code::ResourceExhausted,
         }
@@ -75,6 +79,9 @@ impl Class {
                 "Wrong-Horse-9".into(),
             ),
             Class::OverlongPassword => (account, "x".repeat(73)),
+            Class::WrongPasswordSecondFactor => {
+                (format!("mfa{}", round % ACCOUNTS), "Wrong-Horse-9".into())
+            }
             Class::ThrottledKnown => ("lockedknown".into(), PASSWORD.into()),
             Class::ThrottledUnknown => ("lockedghost".into(), PASSWORD.into()),
         }
@@ -153,6 +160,21 @@ async fn measure(backend: Backend) {
     for i in 0..ACCOUNTS {
         app.register(&format!("timer{i}"), PASSWORD).await.unwrap();
     }
+    // Users with a confirmed second factor (rows as ConfirmTotp leaves them; a wrong
+    // password never opens the secret).
+    let db = app.db().await;
+    for i in 0..ACCOUNTS {
+        let user = app.register(&format!("mfa{i}"), PASSWORD).await.unwrap();
+        sqlx::query(
+            "INSERT INTO totp_credentials (user_id, secret_sealed, algorithm, digits, \
+             period_seconds, skew_steps, last_step, created_at, confirmed_at) \
+             VALUES (?, 'v1:AAAA', 'SHA1', 6, 30, 1, 0, 0, 1)",
+        )
+        .bind(&user.user_id)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
     import_users(&app, "cheap", CHEAP_COST).await;
     import_users(&app, "costly", COSTLY_COST).await;
     app.register("lockedknown", PASSWORD).await.unwrap();
@@ -185,7 +207,7 @@ async fn measure(backend: Backend) {
     for (class, m) in CLASSES.iter().zip(&medians) {
         eprintln!("  {class:?}: {m:?}");
     }
-    let bcrypt_classes = [0, 1, 2, 3, 4];
+    let bcrypt_classes = [0, 1, 2, 3, 4, 8];
     let no_work_classes = [5, 6, 7];
     let compare = |a: usize, b: usize| {
         let p = superiority(&times[a], &times[b]);

@@ -148,6 +148,7 @@ impl MemorySessions {
                         absolute_end: s.absolute_end,
                         ip: s.ip.to_owned(),
                         user_agent: s.user_agent.to_owned(),
+                        amr: s.amr.to_owned(),
                     },
                     previous_jti: None,
                     refresh: RefreshState {

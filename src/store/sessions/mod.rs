@@ -35,6 +35,9 @@ pub struct SessionRecord {
     pub ip: String,
     /// Client user agent.
     pub user_agent: String,
+    /// How the user logged in, space-separated (`pwd`, `pwd otp`); empty for a session
+    /// stored before this was kept.
+    pub amr: String,
 }
 
 impl SessionRecord {
@@ -295,6 +298,15 @@ impl SessionStore {
                 ThrottleStore::Redis(RedisThrottle::new(r.conn().clone(), r.prefix()))
             }
             Self::Memory(_) => ThrottleStore::Memory(MemoryThrottle::new()),
+        }
+    }
+
+    /// A store for second-factor tickets beside the sessions: the same Redis, or this
+    /// process.
+    pub fn mfa_tickets(&self) -> crate::store::mfa::MfaTickets {
+        match self {
+            Self::Redis(r) => crate::store::mfa::MfaTickets::redis(r.conn().clone(), r.prefix()),
+            Self::Memory(_) => crate::store::mfa::MfaTickets::memory(),
         }
     }
 

@@ -199,7 +199,7 @@ return revoke(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
 
 /// KEYS: set. ARGV: tag, now, leeway, after, limit. Forgets ended sessions, then
 /// returns how many are live and the first `limit` + 1 after login number `after`, each
-/// as {sid, order, jti, login, seen, idle, exp, ip, ua, end}.
+/// as {sid, order, jti, login, seen, idle, exp, ip, ua, end, amr}.
 const LIST_BODY: &str = r"
 local tag, now, leeway = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 prune(tag, KEYS[1], now, leeway, false)
@@ -208,9 +208,9 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[4], '+inf', 'WITHSC
 local page = {}
 for i = 1, #ids, 2 do
   local f = redis.call('HMGET', tag .. ':session:' .. ids[i],
-    'jti', 'login', 'seen', 'idle', 'exp', 'ip', 'ua', 'end')
+    'jti', 'login', 'seen', 'idle', 'exp', 'ip', 'ua', 'end', 'amr')
   table.insert(page, {ids[i], ids[i + 1], f[1] or '', f[2] or '0', f[3] or '0',
-    f[4] or '0', f[5] or '0', f[6] or '', f[7] or '', f[8] or f[5] or '0'})
+    f[4] or '0', f[5] or '0', f[6] or '', f[7] or '', f[8] or f[5] or '0', f[9] or ''})
 end
 return {redis.call('ZCARD', KEYS[1]), page}
 ";
@@ -609,7 +609,19 @@ impl RedisSessions {
             .arg(self.leeway)
             .arg(after)
             .arg(limit);
-        type Row = (String, u64, String, i64, i64, i64, i64, String, String, i64);
+        type Row = (
+            String,
+            u64,
+            String,
+            i64,
+            i64,
+            i64,
+            i64,
+            String,
+            String,
+            i64,
+            String,
+        );
         let (total, rows): (u32, Vec<Row>) = self
             .conn
             .run(|mut c| async move { inv.invoke_async(&mut c).await })
@@ -617,7 +629,7 @@ impl RedisSessions {
         let sessions = rows
             .into_iter()
             .map(
-                |(session_id, order, jti, login, seen, idle, exp, ip, user_agent, end)| {
+                |(session_id, order, jti, login, seen, idle, exp, ip, user_agent, end, amr)| {
                     (
                         order,
                         SessionRecord {
@@ -630,6 +642,7 @@ impl RedisSessions {
                             absolute_end: end,
                             ip,
                             user_agent,
+                            amr,
                         },
                     )
                 },

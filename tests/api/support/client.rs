@@ -76,6 +76,7 @@ impl TestApp {
             .clone()
             .validate_token(pb::ValidateTokenRequest {
                 token: token.into(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -124,6 +125,7 @@ impl TestApp {
                 token,
                 pb::RevokeSessionRequest {
                     session_id: session_id.into(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -143,6 +145,7 @@ impl TestApp {
                 pb::ChangePasswordRequest {
                     current_password: current.into(),
                     new_password: new.into(),
+                    ..Default::default()
                 },
             ))
             .await
