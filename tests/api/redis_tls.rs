@@ -46,6 +46,10 @@ async fn app_over(url: &str, f: &Files) -> TestApp {
             ("REDIS_TLS_CERT_FILE", &f.client_cert),
             ("REDIS_TLS_KEY_FILE", &f.client_key),
             ("REDIS_FAILURE_MODE", "closed"),
+            // A TLS handshake (and a cluster's slot discovery) on a loaded test machine
+            // can take longer than the 250 ms default; these tests are about TLS.
+            ("REDIS_CONNECT_TIMEOUT", "3s"),
+            ("REDIS_COMMAND_TIMEOUT", "3s"),
         ])
         .spawn()
         .await
@@ -54,7 +58,14 @@ async fn app_over(url: &str, f: &Files) -> TestApp {
 /// Login, a Logout, and the logged-out token refused with its revocation checked: every
 /// kind of Redis command went over the TLS connection.
 async fn works_over(app: &TestApp) {
-    let (_, login) = app.user_with_session("tess").await;
+    app.register("tess", PASSWORD).await.unwrap();
+    // The first connection is opened by the first call that needs Redis.
+    let reached = eventually(Duration::from_secs(20), || async {
+        app.login("tess", PASSWORD).await.is_ok()
+    })
+    .await;
+    assert!(reached, "Redis over TLS never answered");
+    let login = app.login("tess", PASSWORD).await.unwrap();
     let v = app.validate(&login.access_token).await.unwrap();
     assert!(v.valid && v.revocation_checked, "{v:?}");
     app.logout(&login.access_token).await.unwrap();
