@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::Settle;
 use crate::auth::audit::{AuditEvent, AuditKind};
+use crate::auth::password::check_size;
 use crate::auth::service::{AuthCore, LoggedIn, Login, sessions_error, users_error};
 use crate::auth::throttle::Subject;
 use crate::auth::token::{Claims, random_id};
@@ -496,11 +497,18 @@ impl AuthCore {
     }
 
     /// Activates the caller's pending enrolment with a correct code (which counts as
-    /// used), and answers a fresh set of recovery codes.
+    /// used) and the caller's current password, and answers a fresh set of recovery
+    /// codes.
+    ///
+    /// The password is what keeps a stolen bearer token from putting the thief's
+    /// authenticator on the account: once confirmed, every remedy the owner has
+    /// (ChangePassword, RevokeSession, DisableTotp) needs a code of it. It is checked as
+    /// ChangePassword checks its current password, on the same throttle.
     pub async fn confirm_totp(
         &self,
         bearer: Option<&str>,
         code: &str,
+        current_password: &str,
         client: ClientInfo,
     ) -> Result<Vec<String>, AuthError> {
         if code.is_empty() {
@@ -512,6 +520,11 @@ impl AuthCore {
                 format!("must be at most {MAX_CODE_BYTES} bytes"),
             ));
         }
+        if current_password.is_empty() {
+            return Err(AuthError::invalid("current_password", "must not be empty"));
+        }
+        check_size("current_password", current_password)
+            .map_err(|v| AuthError::InvalidArgument(vec![v]))?;
         let claims = self.authenticate(bearer).await?;
         let cred = match self
             .users
@@ -536,6 +549,16 @@ impl AuthCore {
             .sealer()?
             .open(&claims.sub, &cred.secret_sealed)
             .map_err(AuthError::Internal)?;
+        let share = self.pool_share(&client);
+        self.check_current_password(
+            &claims,
+            current_password,
+            &client,
+            share.as_deref(),
+            "confirm_totp",
+            (AuditKind::MfaFailed, "ConfirmTotp: wrong current password"),
+        )
+        .await?;
         let who = Subject::second_factor(&claims.sub, &client.ip);
         let event = |kind| {
             AuditEvent::new(kind, &client)

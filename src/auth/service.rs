@@ -1123,10 +1123,17 @@ impl AuthCore {
         };
         self.step_up(&claims, factor, &client, "ChangePassword")
             .await?;
-        // Wrong current passwords count against the same account as failed logins, and
-        // are counted before they are checked, like them.
+        let user = self
+            .check_current_password(
+                &claims,
+                current_password,
+                &client,
+                share.as_deref(),
+                "change_password",
+                (AuditKind::PasswordChangeFailed, "wrong current password"),
+            )
+            .await?;
         let name_hash = self.names.hash(&claims.username);
-        let who = Subject::new(&name_hash, &client.ip);
         let event = |kind| {
             AuditEvent::new(kind, &client)
                 .user(&claims.sub)
@@ -1134,42 +1141,6 @@ impl AuthCore {
                 .session(&claims.sid)
                 .jti(&claims.jti)
         };
-        let attempt = self
-            .admit(&who, "change_password", || event(AuditKind::Throttled))
-            .await?;
-        let checked = async {
-            let user = self
-                .users
-                .find_by_id(&claims.sub)
-                .await
-                .map_err(users_error)?
-                .ok_or(AuthError::Unauthenticated)?;
-            let hash = self.verifiable(&user.password_hash);
-            let matches = self
-                .hasher
-                .verify(share.as_deref(), current_password, hash)
-                .await?;
-            let matches = matches && hash == user.password_hash;
-            Ok::<_, AuthError>((user, matches))
-        };
-        let user = match checked.await {
-            Ok((user, true)) if !current_password.is_empty() => user,
-            Ok((user, _)) => {
-                tracing::info!(user_id = %user.id, "password change refused: wrong current password");
-                self.audit.record(
-                    event(AuditKind::PasswordChangeFailed).detail("wrong current password"),
-                );
-                self.record_lockouts(&attempt, |lockout| {
-                    event(AuditKind::Lockout).detail(lockout)
-                });
-                return Err(AuthError::WrongCurrentPassword);
-            }
-            Err(e) => {
-                self.settle(&who, attempt, Settle::Withdraw).await;
-                return Err(e);
-            }
-        };
-        self.settle(&who, attempt, Settle::Succeeded).await;
         let new_hash = self
             .hasher
             .hash(share.as_deref(), new_password.expose())
@@ -1220,6 +1191,63 @@ impl AuthCore {
             event(AuditKind::PasswordChanged).detail(format!("{revoked} other sessions ended")),
         );
         Ok(revoked)
+    }
+
+    /// The caller's user row, once `current_password` is checked against it: counted
+    /// against the same account as failed logins, and before it is checked, like them.
+    /// A wrong (or empty) one is audited as `failed` and answers
+    /// [`AuthError::WrongCurrentPassword`].
+    async fn check_current_password(
+        &self,
+        claims: &Claims,
+        current_password: &str,
+        client: &ClientInfo,
+        share: Option<&str>,
+        call: &'static str,
+        failed: (AuditKind, &str),
+    ) -> Result<crate::store::User, AuthError> {
+        let name_hash = self.names.hash(&claims.username);
+        let who = Subject::new(&name_hash, &client.ip);
+        let event = |kind| {
+            AuditEvent::new(kind, client)
+                .user(&claims.sub)
+                .username_hash(&name_hash)
+                .session(&claims.sid)
+                .jti(&claims.jti)
+        };
+        let attempt = self
+            .admit(&who, call, || event(AuditKind::Throttled))
+            .await?;
+        let checked = async {
+            let user = self
+                .users
+                .find_by_id(&claims.sub)
+                .await
+                .map_err(users_error)?
+                .ok_or(AuthError::Unauthenticated)?;
+            let hash = self.verifiable(&user.password_hash);
+            let matches = self.hasher.verify(share, current_password, hash).await?;
+            let matches = matches && hash == user.password_hash;
+            Ok::<_, AuthError>((user, matches))
+        };
+        match checked.await {
+            Ok((user, true)) if !current_password.is_empty() => {
+                self.settle(&who, attempt, Settle::Succeeded).await;
+                Ok(user)
+            }
+            Ok((user, _)) => {
+                tracing::info!(user_id = %user.id, call, "refused: wrong current password");
+                self.audit.record(event(failed.0).detail(failed.1));
+                self.record_lockouts(&attempt, |lockout| {
+                    event(AuditKind::Lockout).detail(lockout)
+                });
+                Err(AuthError::WrongCurrentPassword)
+            }
+            Err(e) => {
+                self.settle(&who, attempt, Settle::Withdraw).await;
+                Err(e)
+            }
+        }
     }
 
     /// A page of the caller's live sessions: `page_size` of them (0: the default; past

@@ -573,6 +573,7 @@ impl AuthService for AuthGrpc {
                 .confirm_totp(
                     bearer(&request).as_deref(),
                     &request.get_ref().code,
+                    &request.get_ref().current_password,
                     self.caller(&request)?,
                 )
                 .await?;

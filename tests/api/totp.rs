@@ -23,7 +23,8 @@ on_every_backend!(
     validate_token_demands_step_up,
     the_client_layer_and_envoy_see_the_second_factor,
     an_administrator_can_reset_a_lost_second_factor,
-    no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail
+    no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
+    a_stolen_token_alone_cannot_confirm_a_second_factor
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -81,10 +82,27 @@ pub async fn enroll(app: &TestApp, token: &str) -> Result<pb::EnrollTotpResponse
         .map(|r| r.into_inner())
 }
 
+/// ConfirmTotp with `code` and the test users' password.
 pub async fn confirm(app: &TestApp, token: &str, code: &str) -> Result<Vec<String>, Status> {
+    confirm_with(app, token, code, PASSWORD).await
+}
+
+/// ConfirmTotp with `code` and `current_password`.
+pub async fn confirm_with(
+    app: &TestApp,
+    token: &str,
+    code: &str,
+    current_password: &str,
+) -> Result<Vec<String>, Status> {
     app.client
         .clone()
-        .confirm_totp(bearer(token, pb::ConfirmTotpRequest { code: code.into() }))
+        .confirm_totp(bearer(
+            token,
+            pb::ConfirmTotpRequest {
+                code: code.into(),
+                current_password: current_password.into(),
+            },
+        ))
         .await
         .map(|r| r.into_inner().recovery_codes)
 }
@@ -951,4 +969,79 @@ async fn embedded_mode_keeps_its_key_across_restarts() {
         .await
         .unwrap();
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), key);
+}
+
+/// A thief with only the bearer token (no password) cannot put their authenticator on
+/// the account: ConfirmTotp needs the current password, checked and throttled as
+/// ChangePassword's is.
+async fn a_stolen_token_alone_cannot_confirm_a_second_factor(backend: Backend) {
+    let app = totp_app(backend, &[("THROTTLE_ACCOUNT_THRESHOLD", "3")]).await;
+    let (user, login) = app.user_with_session("eve_victim").await;
+    let stolen = login.access_token;
+    let e = enroll(&app, &stolen).await.unwrap();
+    let code = code_at(&app, &e.secret, 0);
+
+    // No password, or a wrong one: nothing confirmed, the code not used up.
+    let status = assert_code(
+        confirm_with(&app, &stolen, &code, "").await,
+        Code::InvalidArgument,
+    );
+    assert!(status.message().contains("current_password"), "{status:?}");
+    let status = assert_code(
+        confirm_with(&app, &stolen, &code, "Guessed-Pass-1").await,
+        Code::PermissionDenied,
+    );
+    // As ChangePassword answers a wrong current password.
+    let change = assert_code(
+        app.change_password(&stolen, "Guessed-Pass-1", "Brand-New-Pass-7")
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_eq!(status.message(), change.message());
+    assert_audited(
+        &app,
+        &user.user_id,
+        &["mfa_failed", "password_change_failed"],
+    )
+    .await;
+    let detail: String = sqlx::query_scalar(
+        "SELECT detail FROM audit_events WHERE user_id = ? AND kind = 'mfa_failed'",
+    )
+    .bind(&user.user_id)
+    .fetch_one(&app.db().await)
+    .await
+    .unwrap();
+    assert_eq!(detail, "ConfirmTotp: wrong current password");
+
+    // Wrong passwords count on the password's throttle (the account's, shared with
+    // Login and ChangePassword): the third failure locks, the right one then waits.
+    assert_code(
+        confirm_with(&app, &stolen, &code, "Guessed-Pass-2").await,
+        Code::PermissionDenied,
+    );
+    assert_code(
+        confirm_with(&app, &stolen, &code, PASSWORD).await,
+        Code::ResourceExhausted,
+    );
+    assert_code(
+        app.login("eve_victim", PASSWORD).await,
+        Code::ResourceExhausted,
+    );
+    advance(&app, Duration::from_secs(20 * 60));
+    let plain = app.login("eve_victim", PASSWORD).await.unwrap();
+    assert!(
+        !plain.second_factor_required && !plain.access_token.is_empty(),
+        "nothing was confirmed"
+    );
+
+    // With the password (the owner), the same token confirms.
+    let code = code_at(&app, &e.secret, 0);
+    let codes = confirm_with(&app, &stolen, &code, PASSWORD).await.unwrap();
+    assert_eq!(codes.len(), 10);
+    assert!(
+        app.login("eve_victim", PASSWORD)
+            .await
+            .unwrap()
+            .second_factor_required
+    );
 }
