@@ -280,8 +280,8 @@ impl AuthCore {
                         crate::store::MAX_USER_AGENT_BYTES,
                     )
                     .to_owned(),
+                    created_at: now,
                 },
-                now,
                 TICKET_TTL_SECONDS,
             )
             .await
@@ -654,13 +654,25 @@ impl AuthCore {
             Some(u) if !u.disabled => self.second_factor_of(user_id).await?,
             _ => None,
         };
-        let (Some(user), Some(cred)) = (user, cred) else {
+        let usable = match (user, cred) {
+            // The password it proved was replaced since (ChangePassword, SetPassword), or
+            // the user disabled: as with a token, what came before is refused.
+            (Some(u), Some(_)) if u.sessions_valid_after >= attempted.ticket.created_at => {
+                Err("password changed or user disabled since the ticket was made")
+            }
+            (Some(u), Some(c)) => Ok((u, c)),
             // Deleted, disabled, or the second factor removed since the password step.
-            self.tickets
-                .take(user_id, &hash)
-                .await
-                .map_err(sessions_error)?;
-            return Err(self.ticket_refused(Some(user_id), &client, "user or second factor gone"));
+            _ => Err("user or second factor gone"),
+        };
+        let (user, cred) = match usable {
+            Ok(found) => found,
+            Err(why) => {
+                self.tickets
+                    .take(user_id, &hash)
+                    .await
+                    .map_err(sessions_error)?;
+                return Err(self.ticket_refused(Some(user_id), &client, why));
+            }
         };
         let accepted = self
             .try_factor(&user.id, &cred, factor, &client, "VerifySecondFactor")

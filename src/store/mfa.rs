@@ -2,9 +2,10 @@
 //! VerifySecondFactor completes it. In Redis beside the user's sessions (the
 //! `{user:<id>}` hash tag: one slot on a cluster), or in this process.
 //!
-//! `<prefix>{user:<id>}:mfa:<sha256 of the ticket>`: hash `sid ip ua n exp` (the
-//! session the ticket will make, the login's address and agent, attempts so far, its end
-//! in unix seconds by authd's clock), expiring with the ticket. Every attempt is counted
+//! `<prefix>{user:<id>}:mfa:<sha256 of the ticket>`: hash `sid ip ua at n exp` (the
+//! session the ticket will make, the login's address and agent, when it was made,
+//! attempts so far, its end; times in unix seconds by authd's clock), expiring with the
+//! ticket. Every attempt is counted
 //! before its code is checked, in the same script that reads the ticket; past the limit
 //! the ticket answers nothing more (it is not deleted: an attempt still in flight with the
 //! right code completes it). Using it deletes it: exactly one caller sees the delete
@@ -27,6 +28,10 @@ pub struct Ticket {
     pub ip: String,
     /// The login's user agent.
     pub user_agent: String,
+    /// When the password was checked and the ticket made (unix seconds): a ticket no
+    /// newer than the user's `sessions_valid_after` (a password change, a disable) is
+    /// refused.
+    pub created_at: i64,
 }
 
 /// A ticket as an attempt found it.
@@ -49,13 +54,13 @@ if tonumber(exp) <= tonumber(ARGV[2]) then
 end
 local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
 if n > tonumber(ARGV[1]) then return false end
-local f = redis.call('HMGET', KEYS[1], 'sid', 'ip', 'ua')
-return {n, f[1] or '', f[2] or '', f[3] or ''}
+local f = redis.call('HMGET', KEYS[1], 'sid', 'ip', 'ua', 'at')
+return {n, f[1] or '', f[2] or '', f[3] or '', tonumber(f[4]) or 0}
 ";
 
-/// KEYS: ticket. ARGV: sid, ip, ua, ttl_ms, exp.
+/// KEYS: ticket. ARGV: sid, ip, ua, ttl_ms, exp, at.
 const CREATE: &str = r"
-redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'ip', ARGV[2], 'ua', ARGV[3], 'n', 0, 'exp', ARGV[5])
+redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'ip', ARGV[2], 'ua', ARGV[3], 'at', ARGV[6], 'n', 0, 'exp', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 ";
@@ -101,15 +106,16 @@ impl MfaTickets {
         format!("{prefix}{{user:{user_id}}}:mfa:{hash}")
     }
 
-    /// Stores a ticket (by the hash of its text) for `ttl` seconds from `now`.
+    /// Stores a ticket (by the hash of its text) for `ttl` seconds from its
+    /// `created_at`.
     pub async fn create(
         &self,
         user_id: &str,
         hash: &str,
         ticket: &Ticket,
-        now: i64,
         ttl: i64,
     ) -> Result<(), StoreError> {
+        let now = ticket.created_at;
         match self {
             Self::Redis {
                 conn,
@@ -123,7 +129,8 @@ impl MfaTickets {
                     .arg(&ticket.ip)
                     .arg(&ticket.user_agent)
                     .arg(ttl.saturating_mul(1000).max(1))
-                    .arg(now.saturating_add(ttl));
+                    .arg(now.saturating_add(ttl))
+                    .arg(now);
                 conn.run(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
                     .await
                     .map(|_| ())
@@ -173,18 +180,21 @@ impl MfaTickets {
                     .arg(now);
                 let found = conn
                     .run(|mut c| async move {
-                        inv.invoke_async::<Option<(i64, String, String, String)>>(&mut c)
+                        inv.invoke_async::<Option<(i64, String, String, String, i64)>>(&mut c)
                             .await
                     })
                     .await?;
-                Ok(found.map(|(n, session_id, ip, user_agent)| Attempted {
-                    ticket: Ticket {
-                        session_id,
-                        ip,
-                        user_agent,
-                    },
-                    attempts: u32::try_from(n).unwrap_or(u32::MAX),
-                }))
+                Ok(
+                    found.map(|(n, session_id, ip, user_agent, created_at)| Attempted {
+                        ticket: Ticket {
+                            session_id,
+                            ip,
+                            user_agent,
+                            created_at,
+                        },
+                        attempts: u32::try_from(n).unwrap_or(u32::MAX),
+                    }),
+                )
             }
             Self::Memory(m) => {
                 let mut map = m.lock().unwrap_or_else(|e| e.into_inner());

@@ -24,7 +24,8 @@ on_every_backend!(
     the_client_layer_and_envoy_see_the_second_factor,
     an_administrator_can_reset_a_lost_second_factor,
     no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
-    a_stolen_token_alone_cannot_confirm_a_second_factor
+    a_stolen_token_alone_cannot_confirm_a_second_factor,
+    a_ticket_from_before_a_password_change_is_refused
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -187,6 +188,25 @@ async fn assert_audited(app: &TestApp, user_id: &str, kinds: &[&str]) {
         "{kinds:?} not all in {:?}",
         audit_kinds(app, user_id).await
     );
+}
+
+/// Waits until one of the user's `kind` audit rows has a detail containing `needle`.
+async fn assert_audited_detail(app: &TestApp, user_id: &str, kind: &str, needle: &str) {
+    let details = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT detail FROM audit_events WHERE user_id = ? AND kind = ?",
+        )
+        .bind(user_id)
+        .bind(kind)
+        .fetch_all(&app.db().await)
+        .await
+        .unwrap()
+    };
+    let ok = eventually(Duration::from_secs(5), || async {
+        details().await.iter().any(|d| d.contains(needle))
+    })
+    .await;
+    assert!(ok, "no {kind} row says {needle:?}: {:?}", details().await);
 }
 
 async fn last_step(app: &TestApp, user_id: &str) -> i64 {
@@ -1043,5 +1063,71 @@ async fn a_stolen_token_alone_cannot_confirm_a_second_factor(backend: Backend) {
             .await
             .unwrap()
             .second_factor_required
+    );
+}
+
+/// A ticket proves the password it was made with: once that password is replaced
+/// (ChangePassword, admin SetPassword), the ticket opens no session, even with a right
+/// code, and the code is not used up.
+async fn a_ticket_from_before_a_password_change_is_refused(backend: Backend) {
+    use crate::admin::{admin, admin_client, user_req};
+    let app = totp_app(backend, &[]).await;
+    let (user_id, old_token, secret, _) = enrolled(&app, "pat").await;
+    // The attacker's: the old password, a code still to find.
+    let stale = ticket(&app, "pat").await;
+    advance(&app, Duration::from_secs(1));
+    // The owner changes the password (with a code: step-up).
+    let mut client = app.client.clone();
+    client
+        .change_password(bearer(
+            &old_token,
+            pb::ChangePasswordRequest {
+                current_password: PASSWORD.into(),
+                new_password: "Brand-New-Pass-7".into(),
+                second_factor: factor(&code_at(&app, &secret, 0), ""),
+            },
+        ))
+        .await
+        .unwrap();
+    advance(&app, Duration::from_secs(30));
+    let code = code_at(&app, &secret, 0);
+    let step = last_step(&app, &user_id).await;
+    assert_eq!(
+        reason(verify(&app, &stale, &code, "").await, Code::Unauthenticated),
+        "MFA_TICKET_INVALID"
+    );
+    assert_eq!(last_step(&app, &user_id).await, step, "no code was used");
+    assert_audited_detail(&app, &user_id, "mfa_failed", "password changed").await;
+    // A ticket of the new password works with that very code.
+    let login = app.login("pat", "Brand-New-Pass-7").await.unwrap();
+    let fresh = login.mfa_ticket;
+    verify(&app, &fresh, &code, "").await.unwrap();
+
+    // An administrator's SetPassword ends the tickets of the password it replaces too.
+    let root = admin(&app, "root").await;
+    let stale = app
+        .login("pat", "Brand-New-Pass-7")
+        .await
+        .unwrap()
+        .mfa_ticket;
+    advance(&app, Duration::from_secs(1));
+    admin_client(&app)
+        .set_password(user_req(
+            &root,
+            pb::SetPasswordRequest {
+                user: "pat".into(),
+                password: "Admin-Set-Pass-8".into(),
+                require_change: false,
+            },
+        ))
+        .await
+        .unwrap();
+    advance(&app, Duration::from_secs(30));
+    assert_eq!(
+        reason(
+            verify(&app, &stale, &code_at(&app, &secret, 0), "").await,
+            Code::Unauthenticated
+        ),
+        "MFA_TICKET_INVALID"
     );
 }
