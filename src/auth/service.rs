@@ -554,7 +554,12 @@ impl AuthCore {
         // Read only once the password is right: a wrong password costs the same whether
         // or not the user has a second factor.
         if self.second_factor_of(&user.id).await?.is_some() {
-            return self.second_factor_ticket(&user, &client).await;
+            let ticket = self.second_factor_ticket(&user, &client).await?;
+            // The password was just verified: its hash is upgraded here, as on the
+            // tokens branch (VerifySecondFactor has no password to rehash with).
+            self.rehash_at_configured_cost(&client, &user.id, &user.password_hash, password)
+                .await;
+            return Ok(ticket);
         }
         let done = self
             .open_session(&user, random_id(), PASSWORD_AMR, &client, &name_hash)

@@ -25,7 +25,8 @@ on_every_backend!(
     an_administrator_can_reset_a_lost_second_factor,
     no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
     a_stolen_token_alone_cannot_confirm_a_second_factor,
-    a_ticket_from_before_a_password_change_is_refused
+    a_ticket_from_before_a_password_change_is_refused,
+    the_ticket_branch_of_login_rehashes_at_the_configured_cost
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -1130,4 +1131,30 @@ async fn a_ticket_from_before_a_password_change_is_refused(backend: Backend) {
         ),
         "MFA_TICKET_INVALID"
     );
+}
+
+async fn stored_hash(app: &TestApp, user_id: &str) -> String {
+    sqlx::query_scalar("SELECT password_hash FROM users WHERE id = ?")
+        .bind(user_id)
+        .fetch_one(&app.db().await)
+        .await
+        .unwrap()
+}
+
+/// Raising BCRYPT_COST upgrades the hash of a user with a second factor at the
+/// password step, as it does a password-only user's.
+async fn the_ticket_branch_of_login_rehashes_at_the_configured_cost(backend: Backend) {
+    let app = totp_app(backend, &[]).await;
+    let (user_id, _, secret, _) = enrolled(&app, "hugo").await;
+    let before = stored_hash(&app, &user_id).await;
+    assert_eq!(authd::auth::hasher::hash_cost(&before), Some(4));
+    let costlier = app.sibling().env("BCRYPT_COST", "5").spawn().await;
+    let t = ticket(&costlier, "hugo").await;
+    let after = stored_hash(&app, &user_id).await;
+    assert_eq!(authd::auth::hasher::hash_cost(&after), Some(5), "{after}");
+    // The upgraded hash holds the same password, and the ticket still completes.
+    verify(&costlier, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+    assert!(ticket(&costlier, "hugo").await.starts_with("mt1."));
 }
