@@ -194,18 +194,23 @@ fn ticket_user(ticket: &str) -> Option<&str> {
 }
 
 /// The key that seals TOTP secrets, as configured; `None` when there is none (MySQL
-/// without `TOTP_ENCRYPTION_KEY`).
-pub(crate) fn secret_box(key: &TotpKey) -> anyhow::Result<Option<SecretBox>> {
+/// without `TOTP_ENCRYPTION_KEY`). `enrolled` is how many TOTP credentials are stored:
+/// with any, a missing key is an error, never a fresh one (it would not open them).
+pub(crate) fn secret_box(key: &TotpKey, enrolled: i64) -> anyhow::Result<Option<SecretBox>> {
     match key {
         TotpKey::Configured(k) => SecretBox::new(k.expose()).map(Some),
-        TotpKey::File(path) => SecretBox::new(&key_file(path)?).map(Some),
+        TotpKey::File(path) => SecretBox::new(&key_file(path, enrolled)?).map(Some),
+        TotpKey::Missing if enrolled > 0 => Err(anyhow::anyhow!(
+            "TOTP_ENCRYPTION_KEY is required: {enrolled} users have a second factor sealed under it"
+        )),
         TotpKey::Missing => Ok(None),
     }
 }
 
 /// The embedded mode's key: read from `path`, or made and written there (mode 0600)
-/// the first time.
-fn key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+/// the first time, while no credential is stored (`enrolled` is 0). Past that, a missing
+/// file is an error: a new key would lock every enrolled user out.
+fn key_file(path: &Path, enrolled: i64) -> anyhow::Result<[u8; 32]> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     match std::fs::read_to_string(path) {
@@ -215,6 +220,12 @@ fn key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
                 path.display()
             )
         }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && enrolled > 0 => Err(anyhow::anyhow!(
+            "the TOTP sealing key file {} is missing, but {enrolled} users have a second factor \
+             sealed under the key it held: restore it (or set TOTP_ENCRYPTION_KEY to that \
+             key); a new key would not open them",
+            path.display()
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
             let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();

@@ -269,16 +269,9 @@ impl AuthCore {
                 Arc::clone(&clock),
             ));
         }
-        let totp_box =
-            second_factor::secret_box(&config.second_factor.key).map_err(AuthError::Internal)?;
-        if totp_box.is_none() {
-            let enrolled = users.count_totp_credentials().await.map_err(users_error)?;
-            if enrolled > 0 {
-                return Err(AuthError::Internal(anyhow::anyhow!(
-                    "TOTP_ENCRYPTION_KEY is required: {enrolled} users have a second factor sealed under it"
-                )));
-            }
-        }
+        let enrolled = users.count_totp_credentials().await.map_err(users_error)?;
+        let totp_box = second_factor::secret_box(&config.second_factor.key, enrolled)
+            .map_err(AuthError::Internal)?;
         let tickets = sessions.mfa_tickets();
         let audit = Arc::new(AuditLog::start(
             AuditStore::new(users.pool().clone()),

@@ -1158,3 +1158,21 @@ async fn the_ticket_branch_of_login_rehashes_at_the_configured_cost(backend: Bac
         .unwrap();
     assert!(ticket(&costlier, "hugo").await.starts_with("mt1."));
 }
+
+#[tokio::test]
+async fn embedded_mode_refuses_to_start_when_its_key_file_is_gone() {
+    let app = totp_app(Backend::Embedded, &[]).await;
+    enrolled(&app, "ines").await;
+    let key_file = std::path::Path::new(&app.db_name).join("users.db.totp-key");
+    std::fs::remove_file(&key_file).unwrap();
+    let built = authd::Application::build_with_clock(app.config(), app.clock.clone()).await;
+    let Err(error) = built else {
+        panic!("authd made a new key that opens none of the stored second factors");
+    };
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("users.db.totp-key") && error.contains("missing"),
+        "{error}"
+    );
+    assert!(!key_file.exists(), "a new key file was written");
+}

@@ -138,10 +138,16 @@ impl TestApp {
         }
     }
 
+    /// The settings it was started with, as authd reads them: to build another authd
+    /// on its storage by hand (and see it refuse to start).
+    pub fn config(&self) -> Config {
+        Config::from_vars(self.vars.clone()).expect("test config")
+    }
+
     /// A session store of the test's own on this app's sessions, to drive directly: the
     /// same Redis and key prefix, or (embedded) a fresh in-process store like the app's.
     pub fn session_store(&self) -> authd::store::sessions::SessionStore {
-        let config = Config::from_vars(self.vars.clone()).expect("test config");
+        let config = self.config();
         let leeway = i64::try_from(config.jwt.leeway.as_secs()).unwrap();
         authd::store::sessions::SessionStore::new(
             &config.sessions,
