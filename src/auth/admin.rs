@@ -649,6 +649,13 @@ impl AuthCore {
         reference: &str,
     ) -> Result<u32, AuthError> {
         let user = self.resolve_user(reference).await?;
+        // First in the users table, as DisableUser does: the open-mode check and the
+        // user's pending second-factor tickets (made with the password before now) are
+        // refused from here on, whatever the session store says.
+        self.users
+            .end_sessions_before(&user.id, self.clock.unix_seconds())
+            .await
+            .map_err(users_error)?;
         let ended = self.end_sessions(&user.id).await;
         self.finish(actor, client, &user.id, "RevokeUserSessions", ended)
     }

@@ -666,10 +666,11 @@ impl AuthCore {
             _ => None,
         };
         let usable = match (user, cred) {
-            // The password it proved was replaced since (ChangePassword, SetPassword), or
-            // the user disabled: as with a token, what came before is refused.
+            // The password it proved was replaced since (ChangePassword, SetPassword), the
+            // user disabled, or forced out (RevokeUserSessions): as with a token, what came
+            // before is refused.
             (Some(u), Some(_)) if u.sessions_valid_after >= attempted.ticket.created_at => {
-                Err("password changed or user disabled since the ticket was made")
+                Err("password changed, user disabled or sessions revoked since the ticket was made")
             }
             (Some(u), Some(c)) => Ok((u, c)),
             // Deleted, disabled, or the second factor removed since the password step.

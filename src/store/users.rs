@@ -397,6 +397,28 @@ impl UserStore {
             .map_err(classify)
     }
 
+    /// Moves `sessions_valid_after` forward to `now` (never back): every token, and every
+    /// second-factor ticket, made until then is refused. False when there is no such user.
+    pub async fn end_sessions_before(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let update = async {
+            on_pool!(self, |pool| sqlx::query(
+                "UPDATE users SET sessions_valid_after = CASE \
+                 WHEN sessions_valid_after < ? THEN ? ELSE sessions_valid_after END \
+                 WHERE id = ?"
+            )
+            .bind(now)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        };
+        self.within(update, std::convert::identity)
+            .await
+            .map_err(classify)?;
+        Ok(self.find_by_id(id).await?.is_some())
+    }
+
     /// Disables (refusing logins, and moving `sessions_valid_after` to `now` so that open
     /// mode refuses the user's tokens too) or enables a user. False when there is no
     /// such user.

@@ -1131,6 +1131,30 @@ async fn a_ticket_from_before_a_password_change_is_refused(backend: Backend) {
         ),
         "MFA_TICKET_INVALID"
     );
+
+    // And an operator's RevokeUserSessions (forcing the user out everywhere) ends the
+    // tickets waiting for a code as well as the sessions.
+    let stale = app
+        .login("pat", "Admin-Set-Pass-8")
+        .await
+        .unwrap()
+        .mfa_ticket;
+    advance(&app, Duration::from_secs(1));
+    admin_client(&app)
+        .revoke_user_sessions(user_req(
+            &root,
+            pb::RevokeUserSessionsRequest { user: "pat".into() },
+        ))
+        .await
+        .unwrap();
+    advance(&app, Duration::from_secs(30));
+    assert_eq!(
+        reason(
+            verify(&app, &stale, &code_at(&app, &secret, 0), "").await,
+            Code::Unauthenticated
+        ),
+        "MFA_TICKET_INVALID"
+    );
 }
 
 async fn stored_hash(app: &TestApp, user_id: &str) -> String {
