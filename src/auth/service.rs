@@ -272,6 +272,19 @@ impl AuthCore {
         let enrolled = users.count_totp_credentials().await.map_err(users_error)?;
         let totp_box = second_factor::secret_box(&config.second_factor.key, enrolled)
             .map_err(AuthError::Internal)?;
+        if let Some(key) = &totp_box {
+            // A different key than the one the secrets were sealed under would lock every
+            // enrolled user out at their next code: refuse to start instead.
+            let stored = users.any_sealed_totp_secret().await.map_err(users_error)?;
+            if let Some((user_id, sealed)) = stored
+                && key.open(&user_id, &sealed).is_err()
+            {
+                return Err(AuthError::Internal(anyhow::anyhow!(
+                    "TOTP_ENCRYPTION_KEY does not open the second factors stored in the users \
+                     database: it is not the key they were sealed under"
+                )));
+            }
+        }
         let tickets = sessions.mfa_tickets();
         let audit = Arc::new(AuditLog::start(
             AuditStore::new(users.pool().clone()),

@@ -87,6 +87,21 @@ impl UserStore {
             .map_err(classify)
     }
 
+    /// One stored credential's owner and sealed secret (any one), or `None` when there
+    /// is none: at start-up, to check that the configured key opens what is stored.
+    pub async fn any_sealed_totp_secret(&self) -> Result<Option<(String, String)>, StoreError> {
+        let select = async {
+            on_pool!(self, |pool| sqlx::query_as::<_, (String, String)>(
+                "SELECT user_id, secret_sealed FROM totp_credentials LIMIT 1"
+            )
+            .fetch_optional(pool)
+            .await)
+        };
+        self.within(select, std::convert::identity)
+            .await
+            .map_err(classify)
+    }
+
     /// Stores a pending credential in place of any pending one. False when the user
     /// has a confirmed credential (which is kept).
     pub async fn begin_totp(&self, t: &NewTotp<'_>) -> Result<bool, StoreError> {

@@ -967,6 +967,35 @@ async fn with_second_factors_stored_mysql_refuses_to_start_without_the_key() {
     };
     let error = format!("{error:#}");
     assert!(error.contains("TOTP_ENCRYPTION_KEY"), "{error}");
+
+    // Nor with another key: it would open none of them.
+    let other_key = "ab".repeat(32);
+    let vars = with_overrides(
+        test_env(&app.db_url, &redis_base(), &app.key_prefix),
+        &[("TOTP_ENCRYPTION_KEY", other_key.as_str())],
+    );
+    let config = authd::config::Config::from_vars(vars).unwrap();
+    let built = authd::Application::build_with_clock(config, app.clock.clone()).await;
+    let Err(error) = built else {
+        panic!("authd started with a key that opens none of its second factors");
+    };
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("not the key they were sealed under"),
+        "{error}"
+    );
+
+    // The right key still starts.
+    let vars = with_overrides(
+        test_env(&app.db_url, &redis_base(), &app.key_prefix),
+        &[("TOTP_ENCRYPTION_KEY", TOTP_KEY)],
+    );
+    let config = authd::config::Config::from_vars(vars).unwrap();
+    assert!(
+        authd::Application::build_with_clock(config, app.clock.clone())
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
