@@ -296,19 +296,19 @@ impl AuthCore {
     }
 
     /// Checks `factor` against the user's confirmed credential, counted on the second
-    /// factor's throttle counters first. `Some(method)` when it was accepted (and is
-    /// now used up), `None` when it was not (audited, counted).
+    /// factor's throttle counters (`who`) first. `Some(method)` when it was accepted (and
+    /// is now used up), `None` when it was not (audited, counted).
     async fn try_factor(
         &self,
+        who: &Subject,
         user_id: &str,
         cred: &TotpCredential,
         factor: &GivenFactor,
         client: &ClientInfo,
         call: &'static str,
     ) -> Result<Option<Method>, AuthError> {
-        let who = Subject::second_factor(user_id, &client.ip);
         let attempt = self
-            .admit(&who, call, || {
+            .admit(who, call, || {
                 AuditEvent::new(AuditKind::Throttled, client)
                     .user(user_id)
                     .detail("second factor")
@@ -318,13 +318,13 @@ impl AuthCore {
         let accepted = match checked {
             Ok(accepted) => accepted,
             Err(e) => {
-                self.settle(&who, attempt, Settle::Withdraw).await;
+                self.settle(who, attempt, Settle::Withdraw).await;
                 return Err(e);
             }
         };
         match accepted {
             Some(method) => {
-                self.settle(&who, attempt, Settle::Succeeded).await;
+                self.settle(who, attempt, Settle::Succeeded).await;
                 metrics::counter!("authd_second_factor_checks_total", "outcome" => "accepted", "method" => method.as_str()).increment(1);
                 self.audit.record(
                     AuditEvent::new(AuditKind::MfaSucceeded, client)
@@ -415,7 +415,9 @@ impl AuthCore {
     }
 
     /// Step-up: for a user with a second factor, a critical call (`call`) needs a
-    /// current code in the request. Users without one pass.
+    /// current code in the request. Users without one pass. Wrong codes count on the
+    /// user's counter only: the bearer names the guesser, and its address may be
+    /// everyone's (a gateway, a NAT).
     pub(crate) async fn step_up(
         &self,
         claims: &Claims,
@@ -433,7 +435,14 @@ impl AuthCore {
             return Err(AuthError::SecondFactorRequired);
         }
         match self
-            .try_factor(&claims.sub, &cred, factor, client, call)
+            .try_factor(
+                &Subject::second_factor_of_bearer(&claims.sub),
+                &claims.sub,
+                &cred,
+                factor,
+                client,
+                call,
+            )
             .await?
         {
             Some(_) => {
@@ -536,7 +545,8 @@ impl AuthCore {
             .sealer()?
             .open(&claims.sub, &cred.secret_sealed)
             .map_err(AuthError::Internal)?;
-        let who = Subject::second_factor(&claims.sub, &client.ip);
+        // The bearer names the guesser: its user counter only, not its address's.
+        let who = Subject::second_factor_of_bearer(&claims.sub);
         let event = |kind| {
             AuditEvent::new(kind, &client)
                 .user(&claims.sub)
@@ -640,7 +650,14 @@ impl AuthCore {
             return Err(self.ticket_refused(Some(user_id), &client, "user or second factor gone"));
         };
         let accepted = self
-            .try_factor(&user.id, &cred, factor, &client, "VerifySecondFactor")
+            .try_factor(
+                &Subject::second_factor(&user.id, &client.ip),
+                &user.id,
+                &cred,
+                factor,
+                &client,
+                "VerifySecondFactor",
+            )
             .await?;
         if accepted.is_none() {
             if attempted.attempts >= TICKET_ATTEMPTS {

@@ -23,7 +23,9 @@ on_every_backend!(
     validate_token_demands_step_up,
     the_client_layer_and_envoy_see_the_second_factor,
     an_administrator_can_reset_a_lost_second_factor,
-    no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail
+    no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
+    wrong_codes_are_a_handful_a_day_and_a_success_resets_them,
+    step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -65,7 +67,11 @@ pub async fn totp_app(backend: Backend, env: &[(&str, &str)]) -> TestApp {
         builder = builder.env("TOTP_ENCRYPTION_KEY", TOTP_KEY);
     }
     // Each test below makes more wrong codes than the default threshold on purpose.
-    for name in ["THROTTLE_ACCOUNT_THRESHOLD", "THROTTLE_ADDRESS_THRESHOLD"] {
+    for name in [
+        "THROTTLE_ACCOUNT_THRESHOLD",
+        "THROTTLE_ADDRESS_THRESHOLD",
+        "THROTTLE_SECOND_FACTOR_THRESHOLD",
+    ] {
         if !env.iter().any(|(k, _)| *k == name) {
             builder = builder.env(name, "100");
         }
@@ -459,6 +465,7 @@ async fn wrong_codes_are_throttled_apart_from_passwords(backend: Backend) {
         backend,
         &[
             ("THROTTLE_ACCOUNT_THRESHOLD", "3"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "3"),
             ("THROTTLE_BASE_DELAY", "60s"),
         ],
     )
@@ -951,4 +958,133 @@ async fn embedded_mode_keeps_its_key_across_restarts() {
         .await
         .unwrap();
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), key);
+}
+
+/// A wrong code that no credential ever accepts (7 digits where 6 are expected); it is
+/// counted like any wrong code.
+const NEVER_RIGHT: &str = "0000000";
+
+/// The wait a RESOURCE_EXHAUSTED refusal asks for (at least 1 s).
+#[track_caller]
+fn retry_delay<T: std::fmt::Debug>(result: Result<T, Status>) -> Duration {
+    let status = assert_code(result, Code::ResourceExhausted);
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo delay");
+    delay.max(Duration::from_secs(1))
+}
+
+async fn wrong_codes_are_a_handful_a_day_and_a_success_resets_them(backend: Backend) {
+    // The password and address limits as an attacker who knows the password meets them
+    // (it spreads its logins over addresses); the second factor's at their defaults.
+    let app = totp_app(
+        backend,
+        &[
+            ("THROTTLE_ACCOUNT_THRESHOLD", "10"),
+            ("THROTTLE_ADDRESS_THRESHOLD", "1000"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "5"),
+        ],
+    )
+    .await;
+    let (_, _, secret, _) = enrolled(&app, "gus").await;
+    // The greediest schedule: each code as soon as the throttle allows, for two days.
+    let start = unix(&app.clock);
+    let mut checked = 0;
+    while unix(&app.clock) - start < 2 * 24 * 3600 && checked <= 25 {
+        let t = ticket(&app, "gus").await;
+        match verify(&app, &t, NEVER_RIGHT, "").await {
+            Err(s) if s.code() == Code::Unauthenticated => checked += 1,
+            other => advance(&app, retry_delay(other)),
+        }
+    }
+    // 5, then waits of 1 s, 2 s, 4 s … doubling to a day: 22 in 48 h (the old limits,
+    // shared with passwords, let about 600 through).
+    assert_eq!(checked, 22, "codes checked in two days");
+    // The loop waited out the last wait: the next code is checked, and past the cap each
+    // one costs a day, even the owner's right one …
+    let t = ticket(&app, "gus").await;
+    assert_code(
+        verify(&app, &t, NEVER_RIGHT, "").await,
+        Code::Unauthenticated,
+    );
+    let t = ticket(&app, "gus").await;
+    let wait = retry_delay(verify(&app, &t, &code_at(&app, &secret, 0), "").await);
+    assert!(wait > Duration::from_secs(23 * 3600), "{wait:?}");
+    // … which, once the wait is over, resets the count.
+    advance(&app, wait);
+    let t = ticket(&app, "gus").await;
+    verify(&app, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+    let t = ticket(&app, "gus").await;
+    assert_code(
+        verify(&app, &t, NEVER_RIGHT, "").await,
+        Code::Unauthenticated,
+    );
+}
+
+async fn step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address(backend: Backend) {
+    // The default limits, every caller on one address (127.0.0.1), as behind a gateway.
+    let app = totp_app(
+        backend,
+        &[
+            ("THROTTLE_ADDRESS_THRESHOLD", "5"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "5"),
+        ],
+    )
+    .await;
+    let (_, mallory, _, _) = enrolled(&app, "mallory").await;
+    let (_, bob, bob_secret, _) = enrolled(&app, "bob").await;
+    let (_, carol) = app.user_with_session("carol").await;
+    let carol_secret = enroll(&app, &carol.access_token).await.unwrap().secret;
+    let disable = |token: &str, sf: Option<pb::SecondFactor>| {
+        let mut client = app.client.clone();
+        let request = bearer(token, pb::DisableTotpRequest { second_factor: sf });
+        async move { client.disable_totp(request).await }
+    };
+    // Mallory sends wrong codes to the step-up calls and to her own enrolment.
+    let (_, mallory_login) = app.user_with_session("mallory2").await;
+    enroll(&app, &mallory_login.access_token).await.unwrap();
+    for _ in 0..4 {
+        assert_code(
+            disable(&mallory, factor(NEVER_RIGHT, "")).await,
+            Code::Unauthenticated,
+        );
+        assert_code(
+            confirm(&app, &mallory_login.access_token, NEVER_RIGHT).await,
+            Code::Unauthenticated,
+        );
+    }
+    // Her own counters stop her …
+    assert_code(
+        disable(&mallory, factor(NEVER_RIGHT, "")).await,
+        Code::Unauthenticated,
+    );
+    assert_code(
+        disable(&mallory, factor(NEVER_RIGHT, "")).await,
+        Code::ResourceExhausted,
+    );
+    // … and nobody else behind the address: Bob's step-up and Carol's enrolment work.
+    disable(&bob, factor(&code_at(&app, &bob_secret, 0), ""))
+        .await
+        .unwrap();
+    confirm(&app, &carol.access_token, &code_at(&app, &carol_secret, 0))
+        .await
+        .unwrap();
+    // VerifySecondFactor names no caller: there, wrong codes count on the address too.
+    let (_, _, _, _) = enrolled(&app, "dora").await;
+    let (_, _, eve_secret, _) = enrolled(&app, "eve").await;
+    for _ in 0..5 {
+        let t = ticket(&app, "dora").await;
+        assert_code(
+            verify(&app, &t, NEVER_RIGHT, "").await,
+            Code::Unauthenticated,
+        );
+    }
+    let t = ticket(&app, "eve").await;
+    assert_code(
+        verify(&app, &t, &code_at(&app, &eve_secret, 0), "").await,
+        Code::ResourceExhausted,
+    );
 }
