@@ -619,8 +619,19 @@ impl AuthCore {
                 "give totp_code or recovery_code",
             ));
         }
+        // An address that sent too many malformed or unknown tickets waits, before any
+        // work is done (like bad refresh tokens).
+        if let Err(e) = self
+            .throttle
+            .admit_ticket(&client.ip, self.clock.unix_millis())
+            .await
+        {
+            metrics::counter!("authd_second_factor_checks_total", "outcome" => "throttled", "method" => "ticket").increment(1);
+            tracing::debug!(error = %e, "VerifySecondFactor refused unchecked: too many bad tickets");
+            return Err(e);
+        }
         let Some(user_id) = ticket_user(ticket) else {
-            return Err(self.ticket_refused(None, &client, "malformed ticket"));
+            return Err(self.bad_ticket(None, &client, "malformed ticket").await);
         };
         let hash = ticket_hash(ticket);
         let now = self.clock.unix_seconds();
@@ -630,11 +641,13 @@ impl AuthCore {
             .await
             .map_err(sessions_error)?
         else {
-            return Err(self.ticket_refused(
-                Some(user_id),
-                &client,
-                "ticket unknown, used, expired or past its attempts",
-            ));
+            return Err(self
+                .bad_ticket(
+                    Some(user_id),
+                    &client,
+                    "ticket unknown, used, expired or past its attempts",
+                )
+                .await);
         };
         let user = self.users.find_by_id(user_id).await.map_err(users_error)?;
         let cred = match &user {
@@ -690,7 +703,36 @@ impl AuthCore {
         .await
     }
 
-    /// A ticket that cannot be used: counted, audited, refused.
+    /// A ticket that is malformed or the store does not know (it might be a guess):
+    /// counted against the address, then refused like [`Self::ticket_refused`], except
+    /// that the user id it names is unverified, so it goes in the audit row's detail,
+    /// never its user column.
+    async fn bad_ticket(
+        &self,
+        claimed_user_id: Option<&str>,
+        client: &ClientInfo,
+        why: &str,
+    ) -> AuthError {
+        let counted = self
+            .throttle
+            .ticket_failed(&client.ip, self.clock.unix_millis())
+            .await;
+        self.record_address_lockout(
+            client,
+            counted,
+            "VerifySecondFactor",
+            "mfa-ticket",
+            "second-factor tickets",
+        );
+        let why = match claimed_user_id {
+            Some(id) => format!("{why}; claimed_user_id={id}"),
+            None => why.to_owned(),
+        };
+        self.ticket_refused(None, client, &why)
+    }
+
+    /// A ticket that cannot be used: counted, audited (under `user_id`, which the
+    /// ticket store vouched for), refused.
     fn ticket_refused(&self, user_id: Option<&str>, client: &ClientInfo, why: &str) -> AuthError {
         metrics::counter!("authd_second_factor_checks_total", "outcome" => "ticket_refused", "method" => "ticket").increment(1);
         tracing::info!(
@@ -700,7 +742,6 @@ impl AuthCore {
         );
         let event = AuditEvent::new(AuditKind::MfaFailed, client)
             .detail(format!("VerifySecondFactor: {why}"));
-        // The id is the one the ticket names (shape-checked): what was claimed.
         self.audit.record(match user_id {
             Some(id) => event.user(id),
             None => event,

@@ -908,21 +908,36 @@ impl AuthCore {
     /// Counts a bad refresh token against the caller's address; records the lockout
     /// it caused. A counter that cannot be written is logged, and the refusal stands.
     async fn count_bad_refresh(&self, client: &ClientInfo) {
-        match self
+        let counted = self
             .throttle
             .refresh_failed(&client.ip, self.clock.unix_millis())
-            .await
-        {
+            .await;
+        self.record_address_lockout(client, counted, "Refresh", "refresh", "refresh tokens");
+    }
+
+    /// Records the lockout that a bad `what` (refresh tokens, tickets) counted against
+    /// the caller's address caused, so that `call` from it must wait; the audit row
+    /// names the address's `counter`. A counter that cannot be written is logged, and
+    /// the refusal stands.
+    pub(super) fn record_address_lockout(
+        &self,
+        client: &ClientInfo,
+        counted: Result<Option<Lockout>, StoreError>,
+        call: &'static str,
+        counter: &str,
+        what: &'static str,
+    ) {
+        match counted {
             Ok(Some(Lockout { failures, wait, .. })) => {
-                tracing::info!(failures, wait = ?wait, "lockout: Refresh from this address must wait");
+                tracing::info!(call, failures, wait = ?wait, "lockout: calls from this address must wait");
                 self.audit
                     .record(AuditEvent::new(AuditKind::Lockout, client).detail(format!(
-                        "refresh address after {failures} bad refresh tokens; wait {}ms",
+                        "{counter} address after {failures} bad {what}; wait {}ms",
                         wait.as_millis()
                     )));
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "bad refresh token not counted"),
+            Err(e) => tracing::warn!(error = %e, what, "bad credential not counted"),
         }
     }
 

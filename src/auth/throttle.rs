@@ -219,6 +219,22 @@ impl Throttle {
         self.address_failed(&refresh_key(ip), now_ms).await
     }
 
+    /// Refuses a VerifySecondFactor from `ip` while the address must wait for its
+    /// malformed or unknown tickets. A look only, like [`Throttle::admit_refresh`].
+    pub async fn admit_ticket(&self, ip: &str, now_ms: i64) -> Result<(), AuthError> {
+        self.look(&ticket_key(ip), now_ms).await
+    }
+
+    /// Counts a malformed or unknown ticket from `ip`, with the address limits of
+    /// failed logins, on a counter of its own. Returns the lockout it caused, if any.
+    pub async fn ticket_failed(
+        &self,
+        ip: &str,
+        now_ms: i64,
+    ) -> Result<Option<Lockout>, StoreError> {
+        self.address_failed(&ticket_key(ip), now_ms).await
+    }
+
     /// `Throttled` while the counter `key` must wait; writes nothing.
     async fn look(&self, key: &str, now_ms: i64) -> Result<(), AuthError> {
         let until = self.store.locked_until(&[key]).await.map_err(store_error)?;
@@ -338,6 +354,11 @@ impl Throttle {
 /// The counter of an address's bad refresh tokens.
 fn refresh_key(ip: &str) -> String {
     format!("refresh:{}", address_key(ip))
+}
+
+/// The counter of an address's malformed or unknown second-factor tickets.
+fn ticket_key(ip: &str) -> String {
+    format!("mfa-ticket:{}", address_key(ip))
 }
 
 fn throttled(until_ms: i64, now_ms: i64) -> AuthError {

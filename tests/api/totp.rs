@@ -25,7 +25,8 @@ on_every_backend!(
     an_administrator_can_reset_a_lost_second_factor,
     no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
     wrong_codes_are_a_handful_a_day_and_a_success_resets_them,
-    step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address
+    step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address,
+    junk_tickets_are_counted_on_the_address_and_name_no_user
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -1087,4 +1088,61 @@ async fn step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address(backe
         verify(&app, &t, &code_at(&app, &eve_secret, 0), "").await,
         Code::ResourceExhausted,
     );
+}
+
+async fn junk_tickets_are_counted_on_the_address_and_name_no_user(backend: Backend) {
+    let app = totp_app(backend, &[("THROTTLE_ADDRESS_THRESHOLD", "5")]).await;
+    let (victim, _, secret, _) = enrolled(&app, "vic").await;
+    let mut refused = 0;
+    let mut exhausted = 0;
+    for i in 0..200 {
+        let junk = if i % 10 == 9 {
+            format!("not-a-ticket-{i}")
+        } else {
+            format!("mt1.{victim}.{i:x}")
+        };
+        match verify(&app, &junk, "123456", "").await {
+            Err(s) if s.code() == Code::Unauthenticated => refused += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => exhausted += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((refused, exhausted), (5, 195));
+    // The claimed id is in the rows' detail, never their user column.
+    let db = app.db().await;
+    let claimed = format!("%claimed_user_id={victim}%");
+    let ok = eventually(Duration::from_secs(5), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'mfa_failed' AND detail LIKE ?",
+        )
+        .bind(&claimed)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        n == 5
+    })
+    .await;
+    assert!(ok, "the claimed id is not in the rows' detail");
+    let lockouts: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'lockout' \
+             AND detail LIKE 'mfa-ticket address after 5 bad second-factor tickets%'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(lockouts, 1);
+    assert!(
+        !audit_kinds(&app, &victim)
+            .await
+            .contains(&"mfa_failed".to_owned()),
+        "{:?}",
+        audit_kinds(&app, &victim).await
+    );
+    // Once the wait is over, the victim's own ticket works.
+    let wait = retry_delay(verify(&app, "mt1.x.y", "123456", "").await);
+    advance(&app, wait);
+    let t = ticket(&app, "vic").await;
+    verify(&app, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
 }
