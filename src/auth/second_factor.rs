@@ -425,20 +425,50 @@ impl AuthCore {
         client: &ClientInfo,
         call: &'static str,
     ) -> Result<(), AuthError> {
+        match self.step_up_given(claims, factor, call).await? {
+            Some(cred) => {
+                self.step_up_check(claims, &cred, factor, client, call)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Step-up's first half, which uses nothing up: the user's credential when the call
+    /// needs a code and one was given; `None` when the user has no second factor;
+    /// SecondFactorRequired when no code was given.
+    pub(crate) async fn step_up_given(
+        &self,
+        claims: &Claims,
+        factor: &GivenFactor,
+        call: &'static str,
+    ) -> Result<Option<TotpCredential>, AuthError> {
         factor.check()?;
         let Some(cred) = self.second_factor_of(&claims.sub).await? else {
-            return Ok(());
+            return Ok(None);
         };
         if factor.is_empty() {
             metrics::counter!("authd_step_up_total", "outcome" => "missing").increment(1);
             tracing::info!(user_id = %claims.sub, call, "refused: second factor required");
             return Err(AuthError::SecondFactorRequired);
         }
+        Ok(Some(cred))
+    }
+
+    /// Step-up's second half: checks the code given (counted, and used up when right).
+    pub(crate) async fn step_up_check(
+        &self,
+        claims: &Claims,
+        cred: &TotpCredential,
+        factor: &GivenFactor,
+        client: &ClientInfo,
+        call: &'static str,
+    ) -> Result<(), AuthError> {
         match self
             .try_factor(
                 &Subject::second_factor_of_bearer(&claims.sub),
                 &claims.sub,
-                &cred,
+                cred,
                 factor,
                 client,
                 call,

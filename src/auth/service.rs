@@ -1136,7 +1136,11 @@ impl AuthCore {
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
-        self.step_up(&claims, factor, &client, "ChangePassword")
+        // A code must be given before the current password is checked (a token thief
+        // without one learns nothing), but is used up only once the password is right:
+        // a mistyped password does not burn it.
+        let step_up = self
+            .step_up_given(&claims, factor, "ChangePassword")
             .await?;
         // Wrong current passwords count against the same account as failed logins, and
         // are counted before they are checked, like them.
@@ -1185,6 +1189,10 @@ impl AuthCore {
             }
         };
         self.settle(&who, attempt, Settle::Succeeded).await;
+        if let Some(cred) = &step_up {
+            self.step_up_check(&claims, cred, factor, &client, "ChangePassword")
+                .await?;
+        }
         let new_hash = self
             .hasher
             .hash(share.as_deref(), new_password.expose())

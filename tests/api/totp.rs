@@ -26,7 +26,8 @@ on_every_backend!(
     no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
     wrong_codes_are_a_handful_a_day_and_a_success_resets_them,
     step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address,
-    junk_tickets_are_counted_on_the_address_and_name_no_user
+    junk_tickets_are_counted_on_the_address_and_name_no_user,
+    a_wrong_current_password_does_not_use_up_the_step_up_code
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -1145,4 +1146,34 @@ async fn junk_tickets_are_counted_on_the_address_and_name_no_user(backend: Backe
     verify(&app, &t, &code_at(&app, &secret, 0), "")
         .await
         .unwrap();
+}
+
+async fn a_wrong_current_password_does_not_use_up_the_step_up_code(backend: Backend) {
+    let app = totp_app(backend, &[]).await;
+    let (user_id, token, secret, _) = enrolled(&app, "lou").await;
+    let change = |current: &str, sf: Option<pb::SecondFactor>| {
+        let mut client = app.client.clone();
+        let request = bearer(
+            &token,
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: "Brand-New-Pass-7".into(),
+                second_factor: sf,
+            },
+        );
+        async move { client.change_password(request).await }
+    };
+    // No code: refused before the password is looked at.
+    assert_eq!(
+        reason(change("Wrong-Horse-9", None).await, Code::Unauthenticated),
+        "SECOND_FACTOR_REQUIRED"
+    );
+    let code = code_at(&app, &secret, 0);
+    assert_code(
+        change("Wrong-Horse-9", factor(&code, "")).await,
+        Code::PermissionDenied,
+    );
+    // The same code, in the same step, with the right password.
+    change(PASSWORD, factor(&code, "")).await.unwrap();
+    assert_audited(&app, &user_id, &["password_changed"]).await;
 }
