@@ -308,19 +308,19 @@ impl AuthCore {
     }
 
     /// Checks `factor` against the user's confirmed credential, counted on the second
-    /// factor's throttle counters first. `Some(method)` when it was accepted (and is
-    /// now used up), `None` when it was not (audited, counted).
+    /// factor's throttle counters (`who`) first. `Some(method)` when it was accepted (and
+    /// is now used up), `None` when it was not (audited, counted).
     async fn try_factor(
         &self,
+        who: &Subject,
         user_id: &str,
         cred: &TotpCredential,
         factor: &GivenFactor,
         client: &ClientInfo,
         call: &'static str,
     ) -> Result<Option<Method>, AuthError> {
-        let who = Subject::second_factor(user_id, &client.ip);
         let attempt = self
-            .admit(&who, call, || {
+            .admit(who, call, || {
                 AuditEvent::new(AuditKind::Throttled, client)
                     .user(user_id)
                     .detail("second factor")
@@ -330,13 +330,13 @@ impl AuthCore {
         let accepted = match checked {
             Ok(accepted) => accepted,
             Err(e) => {
-                self.settle(&who, attempt, Settle::Withdraw).await;
+                self.settle(who, attempt, Settle::Withdraw).await;
                 return Err(e);
             }
         };
         match accepted {
             Some(method) => {
-                self.settle(&who, attempt, Settle::Succeeded).await;
+                self.settle(who, attempt, Settle::Succeeded).await;
                 metrics::counter!("authd_second_factor_checks_total", "outcome" => "accepted", "method" => method.as_str()).increment(1);
                 self.audit.record(
                     AuditEvent::new(AuditKind::MfaSucceeded, client)
@@ -427,7 +427,9 @@ impl AuthCore {
     }
 
     /// Step-up: for a user with a second factor, a critical call (`call`) needs a
-    /// current code in the request. Users without one pass.
+    /// current code in the request. Users without one pass. Wrong codes count on the
+    /// user's counter only: the bearer names the guesser, and its address may be
+    /// everyone's (a gateway, a NAT).
     pub(crate) async fn step_up(
         &self,
         claims: &Claims,
@@ -435,17 +437,54 @@ impl AuthCore {
         client: &ClientInfo,
         call: &'static str,
     ) -> Result<(), AuthError> {
+        match self.step_up_given(claims, factor, call).await? {
+            Some(cred) => {
+                self.step_up_check(claims, &cred, factor, client, call)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Step-up's first half, which uses nothing up: the user's credential when the call
+    /// needs a code and one was given; `None` when the user has no second factor;
+    /// SecondFactorRequired when no code was given.
+    pub(crate) async fn step_up_given(
+        &self,
+        claims: &Claims,
+        factor: &GivenFactor,
+        call: &'static str,
+    ) -> Result<Option<TotpCredential>, AuthError> {
         factor.check()?;
         let Some(cred) = self.second_factor_of(&claims.sub).await? else {
-            return Ok(());
+            return Ok(None);
         };
         if factor.is_empty() {
             metrics::counter!("authd_step_up_total", "outcome" => "missing").increment(1);
             tracing::info!(user_id = %claims.sub, call, "refused: second factor required");
             return Err(AuthError::SecondFactorRequired);
         }
+        Ok(Some(cred))
+    }
+
+    /// Step-up's second half: checks the code given (counted, and used up when right).
+    pub(crate) async fn step_up_check(
+        &self,
+        claims: &Claims,
+        cred: &TotpCredential,
+        factor: &GivenFactor,
+        client: &ClientInfo,
+        call: &'static str,
+    ) -> Result<(), AuthError> {
         match self
-            .try_factor(&claims.sub, &cred, factor, client, call)
+            .try_factor(
+                &Subject::second_factor_of_bearer(&claims.sub),
+                &claims.sub,
+                cred,
+                factor,
+                client,
+                call,
+            )
             .await?
         {
             Some(_) => {
@@ -570,7 +609,8 @@ impl AuthCore {
             (AuditKind::MfaFailed, "ConfirmTotp: wrong current password"),
         )
         .await?;
-        let who = Subject::second_factor(&claims.sub, &client.ip);
+        // The bearer names the guesser: its user counter only, not its address's.
+        let who = Subject::second_factor_of_bearer(&claims.sub);
         let event = |kind| {
             AuditEvent::new(kind, &client)
                 .user(&claims.sub)
@@ -643,8 +683,19 @@ impl AuthCore {
                 "give totp_code or recovery_code",
             ));
         }
+        // An address that sent too many malformed or unknown tickets waits, before any
+        // work is done (like bad refresh tokens).
+        if let Err(e) = self
+            .throttle
+            .admit_ticket(&client.ip, self.clock.unix_millis())
+            .await
+        {
+            metrics::counter!("authd_second_factor_checks_total", "outcome" => "throttled", "method" => "ticket").increment(1);
+            tracing::debug!(error = %e, "VerifySecondFactor refused unchecked: too many bad tickets");
+            return Err(e);
+        }
         let Some(user_id) = ticket_user(ticket) else {
-            return Err(self.ticket_refused(None, &client, "malformed ticket"));
+            return Err(self.bad_ticket(None, &client, "malformed ticket").await);
         };
         let hash = ticket_hash(ticket);
         let now = self.clock.unix_seconds();
@@ -654,11 +705,13 @@ impl AuthCore {
             .await
             .map_err(sessions_error)?
         else {
-            return Err(self.ticket_refused(
-                Some(user_id),
-                &client,
-                "ticket unknown, used, expired or past its attempts",
-            ));
+            return Err(self
+                .bad_ticket(
+                    Some(user_id),
+                    &client,
+                    "ticket unknown, used, expired or past its attempts",
+                )
+                .await);
         };
         let user = self.users.find_by_id(user_id).await.map_err(users_error)?;
         let cred = match &user {
@@ -687,7 +740,14 @@ impl AuthCore {
             }
         };
         let accepted = self
-            .try_factor(&user.id, &cred, factor, &client, "VerifySecondFactor")
+            .try_factor(
+                &Subject::second_factor(&user.id, &client.ip),
+                &user.id,
+                &cred,
+                factor,
+                &client,
+                "VerifySecondFactor",
+            )
             .await?;
         if accepted.is_none() {
             if attempted.attempts >= TICKET_ATTEMPTS {
@@ -720,7 +780,36 @@ impl AuthCore {
         .await
     }
 
-    /// A ticket that cannot be used: counted, audited, refused.
+    /// A ticket that is malformed or the store does not know (it might be a guess):
+    /// counted against the address, then refused like [`Self::ticket_refused`], except
+    /// that the user id it names is unverified, so it goes in the audit row's detail,
+    /// never its user column.
+    async fn bad_ticket(
+        &self,
+        claimed_user_id: Option<&str>,
+        client: &ClientInfo,
+        why: &str,
+    ) -> AuthError {
+        let counted = self
+            .throttle
+            .ticket_failed(&client.ip, self.clock.unix_millis())
+            .await;
+        self.record_address_lockout(
+            client,
+            counted,
+            "VerifySecondFactor",
+            "mfa-ticket",
+            "second-factor tickets",
+        );
+        let why = match claimed_user_id {
+            Some(id) => format!("{why}; claimed_user_id={id}"),
+            None => why.to_owned(),
+        };
+        self.ticket_refused(None, client, &why)
+    }
+
+    /// A ticket that cannot be used: counted, audited (under `user_id`, which the
+    /// ticket store vouched for), refused.
     fn ticket_refused(&self, user_id: Option<&str>, client: &ClientInfo, why: &str) -> AuthError {
         metrics::counter!("authd_second_factor_checks_total", "outcome" => "ticket_refused", "method" => "ticket").increment(1);
         tracing::info!(
@@ -730,7 +819,6 @@ impl AuthCore {
         );
         let event = AuditEvent::new(AuditKind::MfaFailed, client)
             .detail(format!("VerifySecondFactor: {why}"));
-        // The id is the one the ticket names (shape-checked): what was claimed.
         self.audit.record(match user_id {
             Some(id) => event.user(id),
             None => event,

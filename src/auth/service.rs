@@ -919,21 +919,36 @@ impl AuthCore {
     /// Counts a bad refresh token against the caller's address; records the lockout
     /// it caused. A counter that cannot be written is logged, and the refusal stands.
     async fn count_bad_refresh(&self, client: &ClientInfo) {
-        match self
+        let counted = self
             .throttle
             .refresh_failed(&client.ip, self.clock.unix_millis())
-            .await
-        {
+            .await;
+        self.record_address_lockout(client, counted, "Refresh", "refresh", "refresh tokens");
+    }
+
+    /// Records the lockout that a bad `what` (refresh tokens, tickets) counted against
+    /// the caller's address caused, so that `call` from it must wait; the audit row
+    /// names the address's `counter`. A counter that cannot be written is logged, and
+    /// the refusal stands.
+    pub(super) fn record_address_lockout(
+        &self,
+        client: &ClientInfo,
+        counted: Result<Option<Lockout>, StoreError>,
+        call: &'static str,
+        counter: &str,
+        what: &'static str,
+    ) {
+        match counted {
             Ok(Some(Lockout { failures, wait, .. })) => {
-                tracing::info!(failures, wait = ?wait, "lockout: Refresh from this address must wait");
+                tracing::info!(call, failures, wait = ?wait, "lockout: calls from this address must wait");
                 self.audit
                     .record(AuditEvent::new(AuditKind::Lockout, client).detail(format!(
-                        "refresh address after {failures} bad refresh tokens; wait {}ms",
+                        "{counter} address after {failures} bad {what}; wait {}ms",
                         wait.as_millis()
                     )));
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "bad refresh token not counted"),
+            Err(e) => tracing::warn!(error = %e, what, "bad credential not counted"),
         }
     }
 
@@ -1132,7 +1147,11 @@ impl AuthCore {
         let Some(new_password) = new_password.filter(|_| violations.is_empty()) else {
             return Err(AuthError::InvalidArgument(violations));
         };
-        self.step_up(&claims, factor, &client, "ChangePassword")
+        // A code must be given before the current password is checked (a token thief
+        // without one learns nothing), but is used up only once the password is right:
+        // a mistyped password does not burn it.
+        let step_up = self
+            .step_up_given(&claims, factor, "ChangePassword")
             .await?;
         let user = self
             .check_current_password(
@@ -1152,6 +1171,10 @@ impl AuthCore {
                 .session(&claims.sid)
                 .jti(&claims.jti)
         };
+        if let Some(cred) = &step_up {
+            self.step_up_check(&claims, cred, factor, &client, "ChangePassword")
+                .await?;
+        }
         let new_hash = self
             .hasher
             .hash(share.as_deref(), new_password.expose())

@@ -47,11 +47,20 @@ pub struct Lockout {
     pub wait: Duration,
 }
 
-/// Who an attempt is counted against.
+/// Which limits an account counter follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Factor {
+    Password,
+    Second,
+}
+
+/// Who an attempt is counted against: an account (or user), and the client address
+/// unless the caller is already identified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
     account: String,
-    address: String,
+    address: Option<String>,
+    factor: Factor,
 }
 
 impl Subject {
@@ -60,17 +69,29 @@ impl Subject {
     pub fn new(name_hash: &str, ip: &str) -> Self {
         Self {
             account: format!("account:{name_hash}"),
-            address: format!("address:{}", address_key(ip)),
+            address: Some(format!("address:{}", address_key(ip))),
+            factor: Factor::Password,
         }
     }
 
-    /// The second factor's counters, apart from the password's: the user (by id) and
-    /// the client address. Wrong codes never lock out password attempts, nor the
-    /// reverse.
+    /// The second factor's counters, apart from the password's: the user (by id), with
+    /// the second factor's limits, and the client address. Wrong codes never lock out
+    /// password attempts, nor the reverse.
     pub fn second_factor(user_id: &str, ip: &str) -> Self {
         Self {
+            address: Some(format!("mfa-address:{}", address_key(ip))),
+            ..Self::second_factor_of_bearer(user_id)
+        }
+    }
+
+    /// The second factor's user counter alone, for a caller whose bearer token already
+    /// names the user (step-up, ConfirmTotp): its wrong codes are its own, and must not
+    /// lock out the others behind its address (a gateway, a NAT).
+    pub fn second_factor_of_bearer(user_id: &str) -> Self {
+        Self {
             account: format!("mfa-user:{user_id}"),
-            address: format!("mfa-address:{}", address_key(ip)),
+            address: None,
+            factor: Factor::Second,
         }
     }
 }
@@ -97,7 +118,7 @@ pub fn address_key(ip: &str) -> String {
 #[must_use = "an attempt is settled as a failure, a success or withdrawn"]
 pub struct Attempt {
     account: Counted,
-    address: Counted,
+    address: Option<Counted>,
     at_ms: i64,
 }
 
@@ -108,6 +129,7 @@ pub struct Throttle {
     account: Limit,
     address: Limit,
     register: Limit,
+    second_factor: Limit,
 }
 
 impl Throttle {
@@ -124,28 +146,45 @@ impl Throttle {
             account: limit(&config.account),
             address: limit(&config.address),
             register: limit(&config.register),
+            second_factor: limit(&config.second_factor),
         }
     }
 
-    /// Counts an attempt against the account and the address, or `Throttled` while
-    /// either must wait (then nothing is counted). Needs the counters' store: when it
-    /// cannot be asked, nothing is checked and the call is UNAVAILABLE.
+    /// The counters `who` is counted on, with their limits: the account's, then the
+    /// address's if any.
+    fn counters<'a>(&self, who: &'a Subject) -> Vec<(&'a str, Limit)> {
+        let account = match who.factor {
+            Factor::Password => self.account,
+            Factor::Second => self.second_factor,
+        };
+        let mut counters = vec![(who.account.as_str(), account)];
+        if let Some(address) = &who.address {
+            counters.push((address, self.address));
+        }
+        counters
+    }
+
+    /// Counts an attempt against the account and the address (if `who` has one), or
+    /// `Throttled` while either must wait (then nothing is counted). Needs the counters'
+    /// store: when it cannot be asked, nothing is checked and the call is UNAVAILABLE.
     pub async fn admit(&self, who: &Subject, now_ms: i64) -> Result<Attempt, AuthError> {
-        let counted = self
-            .reserve(
-                &[(&who.account, self.account), (&who.address, self.address)],
-                now_ms,
-            )
-            .await?;
-        match counted[..] {
-            [account, address] => Ok(Attempt {
+        let counters = self.counters(who);
+        let counted = self.reserve(&counters, now_ms).await?;
+        match (&counted[..], who.address.is_some()) {
+            (&[account, address], true) => Ok(Attempt {
                 account,
-                address,
+                address: Some(address),
+                at_ms: now_ms,
+            }),
+            (&[account], false) => Ok(Attempt {
+                account,
+                address: None,
                 at_ms: now_ms,
             }),
             _ => Err(AuthError::Internal(anyhow::anyhow!(
-                "throttle store answered {} counters for 2",
-                counted.len()
+                "throttle store answered {} counters for {}",
+                counted.len(),
+                counters.len()
             ))),
         }
     }
@@ -166,16 +205,7 @@ impl Throttle {
     /// Refuses a Refresh from `ip` while the address must wait for its bad refresh
     /// tokens. A look only: a good token costs no write (see [`Throttle::refresh_failed`]).
     pub async fn admit_refresh(&self, ip: &str, now_ms: i64) -> Result<(), AuthError> {
-        let key = refresh_key(ip);
-        let until = self
-            .store
-            .locked_until(&[&key])
-            .await
-            .map_err(store_error)?;
-        if until > now_ms {
-            return Err(throttled(until, now_ms));
-        }
-        Ok(())
+        self.look(&refresh_key(ip), now_ms).await
     }
 
     /// Counts a bad refresh token from `ip`, with the address limits of failed logins
@@ -186,9 +216,38 @@ impl Throttle {
         ip: &str,
         now_ms: i64,
     ) -> Result<Option<Lockout>, StoreError> {
-        let key = refresh_key(ip);
+        self.address_failed(&refresh_key(ip), now_ms).await
+    }
+
+    /// Refuses a VerifySecondFactor from `ip` while the address must wait for its
+    /// malformed or unknown tickets. A look only, like [`Throttle::admit_refresh`].
+    pub async fn admit_ticket(&self, ip: &str, now_ms: i64) -> Result<(), AuthError> {
+        self.look(&ticket_key(ip), now_ms).await
+    }
+
+    /// Counts a malformed or unknown ticket from `ip`, with the address limits of
+    /// failed logins, on a counter of its own. Returns the lockout it caused, if any.
+    pub async fn ticket_failed(
+        &self,
+        ip: &str,
+        now_ms: i64,
+    ) -> Result<Option<Lockout>, StoreError> {
+        self.address_failed(&ticket_key(ip), now_ms).await
+    }
+
+    /// `Throttled` while the counter `key` must wait; writes nothing.
+    async fn look(&self, key: &str, now_ms: i64) -> Result<(), AuthError> {
+        let until = self.store.locked_until(&[key]).await.map_err(store_error)?;
+        if until > now_ms {
+            return Err(throttled(until, now_ms));
+        }
+        Ok(())
+    }
+
+    /// Counts a failure on the address counter `key`; the lockout it caused, if any.
+    async fn address_failed(&self, key: &str, now_ms: i64) -> Result<Option<Lockout>, StoreError> {
         Ok(
-            match self.store.reserve(&[(&key, self.address)], now_ms).await? {
+            match self.store.reserve(&[(key, self.address)], now_ms).await? {
                 Reservation::Admitted(counted) => counted
                     .first()
                     .filter(|c| c.locked_until_ms > now_ms)
@@ -229,10 +288,11 @@ impl Throttle {
     /// The attempt failed: its counts stay. The counters it made wait, to report.
     pub fn lockouts(&self, attempt: &Attempt) -> Vec<Lockout> {
         [
-            (Scope::Account, attempt.account),
+            (Scope::Account, Some(attempt.account)),
             (Scope::Address, attempt.address),
         ]
         .into_iter()
+        .filter_map(|(scope, c)| Some((scope, c?)))
         .filter(|(_, c)| c.locked_until_ms > attempt.at_ms)
         .map(|(scope, c)| Lockout {
             scope,
@@ -252,7 +312,13 @@ impl Throttle {
         attempt: Attempt,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let address = [(who.address.as_str(), self.address, attempt.address)];
+        let address: Vec<_> = who
+            .address
+            .as_deref()
+            .zip(attempt.address)
+            .map(|(key, counted)| (key, self.address, counted))
+            .into_iter()
+            .collect();
         let (reset, release) = tokio::join!(
             self.store.reset(&who.account),
             self.store.release(&address, now_ms)
@@ -274,21 +340,25 @@ impl Throttle {
         attempt: Attempt,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        self.store
-            .release(
-                &[
-                    (&who.account, self.account, attempt.account),
-                    (&who.address, self.address, attempt.address),
-                ],
-                now_ms,
-            )
-            .await
+        let counted = [Some(attempt.account), attempt.address];
+        let released: Vec<_> = self
+            .counters(who)
+            .into_iter()
+            .zip(counted)
+            .filter_map(|((key, limit), c)| Some((key, limit, c?)))
+            .collect();
+        self.store.release(&released, now_ms).await
     }
 }
 
 /// The counter of an address's bad refresh tokens.
 fn refresh_key(ip: &str) -> String {
     format!("refresh:{}", address_key(ip))
+}
+
+/// The counter of an address's malformed or unknown second-factor tickets.
+fn ticket_key(ip: &str) -> String {
+    format!("mfa-ticket:{}", address_key(ip))
 }
 
 fn throttled(until_ms: i64, now_ms: i64) -> AuthError {
@@ -323,9 +393,13 @@ mod tests {
         assert_eq!(a.address, b.address);
         assert_ne!(a.address, c.address);
         assert_eq!(
-            Subject::new("h", "::ffff:10.0.0.1").address,
-            "address:10.0.0.1"
+            Subject::new("h", "::ffff:10.0.0.1").address.as_deref(),
+            Some("address:10.0.0.1")
         );
-        assert_eq!(Subject::new("h", "").address, "address:unknown");
+        assert_eq!(
+            Subject::new("h", "").address.as_deref(),
+            Some("address:unknown")
+        );
+        assert_eq!(Subject::second_factor_of_bearer("u").address, None);
     }
 }

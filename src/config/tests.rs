@@ -201,6 +201,8 @@ fn bad_values_name_their_variable() {
         ("THROTTLE_BASE_DELAY", "0s"),
         ("THROTTLE_REGISTER_THRESHOLD", "0"),
         ("THROTTLE_REGISTER_WINDOW", "hourly"),
+        ("THROTTLE_SECOND_FACTOR_THRESHOLD", "0"),
+        ("THROTTLE_SECOND_FACTOR_WINDOW", "weekly"),
         ("BCRYPT_MAX_PER_ADDRESS", "0"),
         ("PASSWORD_POLICY", "strict"),
         ("PASSWORD_MIN_LENGTH", "7"),
@@ -370,6 +372,15 @@ fn abuse_settings_have_defaults() {
     assert_eq!(c.throttle.register.threshold, 20);
     assert_eq!(c.throttle.register.window, Duration::from_secs(3600));
     assert_eq!(c.throttle.register.max_delay, Duration::from_secs(3600));
+    assert_eq!(c.throttle.second_factor.threshold, 5);
+    assert_eq!(
+        c.throttle.second_factor.window,
+        Duration::from_secs(7 * 86_400)
+    );
+    assert_eq!(
+        c.throttle.second_factor.max_delay,
+        Duration::from_secs(86_400)
+    );
     assert_eq!(c.password_policy.mode, PasswordPolicyMode::Classic);
     assert_eq!(c.password_policy.min_length, 8);
     assert_eq!(c.audit.retention, Duration::from_secs(90 * 86_400));

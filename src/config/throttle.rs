@@ -28,9 +28,17 @@ pub struct ThrottleConfig {
     /// Register calls from one client address, successful or not: account creation
     /// and name probing are rationed per address.
     pub register: ThrottleLimit,
+    /// Wrong second-factor codes of one user (TOTP or recovery codes, at login and at
+    /// step-up): a long window, so that waiting it out gives only a handful of guesses
+    /// a day (docs/security.md).
+    pub second_factor: ThrottleLimit,
     /// The first wait past a threshold; each further failure doubles it, up to the cap.
     pub base_delay: Duration,
 }
+
+/// The second factor's default window: a week, so that waiting the count out is slow.
+/// A success resets the count, so a user who mistypes a code loses nothing by it.
+const SECOND_FACTOR_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub(super) fn throttle(raw: &RawEnv) -> Result<ThrottleConfig, ConfigError> {
     let base_delay = duration(
@@ -111,6 +119,19 @@ pub(super) fn throttle(raw: &RawEnv) -> Result<ThrottleConfig, ConfigError> {
                 raw.throttle_register_max_delay.clone(),
             ],
             (20, Duration::from_secs(3600), Duration::from_secs(3600)),
+        )?,
+        second_factor: limit(
+            [
+                "THROTTLE_SECOND_FACTOR_THRESHOLD",
+                "THROTTLE_SECOND_FACTOR_WINDOW",
+                "THROTTLE_SECOND_FACTOR_MAX_DELAY",
+            ],
+            [
+                raw.throttle_second_factor_threshold.clone(),
+                raw.throttle_second_factor_window.clone(),
+                raw.throttle_second_factor_max_delay.clone(),
+            ],
+            (5, SECOND_FACTOR_WINDOW, Duration::from_secs(24 * 3600)),
         )?,
         base_delay,
     })

@@ -26,7 +26,11 @@ on_every_backend!(
     no_secret_ticket_or_recovery_code_reaches_the_log_or_the_audit_trail,
     a_stolen_token_alone_cannot_confirm_a_second_factor,
     a_ticket_from_before_a_password_change_is_refused,
-    the_ticket_branch_of_login_rehashes_at_the_configured_cost
+    the_ticket_branch_of_login_rehashes_at_the_configured_cost,
+    wrong_codes_are_a_handful_a_day_and_a_success_resets_them,
+    step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address,
+    junk_tickets_are_counted_on_the_address_and_name_no_user,
+    a_wrong_current_password_does_not_use_up_the_step_up_code
 );
 
 /// The sealing key the MySQL apps get (embedded mode makes its own key file).
@@ -68,7 +72,11 @@ pub async fn totp_app(backend: Backend, env: &[(&str, &str)]) -> TestApp {
         builder = builder.env("TOTP_ENCRYPTION_KEY", TOTP_KEY);
     }
     // Each test below makes more wrong codes than the default threshold on purpose.
-    for name in ["THROTTLE_ACCOUNT_THRESHOLD", "THROTTLE_ADDRESS_THRESHOLD"] {
+    for name in [
+        "THROTTLE_ACCOUNT_THRESHOLD",
+        "THROTTLE_ADDRESS_THRESHOLD",
+        "THROTTLE_SECOND_FACTOR_THRESHOLD",
+    ] {
         if !env.iter().any(|(k, _)| *k == name) {
             builder = builder.env(name, "100");
         }
@@ -498,6 +506,7 @@ async fn wrong_codes_are_throttled_apart_from_passwords(backend: Backend) {
         backend,
         &[
             ("THROTTLE_ACCOUNT_THRESHOLD", "3"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "3"),
             ("THROTTLE_BASE_DELAY", "60s"),
         ],
     )
@@ -1228,4 +1237,220 @@ async fn embedded_mode_refuses_to_start_when_its_key_file_is_gone() {
         "{error}"
     );
     assert!(!key_file.exists(), "a new key file was written");
+}
+
+/// A wrong code that no credential ever accepts (7 digits where 6 are expected); it is
+/// counted like any wrong code.
+const NEVER_RIGHT: &str = "0000000";
+
+/// The wait a RESOURCE_EXHAUSTED refusal asks for (at least 1 s).
+#[track_caller]
+fn retry_delay<T: std::fmt::Debug>(result: Result<T, Status>) -> Duration {
+    let status = assert_code(result, Code::ResourceExhausted);
+    let delay = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo delay");
+    delay.max(Duration::from_secs(1))
+}
+
+async fn wrong_codes_are_a_handful_a_day_and_a_success_resets_them(backend: Backend) {
+    // The password and address limits as an attacker who knows the password meets them
+    // (it spreads its logins over addresses); the second factor's at their defaults.
+    let app = totp_app(
+        backend,
+        &[
+            ("THROTTLE_ACCOUNT_THRESHOLD", "10"),
+            ("THROTTLE_ADDRESS_THRESHOLD", "1000"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "5"),
+        ],
+    )
+    .await;
+    let (_, _, secret, _) = enrolled(&app, "gus").await;
+    // The greediest schedule: each code as soon as the throttle allows, for two days.
+    let start = unix(&app.clock);
+    let mut checked = 0;
+    while unix(&app.clock) - start < 2 * 24 * 3600 && checked <= 25 {
+        let t = ticket(&app, "gus").await;
+        match verify(&app, &t, NEVER_RIGHT, "").await {
+            Err(s) if s.code() == Code::Unauthenticated => checked += 1,
+            other => advance(&app, retry_delay(other)),
+        }
+    }
+    // 5, then waits of 1 s, 2 s, 4 s … doubling to a day: 22 in 48 h (the old limits,
+    // shared with passwords, let about 600 through).
+    assert_eq!(checked, 22, "codes checked in two days");
+    // The loop waited out the last wait: the next code is checked, and past the cap each
+    // one costs a day, even the owner's right one …
+    let t = ticket(&app, "gus").await;
+    assert_code(
+        verify(&app, &t, NEVER_RIGHT, "").await,
+        Code::Unauthenticated,
+    );
+    let t = ticket(&app, "gus").await;
+    let wait = retry_delay(verify(&app, &t, &code_at(&app, &secret, 0), "").await);
+    assert!(wait > Duration::from_secs(23 * 3600), "{wait:?}");
+    // … which, once the wait is over, resets the count.
+    advance(&app, wait);
+    let t = ticket(&app, "gus").await;
+    verify(&app, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+    let t = ticket(&app, "gus").await;
+    assert_code(
+        verify(&app, &t, NEVER_RIGHT, "").await,
+        Code::Unauthenticated,
+    );
+}
+
+async fn step_up_and_confirm_count_wrong_codes_on_the_user_not_the_address(backend: Backend) {
+    // The default limits, every caller on one address (127.0.0.1), as behind a gateway.
+    let app = totp_app(
+        backend,
+        &[
+            ("THROTTLE_ADDRESS_THRESHOLD", "5"),
+            ("THROTTLE_SECOND_FACTOR_THRESHOLD", "5"),
+        ],
+    )
+    .await;
+    let (_, mallory, _, _) = enrolled(&app, "mallory").await;
+    let (_, bob, bob_secret, _) = enrolled(&app, "bob").await;
+    let (_, carol) = app.user_with_session("carol").await;
+    let carol_secret = enroll(&app, &carol.access_token).await.unwrap().secret;
+    let disable = |token: &str, sf: Option<pb::SecondFactor>| {
+        let mut client = app.client.clone();
+        let request = bearer(token, pb::DisableTotpRequest { second_factor: sf });
+        async move { client.disable_totp(request).await }
+    };
+    // Mallory sends wrong codes to the step-up calls and to her own enrolment.
+    let (_, mallory_login) = app.user_with_session("mallory2").await;
+    enroll(&app, &mallory_login.access_token).await.unwrap();
+    for _ in 0..4 {
+        assert_code(
+            disable(&mallory, factor(NEVER_RIGHT, "")).await,
+            Code::Unauthenticated,
+        );
+        assert_code(
+            confirm(&app, &mallory_login.access_token, NEVER_RIGHT).await,
+            Code::Unauthenticated,
+        );
+    }
+    // Her own counters stop her …
+    assert_code(
+        disable(&mallory, factor(NEVER_RIGHT, "")).await,
+        Code::Unauthenticated,
+    );
+    assert_code(
+        disable(&mallory, factor(NEVER_RIGHT, "")).await,
+        Code::ResourceExhausted,
+    );
+    // … and nobody else behind the address: Bob's step-up and Carol's enrolment work.
+    disable(&bob, factor(&code_at(&app, &bob_secret, 0), ""))
+        .await
+        .unwrap();
+    confirm(&app, &carol.access_token, &code_at(&app, &carol_secret, 0))
+        .await
+        .unwrap();
+    // VerifySecondFactor names no caller: there, wrong codes count on the address too.
+    let (_, _, _, _) = enrolled(&app, "dora").await;
+    let (_, _, eve_secret, _) = enrolled(&app, "eve").await;
+    for _ in 0..5 {
+        let t = ticket(&app, "dora").await;
+        assert_code(
+            verify(&app, &t, NEVER_RIGHT, "").await,
+            Code::Unauthenticated,
+        );
+    }
+    let t = ticket(&app, "eve").await;
+    assert_code(
+        verify(&app, &t, &code_at(&app, &eve_secret, 0), "").await,
+        Code::ResourceExhausted,
+    );
+}
+
+async fn junk_tickets_are_counted_on_the_address_and_name_no_user(backend: Backend) {
+    let app = totp_app(backend, &[("THROTTLE_ADDRESS_THRESHOLD", "5")]).await;
+    let (victim, _, secret, _) = enrolled(&app, "vic").await;
+    let mut refused = 0;
+    let mut exhausted = 0;
+    for i in 0..200 {
+        let junk = if i % 10 == 9 {
+            format!("not-a-ticket-{i}")
+        } else {
+            format!("mt1.{victim}.{i:x}")
+        };
+        match verify(&app, &junk, "123456", "").await {
+            Err(s) if s.code() == Code::Unauthenticated => refused += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => exhausted += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((refused, exhausted), (5, 195));
+    // The claimed id is in the rows' detail, never their user column.
+    let db = app.db().await;
+    let claimed = format!("%claimed_user_id={victim}%");
+    let ok = eventually(Duration::from_secs(5), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'mfa_failed' AND detail LIKE ?",
+        )
+        .bind(&claimed)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        n == 5
+    })
+    .await;
+    assert!(ok, "the claimed id is not in the rows' detail");
+    let lockouts: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'lockout' \
+             AND detail LIKE 'mfa-ticket address after 5 bad second-factor tickets%'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(lockouts, 1);
+    assert!(
+        !audit_kinds(&app, &victim)
+            .await
+            .contains(&"mfa_failed".to_owned()),
+        "{:?}",
+        audit_kinds(&app, &victim).await
+    );
+    // Once the wait is over, the victim's own ticket works.
+    let wait = retry_delay(verify(&app, "mt1.x.y", "123456", "").await);
+    advance(&app, wait);
+    let t = ticket(&app, "vic").await;
+    verify(&app, &t, &code_at(&app, &secret, 0), "")
+        .await
+        .unwrap();
+}
+
+async fn a_wrong_current_password_does_not_use_up_the_step_up_code(backend: Backend) {
+    let app = totp_app(backend, &[]).await;
+    let (user_id, token, secret, _) = enrolled(&app, "lou").await;
+    let change = |current: &str, sf: Option<pb::SecondFactor>| {
+        let mut client = app.client.clone();
+        let request = bearer(
+            &token,
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: "Brand-New-Pass-7".into(),
+                second_factor: sf,
+            },
+        );
+        async move { client.change_password(request).await }
+    };
+    // No code: refused before the password is looked at.
+    assert_eq!(
+        reason(change("Wrong-Horse-9", None).await, Code::Unauthenticated),
+        "SECOND_FACTOR_REQUIRED"
+    );
+    let code = code_at(&app, &secret, 0);
+    assert_code(
+        change("Wrong-Horse-9", factor(&code, "")).await,
+        Code::PermissionDenied,
+    );
+    // The same code, in the same step, with the right password.
+    change(PASSWORD, factor(&code, "")).await.unwrap();
+    assert_audited(&app, &user_id, &["password_changed"]).await;
 }
