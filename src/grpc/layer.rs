@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,13 +24,16 @@ use crate::proto::auth::v1::admin_service_server::SERVICE_NAME as ADMIN_SERVICE;
 use crate::proto::auth::v1::auth_service_server::SERVICE_NAME as AUTH_SERVICE;
 use crate::transport::Peer;
 
+const ENVOY_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 /// Services whose names may appear as metric labels; any other path is `unknown`, so a
 /// client cannot grow the label set.
 const KNOWN_SERVICES: &[&str] = &[
     AUTH_SERVICE,
     ADMIN_SERVICE,
-    "envoy.service.auth.v3.Authorization",
-    "grpc.health.v1.Health",
+    ENVOY_SERVICE,
+    HEALTH_SERVICE,
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
 ];
@@ -150,19 +153,58 @@ where
 }
 
 /// Counts a call in `authd_rpc_in_flight` while it lives.
-struct InFlight;
+struct InFlight(&'static metrics::Gauge);
 
 impl InFlight {
     fn enter() -> Self {
-        metrics::gauge!("authd_rpc_in_flight").increment(1.0);
-        Self
+        static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+        let gauge = GAUGE.get_or_init(|| metrics::gauge!("authd_rpc_in_flight"));
+        gauge.increment(1.0);
+        Self(gauge)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("authd_rpc_in_flight").decrement(1.0);
+        self.0.decrement(1.0);
     }
+}
+
+/// The metric handles of a hot call that succeeded, looked up once: the registry
+/// lookup, and the three label strings it needs, cost every call otherwise (issue #21).
+/// The handles are made on first use, after start-up installed the recorder.
+struct HotMetrics {
+    total: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+fn hot_metrics(service: &'static str, method: &str) -> Option<&'static HotMetrics> {
+    static HOT: OnceLock<[(&'static str, &'static str, HotMetrics); 3]> = OnceLock::new();
+    let hot = HOT.get_or_init(|| {
+        let make = |service: &'static str, method: &'static str| {
+            let labels = [
+                ("service", service.to_owned()),
+                ("method", method.to_owned()),
+                ("code", code_name(Code::Ok).to_owned()),
+            ];
+            (
+                service,
+                method,
+                HotMetrics {
+                    total: metrics::counter!("authd_rpc_total", &labels),
+                    duration: metrics::histogram!("authd_rpc_duration_seconds", &labels),
+                },
+            )
+        };
+        [
+            make(AUTH_SERVICE, "ValidateToken"),
+            make(ENVOY_SERVICE, "Check"),
+            make(HEALTH_SERVICE, "Check"),
+        ]
+    });
+    hot.iter()
+        .find(|(s, m, _)| *s == service && *m == method)
+        .map(|(.., handles)| handles)
 }
 
 /// One call, from its arrival to the last byte of its answer (or the client giving up).
@@ -268,16 +310,27 @@ impl Drop for CallRecord {
         // probes) log their successes at debug: at info that line was a third of such a
         // call's CPU. A refused token is an answer (OK), counted by the services in
         // `authd_tokens_refused_total`; errors are logged here at info.
-        let quiet = code == Code::Ok && is_hot(self.service, &method);
         let elapsed = self.started.elapsed();
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let labels = [
-            ("service", self.service.to_owned()),
-            ("method", method),
-            ("code", name.to_owned()),
-        ];
-        metrics::counter!("authd_rpc_total", &labels).increment(1);
-        metrics::histogram!("authd_rpc_duration_seconds", &labels).record(elapsed.as_secs_f64());
+        let hot = if code == Code::Ok {
+            hot_metrics(self.service, &method)
+        } else {
+            None
+        };
+        let quiet = hot.is_some();
+        if let Some(handles) = hot {
+            handles.total.increment(1);
+            handles.duration.record(elapsed.as_secs_f64());
+        } else {
+            let labels = [
+                ("service", self.service.to_owned()),
+                ("method", method.clone()),
+                ("code", name.to_owned()),
+            ];
+            metrics::counter!("authd_rpc_total", &labels).increment(1);
+            metrics::histogram!("authd_rpc_duration_seconds", &labels)
+                .record(elapsed.as_secs_f64());
+        }
         // The exported span carries the outcome. In the logs the line below does, so the
         // span is not written to again (with LOG_FORMAT=json each write re-encodes all of
         // its fields).
@@ -294,8 +347,9 @@ impl Drop for CallRecord {
         } else if self.span.is_disabled() {
             // A hot call's span is off at info: its error line gets a span of its own,
             // so it reads like every other call's.
-            let method = labels[1].1.as_str();
-            let _named = tracing::info_span!("rpc", service = self.service, method).entered();
+            let _named =
+                tracing::info_span!("rpc", service = self.service, method = method.as_str())
+                    .entered();
             tracing::info!(code = name, micros, "rpc finished");
         } else {
             tracing::info!(code = name, micros, "rpc finished");
@@ -307,9 +361,7 @@ impl Drop for CallRecord {
 fn is_hot(service: &str, method: &str) -> bool {
     matches!(
         (service, method),
-        (AUTH_SERVICE, "ValidateToken")
-            | ("envoy.service.auth.v3.Authorization", "Check")
-            | ("grpc.health.v1.Health", "Check")
+        (AUTH_SERVICE, "ValidateToken") | (ENVOY_SERVICE, "Check") | (HEALTH_SERVICE, "Check")
     )
 }
 
