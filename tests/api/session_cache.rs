@@ -15,6 +15,7 @@ use authd::proto::auth::v1 as pb;
 use authd::proto::auth::v1::InvalidReason;
 
 use crate::admin::{admin, admin_client, set_roles, user_req};
+use crate::support::proxy::Proxy;
 use crate::support::*;
 
 on_every_backend!(
@@ -417,9 +418,10 @@ async fn losing_the_revocation_log_empties_the_cache_and_a_reset_keeps_it_empty(
         .await,
         "the cached answer outlived the log"
     );
-    // Caching resumes once the tail follows again.
+    // Caching resumes once the tail follows again, without the answer from before.
     let fresh = app.login("ines", PASSWORD).await.unwrap();
     assert!(until_cached(&redis, &app, &fresh.access_token).await);
+    assert!(!valid(&app, token).await);
 }
 
 #[tokio::test]
@@ -457,6 +459,49 @@ async fn while_the_log_is_unreadable_every_call_asks_redis_then_caching_resumes(
     let _: i64 = redis_cmd(&redis, redis::cmd("DEL").arg(&stream)).await;
     assert!(
         until_cached(&redis, &app, &second.access_token).await,
+        "caching did not resume"
+    );
+    // What was cached before the log was lost was dropped then: not used again.
+    assert!(!valid(&app, &login.access_token).await);
+}
+
+#[tokio::test]
+async fn a_stalled_link_to_redis_stops_the_cache_answering() {
+    // The tail's blocking read gets no answer and no error (a partition, a hung
+    // server): past its block time and a margin it is taken for lost, and the cache
+    // stops answering: calls go to Redis and fail, as with the cache off.
+    let redis = OwnRedis::start().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let url = format!("redis://{}/", proxy.addr);
+    let app = cached(
+        TestApp::builder(),
+        &[
+            ("REDIS_URL", &url),
+            ("REDIS_COMMAND_TIMEOUT", "200ms"),
+            ("REDIS_FAILURE_MODE", "closed"),
+        ],
+    )
+    .await;
+    let (_, login) = app.user_with_session("kira").await;
+    let token = login.access_token.as_str();
+    assert!(until_cached(&redis, &app, token).await);
+    proxy.stall();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !matches!(app.validate(token).await, Ok(v) if v.valid)
+        })
+        .await,
+        "the cache kept answering over a stalled link"
+    );
+    proxy.heal();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            matches!(app.validate(token).await, Ok(v) if v.valid)
+        })
+        .await
+    );
+    assert!(
+        until_cached(&redis, &app, token).await,
         "caching did not resume"
     );
 }

@@ -702,6 +702,64 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_follower_drops_a_users_answers_on_an_event_and_all_on_a_reset() {
+        let log = super::super::revocations::MemoryLog::new(10_000);
+        let cache = Arc::new(SessionCache::new(Duration::from_secs(600), 100));
+        tokio::spawn(follow(
+            Arc::downgrade(&cache),
+            LogSource::Memory(Arc::clone(&log)),
+        ));
+        let filled = |user: &str| {
+            let t = ticket(&cache, user, "j", 1000);
+            assert!(cache.fill(t, user, "s", "j", &live(1000, 2000), 1000));
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !cache.is_following() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_ok()
+        );
+        filled("u");
+        filled("v");
+        log.publish(
+            Revocation::Session {
+                user_id: "u".into(),
+                session_id: "s".into(),
+            },
+            1000,
+        );
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            if !hit(&cache, "u", "j", 1000) {
+                break;
+            }
+        }
+        assert!(!hit(&cache, "u", "j", 1000), "the event's user");
+        assert!(hit(&cache, "v", "j", 1000), "another user");
+        // More events than the fan-out holds, without the follower running: it lags,
+        // and a lag is a RESET (none of these events names `v`).
+        for i in 0..5000 {
+            log.publish(
+                Revocation::Session {
+                    user_id: format!("w{i}"),
+                    session_id: "s".into(),
+                },
+                1000,
+            );
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            if cache.is_empty() {
+                break;
+            }
+        }
+        assert!(cache.is_empty(), "the reset emptied the cache");
+    }
+
     #[test]
     fn the_per_answer_size_stays_well_under_the_budget() {
         // The estimate in the module doc, checked against the types' sizes.
