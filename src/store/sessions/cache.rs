@@ -22,7 +22,7 @@
 //! case (one session per user).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -121,9 +121,7 @@ impl SessionCache {
     }
 
     fn shard_of(&self, user_id: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        user_id.hash(&mut h);
-        usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0)
+        usize::try_from(self.hasher.hash_one(user_id) % SHARDS as u64).unwrap_or(0)
     }
 
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {

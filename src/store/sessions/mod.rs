@@ -718,6 +718,9 @@ mod tests {
         assert_eq!(store.cache().unwrap().len(), 1, "{sid} is cached");
     }
 
+    /// A write through the store, by name.
+    type Write = Box<dyn Fn(&SessionStore) -> futures::future::BoxFuture<'_, ()>>;
+
     #[tokio::test]
     async fn every_write_that_may_revoke_drops_the_users_cached_answers_before_it_returns() {
         let store = cached_store();
@@ -737,10 +740,7 @@ mod tests {
         ));
         cache().reset();
         // ...but every write through the store is.
-        let writes: Vec<(
-            &str,
-            Box<dyn Fn(&SessionStore) -> futures::future::BoxFuture<'_, ()>>,
-        )> = vec![
+        let writes: Vec<(&str, Write)> = vec![
             (
                 "logout",
                 Box::new(|s| {
