@@ -15,11 +15,11 @@
 //! - **Following.** Answers are used and kept only while this instance is known to
 //!   follow the log; losing it empties the cache and every call goes to the store.
 //!
-//! Memory: an entry holds its `jti` (key), session id, three integers, and the user's
-//! roles (shared, one allocation per user), in two levels of hash maps (user → `jti`).
-//! With the ids authd makes (22–36 bytes) that is about 250 bytes an answer, plus about
-//! 150 bytes per user: at the default 100,000 answers, roughly 25–40 MiB in the worst
-//! case (one session per user).
+//! Memory: an answer holds its `jti`, session id and four integers, in a short list per
+//! user beside the user's roles (shared); users in a hash map per shard. Measured (RSS,
+//! 100,000 answers with ids of authd's sizes): about 310 bytes an answer when every user
+//! has one session (the worst case: 30 MiB at the default 100,000), 160–220 with several
+//! sessions per user.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -28,11 +28,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use super::SessionState;
-use super::revocations::{Event, Feed, Revocation, TailState};
+use super::revocations::{Event, Feed, TailState};
 use crate::store::StoreError;
 
 /// Shards of the cache: each a lock and an invalidation epoch of its own.
 const SHARDS: usize = 64;
+
+/// Answers kept for one user at most (each look-up of the user's reads them in turn);
+/// the user's other sessions are read from the store each time.
+pub const MAX_ANSWERS_PER_USER: usize = 64;
 
 /// The cache.
 pub struct SessionCache {
@@ -65,7 +69,7 @@ impl std::fmt::Debug for SessionCache {
 #[derive(Default)]
 struct Shard {
     epoch: u64,
-    /// User → the user's roles and answers by `jti`.
+    /// User → the user's roles and answers.
     users: HashMap<String, UserEntries>,
 }
 
@@ -73,7 +77,22 @@ struct UserEntries {
     /// The user's mirrored roles as the answers read them. Every change of roles
     /// drops the user's answers (SetRoles' invalidation), so one value serves them all.
     roles: Arc<str>,
-    answers: HashMap<String, Entry>,
+    /// By `jti`: a short list (a user has few sessions, at most
+    /// [`MAX_ANSWERS_PER_USER`] answers are kept), far smaller than a map per user.
+    answers: Vec<(String, Entry)>,
+}
+
+impl UserEntries {
+    fn find(&self, jti: &str) -> Option<&Entry> {
+        self.answers.iter().find(|(j, _)| j == jti).map(|(_, e)| e)
+    }
+
+    fn find_mut(&mut self, jti: &str) -> Option<&mut Entry> {
+        self.answers
+            .iter_mut()
+            .find(|(j, _)| j == jti)
+            .map(|(_, e)| e)
+    }
 }
 
 struct Entry {
@@ -159,7 +178,7 @@ impl SessionCache {
         let mut guard = self.lock(shard);
         let mut stale = false;
         if let Some(user) = guard.users.get(user_id)
-            && let Some(entry) = user.answers.get(jti)
+            && let Some(entry) = user.find(jti)
         {
             if entry.session_id == session_id
                 && now.saturating_sub(entry.filled_at) < self.ttl
@@ -223,11 +242,13 @@ impl SessionCache {
             return false;
         }
         let shard = &mut *guard;
-        let replaces = shard
-            .users
-            .get(user_id)
-            .is_some_and(|u| u.answers.contains_key(jti));
-        if !replaces && !self.reserve() {
+        let (replaces, user_full) = shard.users.get(user_id).map_or((false, false), |u| {
+            (
+                u.find(jti).is_some(),
+                u.answers.len() >= MAX_ANSWERS_PER_USER,
+            )
+        });
+        if !replaces && (user_full || !self.reserve()) {
             metrics::counter!("authd_session_cache_full_total").increment(1);
             return false;
         }
@@ -236,23 +257,23 @@ impl SessionCache {
             .entry(user_id.to_owned())
             .or_insert_with(|| UserEntries {
                 roles: Arc::from(roles.as_str()),
-                answers: HashMap::new(),
+                answers: Vec::with_capacity(1),
             });
         if *user.roles != **roles {
-            // Read after a SetRoles whose invalidation came before the other answers
-            // were read cannot happen (it would have moved the epoch): this is the same
-            // user's mirror as the one held. Keep the newest anyway.
+            // Answers read at different times differ only while the SetRoles event that
+            // drops them all is on its way: the latest read serves them all meanwhile.
             user.roles = Arc::from(roles.as_str());
         }
-        user.answers.insert(
-            jti.to_owned(),
-            Entry {
-                session_id: session_id.to_owned(),
-                last_seen: *last_seen,
-                idle_expires_at: *idle_expires_at,
-                filled_at: now,
-            },
-        );
+        let entry = Entry {
+            session_id: session_id.to_owned(),
+            last_seen: *last_seen,
+            idle_expires_at: *idle_expires_at,
+            filled_at: now,
+        };
+        match user.find_mut(jti) {
+            Some(held) => *held = entry,
+            None => user.answers.push((jti.to_owned(), entry)),
+        }
         self.report_size();
         true
     }
@@ -270,11 +291,7 @@ impl SessionCache {
     pub fn touched(&self, user_id: &str, jti: &str, now: i64, idle_expires_at: i64) {
         let shard = self.shard_of(user_id);
         let mut guard = self.lock(shard);
-        if let Some(entry) = guard
-            .users
-            .get_mut(user_id)
-            .and_then(|u| u.answers.get_mut(jti))
-        {
+        if let Some(entry) = guard.users.get_mut(user_id).and_then(|u| u.find_mut(jti)) {
             entry.last_seen = now;
             entry.idle_expires_at = idle_expires_at;
         }
@@ -354,7 +371,7 @@ impl SessionCache {
             let mut dropped = 0;
             guard.users.retain(|_, user| {
                 let before = user.answers.len();
-                user.answers.retain(|_, e| {
+                user.answers.retain(|(_, e)| {
                     now.saturating_sub(e.filled_at) < ttl
                         && now >= e.filled_at
                         && e.idle_expires_at > now
@@ -369,8 +386,9 @@ impl SessionCache {
 
     fn remove_answer(&self, shard: &mut Shard, user_id: &str, jti: &str) {
         if let Some(user) = shard.users.get_mut(user_id)
-            && user.answers.remove(jti).is_some()
+            && let Some(at) = user.answers.iter().position(|(j, _)| j == jti)
         {
+            user.answers.swap_remove(at);
             self.entries.fetch_sub(1, Ordering::AcqRel);
             if user.answers.is_empty() {
                 shard.users.remove(user_id);
@@ -510,20 +528,9 @@ pub async fn follow(cache: Weak<SessionCache>, source: LogSource) {
     }
 }
 
-impl Revocation {
-    /// The user it concerns.
-    pub fn user_id(&self) -> &str {
-        match self {
-            Self::Token { user_id, .. }
-            | Self::Session { user_id, .. }
-            | Self::UserUpdated { user_id }
-            | Self::User { user_id, .. } => user_id,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::revocations::Revocation;
     use super::*;
 
     fn live(last_seen: i64, idle: i64) -> SessionState {
@@ -682,6 +689,15 @@ mod tests {
         assert!(c.fill(t, "x", "s", "j", &live(1100, 2000), 1100));
         c.reset();
         assert!(c.is_empty());
+        // One user's answers are bounded too.
+        let c = following(30, 1000);
+        for i in 0..(MAX_ANSWERS_PER_USER + 10) {
+            let jti = format!("j{i}");
+            let t = ticket(&c, "many", &jti, 1000);
+            c.fill(t, "many", "s", &jti, &live(1000, 2000), 1000);
+        }
+        assert_eq!(c.len(), MAX_ANSWERS_PER_USER);
+        assert!(hit(&c, "many", "j0", 1000));
     }
 
     #[test]

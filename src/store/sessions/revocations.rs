@@ -57,6 +57,18 @@ pub enum Revocation {
     },
 }
 
+impl Revocation {
+    /// The user it concerns.
+    pub fn user_id(&self) -> &str {
+        match self {
+            Self::Token { user_id, .. }
+            | Self::Session { user_id, .. }
+            | Self::UserUpdated { user_id }
+            | Self::User { user_id, .. } => user_id,
+        }
+    }
+}
+
 /// One entry of the log, or a signal about the log itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
