@@ -240,10 +240,18 @@ impl AuthCore {
     pub async fn new(
         config: &Config,
         users: UserStore,
-        sessions: SessionStore,
+        mut sessions: SessionStore,
         hasher: PasswordHasher,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, AuthError> {
+        if config.session_cache.enabled {
+            sessions.enable_cache(&config.session_cache);
+            tracing::info!(
+                ttl = ?config.session_cache.ttl,
+                max_entries = config.session_cache.max_entries,
+                "session cache on: live-session answers are reused for up to the TTL while the revocation log is followed"
+            );
+        }
         // Made once at start-up, outside the queue (which may be sized 0); its time is the
         // first estimate of a verify's.
         let cost = hasher.cost();
@@ -262,9 +270,9 @@ impl AuthCore {
             config.revocation_memory_max,
             seconds(config.jwt.ttl + config.jwt.leeway),
         ));
-        if let SessionStore::Redis(redis) = &sessions {
+        if let Some(log) = sessions.redis_log() {
             tokio::spawn(remember_from_stream(
-                Arc::clone(redis.log()),
+                Arc::clone(log),
                 Arc::downgrade(&remembered),
                 Arc::clone(&clock),
             ));

@@ -17,6 +17,7 @@ mod redis_tls;
 mod refresh;
 mod revocations;
 mod second_factor;
+mod session_cache;
 mod sessions;
 mod storage;
 mod telemetry;
@@ -44,6 +45,9 @@ pub use self::refresh::{DEFAULT_REFRESH_REUSE_GRACE, DEFAULT_SESSION_MAX_LIFETIM
 pub use self::revocations::{MIN_WATCH_CREDENTIAL_BYTES, WatchersConfig};
 pub use self::second_factor::{
     DEFAULT_TOTP_ISSUER, SecondFactorConfig, TotpKey, parse_key as parse_totp_key,
+};
+pub use self::session_cache::{
+    DEFAULT_SESSION_CACHE_MAX_ENTRIES, DEFAULT_SESSION_CACHE_TTL, SessionCacheConfig,
 };
 pub use self::sessions::DEFAULT_MAX_SESSIONS_PER_USER;
 pub use self::storage::{
@@ -104,6 +108,8 @@ pub struct Config {
     /// Revocations this instance remembers (made here or seen on the stream), to refuse
     /// those tokens while Redis cannot be asked.
     pub revocation_memory_max: usize,
+    /// The instance-local cache of live-session answers (`SESSION_CACHE`, off by default).
+    pub session_cache: SessionCacheConfig,
     /// Envoy Check: remove the `authorization` header from allowed requests.
     pub ext_authz_strip_authorization: bool,
     /// Callers allowed to set Login's `client_ip`.
@@ -191,6 +197,7 @@ impl Config {
             watch_heartbeat: revocations::heartbeat(&raw)?,
             watchers: revocations::watchers(&raw)?,
             revocation_memory_max: revocations::memory_max(&raw)?,
+            session_cache: session_cache::session_cache(&raw)?,
             trusted_proxies: network::trusted_proxies(raw.trusted_proxies.clone())?,
             throttle: throttle::throttle(&raw)?,
             audit: audit::audit(&raw)?,

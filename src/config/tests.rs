@@ -969,3 +969,47 @@ fn redis_tls_files_go_with_a_tls_scheme_and_a_client_certificate_with_its_key() 
         assert!(message.contains(says), "{pairs:?}: {message}");
     }
 }
+
+#[test]
+fn the_session_cache_is_off_by_default_and_its_settings_are_checked() {
+    let c = Config::from_vars(vars(&[SECRET])).unwrap();
+    assert_eq!(
+        c.session_cache,
+        crate::config::SessionCacheConfig::default()
+    );
+    assert!(!c.session_cache.enabled);
+    assert_eq!(c.session_cache.ttl, Duration::from_secs(30));
+    assert_eq!(c.session_cache.max_entries, 100_000);
+    let c = Config::from_vars(vars(&[
+        SECRET,
+        ("SESSION_CACHE", "ON"),
+        ("SESSION_CACHE_TTL", "10m"),
+        ("SESSION_CACHE_MAX_ENTRIES", "7"),
+    ]))
+    .unwrap();
+    assert!(c.session_cache.enabled);
+    assert_eq!(c.session_cache.ttl, Duration::from_secs(600));
+    assert_eq!(c.session_cache.max_entries, 7);
+    assert_eq!(
+        Config::from_vars(vars(&[SECRET, ("SESSION_CACHE_TTL", "1s")]))
+            .unwrap()
+            .session_cache
+            .ttl,
+        Duration::from_secs(1)
+    );
+    for (var, value) in [
+        ("SESSION_CACHE", "yes"),
+        ("SESSION_CACHE", "strict"),
+        ("SESSION_CACHE_TTL", "0s"),
+        ("SESSION_CACHE_TTL", "500ms"),
+        ("SESSION_CACHE_TTL", "1500ms"),
+        ("SESSION_CACHE_TTL", "11m"),
+        ("SESSION_CACHE_TTL", "soon"),
+        ("SESSION_CACHE_MAX_ENTRIES", "0"),
+        ("SESSION_CACHE_MAX_ENTRIES", "-1"),
+        ("SESSION_CACHE_MAX_ENTRIES", "many"),
+    ] {
+        let e = Config::from_vars(vars(&[SECRET, (var, value)])).unwrap_err();
+        assert_eq!(e.variable, var, "{value}");
+    }
+}

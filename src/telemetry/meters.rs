@@ -145,4 +145,36 @@ fn describe() {
         "authd_connections_closed_total",
         "connections closed before they were served, by listener and reason (timeout, tls_handshake)"
     );
+    describe_counter!(
+        "authd_session_cache_hits_total",
+        "session checks answered from the session cache, without a Redis round trip"
+    );
+    describe_counter!(
+        "authd_session_cache_misses_total",
+        "session checks the session cache could not answer"
+    );
+    describe_counter!(
+        "authd_session_cache_fills_refused_total",
+        "answers read from the store and not cached: invalidated or reset during the read"
+    );
+    describe_counter!(
+        "authd_session_cache_full_total",
+        "answers not cached because SESSION_CACHE_MAX_ENTRIES was reached"
+    );
+    describe_counter!(
+        "authd_session_cache_invalidations_total",
+        "invalidations of one user's cached answers"
+    );
+    describe_counter!(
+        "authd_session_cache_resets_total",
+        "times the session cache was emptied (RESET, or the revocation log not followed)"
+    );
+    describe_gauge!(
+        "authd_session_cache_entries",
+        "answers the session cache holds"
+    );
+    describe_gauge!(
+        "authd_session_cache_following",
+        "1 while the revocation log is followed and the session cache answers"
+    );
 }

@@ -66,6 +66,7 @@ mod redis_tls;
 mod refresh;
 mod register;
 mod revocation_integrity;
+mod session_cache;
 mod sessions;
 mod throttle;
 mod timing;

@@ -1,6 +1,7 @@
 //! Sessions and the logout blacklist: in Redis, or (embedded mode) in this process.
 //! Both keep the same semantics; every time passed in is the caller's clock.
 
+pub mod cache;
 pub mod memory;
 pub mod redis;
 pub mod revocations;
@@ -10,6 +11,7 @@ use crate::store::redis_conn::RedisConn;
 use crate::store::throttle::{MemoryThrottle, RedisThrottle, ThrottleStore};
 use crate::store::{PoolStats, StoreError};
 
+pub use cache::SessionCache;
 pub use memory::MemorySessions;
 pub use redis::RedisSessions;
 pub use revocations::{Cursor, Event, Feed, Revocation};
@@ -231,9 +233,23 @@ impl std::fmt::Debug for NewSession<'_> {
     }
 }
 
-/// Where sessions live.
+/// Where sessions live, and (`SESSION_CACHE=on`) this instance's cache of live-session
+/// answers in front of them.
+///
+/// Every method here that writes something that may end a session or change what
+/// ValidateToken answers (create with its evictions, logout, rotate, revoke,
+/// revoke_others, a touch that finds the token gone, mirror_roles, forget_roles,
+/// publish) invalidates the user's cached answers before its write and again after it,
+/// however it ends: the one place where no caller can forget it (docs/design.md §12).
 #[derive(Debug)]
-pub enum SessionStore {
+pub struct SessionStore {
+    backend: Backend,
+    cache: Option<std::sync::Arc<SessionCache>>,
+}
+
+/// The store itself.
+#[derive(Debug)]
+pub enum Backend {
     /// Redis, shared by every instance.
     Redis(Box<RedisSessions>),
     /// This process only.
@@ -251,31 +267,76 @@ impl SessionStore {
     ) -> anyhow::Result<Self> {
         let retention =
             token_ttl + std::time::Duration::from_secs(u64::try_from(leeway).unwrap_or(0));
-        Ok(match backend {
-            SessionsBackend::Redis(config) => Self::Redis(Box::new(RedisSessions::new(
+        Ok(Self::from_backend(match backend {
+            SessionsBackend::Redis(config) => Backend::Redis(Box::new(RedisSessions::new(
                 RedisConn::new(config)?,
                 config,
                 leeway,
                 log_max_len,
                 retention,
             )?)),
-            SessionsBackend::Memory => Self::Memory(MemorySessions::new(leeway, log_max_len)),
-        })
+            SessionsBackend::Memory => Backend::Memory(MemorySessions::new(leeway, log_max_len)),
+        }))
+    }
+
+    /// A store on `backend`, without a cache.
+    pub fn from_backend(backend: Backend) -> Self {
+        Self {
+            backend,
+            cache: None,
+        }
+    }
+
+    /// The store itself.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The Redis revocation log, when the sessions are in Redis.
+    pub fn redis_log(&self) -> Option<&std::sync::Arc<revocations::RedisLog>> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r.log()),
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// Puts a cache of live-session answers in front of the store (`SESSION_CACHE=on`),
+    /// and starts the task that keeps it in step with the revocation log; it ends with
+    /// the store. Call within a Tokio runtime.
+    pub fn enable_cache(&mut self, config: &crate::config::SessionCacheConfig) {
+        let cache = std::sync::Arc::new(SessionCache::new(config.ttl, config.max_entries));
+        let source = match &self.backend {
+            Backend::Redis(r) => cache::LogSource::Redis(std::sync::Arc::clone(r.log())),
+            Backend::Memory(m) => cache::LogSource::Memory(std::sync::Arc::clone(m.log())),
+        };
+        tokio::spawn(cache::follow(std::sync::Arc::downgrade(&cache), source));
+        self.cache = Some(cache);
+    }
+
+    /// The cache, when there is one.
+    pub fn cache(&self) -> Option<&SessionCache> {
+        self.cache.as_deref()
+    }
+
+    /// Invalidates the user's cached answers now and when the guard drops.
+    fn invalidating<'a>(&'a self, user_id: &'a str) -> cache::Invalidation<'a> {
+        cache::Invalidation::begin(self.cache(), user_id)
     }
 
     /// How many Redis connections the pool holds; `None` in memory.
     pub fn pool_stats(&self) -> Option<PoolStats> {
-        match self {
-            Self::Redis(s) => Some(s.pool_stats()),
-            Self::Memory(_) => None,
+        match &self.backend {
+            Backend::Redis(s) => Some(s.pool_stats()),
+            Backend::Memory(_) => None,
         }
     }
 
     /// Appends a revocation to the log that caching callers watch.
     pub async fn publish(&self, revocation: &Revocation, at: i64) -> Result<(), StoreError> {
-        match self {
-            Self::Redis(r) => r.publish(revocation, at).await,
-            Self::Memory(m) => {
+        let _invalidated = self.invalidating(revocation.user_id());
+        match &self.backend {
+            Backend::Redis(r) => r.publish(revocation, at).await,
+            Backend::Memory(m) => {
                 m.log().publish(revocation.clone(), at);
                 Ok(())
             }
@@ -284,37 +345,37 @@ impl SessionStore {
 
     /// Revocations missed after `after` (or none: from now), then live ones.
     pub async fn subscribe(&self, after: Option<Cursor>) -> Result<Feed, StoreError> {
-        match self {
-            Self::Redis(r) => r.subscribe(after).await,
-            Self::Memory(m) => Ok(m.log().subscribe(after)),
+        match &self.backend {
+            Backend::Redis(r) => r.subscribe(after).await,
+            Backend::Memory(m) => Ok(m.log().subscribe(after)),
         }
     }
 
     /// A store for throttle counters beside the sessions: the same Redis (so every
     /// instance shares them), or this process.
     pub fn throttle_store(&self) -> ThrottleStore {
-        match self {
-            Self::Redis(r) => {
+        match &self.backend {
+            Backend::Redis(r) => {
                 ThrottleStore::Redis(RedisThrottle::new(r.conn().clone(), r.prefix()))
             }
-            Self::Memory(_) => ThrottleStore::Memory(MemoryThrottle::new()),
+            Backend::Memory(_) => ThrottleStore::Memory(MemoryThrottle::new()),
         }
     }
 
     /// A store for second-factor tickets beside the sessions: the same Redis, or this
     /// process.
     pub fn mfa_tickets(&self) -> crate::store::mfa::MfaTickets {
-        match self {
-            Self::Redis(r) => crate::store::mfa::MfaTickets::redis(r.conn().clone(), r.prefix()),
-            Self::Memory(_) => crate::store::mfa::MfaTickets::memory(),
+        match &self.backend {
+            Backend::Redis(r) => crate::store::mfa::MfaTickets::redis(r.conn().clone(), r.prefix()),
+            Backend::Memory(_) => crate::store::mfa::MfaTickets::memory(),
         }
     }
 
     /// Answers when the store is reachable.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match self {
-            Self::Redis(s) => s.ping().await,
-            Self::Memory(_) => Ok(()),
+        match &self.backend {
+            Backend::Redis(s) => s.ping().await,
+            Backend::Memory(_) => Ok(()),
         }
     }
 
@@ -325,13 +386,18 @@ impl SessionStore {
         s: &NewSession<'_>,
         max_sessions: u32,
     ) -> Result<Vec<String>, StoreError> {
-        match self {
-            Self::Redis(r) => r.create(s, max_sessions).await,
-            Self::Memory(m) => Ok(m.create(s, max_sessions)),
+        // Past the limit, the user's oldest sessions are revoked in the same write.
+        let _invalidated = self.invalidating(s.user_id);
+        match &self.backend {
+            Backend::Redis(r) => r.create(s, max_sessions).await,
+            Backend::Memory(m) => Ok(m.create(s, max_sessions)),
         }
     }
 
-    /// Is the `jti` blacklisted, and does the session hold this token?
+    /// Is the `jti` blacklisted, and does the session hold this token? With the cache,
+    /// a live answer read less than its TTL ago (and whose session is not idle past
+    /// `now`) is answered without asking the store; live answers read from the store
+    /// with the user's roles mirrored are kept for the next calls.
     pub async fn check(
         &self,
         user_id: &str,
@@ -339,10 +405,23 @@ impl SessionStore {
         jti: &str,
         now: i64,
     ) -> Result<SessionState, StoreError> {
-        match self {
-            Self::Redis(r) => r.check(user_id, session_id, jti).await,
-            Self::Memory(m) => Ok(m.check(user_id, session_id, jti, now)),
+        let ticket = match self.cache() {
+            None => None,
+            Some(cache) => match cache.lookup(user_id, session_id, jti, now) {
+                cache::Lookup::Hit(state) => return Ok(state),
+                cache::Lookup::Miss(ticket) => ticket,
+            },
+        };
+        // The ticket is taken before this read: whatever is invalidated for the user
+        // from here on voids the answer's insertion (the fill race).
+        let state = match &self.backend {
+            Backend::Redis(r) => r.check(user_id, session_id, jti).await,
+            Backend::Memory(m) => Ok(m.check(user_id, session_id, jti, now)),
+        }?;
+        if let (Some(cache), Some(ticket)) = (self.cache(), ticket) {
+            cache.fill(ticket, user_id, session_id, jti, &state, now);
         }
+        Ok(state)
     }
 
     /// Mirrors the user's roles (comma-framed) beside the sessions, for `ttl_seconds`.
@@ -357,12 +436,13 @@ impl SessionStore {
         only_if_missing: bool,
         ttl_seconds: i64,
     ) -> Result<(), StoreError> {
-        match self {
-            Self::Redis(r) => {
+        let _invalidated = self.invalidating(user_id);
+        match &self.backend {
+            Backend::Redis(r) => {
                 r.mirror_roles(user_id, roles, only_if_missing, ttl_seconds)
                     .await
             }
-            Self::Memory(m) => {
+            Backend::Memory(m) => {
                 m.mirror_roles(user_id, roles, only_if_missing);
                 Ok(())
             }
@@ -371,9 +451,10 @@ impl SessionStore {
 
     /// Forgets the mirror of a user's roles (a deleted user).
     pub async fn forget_roles(&self, user_id: &str) -> Result<(), StoreError> {
-        match self {
-            Self::Redis(r) => r.forget_roles(user_id).await,
-            Self::Memory(m) => {
+        let _invalidated = self.invalidating(user_id);
+        match &self.backend {
+            Backend::Redis(r) => r.forget_roles(user_id).await,
+            Backend::Memory(m) => {
                 m.forget_roles(user_id);
                 Ok(())
             }
@@ -383,10 +464,19 @@ impl SessionStore {
     /// Records activity: moves `seen` to `now` and the idle expiry forward. False when
     /// the session no longer holds this token.
     pub async fn touch(&self, t: &Touch<'_>) -> Result<bool, StoreError> {
-        match self {
-            Self::Redis(r) => r.touch(t).await,
-            Self::Memory(m) => Ok(m.touch(t)),
+        let touched = match &self.backend {
+            Backend::Redis(r) => r.touch(t).await,
+            Backend::Memory(m) => Ok(m.touch(t)),
+        };
+        if let Some(cache) = self.cache() {
+            match touched {
+                // The held answer (if any) now says what the store says.
+                Ok(true) => cache.touched(t.user_id, t.jti, t.now, t.idle_expires_at),
+                // The token is no longer its session's (or the store could not say).
+                _ => cache.invalidate_user(t.user_id),
+            }
         }
+        touched
     }
 
     /// Blacklists the token for `blacklist_ttl_seconds` and ends the session it names,
@@ -404,12 +494,13 @@ impl SessionStore {
         now_ms: i64,
         blacklist_ttl_seconds: i64,
     ) -> Result<Option<bool>, StoreError> {
-        match self {
-            Self::Redis(r) => {
+        let _invalidated = self.invalidating(user_id);
+        match &self.backend {
+            Backend::Redis(r) => {
                 r.logout(user_id, session_id, jti, now_ms, blacklist_ttl_seconds)
                     .await
             }
-            Self::Memory(m) => Ok(m.logout(
+            Backend::Memory(m) => Ok(m.logout(
                 user_id,
                 session_id,
                 jti,
@@ -427,9 +518,9 @@ impl SessionStore {
         session_id: &str,
         now: i64,
     ) -> Result<Option<RefreshState>, StoreError> {
-        match self {
-            Self::Redis(r) => r.refresh_state(user_id, session_id).await,
-            Self::Memory(m) => Ok(m.refresh_state(user_id, session_id, now)),
+        match &self.backend {
+            Backend::Redis(r) => r.refresh_state(user_id, session_id).await,
+            Backend::Memory(m) => Ok(m.refresh_state(user_id, session_id, now)),
         }
     }
 
@@ -437,9 +528,11 @@ impl SessionStore {
     /// replaces. False when it does not (another call rotated first, or the session
     /// ended): nothing changed.
     pub async fn rotate(&self, r: &Rotation<'_>) -> Result<bool, StoreError> {
-        match self {
-            Self::Redis(s) => s.rotate(r).await,
-            Self::Memory(m) => Ok(m.rotate(r)),
+        // The access token two rotations old stops being the session's.
+        let _invalidated = self.invalidating(r.user_id);
+        match &self.backend {
+            Backend::Redis(s) => s.rotate(r).await,
+            Backend::Memory(m) => Ok(m.rotate(r)),
         }
     }
 
@@ -450,9 +543,10 @@ impl SessionStore {
         session_id: &str,
         now: i64,
     ) -> Result<bool, StoreError> {
-        match self {
-            Self::Redis(r) => r.revoke(user_id, session_id, now).await,
-            Self::Memory(m) => Ok(m.revoke(user_id, session_id, now)),
+        let _invalidated = self.invalidating(user_id);
+        match &self.backend {
+            Backend::Redis(r) => r.revoke(user_id, session_id, now).await,
+            Backend::Memory(m) => Ok(m.revoke(user_id, session_id, now)),
         }
     }
 
@@ -463,9 +557,10 @@ impl SessionStore {
         keep: &str,
         now: i64,
     ) -> Result<u32, StoreError> {
-        match self {
-            Self::Redis(r) => r.revoke_others(user_id, keep, now).await,
-            Self::Memory(m) => Ok(m.revoke_others(user_id, keep, now)),
+        let _invalidated = self.invalidating(user_id);
+        match &self.backend {
+            Backend::Redis(r) => r.revoke_others(user_id, keep, now).await,
+            Backend::Memory(m) => Ok(m.revoke_others(user_id, keep, now)),
         }
     }
 
@@ -478,9 +573,9 @@ impl SessionStore {
         after: u64,
         limit: usize,
     ) -> Result<SessionPage, StoreError> {
-        match self {
-            Self::Redis(r) => r.list(user_id, now, after, limit).await,
-            Self::Memory(m) => Ok(m.list(user_id, now, after, limit)),
+        match &self.backend {
+            Backend::Redis(r) => r.list(user_id, now, after, limit).await,
+            Backend::Memory(m) => Ok(m.list(user_id, now, after, limit)),
         }
     }
 }
@@ -596,8 +691,198 @@ mod tests {
         let shown = format!("{m:?} {m:#?}");
         assert!(shown.contains("alice"), "{shown}");
         shows_no_secret(&shown);
-        let store = SessionStore::Memory(m);
+        let store = SessionStore::from_backend(Backend::Memory(m));
         shows_no_secret(&format!("{store:?}"));
+    }
+
+    /// A memory store with a following cache and no follower task: only the store's
+    /// own invalidations can drop an answer.
+    fn cached_store() -> SessionStore {
+        let cache =
+            std::sync::Arc::new(SessionCache::new(std::time::Duration::from_secs(600), 100));
+        cache.set_following(true);
+        SessionStore {
+            backend: Backend::Memory(MemorySessions::new(30, 16)),
+            cache: Some(cache),
+        }
+    }
+
+    async fn warm(store: &SessionStore, sid: &str, jti: &str) {
+        store.mirror_roles("u", ",user,", true, 3600).await.unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                store.check("u", sid, jti, 1000).await.unwrap(),
+                SessionState::Live { .. }
+            ));
+        }
+        assert_eq!(store.cache().unwrap().len(), 1, "{sid} is cached");
+    }
+
+    /// A write through the store, by name.
+    type Write = Box<dyn Fn(&SessionStore) -> futures::future::BoxFuture<'_, ()>>;
+
+    #[tokio::test]
+    async fn every_write_that_may_revoke_drops_the_users_cached_answers_before_it_returns() {
+        let store = cached_store();
+        let cache = || store.cache().unwrap();
+        store
+            .create(&new_session("s1", "j1", 1000), 0)
+            .await
+            .unwrap();
+        warm(&store, "s1", "j1").await;
+        // A hit: the store itself changed behind the cache's back is not seen...
+        if let Backend::Memory(m) = &store.backend {
+            m.revoke("u", "s1", 1000);
+        }
+        assert!(matches!(
+            store.check("u", "s1", "j1", 1000).await.unwrap(),
+            SessionState::Live { .. }
+        ));
+        cache().reset();
+        // ...but every write through the store is.
+        let writes: Vec<(&str, Write)> = vec![
+            (
+                "logout",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.logout("u", "s2", "j2", 1_000_000, 60).await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "revoke",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.revoke("u", "s2", 1000).await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "revoke_others",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.revoke_others("u", "none", 1000).await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "mirror_roles",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.mirror_roles("u", ",admin,", false, 3600).await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "forget_roles",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.forget_roles("u").await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "create",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.create(&new_session("s3", "j3", 1000), 1).await.unwrap();
+                    })
+                }),
+            ),
+            (
+                "publish",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.publish(
+                            &Revocation::UserUpdated {
+                                user_id: "u".into(),
+                            },
+                            1000,
+                        )
+                        .await
+                        .unwrap();
+                    })
+                }),
+            ),
+            (
+                "rotate",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        s.rotate(&Rotation {
+                            user_id: "u",
+                            session_id: "s2",
+                            expected: CURRENT,
+                            next: PREVIOUS,
+                            generation: 1,
+                            now: 1000,
+                            jti: "j2b",
+                            token_expires_at: 5000,
+                            idle_expires_at: 4600,
+                        })
+                        .await
+                        .unwrap();
+                    })
+                }),
+            ),
+            (
+                "a touch that finds the token gone",
+                Box::new(|s| {
+                    Box::pin(async move {
+                        let touched = s
+                            .touch(&Touch {
+                                user_id: "u",
+                                session_id: "s2",
+                                jti: "gone",
+                                now: 1000,
+                                idle_expires_at: 4600,
+                            })
+                            .await
+                            .unwrap();
+                        assert!(!touched);
+                    })
+                }),
+            ),
+        ];
+        for (i, (what, write)) in writes.into_iter().enumerate() {
+            // The first write, Logout, blacklists its token: each round has its own.
+            let jti = format!("j2-{i}");
+            store
+                .create(&new_session("s2", &jti, 1000), 0)
+                .await
+                .unwrap();
+            warm(&store, "s2", &jti).await;
+            write(&store).await;
+            assert!(cache().is_empty(), "{what} left the user's answers cached");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_touch_that_lands_keeps_the_answer_and_moves_it_forward() {
+        let store = cached_store();
+        store
+            .create(&new_session("s1", "j1", 1000), 0)
+            .await
+            .unwrap();
+        warm(&store, "s1", "j1").await;
+        let touched = store
+            .touch(&Touch {
+                user_id: "u",
+                session_id: "s1",
+                jti: "j1",
+                now: 1070,
+                idle_expires_at: 4670,
+            })
+            .await
+            .unwrap();
+        assert!(touched);
+        assert_eq!(
+            store.check("u", "s1", "j1", 1071).await.unwrap(),
+            SessionState::Live {
+                last_seen: 1070,
+                idle_expires_at: 4670,
+                roles: Some(",user,".into())
+            }
+        );
     }
 
     #[test]

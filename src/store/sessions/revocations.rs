@@ -57,6 +57,18 @@ pub enum Revocation {
     },
 }
 
+impl Revocation {
+    /// The user it concerns.
+    pub fn user_id(&self) -> &str {
+        match self {
+            Self::Token { user_id, .. }
+            | Self::Session { user_id, .. }
+            | Self::UserUpdated { user_id }
+            | Self::User { user_id, .. } => user_id,
+        }
+    }
+}
+
 /// One entry of the log, or a signal about the log itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -378,6 +390,8 @@ pub struct RedisLog {
     tailing: AtomicBool,
     /// The id the running tail reads after; `None` until it has fixed its start.
     tail_from: watch::Sender<Option<Cursor>>,
+    /// Whether the tail follows the stream now, and how often it stopped following.
+    tail_state: watch::Sender<TailState>,
     /// Replay reads in flight from this process: however many watchers resume at once,
     /// Redis sees at most this many page reads from us at a time.
     replay_reads: Semaphore,
@@ -409,12 +423,30 @@ const TAIL_BLOCK: Duration = Duration::from_millis(1000);
 /// How long the tail waits for a connection before it backs off and tries again.
 const TAIL_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How much longer than [`TAIL_BLOCK`] a blocking XREAD may take to answer before the
+/// tail takes its connection for stalled (a partition, a hung server) and reconnects;
+/// also the bound on the tail's other reads.
+const TAIL_STALL_MARGIN: Duration = Duration::from_millis(500);
+
+/// Whether this process's tail follows the stream: it has fixed its read position
+/// and its reads answer. While it does, every event appended from that position on
+/// reaches the fan-out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TailState {
+    /// Following now.
+    pub following: bool,
+    /// How many times it stopped following (failed, stalled or stopped) so far: a
+    /// watcher that sees this move knows it was down, however briefly.
+    pub breaks: u64,
+}
+
 impl RedisLog {
     /// A log at `key`, capped at about `max_len` entries, gone `retention` after its
     /// last event.
     pub fn new(conn: RedisConn, key: String, max_len: usize, retention: Duration) -> Arc<Self> {
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let (tail_from, _) = watch::channel(None);
+        let (tail_state, _) = watch::channel(TailState::default());
         Arc::new(Self {
             conn,
             key,
@@ -423,6 +455,7 @@ impl RedisLog {
             tx,
             tailing: AtomicBool::new(false),
             tail_from,
+            tail_state,
             replay_reads: Semaphore::new(REPLAY_READS_IN_FLIGHT),
             page_script: Script::new(PAGE_SCRIPT),
         })
@@ -431,6 +464,26 @@ impl RedisLog {
     /// The stream's key.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The tail's state, for those who may only trust what they hold while the stream
+    /// is followed (the session cache).
+    pub fn following(&self) -> watch::Receiver<TailState> {
+        self.tail_state.subscribe()
+    }
+
+    /// The tail follows again, or stopped following.
+    fn set_following(&self, following: bool) {
+        self.tail_state.send_if_modified(|state| {
+            if state.following == following {
+                return false;
+            }
+            state.following = following;
+            if !following {
+                state.breaks += 1;
+            }
+            true
+        });
     }
 
     /// The XADD (and expiry) for one revocation, to run on a pooled connection.
@@ -586,6 +639,7 @@ async fn tail(log: Arc<RedisLog>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         if log.tx.receiver_count() == 0 {
+            log.set_following(false);
             log.tailing.store(false, Ordering::Release);
             log.tail_from.send_replace(None);
             // A watcher may have arrived between the check and the store.
@@ -596,6 +650,7 @@ async fn tail(log: Arc<RedisLog>) {
         let mut conn = match log.conn.dedicated(TAIL_CONNECT_TIMEOUT).await {
             Ok(conn) => conn,
             Err(e) => {
+                log.set_following(false);
                 tracing::debug!(error = %e, "revocation log: Redis unreachable");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -603,10 +658,21 @@ async fn tail(log: Arc<RedisLog>) {
             }
         };
         // Where the stream stands now.
-        let marks = match stream_marks(&mut conn, &log.key).await {
-            Ok(marks) => marks,
-            Err(e) => {
-                tracing::debug!(error = %e, "revocation log: cannot read the stream");
+        let marks = match tokio::time::timeout(
+            TAIL_CONNECT_TIMEOUT + TAIL_STALL_MARGIN,
+            stream_marks(&mut conn, &log.key),
+        )
+        .await
+        {
+            Ok(Ok(marks)) => marks,
+            outcome => {
+                log.set_following(false);
+                match outcome {
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "revocation log: cannot read the stream");
+                    }
+                    _ => tracing::debug!("revocation log: the stream's marks did not come back"),
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -627,8 +693,10 @@ async fn tail(log: Arc<RedisLog>) {
             Some(_) => {}
         }
         log.tail_from.send_replace(from);
+        // The read position is fixed: every event from here on reaches the fan-out.
+        log.set_following(true);
         backoff = Duration::from_millis(50);
-        // Read until the connection fails or nobody watches.
+        // Read until the connection fails or stalls, or nobody watches.
         loop {
             if log.tx.receiver_count() == 0 {
                 break;
@@ -637,9 +705,23 @@ async fn tail(log: Arc<RedisLog>) {
             let options = StreamReadOptions::default()
                 .block(usize::try_from(TAIL_BLOCK.as_millis()).unwrap_or(1000))
                 .count(512);
-            let reply: Result<Option<StreamReadReply>, _> = conn
-                .xread_options(&[&log.key], &[position.to_string()], &options)
-                .await;
+            let reply: Result<Option<StreamReadReply>, _> = match tokio::time::timeout(
+                TAIL_BLOCK + TAIL_STALL_MARGIN,
+                conn.xread_options(&[&log.key], &[position.to_string()], &options),
+            )
+            .await
+            {
+                Ok(reply) => reply,
+                Err(_) => {
+                    // The connection is stalled (or its answer lost): what it may still
+                    // deliver is read again from `position` on a new one.
+                    log.set_following(false);
+                    tracing::debug!(
+                        "revocation log: a blocking read did not come back; reconnecting"
+                    );
+                    break;
+                }
+            };
             match reply {
                 Ok(Some(reply)) => {
                     for entry in reply.keys.iter().flat_map(|k| k.ids.iter()) {
@@ -653,6 +735,7 @@ async fn tail(log: Arc<RedisLog>) {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    log.set_following(false);
                     tracing::debug!(error = %e, "revocation log: read failed; reconnecting");
                     tokio::time::sleep(backoff).await;
                     break;
