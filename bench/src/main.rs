@@ -1462,6 +1462,8 @@ struct Preparer {
     store: authd::store::SessionStore,
     keys: Arc<authd::auth::token::TokenKeys>,
     idle: i64,
+    /// How long authd keeps a user's roles mirrored beside the sessions.
+    token_lifetime: i64,
 }
 
 impl Preparer {
@@ -1488,6 +1490,7 @@ impl Preparer {
             store,
             keys: Arc::clone(&config.keys),
             idle: i64::try_from(config.session_idle_timeout.as_secs())?,
+            token_lifetime: i64::try_from(config.jwt.ttl.as_secs())?,
         })
     }
 
@@ -1517,6 +1520,11 @@ impl Preparer {
                 },
                 0,
             )
+            .await?;
+        // The user's roles (none) beside the session, as Login leaves them: without
+        // them ValidateToken reads the users table, where these users are not.
+        self.store
+            .mirror_roles(user_id, "", false, self.token_lifetime)
             .await?;
         Ok(issued.token)
     }
