@@ -9,10 +9,12 @@
 //! MariaDB), prepares users and tokens, runs every scenario, prints a summary table with
 //! each target met or not, and rewrites its section of BENCHMARKS.md.
 
+mod h2load;
 mod load;
 mod procs;
 mod reference;
 mod report;
+mod window;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,7 +41,9 @@ const WARM_UP: Stop = Stop::After(Duration::from_millis(500));
 /// Load generator for authd. Scenarios: health baseline, ValidateToken (live, revoked),
 /// Refresh (closed loop, each call rotating one of as many sessions as calls in flight),
 /// the reference server (the same calls with no auth work), Login, ValidateToken during a
-/// Login storm, ValidateToken open loop, memory.
+/// Login storm, ValidateToken open loop, memory; issue #21: a second instance with
+/// SESSION_CACHE=on (cache), the revocation window between two instances (window),
+/// capacity at 10k/100k/1M live sessions (capacity), and the h2load check (h2load).
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
@@ -95,9 +99,28 @@ struct Args {
     /// Worker threads of the load generator's runtime (closed loops).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Capacity: live sessions at each step (default 10000,100000,1000000; --quick
+    /// 10000,100000); sessions are added, so the last is the total in Redis.
+    #[arg(long, value_delimiter = ',')]
+    capacity: Vec<usize>,
+    /// Revocation window: trials per pair of instances.
+    #[arg(long, default_value_t = 1000)]
+    window_trials: u64,
+    /// Revocation window: skip the control with B in strict mode.
+    #[arg(long)]
+    no_window_control: bool,
+    /// The h2load program (Debian: nghttp2-client).
+    #[arg(long, default_value = "h2load")]
+    h2load: String,
+    /// h2load: connections (-c) and streams per connection (-m).
+    #[arg(long, default_value_t = 4)]
+    h2load_connections: usize,
+    #[arg(long, default_value_t = 32)]
+    h2load_streams: usize,
     /// Only these scenarios (comma-separated: health,live,revoked,refresh,reference,login,
-    /// storm,open,memory; and failover, which only runs when named, on --redis-cluster of
-    /// our own); BENCHMARKS.md is then left alone.
+    /// storm,open,memory,cache,window,h2load,capacity; and failover, which only runs when
+    /// named, on --redis-cluster of our own); BENCHMARKS.md is then left alone. A full
+    /// run includes h2load only when the h2load program is found.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Extra authd setting, KEY=VALUE (repeatable), e.g. --env RUST_LOG=warn.
@@ -151,6 +174,20 @@ impl Args {
     fn runs(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)
     }
+    fn capacity(&self) -> Vec<usize> {
+        let mut sizes = if self.capacity.is_empty() {
+            if self.quick {
+                vec![10_000, 100_000]
+            } else {
+                vec![10_000, 100_000, 1_000_000]
+            }
+        } else {
+            self.capacity.clone()
+        };
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -185,7 +222,44 @@ struct Server {
     log: Option<PathBuf>,
     /// The nodes (port, pid) of a Redis Cluster we started, for the failover.
     cluster_ports: Vec<(u16, u32)>,
+    /// The authd binary, to start more instances on the same store.
+    binary: Option<PathBuf>,
+    dir: PathBuf,
     _owned: Vec<Owned>,
+}
+
+/// One more authd process on the same store (same settings, secret and prefix, another
+/// port), with `changes` applied to its settings; its address once health answers.
+struct Instance {
+    addr: String,
+    pid: u32,
+    _process: Owned,
+}
+
+impl Server {
+    async fn another(&self, name: &str, changes: &[(&str, &str)]) -> anyhow::Result<Instance> {
+        let binary = self
+            .binary
+            .as_deref()
+            .context("a second authd needs an authd this program started (not --target)")?;
+        let port = procs::free_port()?;
+        let mut env = self.env.clone();
+        env.retain(|(k, _)| k != "GRPC_ADDR" && !changes.iter().any(|(c, _)| c == k));
+        env.push(("GRPC_ADDR".into(), format!("127.0.0.1:{port}")));
+        env.extend(
+            changes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let log = self.dir.join(format!("authd-{name}.log"));
+        let (process, addr) = spawn_authd(binary, &env, &self.dir, &log).await?;
+        eprintln!("started a second authd ({name}) on {addr}");
+        Ok(Instance {
+            addr,
+            pid: process.pid(),
+            _process: process,
+        })
+    }
 }
 
 async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Server> {
@@ -197,6 +271,8 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
             env: Vec::new(),
             log: None,
             cluster_ports: Vec::new(),
+            binary: None,
+            dir: dir.to_owned(),
             _owned: Vec::new(),
         });
     }
@@ -256,30 +332,7 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
         env.push((k, v));
     }
     let log = dir.join("authd.log");
-    let mut authd = procs::start_authd(&binary, &env, dir, &log)?;
-    let addr = format!("127.0.0.1:{grpc_port}");
-    // Up when health answers (start-up hashes a dummy password at the configured cost).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Err(e) = authd.check_alive() {
-            bail!("{e}; its log ends:\n{}", procs::tail(&log, 20));
-        }
-        if let Ok(ch) = endpoint(&addr)?.connect().await
-            && HealthClient::new(ch)
-                .check(HealthCheckRequest::default())
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "authd did not answer within 60 s; its log ends:\n{}",
-                procs::tail(&log, 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (authd, addr) = spawn_authd(&binary, &env, dir, &log).await?;
     let authd_pid = authd.pid();
     owned.insert(0, authd);
     Ok(Server {
@@ -289,8 +342,47 @@ async fn start_server(args: &Args, dir: &std::path::Path) -> anyhow::Result<Serv
         env,
         log: Some(log),
         cluster_ports,
+        binary: Some(binary),
+        dir: dir.to_owned(),
         _owned: owned,
     })
+}
+
+/// Starts authd with `env` (its GRPC_ADDR on 127.0.0.1) and waits until health answers.
+async fn spawn_authd(
+    binary: &Path,
+    env: &[(String, String)],
+    dir: &Path,
+    log: &Path,
+) -> anyhow::Result<(Owned, String)> {
+    let addr = env
+        .iter()
+        .find(|(k, _)| k == "GRPC_ADDR")
+        .map(|(_, v)| v.clone())
+        .context("GRPC_ADDR is not among authd's settings")?;
+    let mut authd = procs::start_authd(binary, env, dir, log)?;
+    // Up when health answers (start-up hashes a dummy password at the configured cost).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Err(e) = authd.check_alive() {
+            bail!("{e}; its log ends:\n{}", procs::tail(log, 20));
+        }
+        if let Ok(ch) = endpoint(&addr)?.connect().await
+            && HealthClient::new(ch)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok()
+        {
+            return Ok((authd, addr));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "authd did not answer within 60 s; its log ends:\n{}",
+                procs::tail(log, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `--env KEY=VALUE` settings as pairs.
@@ -981,11 +1073,23 @@ async fn run_in(
         report.validations = validations;
         report.sessions = n;
     }
+    issue21(
+        args,
+        &server,
+        &meter,
+        &closed,
+        &clients,
+        &live,
+        &stamp,
+        &mut report,
+    )
+    .await?;
     report.load_at_end = procs::load_average();
     if let Some(log) = &server.log {
         report.log_bytes = std::fs::metadata(log).map(|m| m.len()).ok();
     }
-    let checks: Vec<Check> = report.checks(cores);
+    let mut checks: Vec<Check> = report.checks(cores);
+    checks.extend(report.checks_issue21());
     let text = report.render(&checks);
     println!("\n{text}");
     if args.only.is_empty() && !args.no_write {
@@ -996,6 +1100,316 @@ async fn run_in(
         report::write_section(&path, &text)?;
         eprintln!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// Issue #21's scenarios: h2load, a second instance with SESSION_CACHE=on, the
+/// revocation window between two instances, capacity (last: it fills Redis).
+#[allow(clippy::too_many_arguments)]
+async fn issue21(
+    args: &Args,
+    server: &Server,
+    meter: &Meter,
+    closed: &Closed<'_>,
+    clients: &Clients,
+    live: &Arc<Vec<String>>,
+    stamp: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let h2load_named = args.only.iter().any(|s| s == "h2load");
+    if h2load_named || (args.only.is_empty() && h2load_found(&args.h2load)) {
+        let shape = h2load::Shape {
+            program: args.h2load.clone(),
+            connections: args.h2load_connections,
+            streams: args.h2load_streams,
+            seconds: args.seconds(),
+            warm_up: 1.0,
+        };
+        report.h2load = Some(run_h2load(&shape, &server.addr, meter, &live[0], &server.dir).await?);
+    } else if args.only.is_empty() {
+        eprintln!(
+            "h2load: {} not found, skipped (Debian: apt-get install nghttp2-client)",
+            args.h2load
+        );
+    }
+    let mut cache_instance = None;
+    if args.runs("cache") || args.runs("window") {
+        if server.binary.is_some() {
+            cache_instance = Some(server.another("cache", &[("SESSION_CACHE", "on")]).await?);
+        } else {
+            eprintln!(
+                "cache, window: skipped (they start more authd processes: not with --target)"
+            );
+        }
+    }
+    if let Some(b) = cache_instance.as_ref().filter(|_| args.runs("cache")) {
+        let meter = Meter {
+            authd: Some(b.pid),
+            redis: server.redis_pid,
+        };
+        let channels = connect(&b.addr, args.connections).await?;
+        let on_b = Closed {
+            meter: &meter,
+            mode: closed.mode.clone(),
+            workers: closed.workers,
+            duration: closed.duration,
+        };
+        report.cache_health = Some(
+            on_b.run(
+                "Health/Check (cache instance)",
+                "cache health",
+                health_call(Clients::new(&channels)),
+            )
+            .await,
+        );
+        report.cache_live = Some(
+            on_b.run(
+                "ValidateToken, SESSION_CACHE=on",
+                "cache live",
+                validate_call(Clients::new(&channels), Arc::clone(live), None),
+            )
+            .await,
+        );
+    }
+    if let Some(b) = cache_instance.as_ref().filter(|_| args.runs("window")) {
+        let preparer = Preparer::new(&server.env)?;
+        let a = endpoint(&server.addr)?.connect().await?;
+        report.windows.push(
+            window::measure(
+                "SESSION_CACHE=on",
+                true,
+                &preparer,
+                &format!("{stamp}w"),
+                a.clone(),
+                endpoint(&b.addr)?.connect().await?,
+                args.window_trials,
+            )
+            .await?,
+        );
+        if !args.no_window_control {
+            let strict = server
+                .another("strict", &[("SESSION_CACHE", "off")])
+                .await?;
+            report.windows.push(
+                window::measure(
+                    "strict (control)",
+                    false,
+                    &preparer,
+                    &format!("{stamp}s"),
+                    a,
+                    endpoint(&strict.addr)?.connect().await?,
+                    args.window_trials,
+                )
+                .await?,
+            );
+        }
+    }
+    drop(cache_instance);
+    if args.runs("capacity") {
+        if server.env.is_empty() {
+            eprintln!(
+                "capacity: skipped (it writes sessions through the settings of an authd this program started)"
+            );
+        } else {
+            capacity(args, server, closed, clients, stamp, report).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `program --version` runs.
+fn h2load_found(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// h2load against authd: Health/Check, then ValidateToken of the live session, in the
+/// same shape, each with authd's and redis's CPU meanwhile.
+async fn run_h2load(
+    shape: &h2load::Shape,
+    addr: &str,
+    meter: &Meter,
+    token: &str,
+    dir: &Path,
+) -> anyhow::Result<report::H2load> {
+    let health_body = h2load::grpc_body(&HealthCheckRequest::default())?;
+    let live_body = h2load::grpc_body(&pb::ValidateTokenRequest {
+        token: token.to_owned(),
+        ..Default::default()
+    })?;
+    // h2load reads neither the gRPC status nor the reply: what it sends must decode back
+    // to the messages, and authd must answer them (health SERVING, the token valid).
+    let validate: pb::ValidateTokenRequest = h2load::decode_body(&live_body)?;
+    if validate.token != token {
+        bail!("h2load: the ValidateToken body does not hold the live token");
+    }
+    let check: HealthCheckRequest = h2load::decode_body(&health_body)?;
+    let channel = endpoint(addr)?.connect().await?;
+    let answer = AuthServiceClient::new(channel.clone())
+        .validate_token(validate.clone())
+        .await
+        .context("h2load: ValidateToken of its body")?
+        .into_inner();
+    if !answer.valid {
+        bail!("h2load: authd does not find the live token valid: {answer:?}");
+    }
+    let status = HealthClient::new(channel.clone())
+        .check(check)
+        .await
+        .context("h2load: Health/Check of its body")?
+        .into_inner()
+        .status;
+    if status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+        bail!("h2load: authd's health is {status}, not SERVING");
+    }
+    let health_file = dir.join("health-check.grpc");
+    let live_file = dir.join("validate-token.grpc");
+    std::fs::write(&health_file, &health_body)?;
+    std::fs::write(&live_file, &live_body)?;
+    let mut runs = Vec::new();
+    for (path, file) in [
+        ("/grpc.health.v1.Health/Check", health_file),
+        ("/auth.v1.AuthService/ValidateToken", live_file),
+    ] {
+        eprintln!("h2load {path}: {}…", shape.describe());
+        let before = CpuMark::now(meter.authd, meter.redis);
+        let (s, a) = (shape.clone(), addr.to_owned());
+        let outcome =
+            tokio::task::spawn_blocking(move || h2load::run(&s, &a, path, &file)).await??;
+        let after = CpuMark::now(meter.authd, meter.redis);
+        let calls = (outcome.req_per_s * (shape.seconds + shape.warm_up)) as u64;
+        let cpu = before.per_call(&after, calls);
+        eprintln!(
+            "  {:.0} req/s, {} succeeded, {} failed, {} errored, {} 2xx, {} other statuses",
+            outcome.req_per_s,
+            outcome.succeeded,
+            outcome.failed,
+            outcome.errored,
+            outcome.status_2xx,
+            outcome.status_other
+        );
+        runs.push(report::H2loadRun { outcome, cpu });
+    }
+    // Still valid after the run: the ValidateTokens were answered valid, not refused.
+    let after = AuthServiceClient::new(channel)
+        .validate_token(validate)
+        .await
+        .context("h2load: ValidateToken after the run")?
+        .into_inner();
+    if !after.valid {
+        bail!("h2load: the live token is no longer valid after the run: {after:?}");
+    }
+    let mut runs = runs.into_iter();
+    let (Some(health), Some(live)) = (runs.next(), runs.next()) else {
+        bail!("h2load: a run is missing");
+    };
+    let report = report::H2load {
+        shape: shape.describe(),
+        health,
+        live,
+    };
+    eprintln!(
+        "h2load: Health {:.0}/s, ValidateToken {:.0}/s, ratio {:.2}",
+        report.health.outcome.req_per_s,
+        report.live.outcome.req_per_s,
+        report.ratio()
+    );
+    Ok(report)
+}
+
+/// The Redis servers holding the sessions, for `INFO memory`: the one server, or the
+/// primaries of a cluster of our own.
+fn redis_nodes(server: &Server) -> Vec<String> {
+    if let Some((_, addr)) = server.env.iter().find(|(k, _)| k == "REDIS_ADDR") {
+        return vec![addr.clone()];
+    }
+    server
+        .cluster_ports
+        .iter()
+        .filter(|(port, _)| procs::is_primary(*port))
+        .map(|(port, _)| format!("127.0.0.1:{port}"))
+        .collect()
+}
+
+/// The sum of `used_memory` over `nodes` (`None` when one cannot be read).
+async fn used_memory(nodes: &[String]) -> Option<i64> {
+    if nodes.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for node in nodes {
+        let client = redis::Client::open(format!("redis://{node}")).ok()?;
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))?
+            .trim()
+            .parse::<i64>()
+            .ok()?;
+    }
+    Some(total)
+}
+
+/// Capacity: live sessions added up to each size of `--capacity`; at each, Redis memory
+/// per session, a closed loop of ValidateToken over all of them, authd's RSS after.
+async fn capacity(
+    args: &Args,
+    server: &Server,
+    closed: &Closed<'_>,
+    clients: &Clients,
+    stamp: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let preparer = Preparer::new(&server.env)?;
+    let nodes = redis_nodes(server);
+    let before = used_memory(&nodes).await;
+    let prefix = format!("{stamp}k");
+    let mut tokens = Vec::new();
+    for n in args.capacity() {
+        let from = tokens.len();
+        eprintln!("capacity: writing sessions {from}..{n}…");
+        let t = Instant::now();
+        preparer.extend(&mut tokens, &prefix, from, n).await?;
+        let prepare_seconds = t.elapsed().as_secs_f64();
+        let after = used_memory(&nodes).await;
+        let used_memory_delta = before.zip(after).map(|(b, a)| a - b);
+        eprintln!(
+            "capacity: {n} sessions ({} written in {prepare_seconds:.1} s), Redis used_memory +{}",
+            n - from,
+            used_memory_delta.map_or("?".into(), |d| d.to_string())
+        );
+        let shared = Arc::new(std::mem::take(&mut tokens));
+        let call = validate_call(clients.clone(), Arc::clone(&shared), None);
+        let row = closed
+            .run(
+                &format!("ValidateToken over {n} live sessions"),
+                "capacity",
+                call,
+            )
+            .await;
+        let rss_kib = server.authd_pid.and_then(procs::rss_kib);
+        tokens = Arc::try_unwrap(shared)
+            .map_err(|_| anyhow::anyhow!("capacity: the tokens are still shared"))?;
+        report.capacity.push(report::Capacity {
+            sessions: n,
+            prepare_seconds,
+            used_memory_delta,
+            row,
+            rss_kib,
+        });
+    }
+    report.capacity_note = Some(format!(
+        "Capacity: sessions written through authd's library ({} in flight on 4 Redis connections), each of a user of its own, so each also brings its user's session set and sequence keys (the most Redis memory per session); the sizes add up (the sessions of a smaller size stay for the larger). The closed loop ({} s per size) takes the tokens in turn over all the sessions, so at the larger sizes few calls find a session validated in the last minute. Calls/s per core = 1,000,000 ÷ CPU µs per call.",
+        Preparer::IN_FLIGHT,
+        args.seconds()
+    ));
     Ok(())
 }
 
@@ -1041,58 +1455,108 @@ fn reference_settings(
     })
 }
 
-/// `n` sessions written straight to authd's Redis with authd's own code: what a Login
-/// stores, without n bcrypt verifies.
-async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<Vec<String>> {
-    let config = authd::Config::from_vars(env.iter().cloned())?;
-    let leeway = i64::try_from(config.jwt.leeway.as_secs())?;
-    let store = authd::store::SessionStore::new(
-        &config.sessions,
-        leeway,
-        config.revocation_log_max_len,
-        config.jwt.ttl,
-    )?;
-    let keys = std::sync::Arc::clone(&config.keys);
-    let idle = i64::try_from(config.session_idle_timeout.as_secs())?;
-    let store = Arc::new(store);
-    let keys = Arc::new(keys);
-    let made = futures::stream::iter(0..n)
-        .map(|i| {
-            let store = Arc::clone(&store);
-            let keys = Arc::clone(&keys);
-            async move {
-                let now = authd::clock::Clock::unix_seconds(&authd::clock::SystemClock);
-                let user_id = format!("bench-user-{i}");
-                let session_id = authd::auth::token::random_id();
-                let issued = keys.issue(&user_id, &user_id, &session_id, now)?;
-                store
-                    .create(
-                        &authd::store::sessions::NewSession {
-                            user_id: &user_id,
-                            session_id: &session_id,
-                            jti: &issued.claims.jti,
-                            now,
-                            idle_expires_at: now + idle,
-                            token_expires_at: issued.claims.exp,
-                            absolute_end: issued.claims.exp,
-                            ip: "127.0.0.1",
-                            user_agent: "authd-bench",
-                            username: &user_id,
-                            amr: "pwd",
-                            // Sessions for ValidateToken only: no refresh token.
-                            refresh_key: "",
-                            refresh_hash: "",
-                        },
-                        0,
-                    )
-                    .await?;
-                anyhow::Ok(issued.token)
-            }
+/// Sessions written straight to authd's Redis with authd's own code (TokenKeys::issue +
+/// SessionStore::create, same secret and prefix): what a Login stores, without a bcrypt
+/// verify each.
+struct Preparer {
+    store: authd::store::SessionStore,
+    keys: Arc<authd::auth::token::TokenKeys>,
+    idle: i64,
+    /// How long authd keeps a user's roles mirrored beside the sessions.
+    token_lifetime: i64,
+}
+
+impl Preparer {
+    /// Calls in flight while preparing many sessions: enough to fill the pipelines of
+    /// the connections below.
+    const IN_FLIGHT: usize = 512;
+
+    fn new(env: &[(String, String)]) -> anyhow::Result<Self> {
+        // A few multiplexed connections of our own, whatever authd's pool size.
+        let vars = env
+            .iter()
+            .filter(|(k, _)| k != "REDIS_POOL_SIZE")
+            .cloned()
+            .chain(std::iter::once(("REDIS_POOL_SIZE".into(), "4".into())));
+        let config = authd::Config::from_vars(vars)?;
+        let leeway = i64::try_from(config.jwt.leeway.as_secs())?;
+        let store = authd::store::SessionStore::new(
+            &config.sessions,
+            leeway,
+            config.revocation_log_max_len,
+            config.jwt.ttl,
+        )?;
+        Ok(Self {
+            store,
+            keys: Arc::clone(&config.keys),
+            idle: i64::try_from(config.session_idle_timeout.as_secs())?,
+            token_lifetime: i64::try_from(config.jwt.ttl.as_secs())?,
         })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await;
-    made.into_iter().collect()
+    }
+
+    /// One live session of `user_id` (a user of its own: no session limit applies); its
+    /// access token.
+    async fn session(&self, user_id: &str) -> anyhow::Result<String> {
+        let now = authd::clock::Clock::unix_seconds(&authd::clock::SystemClock);
+        let session_id = authd::auth::token::random_id();
+        let issued = self.keys.issue(user_id, user_id, &session_id, now)?;
+        self.store
+            .create(
+                &authd::store::sessions::NewSession {
+                    user_id,
+                    session_id: &session_id,
+                    jti: &issued.claims.jti,
+                    now,
+                    idle_expires_at: now + self.idle,
+                    token_expires_at: issued.claims.exp,
+                    absolute_end: issued.claims.exp,
+                    ip: "127.0.0.1",
+                    user_agent: "authd-bench",
+                    username: user_id,
+                    amr: "pwd",
+                    // Sessions for ValidateToken only: no refresh token.
+                    refresh_key: "",
+                    refresh_hash: "",
+                },
+                0,
+            )
+            .await?;
+        // The user's roles (none) beside the session, as Login leaves them: without
+        // them ValidateToken reads the users table, where these users are not.
+        self.store
+            .mirror_roles(user_id, "", false, self.token_lifetime)
+            .await?;
+        Ok(issued.token)
+    }
+
+    /// Sessions `from..to` of users `{prefix}{i}`, appended to `tokens` (in no
+    /// particular order).
+    async fn extend(
+        &self,
+        tokens: &mut Vec<String>,
+        prefix: &str,
+        from: usize,
+        to: usize,
+    ) -> anyhow::Result<()> {
+        use futures::TryStreamExt;
+        tokens.reserve(to.saturating_sub(from));
+        let mut made = futures::stream::iter(from..to)
+            .map(|i| async move { self.session(&format!("{prefix}{i}")).await })
+            .buffer_unordered(Self::IN_FLIGHT);
+        while let Some(token) = made.try_next().await? {
+            tokens.push(token);
+        }
+        Ok(())
+    }
+}
+
+/// `n` sessions through authd's library (see `Preparer`).
+async fn prepare_in_redis(env: &[(String, String)], n: usize) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    Preparer::new(env)?
+        .extend(&mut tokens, "bench-user-", 0, n)
+        .await?;
+    Ok(tokens)
 }
 
 /// `n` sessions through Login (slow at a production cost: for an authd we did not start).

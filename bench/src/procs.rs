@@ -164,7 +164,11 @@ pub fn authd_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     // The whole workspace's binaries, so the dependencies are built with the same
     // features as for this program and are not compiled a second time.
     eprintln!("building authd (cargo build --release --workspace --bins)…");
+    // Without the CARGO_MANIFEST_DIR that `cargo run` gave this program: ring's build
+    // script tracks it, so inheriting it rebuilt ring and all above it on every switch
+    // between this build and a build from a shell.
     let status = Command::new(cargo)
+        .env_remove("CARGO_MANIFEST_DIR")
         .current_dir(root)
         .args(["build", "--release", "--workspace", "--bins"])
         .status()

@@ -67,6 +67,48 @@ pub struct Report {
     pub sessions: usize,
     pub validations: u64,
     pub log_bytes: Option<u64>,
+    /// Issue #21: a second authd with SESSION_CACHE=on, same store.
+    pub cache_health: Option<Row>,
+    pub cache_live: Option<Row>,
+    /// Issue #21: live sessions → Redis memory, throughput, authd RSS.
+    pub capacity: Vec<Capacity>,
+    pub capacity_note: Option<String>,
+    /// Issue #21: the revocation window across two instances (cache on; strict control).
+    pub windows: Vec<crate::window::Window>,
+    /// Issue #21: the same ratio through h2load.
+    pub h2load: Option<H2load>,
+}
+
+/// One size of the capacity scenario.
+pub struct Capacity {
+    pub sessions: usize,
+    /// Seconds to write the sessions added for this size.
+    pub prepare_seconds: f64,
+    /// Redis `used_memory` after minus before the capacity sessions (all sizes so far).
+    pub used_memory_delta: Option<i64>,
+    pub row: Row,
+    pub rss_kib: Option<u64>,
+}
+
+/// One h2load run: what it printed, and the CPU authd and redis spent meanwhile.
+pub struct H2loadRun {
+    pub outcome: crate::h2load::Outcome,
+    /// µs per call over the warm-up and the measured time (h2load reports the rate of
+    /// the measured time only, so this counts calls as rate × both).
+    pub cpu: [Option<f64>; 3],
+}
+
+/// The h2load check: Health and ValidateToken (live session) in the same shape.
+pub struct H2load {
+    pub shape: String,
+    pub health: H2loadRun,
+    pub live: H2loadRun,
+}
+
+impl H2load {
+    pub fn ratio(&self) -> f64 {
+        self.live.outcome.req_per_s / self.health.outcome.req_per_s.max(1e-9)
+    }
 }
 
 fn cpu(v: Option<f64>) -> String {
@@ -299,7 +341,7 @@ impl Report {
             out.push_str(s);
             out.push('\n');
         };
-        line("## The whole service under load: authd-bench (issue #6)");
+        line("## The whole service under load: authd-bench (issues #6, #21)");
         line("");
         line("```sh");
         line(&self.command);
@@ -325,6 +367,8 @@ impl Report {
         for row in [
             &self.health,
             &self.live,
+            &self.cache_health,
+            &self.cache_live,
             &self.revoked,
             &self.refresh,
             &self.reference_messages,
@@ -377,6 +421,7 @@ impl Report {
                 bytes as f64 / 1048576.0
             ));
         }
+        self.render_issue21(&mut line);
         line("");
         line("| target | measured | |");
         line("|---|---|---|");
@@ -428,4 +473,205 @@ pub fn write_section(path: &Path, section: &str) -> anyhow::Result<()> {
     };
     std::fs::write(path, new)?;
     Ok(())
+}
+
+fn per_core(us: Option<f64>) -> String {
+    us.filter(|&us| us > 0.0)
+        .map_or("—".into(), |us| format!("{:.0}", 1e6 / us))
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+/// Issue #21's scenarios: the tables after the main one, and their targets.
+impl Report {
+    fn render_issue21(&self, line: &mut impl FnMut(&str)) {
+        if let Some(h) = &self.h2load {
+            line("");
+            line(&format!(
+                "h2load (nghttp2), `{}`, against the same authd:",
+                h.shape
+            ));
+            line("");
+            line(
+                "| request | req/s | done | succeeded | failed / errored / timeout | HTTP 2xx | other HTTP | authd CPU µs/call | redis CPU µs/call |",
+            );
+            line("|---|---|---|---|---|---|---|---|---|");
+            for (name, run) in [
+                ("Health/Check", &h.health),
+                ("ValidateToken, live session", &h.live),
+            ] {
+                let o = &run.outcome;
+                line(&format!(
+                    "| {name} | {:.0} | {} | {} | {} / {} / {} | {} | {} | {} | {} |",
+                    o.req_per_s,
+                    o.done,
+                    o.succeeded,
+                    o.failed,
+                    o.errored,
+                    o.timeout,
+                    o.status_2xx,
+                    o.status_other,
+                    cpu(run.cpu[0]),
+                    cpu(run.cpu[1]),
+                ));
+            }
+            line("");
+            let own = match (&self.health, &self.live) {
+                (Some(hr), Some(l)) => format!(
+                    "{:.2} ({:.0} / {:.0} calls/s)",
+                    l.stats.rate() / hr.stats.rate().max(1e-9),
+                    l.stats.rate(),
+                    hr.stats.rate()
+                ),
+                _ => "not measured in this run".into(),
+            };
+            line(&format!(
+                "- ValidateToken / Health: h2load {:.2} ({:.0} / {:.0} req/s); authd-bench's closed loop {own}.",
+                h.ratio(),
+                h.live.outcome.req_per_s,
+                h.health.outcome.req_per_s
+            ));
+        }
+        if !self.capacity.is_empty() {
+            line("");
+            line("Capacity (live sessions in Redis, one user each):");
+            line("");
+            line(
+                "| live sessions | prepared in | Redis used_memory increase | bytes per session | ValidateToken calls/s | p99 µs | errors | authd CPU µs/call | calls/s per authd core | redis CPU µs/call | calls/s per Redis core | authd RSS after |",
+            );
+            line("|---|---|---|---|---|---|---|---|---|---|---|---|");
+            for c in &self.capacity {
+                let s = &c.row.stats;
+                line(&format!(
+                    "| {} | {:.1} s | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                    c.sessions,
+                    c.prepare_seconds,
+                    c.used_memory_delta
+                        .map_or("—".into(), |d| format!("{:.1} MiB", d as f64 / 1048576.0)),
+                    c.used_memory_delta.map_or("—".into(), |d| format!(
+                        "{:.0}",
+                        d as f64 / c.sessions.max(1) as f64
+                    )),
+                    s.rate(),
+                    s.micros(0.99),
+                    s.error_text(),
+                    cpu(c.row.cpu[0]),
+                    per_core(c.row.cpu[0]),
+                    cpu(c.row.cpu[1]),
+                    per_core(c.row.cpu[1]),
+                    mib(c.rss_kib),
+                ));
+            }
+            if let Some(note) = &self.capacity_note {
+                line("");
+                line(&format!("- {note}"));
+            }
+        }
+        if !self.windows.is_empty() {
+            line("");
+            line(
+                "Revocation window: Logout acknowledged on A, then ValidateToken on B until it answers valid=false (time from the ack to that answer):",
+            );
+            line("");
+            line(
+                "| B | trials | p50 µs | p99 µs | max µs | refused at the first call | still valid after 5 s | most calls in a trial | errors |",
+            );
+            line("|---|---|---|---|---|---|---|---|---|");
+            for w in &self.windows {
+                line(&format!(
+                    "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                    w.name,
+                    w.trials,
+                    w.micros(0.5),
+                    w.micros(0.99),
+                    w.max_micros(),
+                    w.first_call_refused,
+                    w.never_refused,
+                    w.most_calls,
+                    w.error_text(),
+                ));
+            }
+        }
+    }
+
+    /// The targets of issue #21 against this run.
+    pub fn checks_issue21(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let strict = match (&self.live, &self.reference_redis) {
+            (Some(l), Some(r)) => Some((l.stats.rate(), r.stats.rate())),
+            _ => None,
+        };
+        checks.push(Check {
+            target: "Strict mode: ValidateToken closed loop ≥ 95 % of the reference server's one-round-trip row (issue #21)".into(),
+            measured: strict.map_or("—".into(), |(l, r)| {
+                format!("{:.0} % ({l:.0} vs {r:.0} calls/s)", l / r.max(1e-9) * 100.0)
+            }),
+            met: strict.map(|(l, r)| l >= 0.95 * r),
+        });
+        let open = match (&self.open, &self.reference_open) {
+            (Some(o), Some(r)) => Some((
+                o.stats.micros(0.5) / r.stats.micros(0.5).max(1e-9),
+                o.stats.micros(0.99) / r.stats.micros(0.99).max(1e-9),
+            )),
+            _ => None,
+        };
+        checks.push(Check {
+            target:
+                "Strict mode: open loop p50 and p99 each ≤ 1.2× the reference server's (issue #21)"
+                    .into(),
+            measured: open.map_or("—".into(), |(p50, p99)| {
+                format!("p50 {p50:.2}×, p99 {p99:.2}×")
+            }),
+            met: open.map(|(p50, p99)| p50 <= 1.2 && p99 <= 1.2),
+        });
+        let cache = match (&self.cache_health, &self.cache_live) {
+            (Some(h), Some(l)) => Some((l.stats.rate(), h.stats.rate(), l.stats.error_count())),
+            _ => None,
+        };
+        checks.push(Check {
+            target:
+                "SESSION_CACHE=on: ValidateToken closed loop ≥ 90 % of Health on the same instance"
+                    .into(),
+            measured: cache.map_or("—".into(), |(l, h, e)| {
+                format!(
+                    "{:.0} % ({l:.0} vs {h:.0} calls/s, errors {e})",
+                    l / h.max(1e-9) * 100.0
+                )
+            }),
+            met: cache.map(|(l, h, e)| l >= 0.9 * h && e == 0),
+        });
+        let window = self.windows.iter().find(|w| w.cached);
+        checks.push(Check {
+            target: "Revocation window across instances (SESSION_CACHE=on): p99 < 10 ms over ≥ 1,000 trials".into(),
+            measured: window.map_or("—".into(), |w| {
+                format!(
+                    "p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} trials ({}); still valid after 5 s: {}; errors {}",
+                    w.micros(0.5),
+                    w.micros(0.99),
+                    w.max_micros(),
+                    w.trials,
+                    w.name,
+                    w.never_refused,
+                    w.error_text()
+                )
+            }),
+            met: window.filter(|w| w.trials >= 1000).map(|w| {
+                w.micros(0.99) < 10_000.0 && w.never_refused == 0 && w.errors.is_empty()
+            }),
+        });
+        let largest = self.capacity.iter().max_by_key(|c| c.sessions);
+        checks.push(Check {
+            target: "authd RSS under 100 MiB at 1,000,000 live sessions".into(),
+            measured: largest.map_or("—".into(), |c| {
+                format!("{} at {} sessions", mib(c.rss_kib), c.sessions)
+            }),
+            met: largest
+                .filter(|c| c.sessions >= 1_000_000)
+                .and_then(|c| c.rss_kib)
+                .map(|k| k < 100 * 1024),
+        });
+        checks
+    }
 }
