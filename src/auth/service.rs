@@ -1448,12 +1448,12 @@ impl AuthCore {
                 revocation_checked: true,
                 roles: super::roles::unframe(&roles),
             })),
-            Ok(Ok(None)) => self.validate_from_users(claims).await,
+            Ok(Ok(None)) => Box::pin(self.validate_from_users(claims)).await,
             Ok(Err(reason)) => Ok(Validation::Invalid(reason)),
             Err(StoreError::Unavailable(e))
                 if self.rules.failure_mode == RedisFailureMode::Open =>
             {
-                self.validate_degraded(claims, &e).await
+                Box::pin(self.validate_degraded(claims, &e)).await
             }
             Err(e) => Err(sessions_error(e)),
         }
@@ -1583,16 +1583,16 @@ impl AuthCore {
                 last_seen, roles, ..
             } => {
                 if now - last_seen >= TOUCH_INTERVAL_SECONDS {
-                    let touched = self
-                        .sessions
-                        .touch(&Touch {
-                            user_id: &claims.sub,
-                            session_id: &claims.sid,
-                            jti: &claims.jti,
-                            now,
-                            idle_expires_at: now.saturating_add(self.rules.idle_timeout),
-                        })
-                        .await?;
+                    let touch = Touch {
+                        user_id: &claims.sub,
+                        session_id: &claims.sid,
+                        jti: &claims.jti,
+                        now,
+                        idle_expires_at: now.saturating_add(self.rules.idle_timeout),
+                    };
+                    // Boxed, once a minute: its state would otherwise ride in every call's
+                    // future (see `SessionStore::check`).
+                    let touched = Box::pin(self.sessions.touch(&touch)).await?;
                     if !touched {
                         // Revoked between the check and the touch.
                         return Ok(Err(InvalidReason::SessionNotFound));

@@ -53,6 +53,9 @@ pub struct SessionCache {
     ttl: i64,
     /// When the last sweep of a full cache ran (unix seconds, the caller's clock).
     last_sweep: AtomicI64,
+    /// The hot path's counters, looked up once (a registry lookup per call otherwise).
+    hits: metrics::Counter,
+    misses: metrics::Counter,
 }
 
 impl std::fmt::Debug for SessionCache {
@@ -136,6 +139,8 @@ impl SessionCache {
             max_entries: max_entries.max(1),
             ttl: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1),
             last_sweep: AtomicI64::new(i64::MIN),
+            hits: metrics::counter!("authd_session_cache_hits_total"),
+            misses: metrics::counter!("authd_session_cache_misses_total"),
         }
     }
 
@@ -169,7 +174,7 @@ impl SessionCache {
     /// the store read.
     pub fn lookup(&self, user_id: &str, session_id: &str, jti: &str, now: i64) -> Lookup {
         if !self.is_following() {
-            metrics::counter!("authd_session_cache_misses_total").increment(1);
+            self.misses.increment(1);
             return Lookup::Miss(None);
         }
         let shard = self.shard_of(user_id);
@@ -185,7 +190,7 @@ impl SessionCache {
                 && now >= entry.filled_at
                 && entry.idle_expires_at > now
             {
-                metrics::counter!("authd_session_cache_hits_total").increment(1);
+                self.hits.increment(1);
                 return Lookup::Hit(SessionState::Live {
                     last_seen: entry.last_seen,
                     idle_expires_at: entry.idle_expires_at,
@@ -197,7 +202,7 @@ impl SessionCache {
         if stale {
             self.remove_answer(&mut guard, user_id, jti);
         }
-        metrics::counter!("authd_session_cache_misses_total").increment(1);
+        self.misses.increment(1);
         Lookup::Miss(Some(Ticket {
             shard,
             epoch: guard.epoch,

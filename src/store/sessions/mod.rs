@@ -415,7 +415,9 @@ impl SessionStore {
         // The ticket is taken before this read: whatever is invalidated for the user
         // from here on voids the answer's insertion (the fill race).
         let state = match &self.backend {
-            Backend::Redis(r) => r.check(user_id, session_id, jti).await,
+            // Boxed: the Redis call's state is large, and every caller's future (each
+            // ValidateToken's) would otherwise carry it, and move it, even on a hit.
+            Backend::Redis(r) => Box::pin(r.check(user_id, session_id, jti)).await,
             Backend::Memory(m) => Ok(m.check(user_id, session_id, jti, now)),
         }?;
         if let (Some(cache), Some(ticket)) = (self.cache(), ticket) {
