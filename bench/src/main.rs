@@ -681,8 +681,19 @@ impl Meter {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The report names the command, not this machine's paths: `--authd <path>` (a
+    // prebuilt binary) is left out, as it runs what `cargo run` would build.
+    let mut shown = Vec::new();
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        if arg == "--authd" {
+            given.next();
+        } else if !arg.starts_with("--authd=") {
+            shown.push(arg);
+        }
+    }
     let command = std::iter::once("cargo run --release -p authd-bench --".to_owned())
-        .chain(std::env::args().skip(1))
+        .chain(shown)
         .collect::<Vec<_>>()
         .join(" ");
     let command = command.trim_end_matches(" --").to_owned();
