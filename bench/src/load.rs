@@ -93,15 +93,20 @@ impl Stats {
 
     /// `CODE×n, …`, or `0`.
     pub fn error_text(&self) -> String {
-        if self.errors.is_empty() {
-            return "0".into();
-        }
-        self.errors
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        error_text(&self.errors)
     }
+}
+
+/// Errors counted by label as `CODE×n, …`, or `0`.
+pub fn error_text(errors: &BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "0".into();
+    }
+    errors
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// When a loop stops.

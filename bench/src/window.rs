@@ -48,14 +48,7 @@ impl Window {
     }
 
     pub fn error_text(&self) -> String {
-        if self.errors.is_empty() {
-            return "0".into();
-        }
-        self.errors
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        crate::load::error_text(&self.errors)
     }
 
     fn error(&mut self, label: String) {
