@@ -11,6 +11,7 @@
 
 mod h2load;
 mod load;
+mod pairs;
 mod procs;
 mod reference;
 mod report;
@@ -106,6 +107,11 @@ struct Args {
     /// 10000,100000); sessions are added, so the last is the total in Redis.
     #[arg(long, value_delimiter = ',')]
     capacity: Vec<usize>,
+    /// Paired rounds (scenario `pairs`): rounds of each pair, and seconds per loop.
+    #[arg(long, default_value_t = 6)]
+    pair_rounds: usize,
+    #[arg(long, default_value_t = 2.0)]
+    pair_seconds: f64,
     /// Revocation window: trials per pair of instances.
     #[arg(long, default_value_t = 1000)]
     window_trials: u64,
@@ -121,7 +127,7 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     h2load_streams: usize,
     /// Only these scenarios (comma-separated: health,live,revoked,refresh,reference,login,
-    /// storm,open,memory,cache,window,h2load,capacity; and failover, which only runs when
+    /// storm,open,memory,cache,pairs,window,h2load,capacity; and failover, which only runs when
     /// named, on --redis-cluster of our own); BENCHMARKS.md is then left alone. A full
     /// run includes h2load only when the h2load program is found.
     #[arg(long, value_delimiter = ',')]
@@ -629,6 +635,64 @@ impl Closed<'_> {
     }
 }
 
+/// A Login storm (Logins offered far above what bcrypt serves, open loop) with a call at
+/// a steady rate beside it.
+struct Storm<'a, S> {
+    meter: &'a Meter,
+    how: &'a OpenLoop,
+    logins: f64,
+    rate: f64,
+    duration: Duration,
+    storm: MakeCall<S>,
+}
+
+impl<S, SFut> Storm<'_, S>
+where
+    S: Fn(u64) -> SFut + 'static,
+    SFut: Future<Output = Outcome> + Send + 'static,
+{
+    /// The storm's row and the call's row (its CPU counts the Logins' work too).
+    async fn run<C, Fut>(&self, name: &str, call: MakeCall<C>) -> anyhow::Result<(Row, Row)>
+    where
+        C: Fn(u64) -> Fut + 'static,
+        Fut: Future<Output = Outcome> + Send + 'static,
+    {
+        let storm_run = async {
+            let load = procs::load_average();
+            let stats = open_loop(
+                "storm Logins",
+                self.logins,
+                self.duration + Duration::from_secs(1),
+                self.how,
+                Arc::clone(&self.storm),
+            )
+            .await?;
+            anyhow::Ok(Row {
+                name: "Login storm".into(),
+                mode: format!("open {}/s", self.logins),
+                load,
+                stats,
+                cpu: [None; 3],
+            })
+        };
+        // The call starts once the storm has filled the bcrypt queue.
+        let call_run = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            self.meter
+                .try_row(
+                    name,
+                    format!("open {}/s", self.rate),
+                    open_loop(name, self.rate, self.duration, self.how, call),
+                )
+                .await
+        };
+        let (storm_row, call_row) = tokio::join!(storm_run, call_run);
+        // Let the admitted Logins finish before what comes next.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok((storm_row?, call_row?))
+    }
+}
+
 /// Runs a scenario between two CPU marks and makes its row.
 struct Meter {
     authd: Option<u32>,
@@ -874,17 +938,8 @@ async fn run_in(
                 "reference: skipped (it reads the keys of a session of an authd this program started)"
             );
         } else {
-            let settings = reference_settings(&server.env, &live[0])?;
             for redis in [false, true] {
-                let settings = reference::Settings {
-                    redis_url: settings.redis_url.clone().filter(|_| redis),
-                    ..settings.clone()
-                };
-                let extra = extra_env(&args.extra_env)?;
-                let (process, addr) = tokio::task::spawn_blocking(move || {
-                    procs::start_reference(&settings.to_args(), &extra)
-                })
-                .await??;
+                let (process, addr) = start_reference(args, &server, &live[0], redis).await?;
                 let meter = Meter {
                     authd: Some(process.pid()),
                     redis: server.redis_pid,
@@ -974,50 +1029,29 @@ async fn run_in(
                 login_call(Clients::new(&channels), Arc::clone(&users))
             })
         };
-        let validate = validate_maker(Arc::clone(&live), None);
-        let storm_duration = duration + Duration::from_secs(1);
-        let storm_run = async {
-            let load = procs::load_average();
-            let stats = open_loop(
-                "storm Logins",
-                args.storm_logins,
-                storm_duration,
-                &open_how,
-                storm,
-            )
+        let storm = Storm {
+            meter: &meter,
+            how: &open_how,
+            logins: args.storm_logins,
+            rate: args.storm_rate,
+            duration,
+            storm,
+        };
+        // The floor first: a call that does no auth work, at the same rate, during the
+        // same kind of storm. What it loses is the machine's, not ValidateToken's.
+        let health: MakeCall<_> =
+            Arc::new(|channels: Vec<Channel>| health_call(Clients::new(&channels)));
+        let (_, health_row) = storm
+            .run("Health/Check during the Login storm (floor)", health)
             .await?;
-            anyhow::Ok(Row {
-                name: "Login storm".into(),
-                mode: format!("open {}/s", args.storm_logins),
-                load,
-                stats,
-                cpu: [None; 3],
-            })
-        };
-        // ValidateToken starts once the storm has filled the bcrypt queue.
-        let validate_run = async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            meter
-                .try_row(
-                    "ValidateToken during the Login storm",
-                    format!("open {}/s", args.storm_rate),
-                    open_loop(
-                        "storm ValidateToken",
-                        args.storm_rate,
-                        duration,
-                        &open_how,
-                        validate,
-                    ),
-                )
-                .await
-        };
-        let (storm_row, validate_row) = tokio::join!(storm_run, validate_run);
-        let (storm_row, validate_row) = (storm_row?, validate_row?);
+        report.storm_health = Some(health_row);
+        let validate = validate_maker(Arc::clone(&live), None);
+        let (storm_row, validate_row) = storm
+            .run("ValidateToken during the Login storm", validate)
+            .await?;
         eprintln!("{}", report::row_line(&storm_row));
         report.storm_logins = Some(storm_row);
         report.storm_validate = Some(validate_row);
-        // Let the admitted Logins finish before the next scenario.
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     if args.runs("open") {
         // The floor: a call that does no auth work, in the same loop at the same rate.
@@ -1148,7 +1182,7 @@ async fn issue21(
         );
     }
     let mut cache_instance = None;
-    if args.runs("cache") || args.runs("window") {
+    if args.runs("cache") || args.runs("window") || args.runs("pairs") {
         if server.binary.is_some() {
             cache_instance = Some(server.another("cache", &[("SESSION_CACHE", "on")]).await?);
         } else {
@@ -1185,6 +1219,9 @@ async fn issue21(
             )
             .await,
         );
+    }
+    if args.runs("pairs") {
+        report.pairs = run_pairs(args, server, cache_instance.as_ref(), clients, live).await?;
     }
     if let Some(b) = cache_instance.as_ref().filter(|_| args.runs("window")) {
         let preparer = Preparer::new(&server.env)?;
@@ -1426,6 +1463,99 @@ async fn capacity(
         args.seconds()
     ));
     Ok(())
+}
+
+/// The paired rounds: strict ValidateToken against the reference server and against
+/// Health, and on the caching instance ValidateToken against its Health.
+async fn run_pairs(
+    args: &Args,
+    server: &Server,
+    cache_instance: Option<&Instance>,
+    clients: &Clients,
+    live: &Arc<Vec<String>>,
+) -> anyhow::Result<Vec<pairs::Pair>> {
+    let workers = args.connections.max(1) * args.in_flight.max(1);
+    let (rounds, seconds) = (args.pair_rounds.max(1), args.pair_seconds.max(0.5));
+    let mut found = Vec::new();
+    found.push(
+        pairs::measure(
+            pairs::STRICT_VS_HEALTH,
+            rounds,
+            seconds,
+            workers,
+            health_call(clients.clone()),
+            validate_call(clients.clone(), Arc::clone(live), None),
+        )
+        .await,
+    );
+    if server.env.is_empty() || args.redis_cluster.is_some() {
+        eprintln!(
+            "pairs: the reference server skipped (it reads the keys of a session of an authd this program started)"
+        );
+    } else {
+        for redis in [true, false] {
+            let (process, addr) = start_reference(args, server, &live[0], redis).await?;
+            let reference = Clients::new(&connect(&addr, args.connections).await?);
+            let reference = validate_call(reference, Arc::clone(live), None);
+            found.push(if redis {
+                pairs::measure(
+                    pairs::STRICT_VS_REFERENCE,
+                    rounds,
+                    seconds,
+                    workers,
+                    reference,
+                    validate_call(clients.clone(), Arc::clone(live), None),
+                )
+                .await
+            } else {
+                pairs::measure(
+                    pairs::MESSAGES_VS_HEALTH,
+                    rounds,
+                    seconds,
+                    workers,
+                    health_call(clients.clone()),
+                    reference,
+                )
+                .await
+            });
+            drop(process);
+        }
+    }
+    if let Some(b) = cache_instance {
+        let on_b = Clients::new(&connect(&b.addr, args.connections).await?);
+        found.push(
+            pairs::measure(
+                pairs::CACHE_VS_HEALTH,
+                rounds,
+                seconds,
+                workers,
+                health_call(on_b.clone()),
+                validate_call(on_b, Arc::clone(live), None),
+            )
+            .await,
+        );
+    }
+    for p in &found {
+        eprintln!("{}: {}", p.name, p.summary());
+    }
+    Ok(found)
+}
+
+/// Starts the reference server (reference.rs) for `token`'s session on `server`: after
+/// its one Redis round trip, or (`redis` false) the messages alone. Its process and address.
+async fn start_reference(
+    args: &Args,
+    server: &Server,
+    token: &str,
+    redis: bool,
+) -> anyhow::Result<(Owned, String)> {
+    let settings = reference_settings(&server.env, token)?;
+    let settings = reference::Settings {
+        redis_url: settings.redis_url.clone().filter(|_| redis),
+        ..settings
+    };
+    let extra = extra_env(&args.extra_env)?;
+    tokio::task::spawn_blocking(move || procs::start_reference(&settings.to_args(), &extra)).await?
 }
 
 /// The reference server's keys and reply for `token`, from authd's own settings: the
