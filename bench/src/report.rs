@@ -80,7 +80,8 @@ pub struct Report {
     /// Issue #21: the same ratio through h2load.
     pub h2load: Option<H2load>,
     /// Issue #21: ratios from alternating short rounds (pairs.rs): strict ValidateToken /
-    /// the reference server, cache ValidateToken / Health, strict ValidateToken / Health.
+    /// Health and / the reference server, the reference's messages alone / Health (the
+    /// ceiling), and on the caching instance ValidateToken / Health.
     pub pairs: Vec<crate::pairs::Pair>,
 }
 
