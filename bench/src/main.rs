@@ -1465,8 +1465,9 @@ async fn capacity(
     Ok(())
 }
 
-/// The paired rounds: strict ValidateToken against the reference server and against
-/// Health, and on the caching instance ValidateToken against its Health.
+/// The paired rounds: strict ValidateToken against Health and against the reference
+/// server, the reference's messages alone against Health (the ceiling), and on the
+/// caching instance ValidateToken against its Health.
 async fn run_pairs(
     args: &Args,
     server: &Server,
@@ -1549,11 +1550,10 @@ async fn start_reference(
     token: &str,
     redis: bool,
 ) -> anyhow::Result<(Owned, String)> {
-    let settings = reference_settings(&server.env, token)?;
-    let settings = reference::Settings {
-        redis_url: settings.redis_url.clone().filter(|_| redis),
-        ..settings
-    };
+    let mut settings = reference_settings(&server.env, token)?;
+    if !redis {
+        settings.redis_url = None;
+    }
     let extra = extra_env(&args.extra_env)?;
     tokio::task::spawn_blocking(move || procs::start_reference(&settings.to_args(), &extra)).await?
 }

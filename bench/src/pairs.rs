@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::load::{Outcome, Stop, closed_loop};
+use crate::load::{Outcome, Stats, Stop, closed_loop};
 
 /// The pairs a run measures, by name.
 pub const STRICT_VS_REFERENCE: &str =
@@ -95,9 +95,8 @@ where
     FB: Fn(u64) -> FutB + Clone + Send + Sync + 'static,
     FutB: Future<Output = Outcome> + Send,
 {
-    let warm = Stop::After(Duration::from_millis(500));
-    closed_loop("warm-up A", workers, warm, a.clone()).await;
-    closed_loop("warm-up B", workers, warm, b.clone()).await;
+    closed_loop("warm-up A", workers, crate::WARM_UP, a.clone()).await;
+    closed_loop("warm-up B", workers, crate::WARM_UP, b.clone()).await;
     let each = Stop::After(Duration::from_secs_f64(seconds));
     let mut pair = Pair {
         name: name.to_owned(),
@@ -117,13 +116,14 @@ where
             (ra, rb)
         };
         pair.errors += ra.error_count() + rb.error_count();
-        // A call that failed is not throughput.
-        let good = |s: &crate::load::Stats| {
-            s.calls.saturating_sub(s.error_count()) as f64 / s.seconds.max(1e-9)
-        };
-        pair.rounds.push((good(&ra), good(&rb)));
+        pair.rounds.push((answered(&ra), answered(&rb)));
     }
     pair
+}
+
+/// Calls/s that answered as expected: a call that failed is not throughput.
+fn answered(s: &Stats) -> f64 {
+    s.calls.saturating_sub(s.error_count()) as f64 / s.seconds.max(1e-9)
 }
 
 #[cfg(test)]
